@@ -1,0 +1,52 @@
+"""llama.cpp's ``llama-server``: how to run it in a container and reach it.
+
+The server binds 127.0.0.1 on the host network; ``/health`` answers 503
+while the model loads and 200 once it can serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DaemonSettings, ModelEntry
+from ..containers import BindMount, ContainerSpec, container_name
+from ..profiles import Profile
+
+NAME = "llamacpp"
+MODEL_DIR = "/models"
+readiness_path = "/health"
+
+
+def base_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int) -> ContainerSpec:
+    """Pure: the container that serves ``model`` on ``port`` under ``profile``."""
+    defaults = profile.defaults
+    in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
+    context = model.context_size or defaults.context_size
+    gpu_layers = defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers
+    command = [
+        "--model", in_container,
+        "--alias", model.name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--ctx-size", str(context),
+        "--parallel", str(defaults.parallel),
+    ]
+    if profile.has_gpus:
+        command += ["--n-gpu-layers", str(gpu_layers)]
+    command += model.extra_args
+    return ContainerSpec(
+        name=container_name(settings.instance, model.name),
+        image=defaults.images.llamacpp,
+        command=tuple(command),
+        port=port,
+        model=model.name,
+        backend=NAME,
+        owner=settings.instance,
+        mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),),
+        gpu_device_ids=() if profile.has_gpus else None,
+        extra_labels=tuple(sorted(settings.labels.items())),
+    )

@@ -1,0 +1,174 @@
+"""The daemon config file: which profile, the daemon's settings, the model catalog.
+
+``load_config(path)`` is the only way in. It either returns a validated,
+immutable ``Config`` or raises one ``ConfigError`` listing every problem as
+``FILE:LINE: field: reason``; nothing is started from a bad file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from .errors import ConfigError
+from .profiles import load_profiles
+from .schema import Seconds, Strict, describe, read_model
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
+
+
+class ModelEntry(Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=128)
+    aliases: list[str] = []
+    backend: Literal["llamacpp"] = "llamacpp"
+    gguf: Path
+    context_size: int | None = Field(default=None, ge=128)
+    gpu_layers: int | None = Field(default=None, ge=-1)
+    extra_args: list[str] = []
+    preload: bool = False
+    pinned: bool = False
+    ttl: Seconds | None = Field(default=None, ge=0)
+    startup_timeout: Seconds | None = Field(default=None, gt=0)
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            if not re.match(NAME_PATTERN, alias):
+                raise ValueError(f"alias '{alias}' must match {NAME_PATTERN}")
+        return aliases
+
+    @field_validator("gguf")
+    @classmethod
+    def _relative_to_config(cls, path: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        path = path.expanduser()
+        return (base / path) if base and not path.is_absolute() else path
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+class Listen(Strict):
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _parse_listen(value: object) -> object:
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"'{value}' is not HOST:PORT")
+        return {"host": host.strip("[]"), "port": int(port)}
+    return value
+
+
+class DaemonSettings(Strict):
+    instance: str = Field(default="localllmd", pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
+    proxy_listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=8081)], min_length=1)
+    control_socket: Path | None = None
+    port_range: tuple[int, int] = (28100, 28199)
+    state_dir: Path = Path("/var/lib/localllm")
+    labels: dict[str, str] = {}
+    default_ttl: Seconds = Field(default=1800.0, ge=0)
+    startup_timeout: Seconds = Field(default=120.0, gt=0)
+    stop_grace: Seconds = Field(default=10.0, ge=0)
+    log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    docker_url: str | None = None
+
+    @field_validator("proxy_listen", mode="before")
+    @classmethod
+    def _listen_list(cls, value: object) -> object:
+        items = value if isinstance(value, list) else [value]
+        return [_parse_listen(item) for item in items]
+
+    @field_validator("port_range", mode="before")
+    @classmethod
+    def _range_text(cls, value: object) -> object:
+        if isinstance(value, str) and "-" in value:
+            low, _, high = value.partition("-")
+            if low.strip().isdigit() and high.strip().isdigit():
+                return (int(low), int(high))
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _range_sane(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError(f"port range {low}-{high} must satisfy 1024 <= low <= high <= 65535")
+        return value
+
+    @model_validator(mode="after")
+    def _range_clear_of_listeners(self) -> "DaemonSettings":
+        low, high = self.port_range
+        for listen in self.proxy_listen:
+            if low <= listen.port <= high:
+                raise ValueError(
+                    f"port_range {low}-{high} clashes with proxy_listen {listen}: "
+                    "containers would compete with the proxy for that port"
+                )
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
+
+
+class Config(Strict):
+    profile: str = "auto"
+    profiles_dir: Path | None = None
+    daemon: DaemonSettings = DaemonSettings()
+    models: list[ModelEntry] = []
+
+    def model_named(self, name: str) -> ModelEntry | None:
+        for entry in self.models:
+            if name in entry.names:
+                return entry
+        return None
+
+
+def load_config(path: Path, check_files: bool = True) -> Config:
+    """Read, validate and cross-check a config file; raise ConfigError."""
+    path = Path(path)
+    config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent})
+    found = cross_check(config, check_files) + check_profile(config)
+    problems = [describe(path, doc, loc, reason) for loc, reason in found]
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def check_profile(config: Config) -> list[tuple[tuple, str]]:
+    """The named profile must exist among the built-in and ``profiles_dir`` ones."""
+    if config.profile == "auto":
+        return []
+    known = load_profiles(config.profiles_dir)
+    if config.profile in known:
+        return []
+    return [(("profile",), f"unknown profile '{config.profile}' (known: auto, {', '.join(sorted(known))})")]
+
+
+def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, str]]:
+    """Problems that span entries: (location, reason) pairs, in file order."""
+    problems: list[tuple[tuple, str]] = []
+    counts = Counter(name for entry in config.models for name in entry.names)
+    first_owner: dict[str, int] = {}
+    for index, entry in enumerate(config.models):
+        for position, name in enumerate(entry.names):
+            loc = ("models", index, "name") if position == 0 else ("models", index, "aliases", position - 1)
+            if counts[name] > 1 and name in first_owner:
+                problems.append((loc, f"duplicate model name '{name}' (also models[{first_owner[name]}])"))
+            first_owner.setdefault(name, index)
+        if check_files and not entry.gguf.is_file():
+            what = "is not a file" if entry.gguf.exists() else "does not exist"
+            problems.append((("models", index, "gguf"), f"model file {entry.gguf} {what}"))
+    return problems

@@ -1,0 +1,168 @@
+"""localllmd, the composition root: config, logging, Docker, the fleet, the two servers, signals.
+
+Everything is built here and handed down; nothing below this module reads
+the environment, configures logging or installs signal handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from loguru import logger
+
+from . import __version__
+from .config import Config, load_config
+from .control import DaemonFacts, create_control_app
+from .docker_runtime import DockerRuntime
+from .errors import EXIT_OK, CannotListen, ConfigError, LocalllmError
+from .fleet import Fleet
+from .hardware import detect_host
+from .profiles import Profile, closest_profile, load_profiles
+from .proxy import create_proxy_app
+
+DEMO_STATE_DIR = Path("/tmp/localllm-demo")
+SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = demo_config(args.state_dir or DEMO_STATE_DIR) if args.demo else load_config(args.config)
+    except ConfigError as exc:
+        print(f"localllmd: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    setup_logging(args.log_level or config.daemon.log_level)
+    try:
+        asyncio.run(Daemon(config).run())
+    except LocalllmError as exc:
+        logger.error("localllmd stopped: {}", exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="localllmd", description="Supervise local LLM servers in Docker.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="daemon config file (YAML)")
+    source.add_argument("--demo", action="store_true",
+                        help="run the embedded demo: CPU profile, one generated model, proxy on 127.0.0.1:8081")
+    parser.add_argument("--state-dir", type=Path, help=f"with --demo: where state and the model go ({DEMO_STATE_DIR})")
+    parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"localllmd {__version__}")
+    args = parser.parse_args(argv)
+    if args.state_dir and not args.demo:
+        parser.error("--state-dir goes with --demo; a config file sets daemon.state_dir")
+    return args
+
+
+def setup_logging(level: str) -> None:
+    """The only logging setup: one stderr sink, bound fields shown as key=value."""
+
+    def render(record: dict) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in record["extra"].items())
+        fields = f" [{fields}]" if fields else ""
+        return "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7}" + fields.replace("{", "{{").replace("}", "}}") + " {message}\n{exception}"
+
+    logger.remove()
+    logger.add(sys.stderr, level=level, format=render, backtrace=False, diagnose=False)
+
+
+def demo_config(state_dir: Path) -> Config:
+    """The embedded default: CPU profile and one small generated model, preloaded."""
+    from .tinygguf import write_tiny_model
+
+    model = state_dir / "models" / "demo-tiny.gguf"
+    if not model.is_file():
+        write_tiny_model(model, name="demo-tiny")
+    return Config.model_validate({
+        "profile": "cpu-only",
+        "daemon": {"instance": "demo", "state_dir": str(state_dir), "startup_timeout": 60},
+        "models": [{"name": "demo-tiny", "aliases": ["gpt-3.5-turbo"], "gguf": str(model),
+                    "context_size": 512, "preload": True}],
+    })
+
+
+def select_profile(config: Config) -> tuple[Profile, str]:
+    profiles = load_profiles(config.profiles_dir)
+    if config.profile == "auto":
+        return closest_profile(detect_host(), profiles)
+    return profiles[config.profile], f"named in the config: '{config.profile}'"
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.settings = config.daemon
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        profile, reason = select_profile(self.config)
+        logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
+        runtime = DockerRuntime(self.settings.docker_url)
+        docker_version = await runtime.connect()
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
+        fleet = Fleet(self.config, profile, runtime, session)
+        runners: list[web.AppRunner] = []
+        try:
+            await fleet.remove_leftovers()
+            facts = DaemonFacts(
+                instance=self.settings.instance, profile=profile.name, profile_reason=reason,
+                docker_version=docker_version,
+                proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
+                started_at=time.time(),
+            )
+            runners.append(await self._serve_proxy(create_proxy_app(fleet, session)))
+            runners.append(await self._serve_control(create_control_app(fleet, facts)))
+            self._install_signal_handlers()
+            preload = asyncio.create_task(fleet.preload(), name="preload")
+            logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
+            await self.stopping.wait()
+            logger.info("shutting down: stopping in-flight work, then the containers")
+            preload.cancel()
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+            await fleet.shutdown()
+            await session.close()
+            await runtime.close()
+            self.settings.socket_path.unlink(missing_ok=True)
+        logger.info("localllmd stopped cleanly")
+
+    async def _serve_proxy(self, app: web.Application) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        for listen in self.settings.proxy_listen:
+            try:
+                await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise CannotListen(f"cannot listen on {listen} (daemon.proxy_listen): {exc.strerror or exc}") from None
+        return runner
+
+    async def _serve_control(self, app: web.Application) -> web.AppRunner:
+        path = self.settings.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+        return runner
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)

@@ -1,0 +1,218 @@
+"""The one module that talks to Docker.
+
+Every call into the blocking Docker SDK runs on this module's own thread pool,
+so the event loop never waits on the engine. What comes back is the
+project's own data (``ContainerInfo``) and the project's own errors: the
+rest of the code never sees a ``docker`` type or exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest, Mount
+
+from .containers import LABEL_OWNER, ContainerSpec
+from .errors import DockerFailure, DockerUnavailable, ImageNotFound
+from .images import how_to_get
+
+ENGINE_HINT = "start it with: dockerd --bridge=none --iptables=false &  (or: systemctl start docker)"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    status: str  # created, running, paused, restarting, exited, dead
+    exit_code: int | None
+    oom_killed: bool
+    labels: dict[str, str]
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def exited(self) -> bool:
+        return self.status in ("exited", "dead")
+
+
+class DockerRuntime:
+    """Async facade over one Docker client. Create it, then ``await connect()``."""
+
+    def __init__(self, base_url: str | None = None, workers: int = 8):
+        self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._client: docker.DockerClient | None = None
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self._translated, action, fn, *args, **kwargs)
+        return await loop.run_in_executor(self._pool, call)
+
+    def _translated(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (requests.exceptions.ConnectionError, ConnectionError) as exc:
+            raise DockerUnavailable(f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotFound(f"image not found while trying to {action}: {_explain(exc)}") from None
+        except docker.errors.DockerException as exc:
+            if "Connection" in str(exc) or "FileNotFoundError" in str(exc):
+                raise DockerUnavailable(f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}") from None
+            raise DockerFailure(f"Docker failed to {action}: {_explain(exc)}") from None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            raise DockerUnavailable("DockerRuntime used before connect()")
+        return self._client
+
+    async def connect(self) -> str:
+        """Open the client and ping the engine; returns the engine version."""
+
+        def open_client() -> tuple[docker.DockerClient, str]:
+            client = docker.DockerClient(base_url=self.base_url, timeout=120)
+            return client, client.version().get("Version", "?")
+
+        self._client, version = await self._run("connect", open_client)
+        return version
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._run("close the client", self._client.close)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- images -----------------------------------------------------------
+
+    async def image_exists(self, tag: str) -> bool:
+        def exists() -> bool:
+            try:
+                self.client.images.get(tag)
+                return True
+            except docker.errors.ImageNotFound:
+                return False
+
+        return await self._run(f"look up image {tag}", exists)
+
+    async def require_image(self, tag: str) -> None:
+        if not await self.image_exists(tag):
+            raise ImageNotFound(f"image '{tag}' not found in the Docker engine: {how_to_get(tag)}")
+
+    async def build_image(self, context: Path, tag: str) -> None:
+        await self._run(f"build image {tag}", self.client.images.build, path=str(context), tag=tag, rm=True)
+
+    # -- containers -------------------------------------------------------
+
+    async def run(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start the container for ``spec``; replaces a stale one of ours by the same name."""
+        await self.require_image(spec.image)
+        return await self._run(f"start container {spec.name}", self._create_and_start, spec)
+
+    def _create_and_start(self, spec: ContainerSpec) -> ContainerInfo:
+        kwargs: dict[str, Any] = dict(
+            image=spec.image,
+            command=list(spec.command),
+            name=spec.name,
+            labels=spec.labels(),
+            network_mode="host",
+            mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
+            environment=dict(spec.environment),
+            detach=True,
+        )
+        if spec.gpu_device_ids is not None:
+            ids = list(spec.gpu_device_ids)
+            kwargs["device_requests"] = [
+                DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids else DeviceRequest(count=-1, capabilities=[["gpu"]])
+            ]
+        try:
+            container = self.client.containers.create(**kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            self._remove_stale(spec)
+            container = self.client.containers.create(**kwargs)
+        try:
+            container.start()
+        except docker.errors.APIError:
+            container.remove(force=True)
+            raise
+        container.reload()
+        return _info(container)
+
+    def _remove_stale(self, spec: ContainerSpec) -> None:
+        stale = self.client.containers.get(spec.name)
+        if stale.labels.get(LABEL_OWNER) != spec.owner:
+            raise DockerFailure(f"a container named {spec.name} exists and is not ours; remove it or rename the instance")
+        stale.remove(force=True)
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container's current state, or None when it no longer exists."""
+
+        def get() -> ContainerInfo | None:
+            try:
+                return _info(self.client.containers.get(container_id))
+            except docker.errors.NotFound:
+                return None
+
+        return await self._run(f"inspect container {container_id[:12]}", get)
+
+    async def stop_and_remove(self, container_id: str, grace: float) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, SIGKILL, then remove. Gone already is fine."""
+
+        def stop() -> None:
+            try:
+                container = self.client.containers.get(container_id)
+                if container.status in ("running", "paused", "restarting"):
+                    container.stop(timeout=max(0, round(grace)))
+                container.remove(force=True)
+            except docker.errors.NotFound:
+                return
+
+        await self._run(f"stop container {container_id[:12]}", stop)
+
+    async def logs_tail(self, container_id: str, lines: int = 40) -> str:
+        def tail() -> str:
+            try:
+                raw = self.client.containers.get(container_id).logs(tail=lines)
+            except docker.errors.NotFound:
+                return ""
+            return raw.decode("utf-8", errors="replace").rstrip()
+
+        return await self._run(f"read logs of {container_id[:12]}", tail)
+
+    async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        """Every container (running or not) carrying all of ``labels``."""
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        found = await self._run("list containers", self.client.containers.list, all=True, filters=filters)
+        return [_info(c) for c in found]
+
+
+def _info(container: Any) -> ContainerInfo:
+    state = container.attrs.get("State", {})
+    status = state.get("Status", container.status)
+    exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
+    return ContainerInfo(
+        id=container.id,
+        name=container.name,
+        status=status,
+        exit_code=exit_code,
+        oom_killed=bool(state.get("OOMKilled")),
+        labels=dict(container.labels),
+    )
+
+
+def _explain(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc)

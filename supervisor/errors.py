@@ -1,0 +1,135 @@
+"""The project's one error hierarchy.
+
+Every error carries a stable machine-readable ``code``, the HTTP status the
+proxy and control API answer with, and the exit status ``localllmctl`` and
+``localllmd`` use. This is the only place those mappings live.
+"""
+
+from __future__ import annotations
+
+# Exit statuses, documented in the README.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 3
+
+
+class LocalllmError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    code = "internal_error"
+    http_status = 500
+    exit_code = EXIT_FAILURE
+    openai_type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict:
+        """OpenAI-style error object; the control API uses the same shape."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.openai_type,
+                "param": None,
+                "code": self.code,
+            }
+        }
+
+
+class ConfigError(LocalllmError):
+    """A config or profile file is invalid; ``problems`` lists each finding."""
+
+    code = "invalid_config"
+    http_status = 400
+    exit_code = EXIT_BAD_INPUT
+    openai_type = "invalid_request_error"
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"invalid config {source}:\n{lines}")
+
+
+class BadRequest(LocalllmError):
+    code = "bad_request"
+    http_status = 400
+    exit_code = EXIT_BAD_INPUT
+    openai_type = "invalid_request_error"
+
+
+class UnknownModel(LocalllmError):
+    code = "model_not_found"
+    http_status = 404
+    exit_code = EXIT_BAD_INPUT
+    openai_type = "invalid_request_error"
+
+    def __init__(self, name: str, known: list[str]):
+        self.name = name
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(f"model '{name}' is not in the catalog (available: {listed})")
+
+    def to_json(self) -> dict:
+        body = super().to_json()
+        body["error"]["param"] = "model"
+        return body
+
+
+class DockerUnavailable(LocalllmError):
+    code = "docker_unavailable"
+    http_status = 503
+    exit_code = EXIT_UNREACHABLE
+
+
+class ImageNotFound(LocalllmError):
+    code = "image_not_found"
+    http_status = 503
+
+
+class DockerFailure(LocalllmError):
+    """The engine answered, but refused or failed an operation."""
+
+    code = "docker_error"
+    http_status = 502
+
+
+class ModelStartFailed(LocalllmError):
+    """A model's server did not become ready: it exited, or the deadline passed."""
+
+    code = "model_start_failed"
+    http_status = 503
+
+    def __init__(self, model: str, reason: str, exit_code: int | None = None, log_tail: str = ""):
+        self.model = model
+        self.reason = reason
+        self.container_exit_code = exit_code
+        self.log_tail = log_tail
+        text = f"model '{model}' failed to start: {reason}"
+        if exit_code is not None:
+            text += f" (exit code {exit_code})"
+        if log_tail:
+            text += f"\n--- last log lines ---\n{log_tail}"
+        super().__init__(text)
+
+
+class UpstreamFailed(LocalllmError):
+    """The model's server could not be reached or broke off mid-request."""
+
+    code = "upstream_failed"
+    http_status = 502
+
+
+class ShuttingDown(LocalllmError):
+    code = "shutting_down"
+    http_status = 503
+
+
+class ControlUnreachable(LocalllmError):
+    code = "control_unreachable"
+    exit_code = EXIT_UNREACHABLE
+
+
+class CannotListen(LocalllmError):
+    code = "cannot_listen"

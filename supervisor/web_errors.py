@@ -1,0 +1,42 @@
+"""The one place where errors become HTTP answers, for the proxy and the control API."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from loguru import logger
+
+from .errors import BadRequest, LocalllmError
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LocalllmError as exc:
+        return web.json_response(exc.to_json(), status=exc.http_status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        body = {"error": {"message": f"{exc.reason}: {request.method} {request.path}",
+                          "type": "invalid_request_error", "param": None,
+                          "code": _HTTP_CODES.get(exc.status, "http_error")}}
+        return web.json_response(body, status=exc.status)
+    except Exception:
+        logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)
+        return web.json_response(LocalllmError("internal error; see the localllmd log").to_json(), status=500)
+
+
+async def read_json_object(request: web.Request) -> tuple[bytes, dict]:
+    """The raw body and its parsed JSON object; BadRequest otherwise."""
+    body = await request.read()
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body, payload
