@@ -1,0 +1,183 @@
+"""Fixtures for tests on the real Docker engine with the real llama-server image.
+
+Every container a test creates carries the label ``io.localllm.test-run`` with
+this run's id; teardown removes whatever carries it, so a failed test leaves
+nothing behind. The engine and the image must be present (``bash
+scripts/dev.sh test`` sets them up); if not, the tests fail and say how.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import docker
+import pytest
+import requests
+import yaml
+
+from supervisor.containers import LABEL_OWNER
+from supervisor.images import cpu_image_tag
+from supervisor.tinygguf import write_tiny_model
+
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_RUN_LABEL = "io.localllm.test-run"
+
+
+def poll_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Return the first truthy value of ``condition()``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def executable(name: str) -> str:
+    """A console script of the interpreter running the tests."""
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="session")
+def engine() -> docker.DockerClient:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"no Docker engine: {exc}; run the tests with `bash scripts/dev.sh test`")
+    try:
+        client.images.get(cpu_image_tag())
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"image {cpu_image_tag()} missing; run `localllmctl image build` or `bash scripts/dev.sh test`")
+    yield client
+    for container in client.containers.list(all=True, filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"}):
+        container.remove(force=True)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """Generated models: two healthy ones and one that llama-server cannot load."""
+    directory = tmp_path_factory.mktemp("models")
+    write_tiny_model(directory / "tiny.gguf", seed=1, name="tiny")
+    write_tiny_model(directory / "tiny2.gguf", seed=2, name="tiny2")
+    (directory / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 60 + b"not a model")
+    return directory
+
+
+@dataclass
+class DaemonProcess:
+    """A real ``localllmd`` subprocess with its config, proxy URL and control socket."""
+
+    config_path: Path
+    instance: str
+    proxy_url: str
+    socket: Path
+    process: subprocess.Popen
+    log_path: Path
+    config: dict = field(default_factory=dict)
+
+    def status(self) -> dict:
+        done = subprocess.run([executable("localllmctl"), "--socket", str(self.socket), "status", "--json"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def try_status(self) -> dict | None:
+        try:
+            return self.status()
+        except AssertionError:
+            return None
+
+    def model(self, name: str) -> dict:
+        return next(m for m in self.status()["models"] if m["name"] == name)
+
+    def wait_state(self, name: str, *states: str, timeout: float = 60) -> dict:
+        return poll_for(lambda: (m := self.model(name))["state"] in states and m, timeout, f"{name} in {states}")
+
+    def chat(self, model: str, **extra) -> requests.Response:
+        body = {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return requests.post(f"{self.proxy_url}/chat/completions", json=body, timeout=120)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def start_daemon(engine, models_dir, tmp_path):
+    """Factory: write a config for the given models and start localllmd on it; waits for the control API."""
+    started: list[DaemonProcess] = []
+
+    def start(models: list[dict], wait_ready: bool = True, **daemon_settings) -> DaemonProcess:
+        instance = f"t{RUN_ID}-{len(started)}"
+        proxy_port = free_tcp_port()
+        base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
+        state_dir = tmp_path / instance
+        config = {
+            "profile": "cpu-only",
+            "daemon": {
+                "instance": instance,
+                "proxy_listen": f"127.0.0.1:{proxy_port}",
+                "port_range": [base, base + 9],
+                "state_dir": str(state_dir),
+                "labels": {TEST_RUN_LABEL: RUN_ID},
+                "startup_timeout": 30,
+                "stop_grace": 5,
+                "log_level": "DEBUG",
+                **daemon_settings,
+            },
+            "models": [{"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])} for m in models],
+        }
+        config_path = tmp_path / f"{instance}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = tmp_path / f"{instance}.log"
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen([executable("localllmd"), "--config", str(config_path)],
+                                       stdout=log_file, stderr=subprocess.STDOUT)
+        daemon = DaemonProcess(config_path, instance, f"http://127.0.0.1:{proxy_port}/v1",
+                               state_dir / "control.sock", process, log_path, config)
+        started.append(daemon)
+        poll_for(lambda: process.poll() is not None or daemon.try_status(), 30, "the control API")
+        assert process.poll() is None, f"localllmd exited early:\n{daemon.log()}"
+        if wait_ready:
+            for m in models:
+                if m.get("preload"):
+                    daemon.wait_state(m["name"], "ready", "failed")
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(signal.SIGTERM)
+            try:
+                daemon.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+        for container in engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={daemon.instance}"}):
+            container.remove(force=True)
+
+
+def our_containers(engine: docker.DockerClient, instance: str) -> list:
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={instance}"})
