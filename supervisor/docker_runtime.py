@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,25 @@ class DockerRuntime:
         """Open the client and ping the engine; returns the engine version."""
 
         def open_client() -> tuple[docker.DockerClient, str]:
+            self._check_unix_socket()
             client = docker.DockerClient(base_url=self.base_url, timeout=120)
             return client, client.version().get("Version", "?")
 
         self._client, version = await self._run("connect", open_client)
         return version
+
+    def _check_unix_socket(self) -> None:
+        """Fail early and clearly on a unix socket nobody listens on (the SDK would leak its socket)."""
+        if not self.base_url.startswith("unix://"):
+            return
+        path = self.base_url.removeprefix("unix://")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(5)
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                raise DockerUnavailable(
+                    f"Docker engine not reachable at {self.base_url}: {exc.strerror or exc}; {ENGINE_HINT}") from None
 
     async def close(self) -> None:
         if self._client is not None:

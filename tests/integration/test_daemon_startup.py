@@ -1,0 +1,54 @@
+"""How localllmd refuses to start: bad config, busy port, no engine. It starts nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import yaml
+
+from .conftest import RUN_ID, executable, free_tcp_port, our_containers
+
+
+def run_daemon(config_path, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([executable("localllmd"), "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(tmp_path, models_dir, instance, **daemon) -> str:
+    config = {"profile": "cpu-only",
+              "daemon": {"instance": instance, "state_dir": str(tmp_path / "state"),
+                         "proxy_listen": f"127.0.0.1:{free_tcp_port()}", **daemon},
+              "models": [{"name": "tiny", "gguf": str(models_dir / "tiny.gguf"), "preload": True}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_bad_config_exits_2_and_starts_nothing(engine, models_dir, tmp_path):
+    instance = f"bad{RUN_ID}"
+    path = write_config(tmp_path, models_dir, instance)
+    path.write_text(path.read_text() + "surprise: 1\n")
+    done = run_daemon(path)
+    assert done.returncode == 2
+    assert f"{path}:" in done.stderr and "surprise: unknown key" in done.stderr
+    assert our_containers(engine, instance) == []
+
+
+def test_busy_proxy_port_is_named_and_nothing_is_left_running(engine, models_dir, tmp_path):
+    instance = f"busy{RUN_ID}"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = run_daemon(write_config(tmp_path, models_dir, instance, proxy_listen=f"127.0.0.1:{port}"))
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} (daemon.proxy_listen)" in done.stderr
+    assert our_containers(engine, instance) == []
+
+
+def test_unreachable_engine_exits_3_with_its_address(models_dir, tmp_path):
+    url = f"unix://{tmp_path}/absent.sock"
+    done = run_daemon(write_config(tmp_path, models_dir, f"nodocker{RUN_ID}", docker_url=url))
+    assert done.returncode == 3
+    assert f"Docker engine not reachable at {url}" in done.stderr

@@ -1,0 +1,108 @@
+"""The Docker boundary and the startup gate, on the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from supervisor.backends import llamacpp
+from supervisor.config import DaemonSettings, ModelEntry
+from supervisor.docker_runtime import DockerRuntime
+from supervisor.errors import DockerUnavailable, ImageNotFound, ModelStartFailed
+from supervisor.health import wait_until_ready
+from supervisor.profiles import load_profiles
+
+from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, our_containers
+
+
+def spec_for(models_dir, gguf: str, instance: str, **profile_changes):
+    profile = load_profiles()["cpu-only"]
+    if profile_changes:
+        images = profile.defaults.images.model_copy(update=profile_changes)
+        profile = profile.model_copy(update={"defaults": profile.defaults.model_copy(update={"images": images})})
+    settings = DaemonSettings(instance=instance, labels={TEST_RUN_LABEL: RUN_ID})
+    entry = ModelEntry(name=gguf.removesuffix(".gguf"), gguf=models_dir / gguf, context_size=256)
+    return llamacpp.container_spec(entry, profile, settings, free_tcp_port())
+
+
+async def start_and_gate(spec, deadline: float) -> tuple[DockerRuntime, str, float]:
+    runtime = DockerRuntime()
+    await runtime.connect()
+    info = await runtime.run(spec)
+    async with aiohttp.ClientSession() as session:
+        try:
+            took = await wait_until_ready(runtime, session, model=spec.model, container_id=info.id,
+                                          url=llamacpp.base_url(spec.port) + llamacpp.readiness_path,
+                                          deadline=deadline)
+        except BaseException:
+            await runtime.stop_and_remove(info.id, 0)
+            await runtime.close()
+            raise
+    return runtime, info.id, took
+
+
+def test_run_gate_and_stop_a_real_llama_server(engine, models_dir):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+
+    async def scenario():
+        runtime, container_id, took = await start_and_gate(spec, deadline=30)
+        info = await runtime.inspect(container_id)
+        await runtime.stop_and_remove(container_id, grace=5)
+        gone = await runtime.inspect(container_id)
+        await runtime.close()
+        return info, took, gone
+
+    info, took, gone = asyncio.run(scenario())
+    assert info.running and info.labels["io.localllm.config-hash"] == spec.config_hash()
+    assert 0 < took < 30
+    assert gone is None
+    assert our_containers(engine, spec.owner) == []
+
+
+def test_gate_reports_exit_code_and_log_tail(engine, models_dir):
+    spec = spec_for(models_dir, "broken.gguf", f"rt{RUN_ID}")
+    with pytest.raises(ModelStartFailed) as caught:
+        asyncio.run(start_and_gate(spec, deadline=30))
+    assert caught.value.container_exit_code == 1
+    assert "failed to load model" in caught.value.log_tail
+    assert our_containers(engine, spec.owner) == []
+
+
+def test_gate_deadline_is_a_failure_with_the_last_answer(engine, models_dir):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+    with pytest.raises(ModelStartFailed) as caught:
+        asyncio.run(start_and_gate(spec, deadline=0.001))
+    assert "not ready within 0.001s" in caught.value.reason
+    assert our_containers(engine, spec.owner) == []
+
+
+def test_missing_image_names_the_command_that_builds_it(engine, models_dir):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", llamacpp="localllm/llama-server:0.0.0-cpu")
+
+    async def scenario():
+        runtime = DockerRuntime()
+        await runtime.connect()
+        try:
+            await runtime.run(spec)
+        finally:
+            await runtime.close()
+
+    with pytest.raises(ImageNotFound, match=r"image 'localllm/llama-server:0.0.0-cpu' not found.*"
+                                            r"localllmctl image build --version 0.0.0"):
+        asyncio.run(scenario())
+
+
+def test_unreachable_engine_is_named(tmp_path):
+    url = f"unix://{tmp_path}/no-docker.sock"
+
+    async def scenario():
+        runtime = DockerRuntime(url)
+        try:
+            await runtime.connect()
+        finally:
+            await runtime.close()
+
+    with pytest.raises(DockerUnavailable, match=f"Docker engine not reachable at {url}"):
+        asyncio.run(scenario())
