@@ -116,6 +116,7 @@ class Fleet:
             return instance
         if instance.loading is None or instance.loading.done():
             instance.loading = asyncio.create_task(self._start(instance), name=f"start:{instance.name}")
+            instance.loading.add_done_callback(_retrieve_outcome)
         await asyncio.shield(instance.loading)
         return instance
 
@@ -152,7 +153,7 @@ class Fleet:
         """Remove containers a previous run of this instance left behind; returns how many."""
         leftovers = await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
         for info in leftovers:
-            logger.warning("removing leftover container {} ({}) from an earlier run", info.name, info.status)
+            logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
             await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
         return len(leftovers)
 
@@ -182,6 +183,7 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*starting, return_exceptions=True)
         await asyncio.gather(*(self._stop(i) for i in self.instances.values()), return_exceptions=True)
+        await self.remove_leftovers()  # anything a cancelled start created behind our back
 
     # -- the slow work, one task per model ----------------------------------
 
@@ -195,8 +197,7 @@ class Fleet:
             backend = backend_for(instance.entry.backend)
             spec = backend.container_spec(instance.entry, self.profile, self.settings, self._allocate_port(instance))
             instance.spec = spec
-            info = await self.runtime.run(spec)
-            instance.container_id = info.id
+            info = await self._create_container(instance, spec)
             log.info("started container {} on port {}", info.name, spec.port)
             await wait_until_ready(
                 self.runtime,
@@ -219,6 +220,18 @@ class Fleet:
         instance.ready_at = time.time()
         self._set(instance, ModelState.READY)
         log.info("ready in {:.2f}s", instance.load_seconds)
+
+    async def _create_container(self, instance: Instance, spec: ContainerSpec):
+        """Create and start; a cancellation waits for the engine's answer so the container is never lost."""
+        creating = asyncio.ensure_future(self.runtime.run(spec))
+        try:
+            info = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                instance.container_id = (await creating).id
+            raise
+        instance.container_id = info.id
+        return info
 
     async def _stop(self, instance: Instance) -> None:
         if instance.container_id is None:
@@ -250,6 +263,12 @@ class Fleet:
         if instance.state is not state:
             logger.bind(model=instance.name).debug("{} -> {}", instance.state, state)
             instance.state = state
+
+
+def _retrieve_outcome(task: asyncio.Task) -> None:
+    """A start whose waiters all went away still has its error read (and logged in ``_start``)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _port_is_free(port: int) -> bool:

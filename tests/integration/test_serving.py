@@ -9,7 +9,7 @@ import openai
 import requests
 import pytest
 
-from .conftest import our_containers
+from .conftest import our_containers, poll_for
 
 
 def client_for(daemon) -> openai.OpenAI:
@@ -135,3 +135,14 @@ def test_leftovers_of_a_killed_daemon_are_removed_at_start(start_daemon, engine)
     assert second.chat("tiny").status_code == 200
     [current] = our_containers(engine, first.instance)
     assert current.id != orphan.id
+
+
+def test_sigterm_during_a_start_cancels_it_and_leaves_nothing(start_daemon, engine):
+    # The server listens on another port than the one the gate probes, so the start never completes.
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True,
+                            "extra_args": ["--port", "39999"]}], wait_ready=False)
+    daemon.wait_state("tiny", "starting")
+    poll_for(lambda: our_containers(engine, daemon.instance), timeout=30, what="the container to exist")
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=60) == 0
+    assert our_containers(engine, daemon.instance) == []

@@ -1,0 +1,61 @@
+"""Streaming through the proxy: chunks pass through as they are produced, and a client that
+goes away stops the generation upstream. Uses a larger generated model so generation takes
+long enough to observe (hundreds of tokens at a few ms each on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import requests
+
+from supervisor.tinygguf import write_tiny_model
+
+from .conftest import poll_for
+
+LONG_GENERATION = {"max_tokens": 400, "ignore_eos": True, "stream": True,
+                   "messages": [{"role": "user", "content": "count"}]}
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slow") / "slow.gguf"
+    return write_tiny_model(path, embedding=384, blocks=6, heads=6, kv_heads=2, name="slow")
+
+
+@pytest.fixture
+def daemon(start_daemon, slow_model):
+    return start_daemon([{"name": "slow", "gguf": str(slow_model), "context_size": 1024, "preload": True}])
+
+
+def test_chunks_arrive_while_the_model_is_still_generating(daemon):
+    started = time.monotonic()
+    arrivals = []
+    with requests.post(f"{daemon.proxy_url}/chat/completions", json={"model": "slow", **LONG_GENERATION},
+                       stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                json.loads(line[6:])
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) >= 100
+    # Buffered, every event would arrive at the end; passed through, the first comes long before the last.
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
+
+
+def test_client_disconnect_stops_generation_upstream(daemon):
+    port = daemon.model("slow")["port"]
+
+    def slot_busy() -> bool:
+        return any(slot.get("is_processing") for slot in requests.get(f"http://127.0.0.1:{port}/slots", timeout=5).json())
+
+    response = requests.post(f"{daemon.proxy_url}/chat/completions",
+                             json={"model": "slow", **LONG_GENERATION, "max_tokens": 5000}, stream=True, timeout=120)
+    next(response.iter_lines())
+    assert slot_busy()
+    response.close()
+    poll_for(lambda: not slot_busy(), timeout=5, what="llama-server to stop generating")
+    poll_for(lambda: daemon.model("slow")["in_flight"] == 0, timeout=5, what="in-flight count back to 0")
+    assert daemon.chat("slow").status_code == 200
