@@ -106,12 +106,13 @@ class ModelStartFailed(LocalllmError):
         self.reason = reason
         self.container_exit_code = exit_code
         self.log_tail = log_tail
-        text = f"model '{model}' failed to start: {reason}"
-        if exit_code is not None:
-            text += f" (exit code {exit_code})"
-        if log_tail:
-            text += f"\n--- last log lines ---\n{log_tail}"
-        super().__init__(text)
+        super().__init__(f"model '{model}' failed to start: " + describe_exit(reason, exit_code, log_tail))
+
+
+def describe_exit(reason: str, exit_code: int | None, log_tail: str) -> str:
+    """``reason (exit code N)`` followed by the container's last log lines, if any."""
+    text = reason if exit_code is None else f"{reason} (exit code {exit_code})"
+    return text + (f"\n--- last log lines ---\n{log_tail}" if log_tail else "")
 
 
 class UpstreamFailed(LocalllmError):

@@ -23,7 +23,7 @@ from .backends import backend_for
 from .config import Config, ModelEntry
 from .containers import LABEL_OWNER, ContainerSpec
 from .docker_runtime import DockerRuntime
-from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel
+from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, describe_exit
 from .health import wait_until_ready
 from .placement import free_ports
 from .profiles import Profile
@@ -142,10 +142,10 @@ class Fleet:
         if instance.container_id != container_id or instance.state is not ModelState.READY:
             return  # someone else already acted on it
         logs = await self.runtime.logs_tail(container_id) if info else ""
-        error = ModelStartFailed(instance.name, "server exited while serving", info.exit_code if info else None, logs)
-        self._set(instance, ModelState.FAILED, error=error.message)
-        instance.container_id = None
-        await self.runtime.stop_and_remove(container_id, 0)
+        instance.error = describe_exit("server exited while serving", info.exit_code if info else None, logs)
+        logger.bind(model=instance.name).error("{}", instance.error)
+        self._set(instance, ModelState.FAILED)
+        await self._discard_container(instance)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -189,7 +189,8 @@ class Fleet:
 
     async def _start(self, instance: Instance) -> None:
         log = logger.bind(model=instance.name)
-        self._set(instance, ModelState.STARTING, error=None)
+        instance.error = None
+        self._set(instance, ModelState.STARTING)
         started = time.monotonic()
         try:
             if not instance.entry.gguf.is_file():
@@ -213,7 +214,8 @@ class Fleet:
             raise
         except LocalllmError as exc:
             await self._discard_container(instance)
-            self._set(instance, ModelState.FAILED, error=exc.message)
+            instance.error = exc.message
+            self._set(instance, ModelState.FAILED)
             log.error("start failed: {}", exc.message)
             raise
         instance.load_seconds = time.monotonic() - started
@@ -257,9 +259,7 @@ class Fleet:
         low, high = self.settings.port_range
         raise ModelStartFailed(instance.name, f"no free port left in port_range {low}-{high}")
 
-    def _set(self, instance: Instance, state: ModelState, error: str | None = ...) -> None:  # type: ignore[assignment]
-        if error is not ...:
-            instance.error = error
+    def _set(self, instance: Instance, state: ModelState) -> None:
         if instance.state is not state:
             logger.bind(model=instance.name).debug("{} -> {}", instance.state, state)
             instance.state = state

@@ -146,3 +146,16 @@ def test_sigterm_during_a_start_cancels_it_and_leaves_nothing(start_daemon, engi
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=60) == 0
     assert our_containers(engine, daemon.instance) == []
+
+
+def test_a_server_killed_while_ready_is_reported_then_started_again(start_daemon, engine):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    [container] = our_containers(engine, daemon.instance)
+    container.kill()
+    failed = daemon.chat("tiny")
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "upstream_failed"
+    status = daemon.model("tiny")
+    assert status["state"] == "failed" and "server exited while serving (exit code 137)" in status["error"]
+    assert daemon.chat("tiny").status_code == 200
+    [replacement] = our_containers(engine, daemon.instance)
+    assert replacement.id != container.id
