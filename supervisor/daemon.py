@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import fcntl
 import os
 import signal
 import sys
@@ -22,7 +24,7 @@ from . import __version__
 from .config import Config, load_config
 from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
-from .errors import EXIT_OK, CannotListen, ConfigError, LocalllmError
+from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .fleet import Fleet
 from .hardware import detect_host
 from .profiles import Profile, closest_profile, load_profiles
@@ -99,6 +101,28 @@ def select_profile(config: Config) -> tuple[Profile, str]:
     return profiles[config.profile], f"named in the config: '{config.profile}'"
 
 
+@contextlib.contextmanager
+def hold_lock(path: Path):
+    """One daemon per state directory: a second one is refused instead of fighting over containers."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError as exc:
+        raise CannotListen(f"cannot use the state directory {path.parent}: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise AlreadyRunning(f"another localllmd (pid {holder}) is running with state_dir {path.parent}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
@@ -106,6 +130,10 @@ class Daemon:
         self.stopping = asyncio.Event()
 
     async def run(self) -> None:
+        with hold_lock(self.settings.state_dir / "localllmd.lock"):
+            await self._run()
+
+    async def _run(self) -> None:
         profile, reason = select_profile(self.config)
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
         runtime = DockerRuntime(self.settings.docker_url)
@@ -154,12 +182,16 @@ class Daemon:
 
     async def _serve_control(self, app: web.Application) -> web.AppRunner:
         path = self.settings.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
-        await web.UnixSite(runner, str(path)).start()
-        os.chmod(path, 0o660)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            await web.UnixSite(runner, str(path)).start()
+            os.chmod(path, 0o660)
+        except OSError as exc:
+            await runner.cleanup()
+            raise CannotListen(f"cannot serve the control API on {path}: {exc.strerror or exc}") from None
         return runner
 
     def _install_signal_handlers(self) -> None:

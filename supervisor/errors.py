@@ -134,3 +134,7 @@ class ControlUnreachable(LocalllmError):
 
 class CannotListen(LocalllmError):
     code = "cannot_listen"
+
+
+class AlreadyRunning(LocalllmError):
+    code = "already_running"

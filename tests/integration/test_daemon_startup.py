@@ -52,3 +52,13 @@ def test_unreachable_engine_exits_3_with_its_address(models_dir, tmp_path):
     done = run_daemon(write_config(tmp_path, models_dir, f"nodocker{RUN_ID}", docker_url=url))
     assert done.returncode == 3
     assert f"Docker engine not reachable at {url}" in done.stderr
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused(start_daemon, engine):
+    first = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    [container] = our_containers(engine, first.instance)
+    done = run_daemon(first.config_path)
+    assert done.returncode == 1
+    assert f"another localllmd (pid {first.process.pid}) is running with state_dir" in done.stderr
+    assert [c.id for c in our_containers(engine, first.instance)] == [container.id]
+    assert first.chat("tiny").status_code == 200
