@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import aiohttp
 import pytest
@@ -72,9 +73,12 @@ def test_gate_reports_exit_code_and_log_tail(engine, models_dir):
 
 def test_gate_deadline_is_a_failure_with_the_last_answer(engine, models_dir):
     spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+    # The server listens elsewhere than the gate probes: alive, never ready.
+    spec = dataclasses.replace(spec, command=spec.command + ("--port", str(free_tcp_port())))
     with pytest.raises(ModelStartFailed) as caught:
-        asyncio.run(start_and_gate(spec, deadline=0.001))
-    assert "not ready within 0.001s" in caught.value.reason
+        asyncio.run(start_and_gate(spec, deadline=1.0))
+    assert caught.value.reason == "not ready within 1s (last health check: no answer)"
+    assert "model loaded" in caught.value.log_tail
     assert our_containers(engine, spec.owner) == []
 
 

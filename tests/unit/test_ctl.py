@@ -1,0 +1,136 @@
+"""supervisor.ctl: `localllmctl config validate` and `model generate` as run by an operator; status rendering."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from supervisor.ctl import format_age, render_status
+
+from .config_cases import BAD_CONFIGS, find_problem
+from .conftest import LOCALLLMCTL
+
+
+def localllmctl(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([LOCALLLMCTL, *map(str, args)], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("text, expected", BAD_CONFIGS)
+def test_config_validate_rejects_bad_file_with_status_2(config_file, text, expected):
+    path = config_file(text)
+    done = localllmctl("config", "validate", path)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"localllmctl: invalid config {path}:"
+    for line, fragment in expected:
+        assert find_problem(lines[1:], path, line, fragment), f"no '{fragment}' at line {line} in:\n{done.stderr}"
+    assert len(lines) == 1 + len(expected), done.stderr
+
+
+def test_config_validate_accepts_good_file(config_file):
+    path = config_file("""\
+        profile: cpu-only
+        daemon:
+          proxy_listen: 127.0.0.1:8081
+          port_range: 28100-28199
+        models:
+          - name: a
+            aliases: [gpt-4o]
+            gguf: m.gguf
+            ttl: 5m
+          - name: b
+            gguf: m.gguf
+        """)
+    done = localllmctl("config", "validate", path)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"{path}: valid (2 models, profile cpu-only)\n"
+
+
+def test_no_command_prints_help_and_exits_2():
+    done = localllmctl()
+    assert done.returncode == 2
+    assert "usage: localllmctl" in done.stderr
+
+
+def test_model_generate_writes_the_file(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    done = localllmctl("model", "generate", path, "--blocks", "1", "--embedding", "32")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"wrote {path} ({path.stat().st_size} bytes)\n"
+    assert path.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--embedding", "66"], "localllmctl: model generate: embedding must divide by heads, and heads by kv_heads\n"),
+    (["--blocks", "-1"], None),
+], ids=["embedding-66", "blocks-minus-1"])
+def test_model_generate_rejects_bad_shapes_with_status_2(tmp_path, args, message):
+    path = tmp_path / "bad.gguf"
+    done = localllmctl("model", "generate", path, *args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    if message:
+        assert done.stderr == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- rendering ---------------------------------------------------------------
+
+DAEMON = {"version": "0.1.0", "pid": 4242, "instance": "localllmd", "profile": "cpu-only",
+          "profile_reason": "named in the config: 'cpu-only'", "docker_version": "27.3.1",
+          "proxy": ["http://127.0.0.1:8081/v1", "http://[::1]:8081/v1"], "started_at": 0.0,
+          "uptime_seconds": 7384.2}
+
+
+def model(name, **changes):
+    row = {"name": name, "aliases": [], "backend": "llamacpp", "state": "stopped", "container": None, "port": None,
+           "preload": False, "pinned": False, "in_flight": 0, "last_used": None, "ready_at": None,
+           "load_seconds": None, "error": None}
+    return {**row, **changes}
+
+
+def test_render_status_table_and_errors():
+    status = {"daemon": DAEMON, "models": [
+        model("qwen2.5-7b", state="ready", port=28100, container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True),
+        model("tiny"),
+        model("broken", state="failed", error="model 'broken' failed to start: exited (exit code 1)"),
+    ]}
+    assert render_status(status) == (
+        "localllmd 0.1.0  instance localllmd  profile cpu-only  up 2h03m  docker 27.3.1\n"
+        "proxy http://127.0.0.1:8081/v1, http://[::1]:8081/v1\n"
+        "\n"
+        "MODEL       STATE    PORT   CONTAINER     IN-FLIGHT  LAST USED  FLAGS\n"
+        "qwen2.5-7b  ready    28100  3f2a9c1b7d4e  2          -          preload,pinned\n"
+        "tiny        stopped  -      -             0          -          -\n"
+        "broken      failed   -      -             0          -          -\n"
+        "\n"
+        "errors:\n"
+        "  broken: model 'broken' failed to start: exited (exit code 1)"
+    )
+
+
+def test_render_status_without_errors_has_no_errors_section():
+    text = render_status({"daemon": DAEMON, "models": [model("tiny", pinned=True)]})
+    assert "errors:" not in text
+    assert text.splitlines()[-1] == "tiny   stopped  -     -          0          -          pinned"
+
+
+def test_render_status_with_no_models_shows_only_the_header_row():
+    text = render_status({"daemon": DAEMON, "models": []})
+    assert text.splitlines()[3:] == ["MODEL  STATE  PORT  CONTAINER  IN-FLIGHT  LAST USED  FLAGS"]
+
+
+def test_render_status_last_used_is_an_age():
+    text = render_status({"daemon": DAEMON, "models": [model("tiny", last_used=time.time() - 7530)]})
+    assert text.splitlines()[-1].split("  ")[-2:] == ["2h05m ago", "-"]
+
+
+@pytest.mark.parametrize("seconds, shown", [
+    (-5, "0s"), (0, "0s"), (0.9, "0s"), (59.9, "59s"), (119, "119s"), (120, "2m"), (150, "2m"),
+    (7199, "119m"), (7200, "2h00m"), (7260, "2h01m"), (7384.2, "2h03m"), (90061, "25h01m"),
+])
+def test_format_age(seconds, shown):
+    assert format_age(seconds) == shown
