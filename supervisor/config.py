@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from .errors import ConfigError
 from .profiles import load_profiles
@@ -44,18 +44,25 @@ class ModelEntry(Strict):
 
     @field_validator("gguf")
     @classmethod
-    def _relative_to_config(cls, path: Path, info: ValidationInfo) -> Path:
-        base = (info.context or {}).get("base_dir")
-        path = path.expanduser()
-        return (base / path) if base and not path.is_absolute() else path
+    def _gguf_relative_to_config(cls, path: Path, info: ValidationInfo) -> Path:
+        return relative_to_config(path, info)
 
     @property
     def names(self) -> list[str]:
         return [self.name, *self.aliases]
 
 
+def relative_to_config(path: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths in a config file mean: relative to that file's directory."""
+    if path is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = path.expanduser()
+    return (base / path) if base and not path.is_absolute() else path
+
+
 class Listen(Strict):
-    host: str
+    host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
 
     def __str__(self) -> str:
@@ -65,8 +72,8 @@ class Listen(Strict):
 def _parse_listen(value: object) -> object:
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"'{value}' is not HOST:PORT")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"'{value}' is not HOST:PORT (use 0.0.0.0:PORT to listen on every interface)")
         return {"host": host.strip("[]"), "port": int(port)}
     return value
 
@@ -107,17 +114,6 @@ class DaemonSettings(Strict):
             raise ValueError(f"port range {low}-{high} must satisfy 1024 <= low <= high <= 65535")
         return value
 
-    @model_validator(mode="after")
-    def _range_clear_of_listeners(self) -> "DaemonSettings":
-        low, high = self.port_range
-        for listen in self.proxy_listen:
-            if low <= listen.port <= high:
-                raise ValueError(
-                    f"port_range {low}-{high} clashes with proxy_listen {listen}: "
-                    "containers would compete with the proxy for that port"
-                )
-        return self
-
     @property
     def socket_path(self) -> Path:
         return self.control_socket or self.state_dir / "control.sock"
@@ -128,6 +124,11 @@ class Config(Strict):
     profiles_dir: Path | None = None
     daemon: DaemonSettings = DaemonSettings()
     models: list[ModelEntry] = []
+
+    @field_validator("profiles_dir")
+    @classmethod
+    def _profiles_dir_relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return relative_to_config(path, info)
 
     def model_named(self, name: str) -> ModelEntry | None:
         for entry in self.models:
@@ -140,19 +141,30 @@ def load_config(path: Path, check_files: bool = True) -> Config:
     """Read, validate and cross-check a config file; raise ConfigError."""
     path = Path(path)
     config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent})
-    found = cross_check(config, check_files) + check_profile(config)
+    found = check_ports(config) + cross_check(config, check_files) + check_profile(config)
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:
         raise ConfigError(str(path), problems)
     return config
 
 
+def check_ports(config: Config) -> list[tuple[tuple, str]]:
+    """Container ports must stay clear of the proxy's own."""
+    low, high = config.daemon.port_range
+    return [
+        (("daemon", "port_range"), f"port_range {low}-{high} clashes with proxy_listen {listen}: "
+                                   "containers would compete with the proxy for that port")
+        for listen in config.daemon.proxy_listen
+        if low <= listen.port <= high
+    ]
+
+
 def check_profile(config: Config) -> list[tuple[tuple, str]]:
-    """The named profile must exist among the built-in and ``profiles_dir`` ones."""
-    if config.profile == "auto":
-        return []
+    """``profiles_dir`` must load, and a named profile must exist among the built-in and extra ones."""
+    if config.profiles_dir is not None and not config.profiles_dir.is_dir():
+        return [(("profiles_dir",), f"profiles directory does not exist: {config.profiles_dir}")]
     known = load_profiles(config.profiles_dir)
-    if config.profile in known:
+    if config.profile == "auto" or config.profile in known:
         return []
     return [(("profile",), f"unknown profile '{config.profile}' (known: auto, {', '.join(sorted(known))})")]
 

@@ -123,6 +123,8 @@ def parse_ldd(output: str) -> list[Path]:
         words = line.split()
         if "=>" in words:
             after = words[words.index("=>") + 1]
+            if after == "not":
+                raise RuntimeError(f"ldd cannot find {words[0]}, which llama-server needs: install it first")
             if after.startswith("/"):
                 paths.append(Path(after))
         elif words and words[0].startswith("/"):

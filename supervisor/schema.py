@@ -30,7 +30,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(value: object) -> object:
     """``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"`` -> seconds as float."""
     if isinstance(value, bool):
-        return value  # let pydantic reject it as a non-number
+        raise ValueError(f"{str(value).lower()} is not a duration (examples: 30, 30s, 5m, 1h, 250ms)")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):

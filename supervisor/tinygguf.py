@@ -8,6 +8,7 @@ generate`` is the command; ``blocks`` and ``embedding`` scale the file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,36 @@ WORDS = ["hello", "world", "the", "a", "model", "local", "llm", "ok", "yes", "no
          "▁one", "▁two", "▁three", "▁four", "▁five", "▁six", "▁seven", "▁eight", "▁nine",
          "▁ten", "▁red", "▁blue", "▁green", "▁cat", "▁dog", "▁sun", "▁moon", "▁sky",
          "▁tree", "▁rock", "▁fish", "▁bird", "▁car", "▁road"]
+TOKENS = SPECIAL_TOKENS + [f"<0x{i:02X}>" for i in range(256)] + WORDS
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a generated model; checked on creation."""
+
+    embedding: int = 64
+    blocks: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    feed_forward: int = 0  # 0: twice the embedding
+    context: int = 2048
+
+    def __post_init__(self) -> None:
+        for what in ("embedding", "blocks", "heads", "kv_heads", "context"):
+            if getattr(self, what) <= 0:
+                raise ValueError(f"{what} must be a positive number (got {getattr(self, what)})")
+        if self.feed_forward < 0:
+            raise ValueError(f"feed_forward must not be negative (got {self.feed_forward})")
+        if self.embedding % self.heads or self.heads % self.kv_heads:
+            raise ValueError("embedding must divide by heads, and heads by kv_heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embedding // self.heads
+
+    @property
+    def ffn(self) -> int:
+        return self.feed_forward or self.embedding * 2
 
 
 def write_tiny_model(
@@ -33,64 +64,68 @@ def write_tiny_model(
     seed: int = 0,
     name: str = "localllm-tiny",
 ) -> Path:
-    """Write a random-weight llama model to ``path`` and return it."""
+    """Write a random-weight llama model to ``path`` (atomically) and return it."""
     import gguf  # imported here: only this command needs it at run time
 
-    if embedding % heads or heads % kv_heads:
-        raise ValueError("embedding must divide by heads, and heads by kv_heads")
-    feed_forward = feed_forward or embedding * 2
-    head_dim = embedding // heads
-    tokens = SPECIAL_TOKENS + [f"<0x{i:02X}>" for i in range(256)] + WORDS
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(WORDS)
-    vocab = len(tokens)
-
+    shape = Shape(embedding, blocks, heads, kv_heads, feed_forward or 0, context)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
+    try:
+        _write_metadata(writer, gguf, shape, name)
+        _write_tensors(writer, shape, np.random.default_rng(seed))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+def _write_metadata(writer, gguf, shape: Shape, name: str) -> None:
     writer.add_name(name)
-    writer.add_context_length(context)
-    writer.add_embedding_length(embedding)
-    writer.add_block_count(blocks)
-    writer.add_feed_forward_length(feed_forward)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(shape.embedding)
+    writer.add_block_count(shape.blocks)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_dimension_count(shape.head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
+    writer.add_token_list(TOKENS)
     writer.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(WORDS))])
-    writer.add_token_types(types)
+    writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                           + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(WORDS))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
 
-    rng = np.random.default_rng(seed)
 
-    def tensor(name: str, *shape: int, ones: bool = False) -> None:
-        data = np.ones(shape, np.float32) if ones else (rng.standard_normal(shape) * 0.02).astype(np.float32)
+def _write_tensors(writer, shape: Shape, rng: np.random.Generator) -> None:
+    vocab, embd, kv = len(TOKENS), shape.embedding, shape.kv_heads * shape.head_dim
+
+    def tensor(name: str, *dims: int, ones: bool = False) -> None:
+        data = np.ones(dims, np.float32) if ones else (rng.standard_normal(dims) * 0.02).astype(np.float32)
         writer.add_tensor(name, data)
 
-    tensor("token_embd.weight", vocab, embedding)
-    tensor("output_norm.weight", embedding, ones=True)
-    tensor("output.weight", vocab, embedding)
-    for block in range(blocks):
+    tensor("token_embd.weight", vocab, embd)
+    tensor("output_norm.weight", embd, ones=True)
+    tensor("output.weight", vocab, embd)
+    for block in range(shape.blocks):
         prefix = f"blk.{block}."
-        tensor(prefix + "attn_norm.weight", embedding, ones=True)
-        tensor(prefix + "ffn_norm.weight", embedding, ones=True)
-        tensor(prefix + "attn_q.weight", embedding, embedding)
-        tensor(prefix + "attn_k.weight", kv_heads * head_dim, embedding)
-        tensor(prefix + "attn_v.weight", kv_heads * head_dim, embedding)
-        tensor(prefix + "attn_output.weight", embedding, embedding)
-        tensor(prefix + "ffn_gate.weight", feed_forward, embedding)
-        tensor(prefix + "ffn_up.weight", feed_forward, embedding)
-        tensor(prefix + "ffn_down.weight", embedding, feed_forward)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    tmp.replace(path)
-    return path
+        tensor(prefix + "attn_norm.weight", embd, ones=True)
+        tensor(prefix + "ffn_norm.weight", embd, ones=True)
+        tensor(prefix + "attn_q.weight", embd, embd)
+        tensor(prefix + "attn_k.weight", kv, embd)
+        tensor(prefix + "attn_v.weight", kv, embd)
+        tensor(prefix + "attn_output.weight", embd, embd)
+        tensor(prefix + "ffn_gate.weight", shape.ffn, embd)
+        tensor(prefix + "ffn_up.weight", shape.ffn, embd)
+        tensor(prefix + "ffn_down.weight", embd, shape.ffn)

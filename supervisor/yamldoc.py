@@ -60,23 +60,23 @@ class YamlDoc:
         node = self.root
         line = node.start_mark.line + 1 if node is not None else None
         for part in loc:
-            child = _child(node, part)
-            if child is None:
+            found = _child(node, part)
+            if found is None:
                 break
-            node = child
-            line = node.start_mark.line + 1
+            where, node = found
+            line = where.start_mark.line + 1
         return line
 
 
-def _child(node: yaml.Node | None, part: Any) -> yaml.Node | None:
+def _child(node: yaml.Node | None, part: Any) -> tuple[yaml.Node, yaml.Node] | None:
+    """(node whose line names ``part``, node to descend into): a mapping entry is named by its key."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if key_node.value == str(part):
-                # A key with no usable value points at the key itself.
-                return value_node if value_node.start_mark.line >= key_node.start_mark.line else key_node
+                return key_node, value_node
         return None
     if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-        return node.value[part]
+        return node.value[part], node.value[part]
     return None
 
 

@@ -66,3 +66,4 @@ def test_no_readings_mean_no_gpu_source(readings):
     facts = facts_from(readings, "nvml", 8 * GIB, 2)
     assert facts == HostFacts(gpu_vram_gib=(), ram_gib=8.0, cpu_cores=2, gpu_source="none")
     assert closest_profile(facts, load_profiles())[0].name == "cpu-only"
+

@@ -52,3 +52,9 @@ def test_how_to_get(image, advice):
 
 def test_how_to_get_round_trips_the_built_tag():
     assert how_to_get(cpu_image_tag("9.9.9")).endswith("--version 9.9.9")
+
+
+def test_parse_ldd_refuses_a_missing_library():
+    output = "\tlibgomp.so.1 => not found\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n"
+    with pytest.raises(RuntimeError, match="ldd cannot find libgomp.so.1"):
+        parse_ldd(output)
