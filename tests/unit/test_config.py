@@ -146,3 +146,11 @@ def test_missing_profiles_dir_is_reported_even_with_auto_profile(config_file, tm
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert "profiles directory does not exist" in caught.value.message
+
+
+def test_the_shipped_example_config_is_valid_apart_from_its_model_file():
+    example = Path(__file__).resolve().parents[2] / "systemd" / "config.example.yaml"
+    config = load_config(example, check_files=False)
+    assert config.profile == "auto"
+    assert config.daemon.startup_timeout == 600.0
+    assert [m.name for m in config.models] == ["llama-3.1-8b"]
