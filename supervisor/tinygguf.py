@@ -20,7 +20,6 @@ WORDS = ["hello", "world", "the", "a", "model", "local", "llm", "ok", "yes", "no
          "▁one", "▁two", "▁three", "▁four", "▁five", "▁six", "▁seven", "▁eight", "▁nine",
          "▁ten", "▁red", "▁blue", "▁green", "▁cat", "▁dog", "▁sun", "▁moon", "▁sky",
          "▁tree", "▁rock", "▁fish", "▁bird", "▁car", "▁road"]
-TOKENS = SPECIAL_TOKENS + [f"<0x{i:02X}>" for i in range(256)] + WORDS
 
 
 @dataclass(frozen=True)
@@ -33,13 +32,15 @@ class Shape:
     kv_heads: int = 2
     feed_forward: int = 0  # 0: twice the embedding
     context: int = 2048
+    extra_vocab: int = 0  # more normal tokens, to make the vocabulary (and the output head) bigger
 
     def __post_init__(self) -> None:
         for what in ("embedding", "blocks", "heads", "kv_heads", "context"):
             if getattr(self, what) <= 0:
                 raise ValueError(f"{what} must be a positive number (got {getattr(self, what)})")
-        if self.feed_forward < 0:
-            raise ValueError(f"feed_forward must not be negative (got {self.feed_forward})")
+        for what in ("feed_forward", "extra_vocab"):
+            if getattr(self, what) < 0:
+                raise ValueError(f"{what} must not be negative (got {getattr(self, what)})")
         if self.embedding % self.heads or self.heads % self.kv_heads:
             raise ValueError("embedding must divide by heads, and heads by kv_heads")
 
@@ -51,6 +52,14 @@ class Shape:
     def ffn(self) -> int:
         return self.feed_forward or self.embedding * 2
 
+    @property
+    def words(self) -> list[str]:
+        return WORDS + [f"▁w{i}" for i in range(self.extra_vocab)]
+
+    @property
+    def tokens(self) -> list[str]:
+        return SPECIAL_TOKENS + [f"<0x{i:02X}>" for i in range(256)] + self.words
+
 
 def write_tiny_model(
     path: Path,
@@ -61,13 +70,14 @@ def write_tiny_model(
     kv_heads: int = 2,
     feed_forward: int | None = None,
     context: int = 2048,
+    extra_vocab: int = 0,
     seed: int = 0,
     name: str = "localllm-tiny",
 ) -> Path:
     """Write a random-weight llama model to ``path`` (atomically) and return it."""
     import gguf  # imported here: only this command needs it at run time
 
-    shape = Shape(embedding, blocks, heads, kv_heads, feed_forward or 0, context)
+    shape = Shape(embedding, blocks, heads, kv_heads, feed_forward or 0, context, extra_vocab)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -99,17 +109,18 @@ def _write_metadata(writer, gguf, shape: Shape, name: str) -> None:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(TOKENS)
-    writer.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(WORDS))])
+    words = shape.words
+    writer.add_token_list(shape.tokens)
+    writer.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(words))])
     writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                           + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(WORDS))
+                           + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(words))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
 
 
 def _write_tensors(writer, shape: Shape, rng: np.random.Generator) -> None:
-    vocab, embd, kv = len(TOKENS), shape.embedding, shape.kv_heads * shape.head_dim
+    vocab, embd, kv = len(shape.tokens), shape.embedding, shape.kv_heads * shape.head_dim
 
     def tensor(name: str, *dims: int, ones: bool = False) -> None:
         data = np.ones(dims, np.float32) if ones else (rng.standard_normal(dims) * 0.02).astype(np.float32)

@@ -6,6 +6,7 @@ while the model loads and 200 once it can serve.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..config import DaemonSettings, ModelEntry
@@ -50,3 +51,18 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         gpu_device_ids=() if profile.has_gpus else None,
         extra_labels=tuple(sorted(settings.labels.items())),
     )
+
+
+_BUFFER_LINE = re.compile(r"\b(\w+)(?:_Mapped)? (model|KV|compute) buffer size =\s+([\d.]+) MiB")
+
+
+def reported_buffers(log: str) -> dict[str, float]:
+    """llama-server's own buffer sizes in MiB, from its startup log (printed at verbosity 4: ``-lv 4``).
+
+    Returns ``{"model": ..., "kv": ..., "compute": ...}`` summed over devices.
+    """
+    sizes: dict[str, float] = {}
+    for _device, kind, mib in _BUFFER_LINE.findall(log):
+        key = kind.lower()
+        sizes[key] = sizes.get(key, 0.0) + float(mib)
+    return sizes
