@@ -138,3 +138,28 @@ class CannotListen(LocalllmError):
 
 class AlreadyRunning(LocalllmError):
     code = "already_running"
+
+
+class ModelTooLarge(LocalllmError):
+    """The model can never fit the memory budget as configured."""
+
+    code = "model_too_large"
+    http_status = 503
+
+
+class Overloaded(LocalllmError):
+    """Too many requests are waiting, or one waited too long; ``retry_after`` is in seconds."""
+
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(Overloaded):
+    code = "queue_full"
+
+
+class QueueTimeout(Overloaded):
+    code = "queue_timeout"

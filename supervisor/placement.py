@@ -1,11 +1,156 @@
-"""Pure placement decisions. No I/O, no logging: data in, decision out."""
+"""Pure placement decisions: where a model fits, and what to evict so it does.
+
+No I/O, no logging, no clock: data in, decision out, and every decision says
+why in words. The scheduler calls ``plan_admission``; property tests check it
+never overfills a device and never evicts a busy, pinned or loading model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Sequence, Set
+from dataclasses import dataclass
+
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Device:
+    """Memory models may use on one device: a GPU (``gpu0``...) or host memory (``cpu``)."""
+
+    id: str
+    budget: int  # declared or measured total, minus the profile's reserve
+    measured_free: int | None = None  # measured free memory minus the reserve, when a GPU reading exists
+    index: int | None = None  # GPU index for the container's device request
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model holding (or about to hold) memory on a device."""
+
+    name: str
+    device: str
+    bytes: int
+    in_flight: int = 0
+    pinned: bool = False
+    busy_changing: bool = False  # starting or stopping: counted, never evicted
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    ttl: float | None = None  # idle seconds before it may be unloaded; None: never
+
+
+@dataclass(frozen=True)
+class Admit:
+    device: str
+    evict: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    reason: str
+    blockers: tuple[str, ...] = ()  # busy models whose eviction would make room once idle
+
+
+@dataclass(frozen=True)
+class Refuse:
+    reason: str
+
+
+Decision = Admit | Wait | Refuse
 
 
 def free_ports(port_range: tuple[int, int], taken: Set[int]) -> Iterable[int]:
     """Ports of the range not already given to one of our containers, lowest first."""
     low, high = port_range
     return (port for port in range(low, high + 1) if port not in taken)
+
+
+def free_on(device: Device, residents: Sequence[Resident]) -> int:
+    """Free bytes: the smaller of what our accounting leaves and what was measured."""
+    accounted = device.budget - sum(r.bytes for r in residents if r.device == device.id)
+    return accounted if device.measured_free is None else min(accounted, device.measured_free)
+
+
+def expired(resident: Resident, now: float) -> bool:
+    return resident.ttl is not None and now - resident.last_used >= resident.ttl
+
+
+def plan_admission(name: str, need: int, devices: Sequence[Device], residents: Sequence[Resident],
+                   now: float, min_residency: float) -> Decision:
+    """Where ``name`` (needing ``need`` bytes) goes now, what must go first, or why it must wait or cannot run."""
+    if not devices:
+        return Refuse("no device to place models on")
+    others = [r for r in residents if r.name != name]
+    largest = max(devices, key=lambda d: d.budget)
+    if need > largest.budget:
+        return Refuse(f"'{name}' needs {_mib(need)} but the largest device budget is {_mib(largest.budget)} "
+                      f"({largest.id}); lower its context_size, or set gpu_layers for partial offload")
+    pinned_room = {d.id: d.budget - sum(r.bytes for r in others if r.device == d.id and r.pinned) for d in devices}
+    if all(need > room for room in pinned_room.values()):
+        return Refuse(f"'{name}' needs {_mib(need)} but pinned models leave at most "
+                      f"{_mib(max(pinned_room.values()))} on any device")
+
+    fitting = [(free_on(d, others) - need, d.id) for d in devices if need <= free_on(d, others)]
+    if fitting:
+        spare, device = min(fitting)
+        return Admit(device, (), f"'{name}' ({_mib(need)}) fits on {device} with {_mib(spare)} to spare")
+
+    options = []
+    blocked: dict[str, str] = {}
+    for device in devices:
+        shortfall = need - free_on(device, others)
+        on_device = [r for r in others if r.device == device.id]
+        chosen = _covering_evictions(on_device, shortfall, now, min_residency)
+        if chosen is not None:
+            options.append((len(chosen), sum(r.bytes for r in chosen), device.id, chosen))
+        for r in on_device:
+            why = _why_not_evictable(r, now, min_residency)
+            if why:
+                blocked[r.name] = why
+    if options:
+        _, freed, device, chosen = min(options, key=lambda o: o[:3])
+        names = tuple(r.name for r in chosen)
+        details = ", ".join(f"{r.name} ({_mib(r.bytes)}, {'ttl expired' if expired(r, now) else 'idle'} "
+                            f"{now - r.last_used:.0f}s)" for r in chosen)
+        return Admit(device, names, f"'{name}' ({_mib(need)}) goes on {device} after evicting {details}")
+    busy = tuple(sorted(n for n, why in blocked.items() if why.startswith("serving")))
+    reasons = "; ".join(f"{n}: {why}" for n, why in sorted(blocked.items())) or "nothing can be evicted"
+    return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", busy)
+
+
+def eviction_order(candidates: Iterable[Resident], now: float) -> list[Resident]:
+    """TTL-expired first, then least recently used; the name breaks ties so the order is stable."""
+    return sorted(candidates, key=lambda r: (not expired(r, now), r.last_used, r.name))
+
+
+def _why_not_evictable(r: Resident, now: float, min_residency: float) -> str | None:
+    if r.pinned:
+        return "pinned"
+    if r.busy_changing:
+        return "starting or stopping"
+    if r.in_flight:
+        return f"serving {r.in_flight} request(s)"
+    if now - r.loaded_at < min_residency:
+        return f"loaded {now - r.loaded_at:.0f}s ago (min_residency {min_residency:g}s)"
+    return None
+
+
+def _covering_evictions(on_device: list[Resident], shortfall: int, now: float,
+                        min_residency: float) -> list[Resident] | None:
+    """The smallest set, taken in eviction order, whose bytes cover ``shortfall``; None if none does."""
+    evictable = eviction_order((r for r in on_device if _why_not_evictable(r, now, min_residency) is None), now)
+    chosen: list[Resident] = []
+    for r in evictable:
+        if sum(c.bytes for c in chosen) >= shortfall:
+            break
+        chosen.append(r)
+    if sum(c.bytes for c in chosen) < shortfall:
+        return None
+    for r in reversed(list(chosen)):  # drop what is not needed, most recently used first
+        if sum(c.bytes for c in chosen if c is not r) >= shortfall:
+            chosen.remove(r)
+    return chosen
+
+
+def _mib(value: int) -> str:
+    return f"{value / MIB:.1f} MiB"

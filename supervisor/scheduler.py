@@ -1,0 +1,281 @@
+"""The scheduler: a pure state machine that decides what loads, what is evicted and who waits.
+
+Events come in as method calls (a request arrives or ends, a start or stop
+finished, the clock ticked); each returns the actions the fleet must carry
+out. It does no I/O, reads no clock and never logs, so tests drive it
+synchronously and hypothesis can throw random event sequences at it.
+
+Rules:
+- A request for a ready model is granted at once, unless that model is
+  draining (a waiting request needs it evicted); then it queues behind.
+- Waiting requests are grouped by model in order of first arrival, so
+  A B A B is served A A B B. Groups are served strictly in order: a group
+  that must wait blocks the ones behind it, so nothing starves.
+- A model starts only once every eviction made for it has finished
+  (the fleet reports ``stopped`` only when the memory is actually free).
+- Requests for one model share one start (single flight).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .errors import LocalllmError, ModelTooLarge, QueueFull, QueueTimeout
+from .placement import Admit, Device, Refuse, Resident, plan_admission
+
+
+RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
+
+
+class Phase(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+# -- actions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Grant:
+    ticket: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    ticket: int
+    model: str
+    error: LocalllmError
+
+
+@dataclass(frozen=True)
+class Note:
+    """A decision worth one log line (a wait, and why)."""
+
+    model: str
+    message: str
+
+
+Action = Start | Stop | Grant | Reject | Note
+
+
+# -- state ---------------------------------------------------------------------
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    need: int
+    pinned: bool = False
+    ttl: float | None = None
+    phase: Phase = Phase.STOPPED
+    device: str | None = None
+    in_flight: int = 0
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    draining: bool = False
+    awaiting: set[str] = field(default_factory=set)  # evictions this start waits for
+    start_sent: bool = False
+    error: LocalllmError | None = None
+
+    @property
+    def holds_memory(self) -> bool:
+        return self.phase in (Phase.STARTING, Phase.READY, Phase.STOPPING)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: int
+    model: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_queue: int = 256
+    queue_timeout: float = 600.0
+    min_residency: float = 10.0
+
+
+class Scheduler:
+    def __init__(self, devices: list[Device], slots: list[ModelSlot], limits: Limits = Limits()):
+        self.devices = devices
+        self.slots = {slot.name: slot for slot in slots}
+        self.limits = limits
+        self.queue: OrderedDict[str, list[Ticket]] = OrderedDict()
+        self._next_ticket = 0
+        self._last_note: dict[str, str] = {}
+
+    # -- events ----------------------------------------------------------------
+
+    def submit(self, model: str, now: float) -> tuple[int, list[Action]]:
+        """A request for ``model`` arrives; returns its ticket and what to do."""
+        self._next_ticket += 1
+        ticket = Ticket(self._next_ticket, model, now)
+        slot = self.slots[model]
+        if slot.phase is Phase.READY and not slot.draining and model not in self.queue:
+            return ticket.id, [self._grant(ticket, now)]
+        if self.waiting() >= self.limits.max_queue:
+            return ticket.id, [Reject(ticket.id, model, QueueFull(
+                f"{self.waiting()} requests are already waiting (max_queue {self.limits.max_queue})",
+                retry_after=RETRY_AFTER))]
+        self.queue.setdefault(model, []).append(ticket)
+        return ticket.id, self._pump(now)
+
+    def finished(self, model: str, now: float) -> list[Action]:
+        """A granted request ended."""
+        slot = self.slots[model]
+        slot.in_flight -= 1
+        slot.last_used = now
+        return self._pump(now)
+
+    def started(self, model: str, now: float, error: LocalllmError | None = None) -> list[Action]:
+        """The fleet finished starting ``model``: ready, or failed with ``error`` (its container is gone)."""
+        slot = self.slots[model]
+        slot.start_sent = False
+        if error is None:
+            slot.phase, slot.loaded_at, slot.last_used, slot.error = Phase.READY, now, now, None
+            return self._pump(now)
+        slot.phase, slot.device, slot.error = Phase.FAILED, None, error
+        actions: list[Action] = [Reject(t.id, model, error) for t in self.queue.pop(model, [])]
+        return actions + self._pump(now)
+
+    def stopped(self, model: str, now: float, error: LocalllmError | None = None) -> list[Action]:
+        """``model``'s container is gone and its memory free; ``error`` if it died rather than was stopped."""
+        slot = self.slots[model]
+        slot.phase = Phase.FAILED if error else Phase.STOPPED
+        slot.device, slot.draining, slot.error = None, False, error
+        actions: list[Action] = []
+        for other in self.slots.values():
+            if model in other.awaiting:
+                other.awaiting.discard(model)
+                actions += self._send_start_if_clear(other)
+        return actions + self._pump(now)
+
+    def crashed(self, model: str, now: float) -> list[Action]:
+        """A ready model's server died; the fleet removes the container and then reports ``stopped``."""
+        slot = self.slots[model]
+        if slot.phase is not Phase.READY:
+            return []
+        slot.phase = Phase.STOPPING
+        return []
+
+    def unload(self, model: str, now: float, reason: str) -> list[Action]:
+        """An operator (or shutdown) wants ``model`` stopped when it is ready and idle."""
+        slot = self.slots[model]
+        if slot.phase is Phase.READY and slot.in_flight == 0:
+            slot.phase = Phase.STOPPING
+            return [Stop(model, reason)]
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: expire waits past the bound, unload idle models past their TTL."""
+        actions: list[Action] = []
+        for model, tickets in list(self.queue.items()):
+            keep = [t for t in tickets if now - t.since < self.limits.queue_timeout]
+            for t in tickets:
+                if t not in keep:
+                    actions.append(Reject(t.id, model, QueueTimeout(
+                        f"waited {now - t.since:.0f}s for '{model}' (queue_timeout {self.limits.queue_timeout:g}s)",
+                        retry_after=RETRY_AFTER)))
+            if keep:
+                self.queue[model] = keep
+            else:
+                del self.queue[model]
+        for slot in self.slots.values():
+            if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
+                    and now - slot.last_used >= slot.ttl):
+                slot.phase = Phase.STOPPING
+                actions.append(Stop(slot.name, f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"))
+        return actions + self._pump(now)
+
+    # -- views -----------------------------------------------------------------
+
+    def waiting(self) -> int:
+        return sum(len(tickets) for tickets in self.queue.values())
+
+    def residents(self) -> list[Resident]:
+        return [
+            Resident(s.name, s.device or "", s.need, s.in_flight, s.pinned,
+                     busy_changing=s.phase is not Phase.READY, last_used=s.last_used,
+                     loaded_at=s.loaded_at, ttl=s.ttl)
+            for s in self.slots.values() if s.holds_memory
+        ]
+
+    # -- decisions ---------------------------------------------------------------
+
+    def _pump(self, now: float) -> list[Action]:
+        """Walk the waiting groups in order: grant the ready, place the rest until one must wait."""
+        actions: list[Action] = []
+        for slot in self.slots.values():
+            slot.draining = False
+        blocked = False
+        for model in list(self.queue):
+            slot = self.slots[model]
+            if slot.phase is Phase.READY:
+                if not slot.draining:
+                    actions += [self._grant(t, now) for t in self.queue.pop(model)]
+                continue
+            if blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED):
+                continue  # behind a waiting group, or its start or stop is under way
+            decision = plan_admission(model, slot.need, self.devices, self.residents(), now,
+                                      self.limits.min_residency)
+            if isinstance(decision, Refuse):
+                error = ModelTooLarge(decision.reason)
+                actions += [Reject(t.id, model, error) for t in self.queue.pop(model)]
+            elif isinstance(decision, Admit):
+                actions += self._admit(slot, decision)
+            else:
+                for name in decision.blockers:  # new requests for these queue up behind this group
+                    self.slots[name].draining = True
+                actions += self._note(model, decision.reason)
+                blocked = True  # strict order: no later group may take the room this one waits for
+        return actions
+
+    def _admit(self, slot: ModelSlot, decision: Admit) -> list[Action]:
+        actions: list[Action] = []
+        for name in decision.evict:
+            victim = self.slots[name]
+            victim.phase = Phase.STOPPING
+            actions.append(Stop(name, f"evicted: {decision.reason}"))
+        slot.phase, slot.device, slot.error = Phase.STARTING, decision.device, None
+        slot.awaiting = set(decision.evict)
+        self._last_note.pop(slot.name, None)
+        return actions + self._send_start_if_clear(slot, decision.reason)
+
+    def _send_start_if_clear(self, slot: ModelSlot, reason: str = "") -> list[Action]:
+        if slot.phase is not Phase.STARTING or slot.awaiting or slot.start_sent:
+            return []
+        slot.start_sent = True
+        return [Start(slot.name, slot.device or "", reason or f"'{slot.name}' starts on {slot.device}: room was freed")]
+
+    def _grant(self, ticket: Ticket, now: float) -> Grant:
+        slot = self.slots[ticket.model]
+        slot.in_flight += 1
+        slot.last_used = now
+        return Grant(ticket.id, ticket.model)
+
+    def _note(self, model: str, message: str) -> list[Action]:
+        if self._last_note.get(model) == message:
+            return []
+        self._last_note[model] = message
+        return [Note(model, message)]
+

@@ -1,0 +1,263 @@
+"""The scheduler driven synchronously: tables for the rules, hypothesis for the invariants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from supervisor.errors import ModelStartFailed, ModelTooLarge, QueueFull, QueueTimeout
+from supervisor.placement import Device
+from supervisor.scheduler import Grant, Limits, ModelSlot, Note, Phase, Reject, Scheduler, Start, Stop
+
+MIB = 1024**2
+
+
+def scheduler(budgets=(100,), models=None, **limits) -> Scheduler:
+    models = models or {"a": 40, "b": 40, "c": 40}
+    devices = [Device(f"gpu{i}", b * MIB, index=i) for i, b in enumerate(budgets)]
+    slots = [ModelSlot(name, need * MIB) for name, need in models.items()]
+    return Scheduler(devices, slots, Limits(**{"min_residency": 0, **limits}))
+
+
+def kinds(actions) -> list[str]:
+    return [f"{type(a).__name__}:{getattr(a, 'model', '')}" for a in actions if not isinstance(a, Note)]
+
+
+def load(s: Scheduler, model: str, now: float) -> int:
+    """Submit, start, report ready; returns the granted ticket."""
+    ticket, actions = s.submit(model, now)
+    assert kinds(actions) == [f"Start:{model}"]
+    assert kinds(s.started(model, now)) == [f"Grant:{model}"]
+    return ticket
+
+
+def test_a_model_that_fits_is_started_then_granted():
+    s = scheduler()
+    ticket, actions = s.submit("a", 0)
+    [start] = actions
+    assert isinstance(start, Start) and start.device == "gpu0" and "fits on gpu0" in start.reason
+    assert s.started("a", 1) == [Grant(ticket, "a")]
+    assert s.slots["a"].phase is Phase.READY and s.slots["a"].in_flight == 1
+
+
+def test_concurrent_requests_share_one_start():
+    s = scheduler()
+    actions = [a for _ in range(5) for a in s.submit("a", 0)[1]]
+    assert kinds(actions) == ["Start:a"]
+    assert kinds(s.started("a", 1)) == ["Grant:a"] * 5
+
+
+def test_the_least_recently_used_idle_model_is_evicted_and_the_start_waits_for_its_stop():
+    s = scheduler()
+    load(s, "a", 0)
+    s.finished("a", 1)
+    load(s, "b", 2)
+    s.finished("b", 3)
+    _, actions = s.submit("c", 4)
+    assert kinds(actions) == ["Stop:a"]  # a was used at 1, b at 3
+    assert "evicted" in actions[0].reason and "a (40.0 MiB, idle 3s)" in actions[0].reason
+    assert kinds(s.stopped("a", 5)) == ["Start:c"]
+
+
+def test_ttl_expired_models_go_before_least_recently_used_ones():
+    s = scheduler(models={"a": 40, "b": 40, "c": 40})
+    s.slots["b"].ttl = 2.0
+    load(s, "a", 0), s.finished("a", 1)
+    load(s, "b", 2), s.finished("b", 3)
+    _, actions = s.submit("c", 10)
+    assert kinds(actions) == ["Stop:b"]
+
+
+def test_a_busy_model_is_never_evicted_even_when_least_recently_used():
+    s = scheduler()
+    load(s, "a", 0)  # a stays in flight, and was used first
+    load(s, "b", 1)
+    s.finished("b", 2)
+    _, actions = s.submit("c", 3)
+    assert kinds(actions) == ["Stop:b"]
+
+
+def test_grouping_serves_a_a_b_b():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40})
+    t1, _ = s.submit("a", 0)
+    t2, _ = s.submit("b", 0)
+    t3, _ = s.submit("a", 0)
+    t4, _ = s.submit("b", 0)
+    assert kinds(s.started("a", 1)) == ["Grant:a", "Grant:a"]
+    s.finished("a", 2)
+    assert kinds(s.finished("a", 2)) == ["Stop:a"]
+    assert kinds(s.stopped("a", 3)) == ["Start:b"]
+    assert [a.ticket for a in s.started("b", 4)] == [t2, t4]
+    assert t1 < t2 < t3 < t4
+
+
+def test_requests_for_a_ready_model_wait_while_a_queued_model_needs_it_evicted():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40})
+    load(s, "a", 0)
+    s.submit("b", 1)  # waits: a is busy, and now draining
+    assert s.slots["a"].draining
+    _, actions = s.submit("a", 2)
+    assert kinds(actions) == []  # queued behind b, not granted
+    assert kinds(s.finished("a", 3)) == ["Stop:a"]
+    assert kinds(s.stopped("a", 4)) == ["Start:b"]
+
+
+def test_a_model_bigger_than_any_budget_is_refused_with_numbers():
+    s = scheduler(budgets=(100, 60), models={"huge": 150})
+    _, [reject] = s.submit("huge", 0)
+    assert isinstance(reject, Reject) and isinstance(reject.error, ModelTooLarge)
+    assert "needs 150.0 MiB but the largest device budget is 100.0 MiB (gpu0)" in reject.error.message
+
+
+def test_pinned_models_are_never_evicted_and_can_make_a_model_unplaceable():
+    s = scheduler(models={"p": 70, "x": 40})
+    s.slots["p"].pinned = True
+    load(s, "p", 0), s.finished("p", 1)
+    _, [reject] = s.submit("x", 5)
+    assert isinstance(reject.error, ModelTooLarge) and "pinned models leave at most 30.0 MiB" in reject.error.message
+
+
+def test_multi_gpu_places_on_the_best_single_device():
+    s = scheduler(budgets=(100, 50), models={"a": 45, "b": 45})
+    _, [start_a] = s.submit("a", 0)
+    assert start_a.device == "gpu1"  # best fit: the smallest device it fits on
+    s.started("a", 0)
+    _, [start_b] = s.submit("b", 1)
+    assert start_b.device == "gpu0"
+
+
+def test_min_residency_makes_a_swap_wait():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40}, min_residency=30)
+    load(s, "a", 0), s.finished("a", 1)
+    _, actions = s.submit("b", 5)
+    assert kinds(actions) == [] and "min_residency 30s" in actions[0].message
+    assert kinds(s.tick(31)) == ["Stop:a"]
+
+
+def test_queue_bound_and_wait_bound_reject_with_retry_after():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40}, max_queue=2, queue_timeout=60)
+    load(s, "a", 0)
+    s.submit("b", 1)
+    s.submit("b", 2)
+    _, [full] = s.submit("b", 3)
+    assert isinstance(full.error, QueueFull) and full.error.retry_after > 0
+    timed_out = s.tick(61.5)
+    assert [type(a.error) for a in timed_out if isinstance(a, Reject)] == [QueueTimeout]
+    assert s.waiting() == 1
+
+
+def test_idle_unload_after_ttl_never_for_pinned():
+    s = scheduler(models={"a": 10, "p": 10})
+    s.slots["a"].ttl = s.slots["p"].ttl = 5.0
+    s.slots["p"].pinned = True
+    load(s, "a", 0), s.finished("a", 0)
+    load(s, "p", 0), s.finished("p", 0)
+    assert kinds(s.tick(4)) == []
+    assert kinds(s.tick(5)) == ["Stop:a"]
+
+
+def test_a_failed_start_rejects_its_waiters_and_frees_the_device():
+    s = scheduler()
+    t1, _ = s.submit("a", 0)
+    error = ModelStartFailed("a", "server exited during startup", 1, "boom")
+    assert s.started("a", 1, error) == [Reject(t1, "a", error)]
+    assert s.slots["a"].phase is Phase.FAILED and s.residents() == []
+
+
+# -- properties ------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """A fake effects layer: remembers what the scheduler asked for, checks the invariants."""
+
+    s: Scheduler
+    now: float = 0.0
+    granted: list[str] = field(default_factory=list)  # models of requests in flight
+    pending_starts: set[str] = field(default_factory=set)
+    pending_stops: set[str] = field(default_factory=set)
+    outcome: dict[int, str] = field(default_factory=dict)
+    starts_seen: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, Start):
+                assert a.model not in self.pending_starts, f"second start of {a.model} while one is under way"
+                self.pending_starts.add(a.model)
+            elif isinstance(a, Stop):
+                slot = self.s.slots[a.model]
+                assert not slot.pinned or "idle" not in a.reason, "pinned model unloaded"
+                assert a.model not in self.granted, f"evicted {a.model} with requests in flight"
+                assert a.model not in self.pending_starts, f"evicted {a.model} while loading"
+                self.pending_stops.add(a.model)
+            elif isinstance(a, Grant):
+                assert self.s.slots[a.model].phase is Phase.READY
+                assert a.ticket not in self.outcome
+                self.outcome[a.ticket] = "granted"
+                self.granted.append(a.model)
+            elif isinstance(a, Reject):
+                assert a.ticket not in self.outcome
+                self.outcome[a.ticket] = type(a.error).__name__
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        for device in self.s.devices:
+            occupying = [slot for slot in self.s.slots.values() if slot.device == device.id and (
+                slot.phase in (Phase.READY, Phase.STOPPING) or slot.name in self.pending_starts)]
+            assert sum(slot.need for slot in occupying) <= device.budget, f"{device.id} overfilled: {occupying}"
+
+
+catalogs = st.dictionaries(st.sampled_from("abcdef"), st.integers(5, 120), min_size=1, max_size=6)
+events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick"]),
+                            st.integers(0, 100)), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(catalog=catalogs, budgets=st.lists(st.integers(40, 200), min_size=1, max_size=3),
+       pinned=st.sets(st.sampled_from("abcdef"), max_size=2), sequence=events,
+       min_residency=st.sampled_from([0.0, 5.0]))
+def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequence, min_residency):
+    s = scheduler(budgets=tuple(budgets), models=catalog, min_residency=min_residency, max_queue=20,
+                  queue_timeout=50)
+    for name in pinned & set(catalog):
+        s.slots[name].pinned = True
+    world = World(s)
+    names = sorted(catalog)
+    submitted = []
+    for kind, pick in sequence:
+        world.now += 1
+        if kind == "submit":
+            ticket, actions = s.submit(names[pick % len(names)], world.now)
+            submitted.append(ticket)
+            world.apply(actions)
+        elif kind == "finish" and world.granted:
+            world.apply(s.finished(world.granted.pop(pick % len(world.granted)), world.now))
+        elif kind in ("start_ok", "start_fail") and world.pending_starts:
+            model = sorted(world.pending_starts)[pick % len(world.pending_starts)]
+            world.pending_starts.discard(model)
+            error = None if kind == "start_ok" else ModelStartFailed(model, "exited")
+            world.apply(s.started(model, world.now, error))
+        elif kind == "stop" and world.pending_stops:
+            model = sorted(world.pending_stops)[pick % len(world.pending_stops)]
+            world.pending_stops.discard(model)
+            world.apply(s.stopped(model, world.now))
+        elif kind == "tick":
+            world.now += pick
+            world.apply(s.tick(world.now))
+
+    # Drain: finish everything; every request ends granted or rejected, none is forgotten.
+    for _ in range(200):
+        if world.granted:
+            world.apply(s.finished(world.granted.pop(), world.now))
+        elif world.pending_starts:
+            world.apply(s.started(world.pending_starts.pop(), world.now))
+        elif world.pending_stops:
+            world.apply(s.stopped(world.pending_stops.pop(), world.now))
+        elif s.waiting():
+            world.now += 10
+            world.apply(s.tick(world.now))
+        else:
+            break
+    assert set(world.outcome) == set(submitted)
