@@ -19,6 +19,7 @@ from .profiles import load_profiles
 from .schema import Seconds, Strict, describe, read_model
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
 
 class ModelEntry(Strict):
@@ -28,6 +29,8 @@ class ModelEntry(Strict):
     gguf: Path
     context_size: int | None = Field(default=None, ge=128)
     gpu_layers: int | None = Field(default=None, ge=-1)
+    cache_type_k: CacheType = "f16"
+    cache_type_v: CacheType = "f16"
     extra_args: list[str] = []
     preload: bool = False
     pinned: bool = False
@@ -88,6 +91,9 @@ class DaemonSettings(Strict):
     default_ttl: Seconds = Field(default=1800.0, ge=0)
     startup_timeout: Seconds = Field(default=120.0, gt=0)
     stop_grace: Seconds = Field(default=10.0, ge=0)
+    min_residency: Seconds = Field(default=10.0, ge=0)
+    max_queue: int = Field(default=256, ge=1)
+    queue_timeout: Seconds = Field(default=600.0, gt=0)
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     docker_url: str | None = None
 

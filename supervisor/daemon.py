@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from . import __version__
@@ -26,12 +27,15 @@ from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .fleet import Fleet
-from .hardware import detect_host
+from .hardware import detect_host, read_gpus_nvml
+from .learned import LearnedSizes
+from .sizing import Sizing, size_model
 from .profiles import Profile, closest_profile, load_profiles
 from .proxy import create_proxy_app
 
 DEMO_STATE_DIR = Path("/tmp/localllm-demo")
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
+TICK_SECONDS = 1.0  # how often idle unloads, wait bounds and GPU readings are checked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +127,23 @@ def hold_lock(path: Path):
         yield
 
 
+def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None) -> dict[str, Sizing]:
+    """Every model's memory need, logged once with where it comes from."""
+    sizings = {}
+    for entry in config.models:
+        sizing = size_model(entry, profile, learned)
+        log = logger.bind(model=entry.name)
+        if sizing.estimate is None:
+            log.warning("cannot estimate its memory ({}); admitting with the file size", sizing.problem)
+        else:
+            parts = sizing.estimate.as_dict()
+            log.info("needs {:.1f} MiB: weights {:.1f}, KV {:.1f}, compute {:.1f}, overhead {:.1f}{}",
+                     sizing.need / 2**20, *(parts[k] / 2**20 for k in ("weights", "kv_cache", "compute", "overhead")),
+                     f"; learned {sizing.learned / 2**20:.1f}" if sizing.learned else "")
+        sizings[entry.name] = sizing
+    return sizings
+
+
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
@@ -142,7 +163,16 @@ class Daemon:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
-        fleet = Fleet(self.config, profile, runtime, session)
+        readings = await asyncio.to_thread(read_gpus_nvml) if profile.has_gpus else None
+        learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if readings is not None else None
+        if learned and learned.problem:
+            logger.warning("{}", learned.problem)
+        sizings = await asyncio.to_thread(size_catalog, self.config, profile, learned)
+        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings)
+        for device in fleet.scheduler.devices:
+            logger.info("device {}: budget {} MiB", device.id, device.budget // 2**20)
+        ticker = AsyncIOScheduler()
+        ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
         runners: list[web.AppRunner] = []
         try:
             await fleet.remove_leftovers()
@@ -155,12 +185,15 @@ class Daemon:
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session)))
             runners.append(await self._serve_control(create_control_app(fleet, facts)))
             self._install_signal_handlers()
+            ticker.start()
             preload = asyncio.create_task(fleet.preload(), name="preload")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
             await self.stopping.wait()
             logger.info("shutting down: stopping in-flight work, then the containers")
             preload.cancel()
         finally:
+            if ticker.running:
+                ticker.shutdown(wait=False)
             for runner in runners:
                 await runner.cleanup()
             await fleet.shutdown()

@@ -1,10 +1,12 @@
-"""The fleet: the single owner of live model state.
+"""The fleet: the single owner of live model state, and the hands of the scheduler.
 
-Every change to a model's state happens in a method of ``Fleet``, on the
-event loop, with no ``await`` between deciding and recording the decision.
-Slow work (starting a container, waiting for readiness, stopping) runs in a
-task per model; concurrent callers wanting the same model join that task
-(single flight) instead of starting another.
+``Scheduler`` (pure) decides; ``Fleet`` feeds it events and carries out its
+actions: starting and stopping containers, granting or rejecting waiting
+requests. Everything runs on the event loop; every scheduler call and the
+application of its actions happen with no ``await`` in between, so no lock
+is needed. Slow work (a container start and its readiness gate, a stop and
+the wait for memory to come back) runs as a task whose outcome returns to
+the scheduler as an event.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import aiohttp
 from loguru import logger
@@ -23,78 +24,80 @@ from .backends import backend_for
 from .config import Config, ModelEntry
 from .containers import LABEL_OWNER, ContainerSpec
 from .docker_runtime import DockerRuntime
-from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, describe_exit
+from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, UpstreamFailed, describe_exit
+from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import wait_until_ready
-from .placement import free_ports
+from .learned import LearnedSizes
+from .placement import Device, devices_for, free_ports
 from .profiles import Profile
+from .scheduler import Action, Grant, Limits, ModelSlot, Note, Phase, Reject, Scheduler, Start, Stop
+from .sizing import Sizing
 
-
-class ModelState(StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
+MEMORY_POLL = 0.25
+MEMORY_WAIT = 10.0
 
 
 @dataclass
 class Instance:
-    """One catalog model and what is running for it right now."""
+    """One catalog model and the container serving it, if any."""
 
     entry: ModelEntry
-    state: ModelState = ModelState.STOPPED
+    sizing: Sizing
     spec: ContainerSpec | None = None
     container_id: str | None = None
     ready_at: float | None = None  # wall clock
     last_used: float | None = None  # wall clock
-    in_flight: int = 0
-    error: str | None = None
     load_seconds: float | None = None
-    loading: asyncio.Task | None = field(default=None, repr=False)
+    error: str | None = None
+    measured: int | None = None
 
     @property
     def name(self) -> str:
         return self.entry.name
 
     @property
-    def port(self) -> int | None:
-        return self.spec.port if self.spec else None
-
-    @property
     def base_url(self) -> str:
         assert self.spec is not None, "base_url of a model without a container"
         return backend_for(self.entry.backend).base_url(self.spec.port)
 
-    def snapshot(self) -> dict:
-        return {
-            "name": self.name,
-            "aliases": list(self.entry.aliases),
-            "backend": self.entry.backend,
-            "state": str(self.state),
-            "container": self.container_id[:12] if self.container_id else None,
-            "port": self.port,
-            "preload": self.entry.preload,
-            "pinned": self.entry.pinned,
-            "in_flight": self.in_flight,
-            "last_used": self.last_used,
-            "ready_at": self.ready_at,
-            "load_seconds": self.load_seconds,
-            "error": self.error,
-        }
+
+@dataclass
+class Reservation:
+    """A request's claim on a model: ``granted`` resolves once the model is ready for it."""
+
+    instance: Instance
+    ticket: int
+    granted: asyncio.Future
+    released: bool = field(default=False)
 
 
 class Fleet:
-    def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession):
+    def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession,
+                 sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
+                 gpu_readings: list | None = None):
         self.config = config
         self.profile = profile
         self.runtime = runtime
         self.session = session
         self.settings = config.daemon
-        self.instances: dict[str, Instance] = {entry.name: Instance(entry) for entry in config.models}
-        self._by_name = {name: self.instances[entry.name] for entry in config.models for name in entry.names}
+        self.learned = learned
+        self.measures_gpu = gpu_readings is not None
+        self.instances = {e.name: Instance(e, sizings[e.name]) for e in config.models}
+        self._by_name = {name: self.instances[e.name] for e in config.models for name in e.names}
+        self.scheduler = Scheduler(
+            devices_for(profile, gpu_readings),
+            [ModelSlot(e.name, sizings[e.name].need, e.pinned, self._ttl(e)) for e in config.models],
+            Limits(self.settings.max_queue, self.settings.queue_timeout, self.settings.min_residency),
+        )
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._closing = False
 
-    # -- lookups ----------------------------------------------------------
+    def _ttl(self, entry: ModelEntry) -> float | None:
+        ttl = self.settings.default_ttl if entry.ttl is None else entry.ttl
+        return ttl or None  # 0 means: never unload when idle
+
+    # -- lookups -------------------------------------------------------------
 
     def resolve(self, name: str) -> Instance:
         instance = self._by_name.get(name)
@@ -102,126 +105,246 @@ class Fleet:
             raise UnknownModel(name, list(self.instances))
         return instance
 
+    def phase(self, instance: Instance) -> Phase:
+        return self.scheduler.slots[instance.name].phase
+
     def snapshot(self) -> list[dict]:
-        return [instance.snapshot() for instance in self.instances.values()]
+        return [self._describe(i) for i in self.instances.values()]
 
-    # -- requests ---------------------------------------------------------
+    def _describe(self, instance: Instance) -> dict:
+        slot = self.scheduler.slots[instance.name]
+        sizing = instance.sizing
+        return {
+            "name": instance.name,
+            "aliases": list(instance.entry.aliases),
+            "backend": instance.entry.backend,
+            "state": str(slot.phase),
+            "device": slot.device,
+            "container": instance.container_id[:12] if instance.container_id else None,
+            "port": instance.spec.port if instance.spec else None,
+            "preload": instance.entry.preload,
+            "pinned": instance.entry.pinned,
+            "ttl": slot.ttl,
+            "in_flight": slot.in_flight,
+            "waiting": len(self.scheduler.queue.get(instance.name, [])),
+            "last_used": instance.last_used,
+            "ready_at": instance.ready_at,
+            "load_seconds": instance.load_seconds,
+            "memory": {
+                "need": sizing.need,
+                "estimate": sizing.estimate.as_dict() if sizing.estimate else None,
+                "estimate_problem": sizing.problem,
+                "learned": sizing.learned,
+                "measured": instance.measured,
+            },
+            "error": instance.error,
+        }
 
-    async def ensure_ready(self, name: str) -> Instance:
-        """The model's instance once it can serve; starts it if needed, joining a start under way."""
+    # -- requests --------------------------------------------------------------
+
+    def reserve(self, name: str) -> Reservation:
+        """Claim ``name`` for one request; await ``granted``, then always ``release``."""
         instance = self.resolve(name)
         if self._closing:
             raise ShuttingDown("localllmd is shutting down")
-        if instance.state is ModelState.READY:
-            return instance
-        if instance.loading is None or instance.loading.done():
-            instance.loading = asyncio.create_task(self._start(instance), name=f"start:{instance.name}")
-            instance.loading.add_done_callback(_retrieve_outcome)
-        await asyncio.shield(instance.loading)
-        return instance
+        ticket, actions = self.scheduler.submit(instance.name, time.monotonic())
+        granted = asyncio.get_running_loop().create_future()
+        self._waiters[ticket] = granted
+        self._apply(actions)
+        return Reservation(instance, ticket, granted)
 
-    @contextlib.contextmanager
-    def serving(self, instance: Instance):
-        """Count a request in flight for ``instance`` while the block runs."""
-        instance.in_flight += 1
-        instance.last_used = time.time()
+    def release(self, reservation: Reservation) -> None:
+        if reservation.released:
+            return
+        reservation.released = True
+        granted = reservation.granted
+        if granted.done() and not granted.cancelled() and granted.exception() is None:
+            reservation.instance.last_used = time.time()
+            self._apply(self.scheduler.finished(reservation.instance.name, time.monotonic()))
+            return
+        self._waiters.pop(reservation.ticket, None)
+        if not granted.done():
+            granted.cancel()
+            self._apply(self.scheduler.withdraw(reservation.ticket, time.monotonic()))
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str):
+        """The model's instance, ready and counted in flight for the duration of the block."""
+        reservation = self.reserve(name)
         try:
-            yield instance
+            await reservation.granted
+            yield reservation.instance
         finally:
-            instance.in_flight -= 1
-            instance.last_used = time.time()
+            self.release(reservation)
 
     async def note_upstream_failure(self, instance: Instance) -> None:
-        """A request could not reach the model's server: if its container died, record why."""
-        if instance.state is not ModelState.READY or instance.container_id is None:
-            return
+        """A request could not reach the model's server: if its container died, record why and free it."""
         container_id = instance.container_id
+        if self.phase(instance) is not Phase.READY or container_id is None:
+            return
         info = await self.runtime.inspect(container_id)
         if info is not None and info.running:
             return
-        if instance.container_id != container_id or instance.state is not ModelState.READY:
+        if instance.container_id != container_id or self.phase(instance) is not Phase.READY:
             return  # someone else already acted on it
+        self.scheduler.crashed(instance.name, time.monotonic())
         logs = await self.runtime.logs_tail(container_id) if info else ""
-        instance.error = describe_exit("server exited while serving", info.exit_code if info else None, logs)
-        logger.bind(model=instance.name).error("{}", instance.error)
-        self._set(instance, ModelState.FAILED)
+        error = UpstreamFailed(describe_exit("server exited while serving", info.exit_code if info else None, logs))
+        instance.error = error.message
+        logger.bind(model=instance.name).error("{}", error.message)
         await self._discard_container(instance)
+        self._apply(self.scheduler.stopped(instance.name, time.monotonic(), error))
 
-    # -- lifecycle --------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Periodic: refresh measured GPU memory, expire waits, unload idle models."""
+        if self.measures_gpu:
+            readings = await asyncio.to_thread(read_gpus_nvml)
+            self.scheduler.devices = devices_for(self.profile, readings)
+        self._apply(self.scheduler.tick(time.monotonic()))
+
+    async def preload(self) -> None:
+        """Start every ``preload`` model; a failure is logged and leaves the others running."""
+        reservations = [self.reserve(e.name) for e in self.config.models if e.preload]
+        for reservation in reservations:
+            log = logger.bind(model=reservation.instance.name)
+            try:
+                await reservation.granted
+            except LocalllmError as exc:
+                log.error("preload failed: {}", exc.message)
+            finally:
+                self.release(reservation)
 
     async def remove_leftovers(self) -> int:
-        """Remove containers a previous run of this instance left behind; returns how many."""
-        leftovers = await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
+        """Remove our containers that no model owns (a previous run's, or a cancelled start's)."""
+        owned = {i.container_id for i in self.instances.values()}
+        leftovers = [c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
+                     if c.id not in owned]
         for info in leftovers:
             logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
             await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
         return len(leftovers)
 
-    async def preload(self) -> None:
-        """Start every ``preload`` model; a failure is logged and leaves the others running."""
-        names = [entry.name for entry in self.config.models if entry.preload]
-        results = await asyncio.gather(*(self.ensure_ready(name) for name in names), return_exceptions=True)
-        for name, result in zip(names, results):
-            if isinstance(result, LocalllmError):
-                logger.bind(model=name).error("preload of {} failed: {}", name, result.message)
-            elif isinstance(result, BaseException):
-                logger.bind(model=name).opt(exception=result).error("preload of {} crashed", name)
-
-    async def unload(self, name: str) -> None:
-        instance = self.resolve(name)
-        if instance.loading is not None and not instance.loading.done():
-            instance.loading.cancel()
-            with contextlib.suppress(BaseException):
-                await instance.loading
-        await self._stop(instance)
-
     async def shutdown(self) -> None:
-        """Refuse new work, cancel starts under way, stop and remove every container we run."""
+        """Refuse new work, fail the waiting, cancel starts and stops, remove every container we run."""
         self._closing = True
-        starting = [i.loading for i in self.instances.values() if i.loading and not i.loading.done()]
-        for task in starting:
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(ShuttingDown("localllmd is shutting down"))
+                future.exception()  # retrieved: nobody may be waiting any more
+        self._waiters.clear()
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*starting, return_exceptions=True)
-        await asyncio.gather(*(self._stop(i) for i in self.instances.values()), return_exceptions=True)
-        await self.remove_leftovers()  # anything a cancelled start created behind our back
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._discard_container(i) for i in self.instances.values()), return_exceptions=True)
+        await self.remove_leftovers()
 
-    # -- the slow work, one task per model ----------------------------------
+    # -- carrying out the scheduler's actions --------------------------------------
 
-    async def _start(self, instance: Instance) -> None:
-        log = logger.bind(model=instance.name)
-        instance.error = None
-        self._set(instance, ModelState.STARTING)
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Grant):
+                future = self._waiters.pop(action.ticket, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            elif isinstance(action, Reject):
+                future = self._waiters.pop(action.ticket, None)
+                if future is not None and not future.done():
+                    future.set_exception(action.error)
+            elif isinstance(action, Start):
+                logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
+                self._spawn(self._start(action.model), f"start:{action.model}")
+            elif isinstance(action, Stop):
+                logger.bind(model=action.model).info("stop: {}", action.reason)
+                self._spawn(self._stop(action.model), f"stop:{action.model}")
+            elif isinstance(action, Note):
+                logger.bind(model=action.model).info("{}", action.message)
+
+    def _spawn(self, coroutine, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start(self, name: str) -> None:
+        instance = self.instances[name]
+        log = logger.bind(model=name)
+        device = self._device_of(name)
         started = time.monotonic()
+        instance.error = None
         try:
             if not instance.entry.gguf.is_file():
-                raise ModelStartFailed(instance.name, f"model file {instance.entry.gguf} does not exist")
+                raise ModelStartFailed(name, f"model file {instance.entry.gguf} does not exist")
             backend = backend_for(instance.entry.backend)
-            spec = backend.container_spec(instance.entry, self.profile, self.settings, self._allocate_port(instance))
-            instance.spec = spec
-            info = await self._create_container(instance, spec)
-            log.info("started container {} on port {}", info.name, spec.port)
-            await wait_until_ready(
-                self.runtime,
-                self.session,
-                model=instance.name,
-                container_id=info.id,
-                url=backend.base_url(spec.port) + backend.readiness_path,
-                deadline=instance.entry.startup_timeout or self.settings.startup_timeout,
-            )
+            port = self._allocate_port(instance)
+            instance.spec = backend.container_spec(instance.entry, self.profile, self.settings, port,
+                                                   gpu_index=device.index if device else None)
+            info = await self._create_container(instance, instance.spec)
+            log.info("container {} started on port {}", info.name, port)
+            await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,
+                                   url=backend.base_url(port) + backend.readiness_path,
+                                   deadline=instance.entry.startup_timeout or self.settings.startup_timeout)
         except asyncio.CancelledError:
             await self._discard_container(instance)
-            self._set(instance, ModelState.STOPPED)
             raise
         except LocalllmError as exc:
             await self._discard_container(instance)
             instance.error = exc.message
-            self._set(instance, ModelState.FAILED)
             log.error("start failed: {}", exc.message)
-            raise
+            self._apply(self.scheduler.started(name, time.monotonic(), exc))
+            return
         instance.load_seconds = time.monotonic() - started
         instance.ready_at = time.time()
-        self._set(instance, ModelState.READY)
         log.info("ready in {:.2f}s", instance.load_seconds)
+        self._apply(self.scheduler.started(name, time.monotonic()))
+        if self.measures_gpu:
+            self._spawn(self._learn(instance), f"learn:{name}")
+
+    async def _stop(self, name: str) -> None:
+        instance = self.instances[name]
+        device = self._device_of(name)
+        error: LocalllmError | None = None
+        try:
+            await self._discard_container(instance)
+            if device is not None and device.index is not None and self.measures_gpu:
+                await self._wait_memory_back(device, instance.measured or instance.sizing.need)
+        except LocalllmError as exc:
+            error = exc
+            instance.error = f"stop failed: {exc.message}"
+            logger.bind(model=name).error("{}", instance.error)
+        self._apply(self.scheduler.stopped(name, time.monotonic(), error))
+
+    async def _wait_memory_back(self, device: Device, amount: int) -> None:
+        """After a stop on a GPU: poll NVML until most of the model's memory is free again (or give up)."""
+        before = device.measured_free or 0
+        deadline = time.monotonic() + MEMORY_WAIT
+        while time.monotonic() < deadline:
+            readings = await asyncio.to_thread(read_gpus_nvml) or []
+            free = next((r.free_bytes for r in readings if r.index == device.index), None)
+            if free is None or free - before >= 0.75 * amount:
+                return
+            await asyncio.sleep(MEMORY_POLL)
+        logger.warning("memory on {} did not come back within {:g}s", device.id, MEMORY_WAIT)
+
+    async def _learn(self, instance: Instance) -> None:
+        """Measure what the ready model uses on its GPU and remember it for future admissions."""
+        if instance.container_id is None or self.learned is None or instance.sizing.learned_key is None:
+            return
+        pid = await self.runtime.main_pid(instance.container_id)
+        processes = await asyncio.to_thread(read_gpu_processes)
+        if not pid or not processes:
+            return
+        instance.measured = memory_of(processes, {pid})
+        if instance.measured:
+            best = self.learned.record(instance.sizing.learned_key, instance.measured, instance.name)
+            slot = self.scheduler.slots[instance.name]
+            slot.need = max(slot.need, best)
+            logger.bind(model=instance.name).info("measured {} MiB on the GPU (estimate {} MiB)",
+                                                  instance.measured // 2**20, instance.sizing.need // 2**20)
+
+    def _device_of(self, name: str) -> Device | None:
+        device_id = self.scheduler.slots[name].device
+        return next((d for d in self.scheduler.devices if d.id == device_id), None)
 
     async def _create_container(self, instance: Instance, spec: ContainerSpec):
         """Create and start; a cancellation waits for the engine's answer so the container is never lost."""
@@ -235,15 +358,6 @@ class Fleet:
         instance.container_id = info.id
         return info
 
-    async def _stop(self, instance: Instance) -> None:
-        if instance.container_id is None:
-            if instance.state is not ModelState.FAILED:
-                self._set(instance, ModelState.STOPPED)
-            return
-        self._set(instance, ModelState.STOPPING)
-        await self._discard_container(instance)
-        self._set(instance, ModelState.STOPPED)
-
     async def _discard_container(self, instance: Instance) -> None:
         container_id, instance.container_id = instance.container_id, None
         instance.spec = None
@@ -252,23 +366,12 @@ class Fleet:
             logger.bind(model=instance.name).info("container {} stopped and removed", container_id[:12])
 
     def _allocate_port(self, instance: Instance) -> int:
-        taken = {i.port for i in self.instances.values() if i.port is not None}
+        taken = {i.spec.port for i in self.instances.values() if i.spec is not None}
         for port in free_ports(self.settings.port_range, taken):
             if _port_is_free(port):
                 return port
         low, high = self.settings.port_range
         raise ModelStartFailed(instance.name, f"no free port left in port_range {low}-{high}")
-
-    def _set(self, instance: Instance, state: ModelState) -> None:
-        if instance.state is not state:
-            logger.bind(model=instance.name).debug("{} -> {}", instance.state, state)
-            instance.state = state
-
-
-def _retrieve_outcome(task: asyncio.Task) -> None:
-    """A start whose waiters all went away still has its error read (and logged in ``_start``)."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _port_is_free(port: int) -> bool:

@@ -7,6 +7,7 @@ falls back cleanly when no GPU, driver or tool is present.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -48,26 +49,37 @@ def parse_nvidia_smi(text: str) -> list[GpuReading]:
     return readings
 
 
-def read_gpus_nvml() -> list[GpuReading] | None:
-    """GPU memory through NVML, or None when NVML is not usable here."""
+@contextlib.contextmanager
+def _nvml():
+    """The initialized ``pynvml`` module, or None when NVML is not usable here."""
     try:
         import pynvml
     except ImportError:
-        return None
+        yield None
+        return
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        return None
+        yield None
+        return
     try:
-        readings = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            readings.append(GpuReading(index, str(name), memory.total, memory.used, memory.free))
-        return readings
+        yield pynvml
     finally:
         pynvml.nvmlShutdown()
+
+
+def read_gpus_nvml() -> list[GpuReading] | None:
+    """GPU memory through NVML, or None when NVML is not usable here."""
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
+        readings = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            readings.append(GpuReading(index, str(nvml.nvmlDeviceGetName(handle)), memory.total, memory.used,
+                                       memory.free))
+        return readings
 
 
 def read_gpus_nvidia_smi() -> list[GpuReading] | None:
@@ -93,3 +105,21 @@ def detect_host() -> HostFacts:
         readings, source = read_gpus_nvidia_smi(), "nvidia-smi"
     cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
     return facts_from(readings, source, psutil.virtual_memory().total, cores)
+
+
+def memory_of(processes: list[tuple[int, int]], pids: set[int]) -> int:
+    """Pure: bytes used by ``pids`` among NVML's (pid, used bytes) compute processes."""
+    return sum(used for pid, used in processes if pid in pids)
+
+
+def read_gpu_processes() -> list[tuple[int, int]] | None:
+    """(pid, used bytes) of every compute process on every GPU, or None without NVML."""
+    with _nvml() as nvml:
+        if nvml is None:
+            return None
+        found = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                found.append((int(process.pid), int(process.usedGpuMemory or 0)))
+        return found

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hardware import GpuReading
+    from .profiles import Profile
 
 MIB = 1024**2
 
@@ -57,6 +62,24 @@ class Refuse:
 
 
 Decision = Admit | Wait | Refuse
+
+
+def devices_for(profile: Profile, readings: list[GpuReading] | None) -> list[Device]:
+    """Budgets per device: measured GPU totals when readable, else the profile's; minus the reserve.
+
+    With no GPU in the profile, models run from host memory: one ``cpu`` device
+    with the profile's RAM minus its RAM reserve.
+    """
+    gib = 1024**3
+    if not profile.has_gpus:
+        budget = int((profile.hardware.ram_gib - profile.defaults.ram_reserve_gib) * gib)
+        return [Device("cpu", max(0, budget))]
+    reserve = int(profile.defaults.vram_reserve_gib * gib)
+    if readings:
+        return [Device(f"gpu{r.index}", max(0, r.total_bytes - reserve), max(0, r.free_bytes - reserve), r.index)
+                for r in readings]
+    return [Device(f"gpu{i}", max(0, int(g.vram_gib * gib) - reserve), None, i)
+            for i, g in enumerate(profile.hardware.gpus)]
 
 
 def free_ports(port_range: tuple[int, int], taken: Set[int]) -> Iterable[int]:

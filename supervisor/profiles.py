@@ -41,6 +41,7 @@ class ProfileDefaults(Strict):
     context_size: int = Field(default=4096, ge=128)
     gpu_layers: int = Field(default=0, ge=-1)
     vram_reserve_gib: float = Field(default=0.0, ge=0)
+    ram_reserve_gib: float = Field(default=0.0, ge=0)  # host memory kept free when models run on the CPU
     parallel: int = Field(default=1, ge=1)
 
 

@@ -7,6 +7,8 @@ running is started first. Control operations are never reachable from here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -14,13 +16,14 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 
-from .errors import BadRequest, UpstreamFailed
-from .fleet import Fleet, Instance
+from .errors import BadRequest, LocalllmError, UpstreamFailed
+from .fleet import Fleet, Instance, Reservation
 from .web_errors import error_middleware, read_json_object
 
 FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FORWARDED_HEADERS = ("Content-Type", "Accept")
 MAX_BODY = 64 * 1024 * 1024  # images travel base64-encoded inside chat requests
+KEEPALIVE_SECONDS = 5.0
 
 
 def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Application:
@@ -59,29 +62,65 @@ class Proxy:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("field 'model' is required and must be a string naming a catalog model")
-        instance = await self.fleet.ensure_ready(model)
-        with self.fleet.serving(instance):
-            return await self._relay(request, instance, body)
+        reservation = self.fleet.reserve(model)
+        try:
+            if payload.get("stream") is True and not reservation.granted.done():
+                return await self._stream_after_load(request, reservation, body)
+            await reservation.granted
+            return await self._relay(request, reservation.instance, body)
+        finally:
+            self.fleet.release(reservation)
 
     async def _relay(self, request: web.Request, instance: Instance, body: bytes) -> web.StreamResponse:
-        headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
-        url = instance.base_url + request.path
         try:
-            async with self.session.post(url, data=body, headers=headers) as upstream:
+            async with self._post_upstream(request, instance, body) as upstream:
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if upstream.content_length is not None and "event-stream" not in content_type:
                     data = await upstream.read()
                     return web.Response(status=upstream.status, body=data, headers={"Content-Type": content_type})
-                return await self._stream(request, instance, upstream, content_type)
+                response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
+                await response.prepare(request)
+                return await self._copy_stream(upstream, response, instance)
         except aiohttp.ClientError as exc:
             await self.fleet.note_upstream_failure(instance)
             raise UpstreamFailed(f"model '{instance.name}' did not answer: {exc}") from None
 
-    async def _stream(self, request: web.Request, instance: Instance, upstream: aiohttp.ClientResponse,
-                      content_type: str) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, headers={
-            "Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def _stream_after_load(self, request: web.Request, reservation: Reservation,
+                                 body: bytes) -> web.StreamResponse:
+        """Headers now, SSE comments while the model loads, then the model's stream.
+
+        Clients (LibreChat's among them) give up when headers take minutes; comments keep them waiting.
+        """
+        instance = reservation.instance
+        response = web.StreamResponse(status=200, headers=_sse_headers("text/event-stream"))
         await response.prepare(request)
+        try:
+            await response.write(f": localllm: loading model {instance.name}\n\n".encode())
+            while not (await asyncio.wait({reservation.granted}, timeout=KEEPALIVE_SECONDS))[0]:
+                await response.write(f": localllm: still loading {instance.name}\n\n".encode())
+            reservation.granted.result()
+            async with self._post_upstream(request, instance, body) as upstream:
+                if upstream.status != 200:
+                    detail = (await upstream.read()).decode(errors="replace")[:2000]
+                    raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
+                return await self._copy_stream(upstream, response, instance)
+        except ConnectionResetError:
+            logger.bind(model=instance.name).info("client went away while its model loaded")
+            return response
+        except aiohttp.ClientError as exc:
+            await self.fleet.note_upstream_failure(instance)
+            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' did not answer: {exc}"))
+        except LocalllmError as exc:
+            await _write_error_event(response, exc)
+        return response
+
+    def _post_upstream(self, request: web.Request, instance: Instance, body: bytes):
+        headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
+        return self.session.post(instance.base_url + request.path, data=body, headers=headers)
+
+    async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
+                           instance: Instance) -> web.StreamResponse:
+        """Pass the stream through chunk by chunk; close the upstream request if the client leaves."""
         try:
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
@@ -92,11 +131,18 @@ class Proxy:
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             await self.fleet.note_upstream_failure(instance)
-            error = UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}")
-            await response.write(b"data: " + _json_bytes(error.to_json()) + b"\n\n")
+            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}"))
+            return response
         await response.write_eof()
         return response
 
 
-def _json_bytes(value: dict) -> bytes:
-    return json.dumps(value).encode()
+def _sse_headers(content_type: str) -> dict[str, str]:
+    return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _write_error_event(response: web.StreamResponse, error: LocalllmError) -> None:
+    """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end."""
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(b"data: " + json.dumps(error.to_json()).encode() + b"\n\n")
+        await response.write_eof()

@@ -170,6 +170,18 @@ class Scheduler:
                 actions += self._send_start_if_clear(other)
         return actions + self._pump(now)
 
+    def withdraw(self, ticket: int, now: float) -> list[Action]:
+        """A waiting request went away (its client disconnected) before it was granted."""
+        for model, tickets in list(self.queue.items()):
+            remaining = [t for t in tickets if t.id != ticket]
+            if len(remaining) != len(tickets):
+                if remaining:
+                    self.queue[model] = remaining
+                else:
+                    del self.queue[model]
+                return self._pump(now)
+        return []
+
     def crashed(self, model: str, now: float) -> list[Action]:
         """A ready model's server died; the fleet removes the container and then reports ``stopped``."""
         slot = self.slots[model]

@@ -17,7 +17,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except LocalllmError as exc:
-        return web.json_response(exc.to_json(), status=exc.http_status)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import DaemonSettings, ModelEntry
 from ..containers import BindMount, ContainerSpec, container_name
+from ..estimate import LaunchSettings
 from ..profiles import Profile
 
 NAME = "llamacpp"
@@ -22,33 +23,48 @@ def base_url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int) -> ContainerSpec:
-    """Pure: the container that serves ``model`` on ``port`` under ``profile``."""
+def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
+    """Pure: how the server will run ``model``; the container spec and the estimator both use it."""
     defaults = profile.defaults
-    in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
-    context = model.context_size or defaults.context_size
     gpu_layers = defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers
+    return LaunchSettings(
+        context=model.context_size or defaults.context_size,
+        parallel=defaults.parallel,
+        cache_type_k=model.cache_type_k,
+        cache_type_v=model.cache_type_v,
+        gpu_layers=gpu_layers,
+        on_gpu=profile.has_gpus and gpu_layers != 0,
+    )
+
+
+def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int,
+                   gpu_index: int | None = None) -> ContainerSpec:
+    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to one GPU if given."""
+    launch = launch_settings(model, profile)
+    in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
     command = [
         "--model", in_container,
         "--alias", model.name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--ctx-size", str(context),
-        "--parallel", str(defaults.parallel),
+        "--ctx-size", str(launch.context),
+        "--parallel", str(launch.parallel),
     ]
+    if launch.cache_type_k != "f16" or launch.cache_type_v != "f16":
+        command += ["--cache-type-k", launch.cache_type_k, "--cache-type-v", launch.cache_type_v]
     if profile.has_gpus:
-        command += ["--n-gpu-layers", str(gpu_layers)]
+        command += ["--n-gpu-layers", str(launch.gpu_layers)]
     command += model.extra_args
     return ContainerSpec(
         name=container_name(settings.instance, model.name),
-        image=defaults.images.llamacpp,
+        image=profile.defaults.images.llamacpp,
         command=tuple(command),
         port=port,
         model=model.name,
         backend=NAME,
         owner=settings.instance,
         mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),),
-        gpu_device_ids=() if profile.has_gpus else None,
+        gpu_device_ids=None if not profile.has_gpus else (() if gpu_index is None else (str(gpu_index),)),
         extra_labels=tuple(sorted(settings.labels.items())),
     )
 

@@ -63,7 +63,7 @@ def test_concurrent_requests_share_one_start(start_daemon, engine):
         responses = list(pool.map(lambda _: daemon.chat("tiny"), range(8)))
     assert [r.status_code for r in responses] == [200] * 8
     assert len(our_containers(engine, daemon.instance)) == 1
-    assert daemon.log().count("started container") == 1
+    assert daemon.log().count("container localllm-") == 1 and daemon.log().count(" started on port ") == 1
 
 
 def test_unknown_model_gets_404_with_an_openai_error_object(start_daemon):
