@@ -78,6 +78,10 @@ def models_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models")
     write_tiny_model(directory / "tiny.gguf", seed=1, name="tiny")
     write_tiny_model(directory / "tiny2.gguf", seed=2, name="tiny2")
+    write_tiny_model(directory / "tiny3.gguf", seed=3, name="tiny3")
+    # Slow enough to observe streaming: a few ms per token on a CPU.
+    write_tiny_model(directory / "slow.gguf", embedding=384, blocks=6, heads=6, kv_heads=2, name="slow")
+    write_tiny_model(directory / "slow2.gguf", embedding=384, blocks=6, heads=6, kv_heads=2, seed=5, name="slow2")
     (directory / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 60 + b"not a model")
     return directory
 
@@ -130,7 +134,8 @@ def start_daemon(engine, models_dir, tmp_path):
     """Factory: write a config for the given models and start localllmd on it; waits for the control API."""
     started: list[DaemonProcess] = []
 
-    def start(models: list[dict], wait_ready: bool = True, **daemon_settings) -> DaemonProcess:
+    def start(models: list[dict], wait_ready: bool = True, top: dict | None = None,
+              **daemon_settings) -> DaemonProcess:
         instance = f"t{RUN_ID}-{len(started)}"
         proxy_port = free_tcp_port()
         base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
@@ -149,6 +154,7 @@ def start_daemon(engine, models_dir, tmp_path):
                 **daemon_settings,
             },
             "models": [{"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])} for m in models],
+            **(top or {}),
         }
         config_path = tmp_path / f"{instance}.yaml"
         config_path.write_text(yaml.safe_dump(config))

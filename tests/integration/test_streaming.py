@@ -10,23 +10,15 @@ import time
 import pytest
 import requests
 
-from supervisor.tinygguf import write_tiny_model
-
 from .conftest import poll_for
 
 LONG_GENERATION = {"max_tokens": 400, "ignore_eos": True, "stream": True,
                    "messages": [{"role": "user", "content": "count"}]}
 
 
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("slow") / "slow.gguf"
-    return write_tiny_model(path, embedding=384, blocks=6, heads=6, kv_heads=2, name="slow")
-
-
 @pytest.fixture
-def daemon(start_daemon, slow_model):
-    return start_daemon([{"name": "slow", "gguf": str(slow_model), "context_size": 1024, "preload": True}])
+def daemon(start_daemon):
+    return start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 1024, "preload": True}])
 
 
 def test_chunks_arrive_while_the_model_is_still_generating(daemon):
@@ -53,7 +45,8 @@ def test_client_disconnect_stops_generation_upstream(daemon):
 
     response = requests.post(f"{daemon.proxy_url}/chat/completions",
                              json={"model": "slow", **LONG_GENERATION, "max_tokens": 5000}, stream=True, timeout=120)
-    next(response.iter_lines())
+    lines = response.iter_lines()  # keep the generator: dropping it closes the connection
+    next(lines)
     assert slot_busy()
     response.close()
     poll_for(lambda: not slot_busy(), timeout=5, what="llama-server to stop generating")
