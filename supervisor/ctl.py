@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -18,7 +19,8 @@ import aiohttp
 
 from . import __version__
 from .config import load_config
-from .errors import EXIT_BAD_INPUT, EXIT_OK, ControlUnreachable, LocalllmError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, BadRequest, ControlUnreachable, LocalllmError
+from .estimate import CACHE_TYPE_BYTES
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
 
@@ -47,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(run=cmd_status)
 
+    estimate = commands.add_parser("estimate", help="the memory a model needs, part by part")
+    estimate.add_argument("model", help="a catalog model (name or alias, with --config) or a GGUF file")
+    estimate.add_argument("--profile", help="profile to size for (default: the config's; cpu-only for a bare file)")
+    estimate.add_argument("--context", type=int, help="context size (default: the catalog's or the profile's)")
+    estimate.add_argument("--parallel", type=int, help="parallel slots (default: the profile's)")
+    estimate.add_argument("--gpu-layers", type=int, help="layers to offload (-1: all)")
+    estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
+    estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    estimate.set_defaults(run=cmd_estimate)
+
     config = commands.add_parser("config", help="config file commands").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
     validate.add_argument("file", type=Path)
@@ -74,6 +86,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = asyncio.run(control_get(socket_path(args), "/status"))
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return EXIT_OK
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .hardware import select_profile
+    from .sizing import size_model
+
+    entry, profile_name, profiles_dir = estimate_target(args)
+    profile, _ = select_profile(args.profile or profile_name, profiles_dir)
+    if args.parallel:
+        profile = profile.model_copy(update={"defaults": profile.defaults.model_copy(update={"parallel": args.parallel})})
+    changes = {"context_size": args.context, "gpu_layers": args.gpu_layers,
+               "cache_type_k": args.cache_type, "cache_type_v": args.cache_type}
+    entry = entry.model_copy(update={k: v for k, v in changes.items() if v is not None})
+    sizing = size_model(entry, profile)
+    if sizing.estimate is None:
+        raise BadRequest(f"cannot estimate {entry.gguf}: {sizing.problem}")
+    if args.json:
+        print(json.dumps({"model": entry.name, "file": str(entry.gguf), "profile": profile.name,
+                          "launch": dataclasses.asdict(sizing.launch), **sizing.estimate.as_dict()}, indent=2))
+    else:
+        print(render_estimate(entry.name, str(entry.gguf), profile.name, sizing))
+    return EXIT_OK
+
+
+def estimate_target(args: argparse.Namespace):
+    """The catalog entry (or a bare file's stand-in entry), its profile name and profiles directory."""
+    from .config import ModelEntry
+
+    if args.config:
+        config = load_config(args.config, check_files=False)
+        entry = config.model_named(args.model)
+        if entry is not None:
+            return entry, config.profile, config.profiles_dir
+    path = Path(args.model)
+    if path.is_file():
+        return ModelEntry(name=path.stem, gguf=path.resolve()), "cpu-only", None
+    where = f"the catalog of {args.config}" if args.config else "the catalog (give --config FILE)"
+    raise BadRequest(f"'{args.model}' is neither a model in {where} nor a GGUF file")
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -146,17 +196,38 @@ def render_status(status: dict) -> str:
     head = (f"localllmd {daemon['version']}  instance {daemon['instance']}  profile {daemon['profile']}  "
             f"up {format_age(daemon['uptime_seconds'])}  docker {daemon['docker_version']}\n"
             f"proxy {', '.join(daemon['proxy'])}\n")
-    rows = [["MODEL", "STATE", "PORT", "CONTAINER", "IN-FLIGHT", "LAST USED", "FLAGS"]]
+    rows = [["MODEL", "STATE", "DEVICE", "MEMORY", "PORT", "CONTAINER", "IN-FLIGHT", "WAITING", "LAST USED", "FLAGS"]]
     now = time.time()
     for model in status["models"]:
         flags = ",".join(f for f in ("preload", "pinned") if model[f])
         last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
-        rows.append([model["name"], model["state"], str(model["port"] or "-"), model["container"] or "-",
-                     str(model["in_flight"]), last, flags or "-"])
+        memory = model.get("memory") or {}
+        rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
+                     str(model["port"] or "-"), model["container"] or "-", str(model["in_flight"]),
+                     str(model.get("waiting", 0)), last, flags or "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
     return head + "\n" + table + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
+
+
+def render_estimate(name: str, path: str, profile: str, sizing) -> str:
+    launch, parts = sizing.launch, sizing.estimate
+    where = (f"{parts.offloaded_layers}/{parts.total_layers} layers on the GPU" if launch.on_gpu
+             else "all layers in host memory")
+    head = (f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s), "
+            f"KV cache {launch.cache_type_k}/{launch.cache_type_v}, {where}\n")
+    rows = [("weights", parts.weights), ("KV cache", parts.kv_cache), ("compute", parts.compute),
+            ("overhead", parts.overhead), ("total", parts.total)]
+    return head + "\n".join(f"  {label:<9} {value / 2**20:>10.1f} MiB" for label, value in rows)
+
+
+def format_mib(value: int | None) -> str:
+    """Bytes, short: ``1.5M``, ``118M``, ``5.4G``."""
+    if value is None:
+        return "-"
+    mib = value / 2**20
+    return f"{mib:.1f}M" if mib < 10 else f"{mib:.0f}M" if mib < 1024 else f"{mib / 1024:.1f}G"
 
 
 def format_age(seconds: float) -> str:

@@ -27,10 +27,10 @@ from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .fleet import Fleet
-from .hardware import detect_host, read_gpus_nvml
+from .hardware import read_gpus_nvml, select_profile
 from .learned import LearnedSizes
 from .sizing import Sizing, size_model
-from .profiles import Profile, closest_profile, load_profiles
+from .profiles import Profile
 from .proxy import create_proxy_app
 
 DEMO_STATE_DIR = Path("/tmp/localllm-demo")
@@ -98,13 +98,6 @@ def demo_config(state_dir: Path) -> Config:
     })
 
 
-def select_profile(config: Config) -> tuple[Profile, str]:
-    profiles = load_profiles(config.profiles_dir)
-    if config.profile == "auto":
-        return closest_profile(detect_host(), profiles)
-    return profiles[config.profile], f"named in the config: '{config.profile}'"
-
-
 @contextlib.contextmanager
 def hold_lock(path: Path):
     """One daemon per state directory: a second one is refused instead of fighting over containers."""
@@ -155,7 +148,7 @@ class Daemon:
             await self._run()
 
     async def _run(self) -> None:
-        profile, reason = select_profile(self.config)
+        profile, reason = select_profile(self.config.profile, self.config.profiles_dir)
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
         runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await runtime.connect()

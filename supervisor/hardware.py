@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .profiles import GIB, HostFacts
+from .profiles import GIB, HostFacts, Profile, closest_profile, load_profiles
 
 MIB = 1024**2
 NVIDIA_SMI_QUERY = [
@@ -123,3 +123,11 @@ def read_gpu_processes() -> list[tuple[int, int]] | None:
             for process in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 found.append((int(process.pid), int(process.usedGpuMemory or 0)))
         return found
+
+
+def select_profile(name: str, profiles_dir=None) -> tuple[Profile, str]:
+    """The profile a config names, or for ``auto`` the one closest to this host; with the reason."""
+    profiles = load_profiles(profiles_dir)
+    if name == "auto":
+        return closest_profile(detect_host(), profiles)
+    return profiles[name], f"named in the config: '{name}'"

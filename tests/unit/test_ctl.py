@@ -88,13 +88,15 @@ DAEMON = {"version": "0.1.0", "pid": 4242, "instance": "localllmd", "profile": "
 def model(name, **changes):
     row = {"name": name, "aliases": [], "backend": "llamacpp", "state": "stopped", "container": None, "port": None,
            "preload": False, "pinned": False, "in_flight": 0, "last_used": None, "ready_at": None,
-           "load_seconds": None, "error": None}
+           "load_seconds": None, "error": None, "device": None, "waiting": 0,
+           "memory": {"need": 1536 * 1024, "estimate": None, "learned": None, "measured": None}}
     return {**row, **changes}
 
 
 def test_render_status_table_and_errors():
     status = {"daemon": DAEMON, "models": [
-        model("qwen2.5-7b", state="ready", port=28100, container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True),
+        model("qwen2.5-7b", state="ready", port=28100, container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True,
+              device="gpu0", waiting=3, memory={"need": 5_500 * 2**20}),
         model("tiny"),
         model("broken", state="failed", error="model 'broken' failed to start: exited (exit code 1)"),
     ]}
@@ -102,10 +104,10 @@ def test_render_status_table_and_errors():
         "localllmd 0.1.0  instance localllmd  profile cpu-only  up 2h03m  docker 27.3.1\n"
         "proxy http://127.0.0.1:8081/v1, http://[::1]:8081/v1\n"
         "\n"
-        "MODEL       STATE    PORT   CONTAINER     IN-FLIGHT  LAST USED  FLAGS\n"
-        "qwen2.5-7b  ready    28100  3f2a9c1b7d4e  2          -          preload,pinned\n"
-        "tiny        stopped  -      -             0          -          -\n"
-        "broken      failed   -      -             0          -          -\n"
+        "MODEL       STATE    DEVICE  MEMORY  PORT   CONTAINER     IN-FLIGHT  WAITING  LAST USED  FLAGS\n"
+        "qwen2.5-7b  ready    gpu0    5.4G    28100  3f2a9c1b7d4e  2          3        -          preload,pinned\n"
+        "tiny        stopped  -       1.5M    -      -             0          0        -          -\n"
+        "broken      failed   -       1.5M    -      -             0          0        -          -\n"
         "\n"
         "errors:\n"
         "  broken: model 'broken' failed to start: exited (exit code 1)"
@@ -115,12 +117,12 @@ def test_render_status_table_and_errors():
 def test_render_status_without_errors_has_no_errors_section():
     text = render_status({"daemon": DAEMON, "models": [model("tiny", pinned=True)]})
     assert "errors:" not in text
-    assert text.splitlines()[-1] == "tiny   stopped  -     -          0          -          pinned"
+    assert text.splitlines()[-1] == "tiny   stopped  -       1.5M    -     -          0          0        -          pinned"
 
 
 def test_render_status_with_no_models_shows_only_the_header_row():
     text = render_status({"daemon": DAEMON, "models": []})
-    assert text.splitlines()[3:] == ["MODEL  STATE  PORT  CONTAINER  IN-FLIGHT  LAST USED  FLAGS"]
+    assert text.splitlines()[3:] == ["MODEL  STATE  DEVICE  MEMORY  PORT  CONTAINER  IN-FLIGHT  WAITING  LAST USED  FLAGS"]
 
 
 def test_render_status_last_used_is_an_age():
