@@ -54,6 +54,7 @@ class DockerRuntime:
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
+        self._images_seen: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -122,8 +123,12 @@ class DockerRuntime:
         return await self._run(f"look up image {tag}", exists)
 
     async def require_image(self, tag: str) -> None:
+        """Fail clearly when ``tag`` is missing; an image seen once is not looked up again."""
+        if tag in self._images_seen:
+            return
         if not await self.image_exists(tag):
             raise ImageNotFound(f"image '{tag}' not found in the Docker engine: {how_to_get(tag)}")
+        self._images_seen.add(tag)
 
     async def build_image(self, context: Path, tag: str) -> None:
         await self._run(f"build image {tag}", self.client.images.build, path=str(context), tag=tag, rm=True)
@@ -163,8 +168,7 @@ class DockerRuntime:
         except docker.errors.APIError:
             container.remove(force=True)
             raise
-        container.reload()
-        return _info(container)
+        return _info(container)  # as created: the gate watches what happens next
 
     def _remove_stale(self, spec: ContainerSpec) -> None:
         stale = self.client.containers.get(spec.name)

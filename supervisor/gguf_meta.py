@@ -49,7 +49,7 @@ def read_gguf_facts(path: Path) -> GgufFacts:
 
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, IndexError, KeyError) as exc:  # what gguf raises on truncated or foreign files
         raise BadRequest(f"cannot read GGUF file {path}: {exc}") from None
     fields = {name: field.contents() for name, field in reader.fields.items()}
     arch = fields.get("general.architecture", "llama")

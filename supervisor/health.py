@@ -16,8 +16,9 @@ from .docker_runtime import DockerRuntime
 from .errors import ModelStartFailed
 
 LOG_TAIL_LINES = 30
-FIRST_POLL = 0.05
-MAX_POLL = 0.5
+FIRST_POLL = 0.005  # small models are ready ~0.1 s after start: poll fast at first...
+MAX_POLL = 0.5  # ...and back off for the big ones that take minutes
+EXIT_CHECK_EVERY = 0.1  # asking the engine whether the container exited costs more than a health probe
 
 
 async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> int | None:
@@ -42,22 +43,31 @@ async def wait_until_ready(
     """Return the seconds it took to become ready; raise ModelStartFailed otherwise."""
     started = time.monotonic()
     poll = FIRST_POLL
-    last_answer: int | None = None
+    last_exit_check = float("-inf")
     while True:
         remaining = deadline - (time.monotonic() - started)
-        last_answer = await probe(session, url, timeout=max(0.05, min(2.0, remaining)))
-        if last_answer == 200:
+        answer = await probe(session, url, timeout=max(0.05, min(2.0, remaining)))
+        if answer == 200:
             return time.monotonic() - started
-        info = await runtime.inspect(container_id)
-        if info is None or info.exited:
+        now = time.monotonic()
+        out_of_time = now - started >= deadline
+        if out_of_time or now - last_exit_check >= EXIT_CHECK_EVERY:
+            last_exit_check = now
+            await _raise_if_exited(runtime, model, container_id)
+        if out_of_time:
             logs = await runtime.logs_tail(container_id, LOG_TAIL_LINES)
-            reason = "container was removed during startup" if info is None else "server exited during startup"
-            if info is not None and info.oom_killed:
-                reason = "server was killed for lack of memory (OOM) during startup"
-            raise ModelStartFailed(model, reason, info.exit_code if info else None, logs)
-        if time.monotonic() - started >= deadline:
-            logs = await runtime.logs_tail(container_id, LOG_TAIL_LINES)
-            answer = f"HTTP {last_answer}" if last_answer else "no answer"
-            raise ModelStartFailed(model, f"not ready within {deadline:g}s (last health check: {answer})", None, logs)
-        await asyncio.sleep(min(poll, max(0.0, deadline - (time.monotonic() - started))))
-        poll = min(MAX_POLL, poll * 1.5)
+            seen = f"HTTP {answer}" if answer else "no answer"
+            raise ModelStartFailed(model, f"not ready within {deadline:g}s (last health check: {seen})", None, logs)
+        await asyncio.sleep(min(poll, max(0.0, deadline - (now - started))))
+        poll = min(MAX_POLL, poll * 1.2)
+
+
+async def _raise_if_exited(runtime: DockerRuntime, model: str, container_id: str) -> None:
+    info = await runtime.inspect(container_id)
+    if info is not None and not info.exited:
+        return
+    logs = await runtime.logs_tail(container_id, LOG_TAIL_LINES)
+    reason = "container was removed during startup" if info is None else "server exited during startup"
+    if info is not None and info.oom_killed:
+        reason = "server was killed for lack of memory (OOM) during startup"
+    raise ModelStartFailed(model, reason, info.exit_code if info else None, logs)

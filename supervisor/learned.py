@@ -45,13 +45,14 @@ class LearnedSizes:
     def _load(self) -> dict[str, dict]:
         try:
             data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or not all(isinstance(v, dict) and "bytes" in v for v in data.values()):
+            if not isinstance(data, dict) or not all(
+                    isinstance(v, dict) and type(v.get("bytes")) is int for v in data.values()):
                 raise ValueError("unexpected structure")
             return data
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.time_ns()}")
             self.path.replace(aside)
             self.problem = f"learned sizes file {self.path} was unreadable ({exc}); moved it to {aside}"
             return {}

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor.backends.llamacpp import reported_buffers
 from supervisor.estimate import GPU_RUNTIME_OVERHEAD, MIB, Estimate, LaunchSettings, estimate
 from supervisor.gguf_meta import GgufFacts
 
@@ -174,3 +175,27 @@ def test_estimate_never_shrinks_as_more_layers_go_to_the_gpu(facts, context, par
     assert few.total <= more.total
     every = estimate(facts, LaunchSettings(context=context, parallel=parallel, gpu_layers=-1, on_gpu=True))
     assert more.total <= every.total
+
+
+# What the estimator's parts are checked against: llama-server's own buffer sizes (recorded, ``-lv 4``).
+RECORDED_LOG = """\
+0.00.020.576 I load_tensors:   CPU_Mapped model buffer size =    73.25 MiB
+0.00.020.856 I llama_context:        CPU  output buffer size =     0.00 MiB
+0.00.020.891 I llama_kv_cache:        CPU KV buffer size =     8.00 MiB
+0.00.027.336 I sched_reserve:        CPU compute buffer size =    10.01 MiB
+"""
+
+
+@pytest.mark.parametrize("log, expected", [
+    (RECORDED_LOG, {"model": 73.25, "kv": 8.0, "compute": 10.01}),
+    ("load_tensors:        CUDA0 model buffer size =   100.00 MiB\n"
+     "load_tensors:   CPU_Mapped model buffer size =    10.00 MiB\n", {"model": 110.0}),
+    ("llama_kv_cache:      CUDA0 KV buffer size =    64.00 MiB\n"
+     "llama_kv_cache:      CUDA1 KV buffer size =    32.50 MiB\n"
+     "llama_context:      CUDA0 compute buffer size =   300.75 MiB\n"
+     "llama_context:  CUDA_Host compute buffer size =    12.00 MiB\n", {"kv": 96.5, "compute": 312.75}),
+    ("", {}),
+    ("llama_context:        CPU  output buffer size =     0.49 MiB\n", {}),
+])
+def test_reported_buffers(log, expected):
+    assert reported_buffers(log) == expected

@@ -67,3 +67,19 @@ def test_no_readings_mean_no_gpu_source(readings):
     assert facts == HostFacts(gpu_vram_gib=(), ram_gib=8.0, cpu_cores=2, gpu_source="none")
     assert closest_profile(facts, load_profiles())[0].name == "cpu-only"
 
+
+
+@pytest.mark.parametrize("processes, pids, expected", [
+    ([], {1}, 0),
+    ([(1, 100 * MIB)], set(), 0),
+    ([(1, 100 * MIB)], {1}, 100 * MIB),
+    ([(1, 100), (2, 200), (3, 400)], {1, 3}, 500),      # only the matching pids
+    ([(1, 100), (2, 200), (3, 400)], {9}, 0),            # none of ours on the GPU
+    ([(1, 100), (2, 200), (1, 50)], {1}, 150),           # one process on two GPUs: both count
+    ([(7, 0), (8, 300)], {7, 8, 9}, 300),                # NVML may report 0 used
+    ([(10, 5 * GIB), (11, 3 * GIB), (12, GIB)], {10, 12}, 6 * GIB),
+])
+def test_memory_of_sums_the_matching_pids(processes, pids, expected):
+    from supervisor.hardware import memory_of
+
+    assert memory_of(processes, pids) == expected
