@@ -196,7 +196,8 @@ class Daemon:
         logger.info("localllmd stopped cleanly")
 
     async def _serve_proxy(self, app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE,
+                               handler_cancellation=True)  # a client that leaves cancels its request
         await runner.setup()
         for listen in self.settings.proxy_listen:
             try:

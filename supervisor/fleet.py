@@ -165,7 +165,8 @@ class Fleet:
         self._waiters.pop(reservation.ticket, None)
         if not granted.done():
             granted.cancel()
-            self._apply(self.scheduler.withdraw(reservation.ticket, time.monotonic()))
+        # Still queued if it was neither granted nor rejected (a cancelled wait cancels the future too).
+        self._apply(self.scheduler.withdraw(reservation.ticket, time.monotonic()))
 
     @contextlib.asynccontextmanager
     async def use(self, name: str):

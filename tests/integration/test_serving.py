@@ -159,3 +159,13 @@ def test_a_server_killed_while_ready_is_reported_then_started_again(start_daemon
     assert daemon.chat("tiny").status_code == 200
     [replacement] = our_containers(engine, daemon.instance)
     assert replacement.id != container.id
+
+
+def test_a_request_body_of_33_mib_is_accepted(start_daemon):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf"}])
+    image = "data:image/png;base64," + "A" * (33 * 1024 * 1024)
+    body = {"model": "nope", "messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                         "image_url": {"url": image}}]}]}
+    response = requests.post(f"{daemon.proxy_url}/chat/completions", json=body, timeout=60)
+    assert response.status_code == 404  # read and routed, not refused as too large (413)
+    assert response.json()["error"]["code"] == "model_not_found"

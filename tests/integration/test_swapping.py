@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
+import socket
 import threading
 import time
 
@@ -165,3 +167,24 @@ def test_idle_models_unload_after_their_ttl_but_pinned_ones_stay(start_daemon, e
     assert "idle for" in daemon.log() and "(ttl 1s)" in daemon.log()
     time.sleep(1.5)
     assert running_models(engine, daemon.instance) == {"tiny2"}
+
+
+def test_a_client_that_leaves_while_queued_gives_up_its_place(start_daemon, budget_profile):
+    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
+                           {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
+                          top=budget_profile(1, "slow.gguf", 4096), min_residency=0)
+    long_stream = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
+                   "messages": [{"role": "user", "content": "count"}]}
+    with requests.post(f"{daemon.proxy_url}/chat/completions", json=long_stream, stream=True, timeout=60) as busy:
+        busy_lines = busy.iter_lines()
+        next(busy_lines)
+        with socket.create_connection(("127.0.0.1", int(daemon.proxy_url.split(":")[2].split("/")[0]))) as client:
+            body = json.dumps({"model": "slow2", "messages": [{"role": "user", "content": "hi"}]}).encode()
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            poll_for(lambda: daemon.model("slow2")["waiting"] == 1, timeout=5, what="the request to queue")
+        poll_for(lambda: daemon.model("slow2")["waiting"] == 0, timeout=5, what="the queued request to leave")
+    poll_for(lambda: daemon.model("slow")["in_flight"] == 0, timeout=10, what="the busy stream to end")
+    time.sleep(0.5)
+    assert daemon.model("slow2")["state"] == "stopped"  # nobody wants it any more: not started
+    assert daemon.model("slow")["state"] == "ready"
