@@ -225,7 +225,8 @@ class DockerRuntime:
     async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
         """Every container (running or not) carrying all of ``labels``."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        found = await self._run("list containers", self.client.containers.list, all=True, filters=filters)
+        found = await self._run("list containers", self.client.containers.list, all=True, filters=filters,
+                                ignore_removed=True)
         return [_info(c) for c in found]
 
 

@@ -8,6 +8,7 @@ scripts/dev.sh test`` sets them up); if not, the tests fail and say how.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -67,8 +68,10 @@ def engine() -> docker.DockerClient:
     except docker.errors.ImageNotFound:
         pytest.fail(f"image {cpu_image_tag()} missing; run `localllmctl image build` or `bash scripts/dev.sh test`")
     yield client
-    for container in client.containers.list(all=True, filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"}):
-        container.remove(force=True)
+    for container in client.containers.list(all=True, filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"},
+                                            ignore_removed=True):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
     client.close()
 
 
@@ -181,9 +184,10 @@ def start_daemon(engine, models_dir, tmp_path):
                 daemon.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 daemon.process.kill()
-        for container in engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={daemon.instance}"}):
-            container.remove(force=True)
+        for container in our_containers(engine, daemon.instance):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
 
 
 def our_containers(engine: docker.DockerClient, instance: str) -> list:
-    return engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={instance}"})
+    return engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={instance}"}, ignore_removed=True)

@@ -261,3 +261,25 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
         else:
             break
     assert set(world.outcome) == set(submitted)
+
+
+def test_unload_stops_only_a_ready_idle_model():
+    s = scheduler()
+    load(s, "a", 0)
+    assert s.unload("a", 1, "operator") == []  # in flight
+    s.finished("a", 2)
+    assert s.unload("a", 3, "operator") == [Stop("a", "operator")]
+    assert s.unload("b", 3, "operator") == []  # not loaded
+
+
+def test_a_crash_frees_the_device_once_stopped_and_the_next_request_starts_it_again():
+    s = scheduler()
+    load(s, "a", 0)
+    s.finished("a", 1)
+    s.crashed("a", 2)
+    assert s.slots["a"].phase is Phase.STOPPING and len(s.residents()) == 1
+    error = ModelStartFailed("a", "server exited while serving", 137)
+    s.stopped("a", 3, error)
+    assert s.slots["a"].phase is Phase.FAILED and s.residents() == []
+    _, actions = s.submit("a", 4)
+    assert kinds(actions) == ["Start:a"]
