@@ -18,6 +18,7 @@ LABEL_MODEL = "io.localllm.model"
 LABEL_CONFIG_HASH = "io.localllm.config-hash"
 LABEL_PORT = "io.localllm.port"
 LABEL_BACKEND = "io.localllm.backend"
+LABEL_DEVICE = "io.localllm.device"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ContainerSpec:
     mounts: tuple[BindMount, ...] = ()
     environment: tuple[tuple[str, str], ...] = ()
     gpu_device_ids: tuple[str, ...] | None = None  # None: no GPU; (): all GPUs
+    device: str = "cpu"  # the budget device it is placed on: cpu, gpu0, gpu1...
     extra_labels: tuple[tuple[str, str], ...] = field(default=())
 
     def config_hash(self) -> str:
@@ -59,6 +61,7 @@ class ContainerSpec:
             LABEL_MODEL: self.model,
             LABEL_BACKEND: self.backend,
             LABEL_PORT: str(self.port),
+            LABEL_DEVICE: self.device,
             LABEL_CONFIG_HASH: self.config_hash(),
         }
 

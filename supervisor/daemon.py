@@ -168,7 +168,7 @@ class Daemon:
         ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
         runners: list[web.AppRunner] = []
         try:
-            await fleet.remove_leftovers()
+            recreate = await fleet.adopt_existing()
             facts = DaemonFacts(
                 instance=self.settings.instance, profile=profile.name, profile_reason=reason,
                 docker_version=docker_version,
@@ -179,7 +179,9 @@ class Daemon:
             runners.append(await self._serve_control(create_control_app(fleet, facts)))
             self._install_signal_handlers()
             ticker.start()
-            preload = asyncio.create_task(fleet.preload(), name="preload")
+            wanted = [e.name for e in self.config.models if e.preload]
+            wanted += [name for name in recreate if name not in wanted]
+            preload = asyncio.create_task(fleet.start_models(wanted), name="preload")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
             await self.stopping.wait()
             logger.info("shutting down: stopping in-flight work, then the containers")

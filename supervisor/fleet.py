@@ -22,11 +22,11 @@ from loguru import logger
 
 from .backends import backend_for
 from .config import Config, ModelEntry
-from .containers import LABEL_OWNER, ContainerSpec
+from .containers import LABEL_CONFIG_HASH, LABEL_DEVICE, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, ContainerSpec
 from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, UpstreamFailed, describe_exit
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
-from .health import wait_until_ready
+from .health import probe, wait_until_ready
 from .learned import LearnedSizes
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
@@ -205,15 +205,61 @@ class Fleet:
             self.scheduler.devices = devices_for(self.profile, readings)
         self._apply(self.scheduler.tick(time.monotonic()))
 
-    async def preload(self) -> None:
-        """Start every ``preload`` model; a failure is logged and leaves the others running."""
-        reservations = [self.reserve(e.name) for e in self.config.models if e.preload]
+    async def adopt_existing(self) -> list[str]:
+        """Reconcile our containers found at start-up; returns the models to start again.
+
+        Adopted: running, healthy, same config hash, fits the budget (same container, not restarted).
+        Removed: not in the catalog, not running, a duplicate, unhealthy, or over budget.
+        Recreated: those whose config changed (the caller starts them again).
+        Containers without our owner label are never looked at.
+        """
+        found = await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
+        recreate: list[str] = []
+        for info in sorted(found, key=lambda c: (not c.running, c.labels.get(LABEL_MODEL, ""))):
+            name = info.labels.get(LABEL_MODEL, "")
+            reason = await self._try_adopt(info)
+            if reason is None:
+                continue
+            if reason.startswith("its config changed") and name in self.instances:
+                recreate.append(name)
+            logger.bind(model=name or "?").warning("removing container {}: {}", info.name, reason)
+            await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
+        return recreate
+
+    async def _try_adopt(self, info) -> str | None:
+        """Adopt ``info`` and return None, or say why not."""
+        instance = self.instances.get(info.labels.get(LABEL_MODEL, ""))
+        if instance is None:
+            return "its model is not in the catalog"
+        if not info.running:
+            return f"not running ({info.status})"
+        if instance.container_id is not None:
+            return "a second container for the same model"
+        device = next((d for d in self.scheduler.devices if d.id == info.labels.get(LABEL_DEVICE)), None)
+        try:
+            port = int(info.labels.get(LABEL_PORT, ""))
+        except ValueError:
+            return "its port label is unreadable"
+        backend = backend_for(instance.entry.backend)
+        spec = backend.container_spec(instance.entry, self.profile, self.settings, port, device)
+        if device is None or spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
+            return "its config changed (config hash differs)"
+        if await probe(self.session, backend.base_url(port) + backend.readiness_path, timeout=2.0) != 200:
+            return "its server is not healthy"
+        if not self.scheduler.adopt(instance.name, device.id, time.monotonic()):
+            return "it does not fit the memory budget"
+        instance.spec, instance.container_id, instance.ready_at = spec, info.id, time.time()
+        logger.bind(model=instance.name).info("adopted running container {} on port {}", info.name, port)
+        return None
+
+    async def start_models(self, names: list[str]) -> None:
+        """Start these models as if each had a request; failures are logged, the others go on."""
+        reservations = [self.reserve(name) for name in names]
         for reservation in reservations:
-            log = logger.bind(model=reservation.instance.name)
             try:
                 await reservation.granted
             except LocalllmError as exc:
-                log.error("preload failed: {}", exc.message)
+                logger.bind(model=reservation.instance.name).error("start failed: {}", exc.message)
             finally:
                 self.release(reservation)
 
@@ -278,8 +324,7 @@ class Fleet:
                 raise ModelStartFailed(name, f"model file {instance.entry.gguf} does not exist")
             backend = backend_for(instance.entry.backend)
             port = self._allocate_port(instance)
-            instance.spec = backend.container_spec(instance.entry, self.profile, self.settings, port,
-                                                   gpu_index=device.index if device else None)
+            instance.spec = backend.container_spec(instance.entry, self.profile, self.settings, port, device)
             info = await self._create_container(instance, instance.spec)
             log.info("container {} started on port {}", info.name, port)
             await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import LocalllmError, ModelTooLarge, QueueFull, QueueTimeout
-from .placement import Admit, Device, Refuse, Resident, plan_admission
+from .placement import Admit, Device, Refuse, Resident, free_on, plan_admission
 
 
 RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
@@ -169,6 +169,15 @@ class Scheduler:
                 other.awaiting.discard(model)
                 actions += self._send_start_if_clear(other)
         return actions + self._pump(now)
+
+    def adopt(self, model: str, device: str, now: float) -> bool:
+        """A running container found at start-up: take it as ready if it fits its device's budget."""
+        slot = self.slots[model]
+        target = next((d for d in self.devices if d.id == device), None)
+        if slot.phase is not Phase.STOPPED or target is None or free_on(target, self.residents()) < slot.need:
+            return False
+        slot.phase, slot.device, slot.loaded_at, slot.last_used = Phase.READY, device, now, now
+        return True
 
     def withdraw(self, ticket: int, now: float) -> list[Action]:
         """A waiting request went away (its client disconnected) before it was granted."""

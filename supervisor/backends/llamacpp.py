@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import DaemonSettings, ModelEntry
 from ..containers import BindMount, ContainerSpec, container_name
 from ..estimate import LaunchSettings
+from ..placement import Device
 from ..profiles import Profile
 
 NAME = "llamacpp"
@@ -38,8 +39,8 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
 
 
 def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int,
-                   gpu_index: int | None = None) -> ContainerSpec:
-    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to one GPU if given."""
+                   device: Device | None = None) -> ContainerSpec:
+    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to ``device``'s GPU."""
     launch = launch_settings(model, profile)
     in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
     command = [
@@ -64,9 +65,16 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         backend=NAME,
         owner=settings.instance,
         mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),),
-        gpu_device_ids=None if not profile.has_gpus else (() if gpu_index is None else (str(gpu_index),)),
+        gpu_device_ids=_gpu_ids(profile, device),
+        device=device.id if device else ("gpu0" if profile.has_gpus else "cpu"),
         extra_labels=tuple(sorted(settings.labels.items())),
     )
+
+
+def _gpu_ids(profile: Profile, device: Device | None) -> tuple[str, ...] | None:
+    if not profile.has_gpus:
+        return None
+    return () if device is None or device.index is None else (str(device.index),)
 
 
 _BUFFER_LINE = re.compile(r"\b(\w+)(?:_Mapped)? (model|KV|compute) buffer size =\s+([\d.]+) MiB")

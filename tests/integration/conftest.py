@@ -139,10 +139,10 @@ def start_daemon(engine, models_dir, tmp_path):
 
     def start(models: list[dict], wait_ready: bool = True, top: dict | None = None,
               **daemon_settings) -> DaemonProcess:
-        instance = f"t{RUN_ID}-{len(started)}"
+        instance = daemon_settings.pop("instance", f"t{RUN_ID}-{len(started)}")
         proxy_port = free_tcp_port()
         base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
-        state_dir = tmp_path / instance
+        state_dir = tmp_path / f"{instance}-{len(started)}"
         config = {
             "profile": "cpu-only",
             "daemon": {
@@ -159,9 +159,9 @@ def start_daemon(engine, models_dir, tmp_path):
             "models": [{"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])} for m in models],
             **(top or {}),
         }
-        config_path = tmp_path / f"{instance}.yaml"
+        config_path = tmp_path / f"{instance}-{len(started)}.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        log_path = tmp_path / f"{instance}.log"
+        log_path = tmp_path / f"{instance}-{len(started)}.log"
         with log_path.open("w") as log_file:
             process = subprocess.Popen([executable("localllmd"), "--config", str(config_path)],
                                        stdout=log_file, stderr=subprocess.STDOUT)

@@ -126,17 +126,6 @@ def test_sigterm_stops_and_removes_every_container(start_daemon, engine):
     assert "stopped cleanly" in daemon.log()
 
 
-def test_leftovers_of_a_killed_daemon_are_removed_at_start(start_daemon, engine):
-    first = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
-    first.process.send_signal(signal.SIGKILL)
-    first.process.wait(timeout=10)
-    [orphan] = our_containers(engine, first.instance)
-    second = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], instance=first.instance)
-    assert second.chat("tiny").status_code == 200
-    [current] = our_containers(engine, first.instance)
-    assert current.id != orphan.id
-
-
 def test_sigterm_during_a_start_cancels_it_and_leaves_nothing(start_daemon, engine):
     # The server listens on another port than the one the gate probes, so the start never completes.
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True,
