@@ -8,7 +8,7 @@ import re
 import pytest
 
 from supervisor.containers import (
-    LABEL_BACKEND, LABEL_CONFIG_HASH, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, BindMount, ContainerSpec, container_name,
+    LABEL_BACKEND, LABEL_CONFIG_HASH, LABEL_DEVICE, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, BindMount, ContainerSpec, container_name,
 )
 
 DOCKER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
@@ -75,6 +75,7 @@ def test_labels():
         LABEL_MODEL: "tiny",
         LABEL_BACKEND: "llamacpp",
         LABEL_PORT: "28100",
+        LABEL_DEVICE: "cpu",
         LABEL_CONFIG_HASH: BASE.config_hash(),
     }
     assert (LABEL_OWNER, LABEL_MODEL, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_BACKEND) == (
