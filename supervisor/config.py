@@ -81,6 +81,23 @@ def _parse_listen(value: object) -> object:
     return value
 
 
+class RestartPolicy(Strict):
+    """Replacing a model that crashed or failed to start: exponential backoff, then give up."""
+
+    delay: Seconds = Field(default=1.0, gt=0)
+    max_delay: Seconds = Field(default=60.0, gt=0)
+    stable_after: Seconds = Field(default=60.0, ge=0)
+    max_failures: int = Field(default=5, ge=1)
+
+
+class Liveness(Strict):
+    """Probing running models: a hung server is replaced after ``failure_threshold`` failed probes."""
+
+    period: Seconds = Field(default=10.0, gt=0)
+    timeout: Seconds = Field(default=2.0, gt=0)
+    failure_threshold: int = Field(default=3, ge=1)
+
+
 class DaemonSettings(Strict):
     instance: str = Field(default="localllmd", pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
     proxy_listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=8081)], min_length=1)
@@ -94,6 +111,8 @@ class DaemonSettings(Strict):
     min_residency: Seconds = Field(default=10.0, ge=0)
     max_queue: int = Field(default=256, ge=1)
     queue_timeout: Seconds = Field(default=600.0, gt=0)
+    restart: RestartPolicy = RestartPolicy()
+    liveness: Liveness = Liveness()
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     docker_url: str | None = None
 

@@ -166,6 +166,8 @@ class Daemon:
             logger.info("device {}: budget {} MiB", device.id, device.budget // 2**20)
         ticker = AsyncIOScheduler()
         ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
+        ticker.add_job(fleet.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
+                       coalesce=True)
         runners: list[web.AppRunner] = []
         try:
             recreate = await fleet.adopt_existing()

@@ -163,3 +163,10 @@ class QueueFull(Overloaded):
 
 class QueueTimeout(Overloaded):
     code = "queue_timeout"
+
+
+class ModelGaveUp(LocalllmError):
+    """The model failed too many times in a row; it stays down until an operator acts or the config changes."""
+
+    code = "model_failed"
+    http_status = 503

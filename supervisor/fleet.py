@@ -21,7 +21,7 @@ import aiohttp
 from loguru import logger
 
 from .backends import backend_for
-from .config import Config, ModelEntry
+from .config import Config, DaemonSettings, ModelEntry
 from .containers import LABEL_CONFIG_HASH, LABEL_DEVICE, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, ContainerSpec
 from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, UpstreamFailed, describe_exit
@@ -50,6 +50,7 @@ class Instance:
     load_seconds: float | None = None
     error: str | None = None
     measured: int | None = None
+    failed_probes: int = 0
 
     @property
     def name(self) -> str:
@@ -71,6 +72,12 @@ class Reservation:
     released: bool = field(default=False)
 
 
+def limits_for(settings: DaemonSettings) -> Limits:
+    restart = settings.restart
+    return Limits(settings.max_queue, settings.queue_timeout, settings.min_residency,
+                  restart.delay, restart.max_delay, restart.stable_after, restart.max_failures)
+
+
 class Fleet:
     def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession,
                  sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
@@ -86,8 +93,8 @@ class Fleet:
         self._by_name = {name: self.instances[e.name] for e in config.models for name in e.names}
         self.scheduler = Scheduler(
             devices_for(profile, gpu_readings),
-            [ModelSlot(e.name, sizings[e.name].need, e.pinned, self._ttl(e)) for e in config.models],
-            Limits(self.settings.max_queue, self.settings.queue_timeout, self.settings.min_residency),
+            [ModelSlot(e.name, sizings[e.name].need, e.pinned, self._ttl(e), wanted=e.preload) for e in config.models],
+            limits_for(self.settings),
         )
         self._waiters: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -138,6 +145,8 @@ class Fleet:
                 "measured": instance.measured,
             },
             "error": instance.error,
+            "failures": slot.failures,
+            "gave_up": slot.gave_up,
         }
 
     # -- requests --------------------------------------------------------------
@@ -188,12 +197,38 @@ class Fleet:
             return
         if instance.container_id != container_id or self.phase(instance) is not Phase.READY:
             return  # someone else already acted on it
+        await self._replace(instance, "server exited while serving", info.exit_code if info else None)
+
+    async def probe_liveness(self) -> None:
+        """Periodic: probe every ready model; replace the dead at once and the hung after the threshold."""
+        liveness = self.settings.liveness
+        ready = [i for i in self.instances.values() if self.phase(i) is Phase.READY and i.spec is not None]
+        answers = await asyncio.gather(*(
+            probe(self.session, i.base_url + backend_for(i.entry.backend).readiness_path, liveness.timeout)
+            for i in ready))
+        for instance, answer in zip(ready, answers):
+            if answer == 200:
+                instance.failed_probes = 0
+                continue
+            instance.failed_probes += 1
+            container_id = instance.container_id
+            info = await self.runtime.inspect(container_id) if container_id else None
+            if self.phase(instance) is not Phase.READY or instance.container_id != container_id:
+                continue  # changed while we looked
+            if info is None or not info.running:
+                await self._replace(instance, "server exited", info.exit_code if info else None)
+            elif instance.failed_probes >= liveness.failure_threshold:
+                seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
+                await self._replace(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
+
+    async def _replace(self, instance: Instance, reason: str, exit_code: int | None = None) -> None:
+        """A ready model died or hung: keep its last words, remove its container, let the scheduler restart it."""
         self.scheduler.crashed(instance.name, time.monotonic())
-        logs = await self.runtime.logs_tail(container_id) if info else ""
-        error = UpstreamFailed(describe_exit("server exited while serving", info.exit_code if info else None, logs))
-        instance.error = error.message
+        logs = await self.runtime.logs_tail(instance.container_id) if instance.container_id else ""
+        error = UpstreamFailed(describe_exit(reason, exit_code, logs))
+        instance.error, instance.failed_probes = error.message, 0
         logger.bind(model=instance.name).error("{}", error.message)
-        await self._discard_container(instance)
+        await self._discard_container(instance, grace=0)
         self._apply(self.scheduler.stopped(instance.name, time.monotonic(), error))
 
     # -- lifecycle ---------------------------------------------------------------
@@ -404,11 +439,11 @@ class Fleet:
         instance.container_id = info.id
         return info
 
-    async def _discard_container(self, instance: Instance) -> None:
+    async def _discard_container(self, instance: Instance, grace: float | None = None) -> None:
         container_id, instance.container_id = instance.container_id, None
         instance.spec = None
         if container_id is not None:
-            await self.runtime.stop_and_remove(container_id, self.settings.stop_grace)
+            await self.runtime.stop_and_remove(container_id, self.settings.stop_grace if grace is None else grace)
             logger.bind(model=instance.name).info("container {} stopped and removed", container_id[:12])
 
     def _allocate_port(self, instance: Instance) -> int:

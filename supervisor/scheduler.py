@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .errors import LocalllmError, ModelTooLarge, QueueFull, QueueTimeout
+from .errors import LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout
 from .placement import Admit, Device, Refuse, Resident, free_on, plan_admission
 
 
@@ -95,6 +95,10 @@ class ModelSlot:
     awaiting: set[str] = field(default_factory=set)  # evictions this start waits for
     start_sent: bool = False
     error: LocalllmError | None = None
+    wanted: bool = False  # should run even without requests: preloaded, or it was running when it failed
+    failures: int = 0  # consecutive failed starts or crashes
+    retry_at: float = 0.0  # no start before this (backoff)
+    gave_up: bool = False  # failed max_failures times: no more starts until reset
 
     @property
     def holds_memory(self) -> bool:
@@ -113,6 +117,13 @@ class Limits:
     max_queue: int = 256
     queue_timeout: float = 600.0
     min_residency: float = 10.0
+    restart_delay: float = 1.0  # first delay after a failure; doubles each time...
+    restart_max_delay: float = 60.0  # ...up to this
+    stable_after: float = 60.0  # a model that ran this long before failing starts counting afresh
+    max_failures: int = 5  # consecutive failures before the model is marked failed for good
+
+    def restart_delay_after(self, failures: int) -> float:
+        return min(self.restart_max_delay, self.restart_delay * 2 ** (failures - 1))
 
 
 class Scheduler:
@@ -133,6 +144,8 @@ class Scheduler:
         slot = self.slots[model]
         if slot.phase is Phase.READY and not slot.draining and model not in self.queue:
             return ticket.id, [self._grant(ticket, now)]
+        if slot.gave_up and slot.error is not None:
+            return ticket.id, [Reject(ticket.id, model, slot.error)]
         if self.waiting() >= self.limits.max_queue:
             return ticket.id, [Reject(ticket.id, model, QueueFull(
                 f"{self.waiting()} requests are already waiting (max_queue {self.limits.max_queue})",
@@ -153,17 +166,22 @@ class Scheduler:
         slot.start_sent = False
         if error is None:
             slot.phase, slot.loaded_at, slot.last_used, slot.error = Phase.READY, now, now, None
+            slot.wanted = True
             return self._pump(now)
-        slot.phase, slot.device, slot.error = Phase.FAILED, None, error
-        actions: list[Action] = [Reject(t.id, model, error) for t in self.queue.pop(model, [])]
-        return actions + self._pump(now)
+        return self._fail(slot, error, now) + self._pump(now)
 
     def stopped(self, model: str, now: float, error: LocalllmError | None = None) -> list[Action]:
         """``model``'s container is gone and its memory free; ``error`` if it died rather than was stopped."""
         slot = self.slots[model]
-        slot.phase = Phase.FAILED if error else Phase.STOPPED
-        slot.device, slot.draining, slot.error = None, False, error
+        crashed = error is not None and slot.phase is Phase.STOPPING and slot.wanted
+        slot.phase, slot.device, slot.draining = Phase.STOPPED, None, False
         actions: list[Action] = []
+        if crashed:
+            if now - slot.loaded_at >= self.limits.stable_after:
+                slot.failures = 0  # it had been running fine: a fresh count
+            actions += self._fail(slot, error, now)
+        elif error is not None:
+            slot.phase, slot.error = Phase.FAILED, error
         for other in self.slots.values():
             if model in other.awaiting:
                 other.awaiting.discard(model)
@@ -177,7 +195,13 @@ class Scheduler:
         if slot.phase is not Phase.STOPPED or target is None or free_on(target, self.residents()) < slot.need:
             return False
         slot.phase, slot.device, slot.loaded_at, slot.last_used = Phase.READY, device, now, now
+        slot.wanted = True
         return True
+
+    def reset(self, model: str) -> None:
+        """An operator (or a new config) clears the failure count of ``model``."""
+        slot = self.slots[model]
+        slot.failures, slot.gave_up, slot.retry_at = 0, False, 0.0
 
     def withdraw(self, ticket: int, now: float) -> list[Action]:
         """A waiting request went away (its client disconnected) before it was granted."""
@@ -203,7 +227,7 @@ class Scheduler:
         """An operator (or shutdown) wants ``model`` stopped when it is ready and idle."""
         slot = self.slots[model]
         if slot.phase is Phase.READY and slot.in_flight == 0:
-            slot.phase = Phase.STOPPING
+            slot.phase, slot.wanted = Phase.STOPPING, False
             return [Stop(model, reason)]
         return []
 
@@ -224,7 +248,7 @@ class Scheduler:
         for slot in self.slots.values():
             if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
                     and now - slot.last_used >= slot.ttl):
-                slot.phase = Phase.STOPPING
+                slot.phase, slot.wanted = Phase.STOPPING, False
                 actions.append(Stop(slot.name, f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"))
         return actions + self._pump(now)
 
@@ -249,33 +273,54 @@ class Scheduler:
         for slot in self.slots.values():
             slot.draining = False
         blocked = False
-        for model in list(self.queue):
+        restarts = [s.name for s in self.slots.values() if s.wanted and s.name not in self.queue]
+        for model in list(self.queue) + restarts:
             slot = self.slots[model]
             if slot.phase is Phase.READY:
-                if not slot.draining:
+                if not slot.draining and model in self.queue:
                     actions += [self._grant(t, now) for t in self.queue.pop(model)]
                 continue
-            if blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED):
-                continue  # behind a waiting group, or its start or stop is under way
+            if blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.retry_at > now:
+                continue  # behind a waiting group, busy starting or stopping, given up, or backing off
             decision = plan_admission(model, slot.need, self.devices, self.residents(), now,
                                       self.limits.min_residency)
             if isinstance(decision, Refuse):
                 error = ModelTooLarge(decision.reason)
-                actions += [Reject(t.id, model, error) for t in self.queue.pop(model)]
+                slot.wanted = False
+                actions += [Reject(t.id, model, error) for t in self.queue.pop(model, [])]
+                actions += self._note(model, decision.reason)
             elif isinstance(decision, Admit):
                 actions += self._admit(slot, decision)
-            else:
+            elif model in self.queue:
                 for name in decision.blockers:  # new requests for these queue up behind this group
                     self.slots[name].draining = True
                 actions += self._note(model, decision.reason)
                 blocked = True  # strict order: no later group may take the room this one waits for
         return actions
 
+    def _fail(self, slot: ModelSlot, error: LocalllmError, now: float) -> list[Action]:
+        """A start failed or a running model died: back off, or give up after max_failures."""
+        slot.failures += 1
+        slot.phase, slot.device, slot.error = Phase.FAILED, None, error
+        if slot.failures >= self.limits.max_failures:
+            slot.gave_up = True
+            slot.error = ModelGaveUp(
+                f"'{slot.name}' failed {slot.failures} times in a row and will not be restarted until an "
+                f"operator acts or the config changes; last error: {error.message}")
+            rejected = [Reject(t.id, slot.name, slot.error) for t in self.queue.pop(slot.name, [])]
+            return rejected + [Note(slot.name, slot.error.message)]
+        delay = self.limits.restart_delay_after(slot.failures)
+        slot.retry_at = now + delay
+        rejected = [Reject(t.id, slot.name, error) for t in self.queue.pop(slot.name, [])]
+        what = "restarting" if slot.wanted else "next start possible"
+        return rejected + [Note(slot.name, f"failure {slot.failures} of {self.limits.max_failures}: "
+                                           f"{what} in {delay:g}s")]
+
     def _admit(self, slot: ModelSlot, decision: Admit) -> list[Action]:
         actions: list[Action] = []
         for name in decision.evict:
             victim = self.slots[name]
-            victim.phase = Phase.STOPPING
+            victim.phase, victim.wanted = Phase.STOPPING, False
             actions.append(Stop(name, f"evicted: {decision.reason}"))
         slot.phase, slot.device, slot.error = Phase.STARTING, decision.device, None
         slot.awaiting = set(decision.evict)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.errors import ModelStartFailed, ModelTooLarge, QueueFull, QueueTimeout
+from supervisor.errors import ModelGaveUp, ModelStartFailed, ModelTooLarge, QueueFull, QueueTimeout
 from supervisor.placement import Device
 from supervisor.scheduler import Grant, Limits, ModelSlot, Note, Phase, Reject, Scheduler, Start, Stop
 
@@ -23,6 +23,11 @@ def scheduler(budgets=(100,), models=None, **limits) -> Scheduler:
 
 def kinds(actions) -> list[str]:
     return [f"{type(a).__name__}:{getattr(a, 'model', '')}" for a in actions if not isinstance(a, Note)]
+
+
+def decisions(actions) -> list:
+    """The actions without the log notes."""
+    return [a for a in actions if not isinstance(a, Note)]
 
 
 def load(s: Scheduler, model: str, now: float) -> int:
@@ -106,7 +111,7 @@ def test_requests_for_a_ready_model_wait_while_a_queued_model_needs_it_evicted()
 
 def test_a_model_bigger_than_any_budget_is_refused_with_numbers():
     s = scheduler(budgets=(100, 60), models={"huge": 150})
-    _, [reject] = s.submit("huge", 0)
+    [reject] = decisions(s.submit("huge", 0)[1])
     assert isinstance(reject, Reject) and isinstance(reject.error, ModelTooLarge)
     assert "needs 150.0 MiB but the largest device budget is 100.0 MiB (gpu0)" in reject.error.message
 
@@ -115,7 +120,7 @@ def test_pinned_models_are_never_evicted_and_can_make_a_model_unplaceable():
     s = scheduler(models={"p": 70, "x": 40})
     s.slots["p"].pinned = True
     load(s, "p", 0), s.finished("p", 1)
-    _, [reject] = s.submit("x", 5)
+    [reject] = decisions(s.submit("x", 5)[1])
     assert isinstance(reject.error, ModelTooLarge) and "pinned models leave at most 30.0 MiB" in reject.error.message
 
 
@@ -162,7 +167,7 @@ def test_a_failed_start_rejects_its_waiters_and_frees_the_device():
     s = scheduler()
     t1, _ = s.submit("a", 0)
     error = ModelStartFailed("a", "server exited during startup", 1, "boom")
-    assert s.started("a", 1, error) == [Reject(t1, "a", error)]
+    assert decisions(s.started("a", 1, error)) == [Reject(t1, "a", error)]
     assert s.slots["a"].phase is Phase.FAILED and s.residents() == []
 
 
@@ -179,12 +184,14 @@ class World:
     pending_starts: set[str] = field(default_factory=set)
     pending_stops: set[str] = field(default_factory=set)
     outcome: dict[int, str] = field(default_factory=dict)
-    starts_seen: dict[str, int] = field(default_factory=dict)
+    crashed: set[str] = field(default_factory=set)  # crashed, container removal under way
 
     def apply(self, actions) -> None:
         for a in actions:
             if isinstance(a, Start):
                 assert a.model not in self.pending_starts, f"second start of {a.model} while one is under way"
+                slot = self.s.slots[a.model]
+                assert not slot.gave_up and slot.retry_at <= self.now, f"{a.model} started while backing off"
                 self.pending_starts.add(a.model)
             elif isinstance(a, Stop):
                 slot = self.s.slots[a.model]
@@ -210,7 +217,7 @@ class World:
 
 
 catalogs = st.dictionaries(st.sampled_from("abcdef"), st.integers(5, 120), min_size=1, max_size=6)
-events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick"]),
+events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick", "crash"]),
                             st.integers(0, 100)), max_size=60)
 
 
@@ -239,13 +246,22 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
             world.pending_starts.discard(model)
             error = None if kind == "start_ok" else ModelStartFailed(model, "exited")
             world.apply(s.started(model, world.now, error))
-        elif kind == "stop" and world.pending_stops:
-            model = sorted(world.pending_stops)[pick % len(world.pending_stops)]
+        elif kind == "stop" and (world.pending_stops or world.crashed):
+            stopping = sorted(world.pending_stops | world.crashed)
+            model = stopping[pick % len(stopping)]
+            error = ModelStartFailed(model, "died") if model in world.crashed else None
             world.pending_stops.discard(model)
-            world.apply(s.stopped(model, world.now))
+            world.crashed.discard(model)
+            world.apply(s.stopped(model, world.now, error))
         elif kind == "tick":
             world.now += pick
             world.apply(s.tick(world.now))
+        elif kind == "crash":
+            ready = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.READY)
+            if ready:
+                model = ready[pick % len(ready)]
+                s.crashed(model, world.now)
+                world.crashed.add(model)
 
     # Drain: finish everything; every request ends granted or rejected, none is forgotten.
     for _ in range(200):
@@ -255,6 +271,8 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
             world.apply(s.started(world.pending_starts.pop(), world.now))
         elif world.pending_stops:
             world.apply(s.stopped(world.pending_stops.pop(), world.now))
+        elif world.crashed:
+            world.apply(s.stopped(world.crashed.pop(), world.now, ModelStartFailed("x", "died")))
         elif s.waiting():
             world.now += 10
             world.apply(s.tick(world.now))
@@ -283,3 +301,68 @@ def test_a_crash_frees_the_device_once_stopped_and_the_next_request_starts_it_ag
     assert s.slots["a"].phase is Phase.FAILED and s.residents() == []
     _, actions = s.submit("a", 4)
     assert kinds(actions) == ["Start:a"]
+
+
+def test_a_crashed_model_restarts_on_the_backoff_schedule_without_any_request():
+    s = scheduler(restart_delay=1.0, restart_max_delay=4.0)
+    load(s, "a", 0)
+    s.finished("a", 1)
+    s.crashed("a", 2)
+    notes = [a.message for a in s.stopped("a", 2, ModelStartFailed("a", "died", 137)) if isinstance(a, Note)]
+    assert notes == ["failure 1 of 5: restarting in 1s"]
+    assert kinds(s.tick(2.9)) == []
+    assert kinds(s.tick(3.0)) == ["Start:a"]
+
+
+def test_a_crash_loop_backs_off_exponentially_then_gives_up():
+    s = scheduler(restart_delay=1.0, restart_max_delay=4.0, max_failures=4)
+    load(s, "a", 0)
+    s.finished("a", 0)
+    s.crashed("a", 1)
+    s.stopped("a", 1, ModelStartFailed("a", "died"))
+    now, delays = 1.0, []
+    for _ in range(3):
+        due = s.slots["a"].retry_at
+        delays.append(due - now)
+        assert kinds(s.tick(due - 0.01)) == []
+        assert kinds(s.tick(due)) == ["Start:a"]
+        now = due
+        s.started("a", now, ModelStartFailed("a", "exited at once", 1))
+    assert delays == [1.0, 2.0, 4.0]
+    assert s.slots["a"].gave_up and s.slots["a"].phase is Phase.FAILED
+    assert kinds(s.tick(now + 1000)) == []
+    [reject] = decisions(s.submit("a", now + 1000)[1])
+    assert isinstance(reject.error, ModelGaveUp) and "failed 4 times in a row" in reject.error.message
+    s.reset("a")
+    assert kinds(s.submit("a", now + 1001)[1]) == ["Start:a"]
+
+
+def test_a_model_that_ran_long_enough_starts_its_failure_count_afresh():
+    s = scheduler(stable_after=60.0)
+    s.slots["a"].failures = 3
+    load(s, "a", 0)
+    s.finished("a", 100)
+    s.crashed("a", 100)
+    s.stopped("a", 100, ModelStartFailed("a", "died"))
+    assert s.slots["a"].failures == 1
+
+
+def test_requests_during_backoff_wait_for_the_retry_and_get_its_outcome():
+    s = scheduler(restart_delay=2.0)
+    t1, _ = s.submit("a", 0)
+    assert decisions(s.started("a", 0, ModelStartFailed("a", "exited", 1))) == [
+        Reject(t1, "a", s.slots["a"].error)]
+    t2, actions = s.submit("a", 1)
+    assert kinds(actions) == []  # waits: the next start is due at 2
+    assert kinds(s.tick(2)) == ["Start:a"]
+    assert s.started("a", 2.5) == [Grant(t2, "a")]
+
+
+def test_an_evicted_or_idle_unloaded_model_is_not_restarted():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40})
+    load(s, "a", 0)
+    s.finished("a", 1)
+    s.submit("b", 2)
+    s.stopped("a", 3)
+    assert not s.slots["a"].wanted
+    assert kinds(s.tick(100)) == []
