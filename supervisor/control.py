@@ -39,7 +39,7 @@ def create_control_app(fleet: Fleet, facts: DaemonFacts) -> web.Application:
         return web.json_response({"models": fleet.snapshot()})
 
     async def model(request: web.Request) -> web.Response:
-        return web.json_response(fleet.resolve(request.match_info["name"]).snapshot())
+        return web.json_response(fleet.describe(fleet.resolve(request.match_info["name"])))
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "pid": os.getpid()})

@@ -68,6 +68,8 @@ class DockerRuntime:
             return fn(*args, **kwargs)
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise DockerUnavailable(f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
+        except requests.exceptions.RequestException as exc:  # e.g. a read timeout: the engine is there but stuck
+            raise DockerFailure(f"Docker did not answer in time to {action}: {exc}") from None
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image not found while trying to {action}: {_explain(exc)}") from None
         except docker.errors.DockerException as exc:

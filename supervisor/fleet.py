@@ -35,6 +35,7 @@ from .sizing import Sizing
 
 MEMORY_POLL = 0.25
 MEMORY_WAIT = 10.0
+DISCARD_ATTEMPTS = 3
 
 
 @dataclass
@@ -99,6 +100,8 @@ class Fleet:
         self._waiters: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._wakeup_at = 0.0
 
     def _ttl(self, entry: ModelEntry) -> float | None:
         ttl = self.settings.default_ttl if entry.ttl is None else entry.ttl
@@ -116,9 +119,9 @@ class Fleet:
         return self.scheduler.slots[instance.name].phase
 
     def snapshot(self) -> list[dict]:
-        return [self._describe(i) for i in self.instances.values()]
+        return [self.describe(i) for i in self.instances.values()]
 
-    def _describe(self, instance: Instance) -> dict:
+    def describe(self, instance: Instance) -> dict:
         slot = self.scheduler.slots[instance.name]
         sizing = instance.sizing
         return {
@@ -187,20 +190,21 @@ class Fleet:
         finally:
             self.release(reservation)
 
-    async def note_upstream_failure(self, instance: Instance) -> None:
-        """A request could not reach the model's server: if its container died, record why and free it."""
-        container_id = instance.container_id
-        if self.phase(instance) is not Phase.READY or container_id is None:
-            return
-        info = await self.runtime.inspect(container_id)
-        if info is not None and info.running:
-            return
-        if instance.container_id != container_id or self.phase(instance) is not Phase.READY:
-            return  # someone else already acted on it
-        await self._replace(instance, "server exited while serving", info.exit_code if info else None)
+    def note_upstream_failure(self, instance: Instance) -> None:
+        """A request could not reach the model's server: check in the background whether it died.
+
+        A task of the fleet's own, so a client that leaves cannot cut the check short.
+        """
+        self._spawn(self._check_exited(instance, "server exited while serving"), f"check:{instance.name}")
 
     async def probe_liveness(self) -> None:
         """Periodic: probe every ready model; replace the dead at once and the hung after the threshold."""
+        try:
+            await self._probe_liveness()
+        except Exception:
+            logger.opt(exception=True).error("liveness probing failed; trying again next period")
+
+    async def _probe_liveness(self) -> None:
         liveness = self.settings.liveness
         ready = [i for i in self.instances.values() if self.phase(i) is Phase.READY and i.spec is not None]
         answers = await asyncio.gather(*(
@@ -211,33 +215,39 @@ class Fleet:
                 instance.failed_probes = 0
                 continue
             instance.failed_probes += 1
-            container_id = instance.container_id
-            info = await self.runtime.inspect(container_id) if container_id else None
-            if self.phase(instance) is not Phase.READY or instance.container_id != container_id:
-                continue  # changed while we looked
-            if info is None or not info.running:
-                await self._replace(instance, "server exited", info.exit_code if info else None)
-            elif instance.failed_probes >= liveness.failure_threshold:
+            if await self._check_exited(instance, "server exited"):
+                continue
+            if instance.failed_probes >= liveness.failure_threshold and self.phase(instance) is Phase.READY:
                 seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
-                await self._replace(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
+                self._crash(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
 
-    async def _replace(self, instance: Instance, reason: str, exit_code: int | None = None) -> None:
-        """A ready model died or hung: keep its last words, remove its container, let the scheduler restart it."""
-        self.scheduler.crashed(instance.name, time.monotonic())
-        logs = await self.runtime.logs_tail(instance.container_id) if instance.container_id else ""
-        error = UpstreamFailed(describe_exit(reason, exit_code, logs))
-        instance.error, instance.failed_probes = error.message, 0
-        logger.bind(model=instance.name).error("{}", error.message)
-        await self._discard_container(instance, grace=0)
-        self._apply(self.scheduler.stopped(instance.name, time.monotonic(), error))
+    async def _check_exited(self, instance: Instance, reason: str) -> bool:
+        """If the ready model's container has exited (or vanished), hand it to the scheduler as crashed."""
+        container_id = instance.container_id
+        if self.phase(instance) is not Phase.READY or container_id is None:
+            return False
+        info = await self.runtime.inspect(container_id)
+        if info is not None and not info.exited:
+            return False  # running, or paused: the liveness threshold decides
+        if instance.container_id != container_id or self.phase(instance) is not Phase.READY:
+            return True  # someone else already acted on it
+        self._crash(instance, reason)
+        return True
+
+    def _crash(self, instance: Instance, reason: str) -> None:
+        instance.failed_probes = 0
+        self._apply(self.scheduler.crashed(instance.name, time.monotonic(), reason))
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def tick(self) -> None:
         """Periodic: refresh measured GPU memory, expire waits, unload idle models."""
         if self.measures_gpu:
-            readings = await asyncio.to_thread(read_gpus_nvml)
-            self.scheduler.devices = devices_for(self.profile, readings)
+            try:
+                readings = await asyncio.to_thread(read_gpus_nvml)
+                self.scheduler.devices = devices_for(self.profile, readings)
+            except Exception:
+                logger.opt(exception=True).warning("reading GPU memory failed; keeping the last reading")
         self._apply(self.scheduler.tick(time.monotonic()))
 
     async def adopt_existing(self) -> list[str]:
@@ -288,15 +298,16 @@ class Fleet:
         return None
 
     async def start_models(self, names: list[str]) -> None:
-        """Start these models as if each had a request; failures are logged, the others go on."""
-        reservations = [self.reserve(name) for name in names]
-        for reservation in reservations:
+        """Start these models as if each had a request; each lets go as soon as it is ready."""
+
+        async def start(name: str) -> None:
             try:
-                await reservation.granted
+                async with self.use(name):
+                    pass
             except LocalllmError as exc:
-                logger.bind(model=reservation.instance.name).error("start failed: {}", exc.message)
-            finally:
-                self.release(reservation)
+                logger.bind(model=name).error("start failed: {}", exc.message)
+
+        await asyncio.gather(*(start(name) for name in names))
 
     async def remove_leftovers(self) -> int:
         """Remove our containers that no model owns (a previous run's, or a cancelled start's)."""
@@ -320,7 +331,12 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._discard_container(i) for i in self.instances.values()), return_exceptions=True)
-        await self.remove_leftovers()
+        try:
+            await self.remove_leftovers()
+        except LocalllmError as exc:
+            logger.error("final sweep for leftover containers failed: {}", exc.message)
+        if self._wakeup is not None:
+            self._wakeup.cancel()
 
     # -- carrying out the scheduler's actions --------------------------------------
 
@@ -338,10 +354,28 @@ class Fleet:
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
                 self._spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
-                logger.bind(model=action.model).info("stop: {}", action.reason)
-                self._spawn(self._stop(action.model), f"stop:{action.model}")
+                log = logger.bind(model=action.model)
+                (log.error if action.crashed else log.info)("stop: {}", action.reason)
+                self._spawn(self._stop(action.model, action.reason if action.crashed else None),
+                            f"stop:{action.model}")
             elif isinstance(action, Note):
                 logger.bind(model=action.model).info("{}", action.message)
+        self._arm_wakeup()
+
+    def _arm_wakeup(self) -> None:
+        """Wake the scheduler exactly when the earliest backoff ends, not at the next tick."""
+        due = self.scheduler.next_wakeup()
+        if due is None or (self._wakeup is not None and self._wakeup_at <= due):
+            return
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        self._wakeup_at = due
+        self._wakeup = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._on_wakeup)
+
+    def _on_wakeup(self) -> None:
+        self._wakeup = None
+        if not self._closing:
+            self._apply(self.scheduler.tick(time.monotonic()))
 
     def _spawn(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -366,13 +400,16 @@ class Fleet:
                                    url=backend.base_url(port) + backend.readiness_path,
                                    deadline=instance.entry.startup_timeout or self.settings.startup_timeout)
         except asyncio.CancelledError:
-            await self._discard_container(instance)
+            await self._discard_quietly(instance)
             raise
-        except LocalllmError as exc:
-            await self._discard_container(instance)
-            instance.error = exc.message
-            log.error("start failed: {}", exc.message)
-            self._apply(self.scheduler.started(name, time.monotonic(), exc))
+        except Exception as exc:  # whatever went wrong, the scheduler hears about it
+            error = exc if isinstance(exc, LocalllmError) else ModelStartFailed(name, f"unexpected error: {exc!r}")
+            if not isinstance(exc, LocalllmError):
+                log.opt(exception=exc).error("unexpected error while starting")
+            await self._discard_quietly(instance)
+            instance.error = error.message
+            log.error("start failed: {}", error.message)
+            self._apply(self.scheduler.started(name, time.monotonic(), error))
             return
         instance.load_seconds = time.monotonic() - started
         instance.ready_at = time.time()
@@ -381,28 +418,49 @@ class Fleet:
         if self.measures_gpu:
             self._spawn(self._learn(instance), f"learn:{name}")
 
-    async def _stop(self, name: str) -> None:
+    async def _stop(self, name: str, crash_reason: str | None = None) -> None:
+        """Remove the model's container (keeping a crashed one's last words); always report ``stopped``."""
         instance = self.instances[name]
         device = self._device_of(name)
         error: LocalllmError | None = None
         try:
-            await self._discard_container(instance)
-            if device is not None and device.index is not None and self.measures_gpu:
-                await self._wait_memory_back(device, instance.measured or instance.sizing.need)
-        except LocalllmError as exc:
-            error = exc
-            instance.error = f"stop failed: {exc.message}"
-            logger.bind(model=name).error("{}", instance.error)
-        self._apply(self.scheduler.stopped(name, time.monotonic(), error))
+            baseline = await self._gpu_free(device)
+            if crash_reason is not None:
+                error = await self._crash_error(instance, crash_reason)
+            await self._discard_container(instance, grace=0 if crash_reason else None)
+            if baseline is not None and device is not None:
+                await self._wait_memory_back(device, baseline, instance.measured or instance.sizing.need)
+        except Exception as exc:  # never leave the scheduler waiting for this stop
+            failure = exc if isinstance(exc, LocalllmError) else LocalllmError(repr(exc))
+            instance.error = f"stop failed: {failure.message}"
+            logger.bind(model=name).opt(exception=exc).error("{}", instance.error)
+            error = error or failure
+        finally:
+            self._apply(self.scheduler.stopped(name, time.monotonic(), error))
 
-    async def _wait_memory_back(self, device: Device, amount: int) -> None:
+    async def _crash_error(self, instance: Instance, reason: str) -> LocalllmError:
+        """What a crashed model's failure says: the reason, the exit code and the container's last lines."""
+        container_id = instance.container_id
+        info = await self.runtime.inspect(container_id) if container_id else None
+        logs = await self.runtime.logs_tail(container_id) if container_id else ""
+        error = UpstreamFailed(describe_exit(reason, info.exit_code if info else None, logs))
+        instance.error = error.message
+        logger.bind(model=instance.name).error("{}", error.message)
+        return error
+
+    async def _gpu_free(self, device: Device | None) -> int | None:
+        """Raw free bytes NVML reports for ``device``'s GPU; None on the CPU or without NVML."""
+        if device is None or device.index is None or not self.measures_gpu:
+            return None
+        readings = await asyncio.to_thread(read_gpus_nvml) or []
+        return next((r.free_bytes for r in readings if r.index == device.index), None)
+
+    async def _wait_memory_back(self, device: Device, baseline: int, amount: int) -> None:
         """After a stop on a GPU: poll NVML until most of the model's memory is free again (or give up)."""
-        before = device.measured_free or 0
         deadline = time.monotonic() + MEMORY_WAIT
         while time.monotonic() < deadline:
-            readings = await asyncio.to_thread(read_gpus_nvml) or []
-            free = next((r.free_bytes for r in readings if r.index == device.index), None)
-            if free is None or free - before >= 0.75 * amount:
+            free = await self._gpu_free(device)
+            if free is None or free - baseline >= 0.75 * amount:
                 return
             await asyncio.sleep(MEMORY_POLL)
         logger.warning("memory on {} did not come back within {:g}s", device.id, MEMORY_WAIT)
@@ -419,7 +477,8 @@ class Fleet:
         if instance.measured:
             best = self.learned.record(instance.sizing.learned_key, instance.measured, instance.name)
             slot = self.scheduler.slots[instance.name]
-            slot.need = max(slot.need, best)
+            largest = max(d.budget for d in self.scheduler.devices)
+            slot.need = max(slot.need, min(best, largest))  # it did run: never learn it out of every budget
             logger.bind(model=instance.name).info("measured {} MiB on the GPU (estimate {} MiB)",
                                                   instance.measured // 2**20, instance.sizing.need // 2**20)
 
@@ -440,11 +499,30 @@ class Fleet:
         return info
 
     async def _discard_container(self, instance: Instance, grace: float | None = None) -> None:
-        container_id, instance.container_id = instance.container_id, None
-        instance.spec = None
+        """Stop and remove the model's container; the id is forgotten only once it is really gone."""
+        container_id = instance.container_id
         if container_id is not None:
-            await self.runtime.stop_and_remove(container_id, self.settings.stop_grace if grace is None else grace)
+            for attempt in range(DISCARD_ATTEMPTS):
+                try:
+                    await self.runtime.stop_and_remove(container_id,
+                                                       self.settings.stop_grace if grace is None else grace)
+                    break
+                except LocalllmError as exc:
+                    if attempt == DISCARD_ATTEMPTS - 1:
+                        raise
+                    logger.bind(model=instance.name).warning("removing {} failed ({}); retrying",
+                                                             container_id[:12], exc.message)
+                    await asyncio.sleep(0.5 * 2**attempt)
             logger.bind(model=instance.name).info("container {} stopped and removed", container_id[:12])
+        if instance.container_id == container_id:
+            instance.container_id, instance.spec = None, None
+
+    async def _discard_quietly(self, instance: Instance) -> None:
+        try:
+            await self._discard_container(instance)
+        except LocalllmError as exc:
+            logger.bind(model=instance.name).error("could not remove its container ({}); the shutdown sweep "
+                                                   "or the next start removes it", exc.message)
 
     def _allocate_port(self, instance: Instance) -> int:
         taken = {i.spec.port for i in self.instances.values() if i.spec is not None}

@@ -120,25 +120,28 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
 
     options = []
     blocked: dict[str, str] = {}
+    blockers: set[str] = set()
     for device in devices:
         shortfall = need - free_on(device, others)
         on_device = [r for r in others if r.device == device.id]
         chosen = _covering_evictions(on_device, shortfall, now, min_residency)
         if chosen is not None:
             options.append((len(chosen), sum(r.bytes for r in chosen), device.id, chosen))
+        could_help = sum(r.bytes for r in on_device if not r.pinned and not r.busy_changing) >= shortfall
         for r in on_device:
             why = _why_not_evictable(r, now, min_residency)
             if why:
                 blocked[r.name] = why
+                if could_help and r.in_flight:  # drain only where evicting it could make room
+                    blockers.add(r.name)
     if options:
         _, freed, device, chosen = min(options, key=lambda o: o[:3])
         names = tuple(r.name for r in chosen)
         details = ", ".join(f"{r.name} ({_mib(r.bytes)}, {'ttl expired' if expired(r, now) else 'idle'} "
                             f"{now - r.last_used:.0f}s)" for r in chosen)
         return Admit(device, names, f"'{name}' ({_mib(need)}) goes on {device} after evicting {details}")
-    busy = tuple(sorted(n for n, why in blocked.items() if why.startswith("serving")))
     reasons = "; ".join(f"{n}: {why}" for n, why in sorted(blocked.items())) or "nothing can be evicted"
-    return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", busy)
+    return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", tuple(sorted(blockers)))
 
 
 def eviction_order(candidates: Iterable[Resident], now: float) -> list[Resident]:

@@ -81,8 +81,10 @@ class Proxy:
                 response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
                 await response.prepare(request)
                 return await self._copy_stream(upstream, response, instance)
+        except ConnectionResetError:  # the client left: nobody to answer (and not the model's fault)
+            raise
         except aiohttp.ClientError as exc:
-            await self.fleet.note_upstream_failure(instance)
+            self.fleet.note_upstream_failure(instance)
             raise UpstreamFailed(f"model '{instance.name}' did not answer: {exc}") from None
 
     async def _stream_after_load(self, request: web.Request, reservation: Reservation,
@@ -108,7 +110,7 @@ class Proxy:
             logger.bind(model=instance.name).info("client went away while its model loaded")
             return response
         except aiohttp.ClientError as exc:
-            await self.fleet.note_upstream_failure(instance)
+            self.fleet.note_upstream_failure(instance)
             await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' did not answer: {exc}"))
         except LocalllmError as exc:
             await _write_error_event(response, exc)
@@ -130,7 +132,7 @@ class Proxy:
             return response
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
-            await self.fleet.note_upstream_failure(instance)
+            self.fleet.note_upstream_failure(instance)
             await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}"))
             return response
         await response.write_eof()

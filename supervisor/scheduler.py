@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout
-from .placement import Admit, Device, Refuse, Resident, free_on, plan_admission
+from .placement import Admit, Device, Refuse, Resident, plan_admission
 
 
 RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
@@ -51,6 +51,7 @@ class Start:
 class Stop:
     model: str
     reason: str
+    crashed: bool = False  # the server died or hung: keep its last words, no grace period
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,11 @@ class Scheduler:
         """A running container found at start-up: take it as ready if it fits its device's budget."""
         slot = self.slots[model]
         target = next((d for d in self.devices if d.id == device), None)
-        if slot.phase is not Phase.STOPPED or target is None or free_on(target, self.residents()) < slot.need:
+        if slot.phase is not Phase.STOPPED or target is None:
+            return False
+        # Budget accounting only: a measured reading already counts this very container as used.
+        accounted = target.budget - sum(r.bytes for r in self.residents() if r.device == device)
+        if accounted < slot.need:
             return False
         slot.phase, slot.device, slot.loaded_at, slot.last_used = Phase.READY, device, now, now
         slot.wanted = True
@@ -215,13 +220,19 @@ class Scheduler:
                 return self._pump(now)
         return []
 
-    def crashed(self, model: str, now: float) -> list[Action]:
-        """A ready model's server died; the fleet removes the container and then reports ``stopped``."""
+    def crashed(self, model: str, now: float, reason: str) -> list[Action]:
+        """A ready model's server died or hung; the fleet removes it, then reports ``stopped`` with the error."""
         slot = self.slots[model]
         if slot.phase is not Phase.READY:
             return []
         slot.phase = Phase.STOPPING
-        return []
+        return [Stop(model, reason, crashed=True)]
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest backoff ends for a model someone waits for or wants running; None if none."""
+        due = [s.retry_at for s in self.slots.values()
+               if s.phase is Phase.FAILED and not s.gave_up and (s.wanted or s.name in self.queue)]
+        return min(due) if due else None
 
     def unload(self, model: str, now: float, reason: str) -> list[Action]:
         """An operator (or shutdown) wants ``model`` stopped when it is ready and idle."""

@@ -34,8 +34,9 @@ def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None
     try:
         facts = read_gguf_facts(entry.gguf)
         key = learned_key(entry.gguf, launch)
-    except (BadRequest, OSError) as exc:
+        estimated = estimate(facts, launch)
+    except Exception as exc:  # an odd header must not stop the daemon: admit with the file size
         fallback = entry.gguf.stat().st_size if entry.gguf.is_file() else 0
-        problem = exc.message if isinstance(exc, BadRequest) else str(exc)
+        problem = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
         return Sizing(launch, None, None, None, problem, fallback)
-    return Sizing(launch, estimate(facts, launch), learned.get(key) if learned else None, key)
+    return Sizing(launch, estimated, learned.get(key) if learned else None, key)

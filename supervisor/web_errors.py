@@ -20,6 +20,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         retry_after = getattr(exc, "retry_after", None)
         headers = {"Retry-After": str(retry_after)} if retry_after else None
         return web.json_response(exc.to_json(), status=exc.http_status, headers=headers)
+    except ConnectionError:  # the client went away: aiohttp drops the connection quietly
+        raise
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

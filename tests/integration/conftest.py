@@ -9,6 +9,7 @@ scripts/dev.sh test`` sets them up); if not, the tests fail and say how.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -30,6 +31,7 @@ from supervisor.images import cpu_image_tag
 from supervisor.tinygguf import write_tiny_model
 
 RUN_ID = uuid.uuid4().hex[:8]
+INSTANCE_NUMBERS = itertools.count()  # every daemon of the run gets its own instance name
 TEST_RUN_LABEL = "io.localllm.test-run"
 
 
@@ -139,7 +141,7 @@ def start_daemon(engine, models_dir, tmp_path):
 
     def start(models: list[dict], wait_ready: bool = True, top: dict | None = None,
               **daemon_settings) -> DaemonProcess:
-        instance = daemon_settings.pop("instance", f"t{RUN_ID}-{len(started)}")
+        instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
         base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
         state_dir = tmp_path / f"{instance}-{len(started)}"

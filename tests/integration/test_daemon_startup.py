@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 
 import yaml
+
+from supervisor.ctl import control_get
 
 from .conftest import RUN_ID, executable, free_tcp_port, our_containers
 
@@ -62,3 +65,9 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(start_daemon, engine):
     assert f"another localllmd (pid {first.process.pid}) is running with state_dir" in done.stderr
     assert [c.id for c in our_containers(engine, first.instance)] == [container.id]
     assert first.chat("tiny").status_code == 200
+
+
+def test_the_control_api_describes_one_model(start_daemon):
+    daemon = start_daemon([{"name": "tiny", "aliases": ["t"], "gguf": "tiny.gguf", "preload": True}])
+    model = asyncio.run(control_get(daemon.socket, "/models/t"))
+    assert model["name"] == "tiny" and model["state"] == "ready" and model["memory"]["need"] > 0

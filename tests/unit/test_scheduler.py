@@ -260,7 +260,7 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
             ready = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.READY)
             if ready:
                 model = ready[pick % len(ready)]
-                s.crashed(model, world.now)
+                assert s.crashed(model, world.now, "died") == [Stop(model, "died", crashed=True)]
                 world.crashed.add(model)
 
     # Drain: finish everything; every request ends granted or rejected, none is forgotten.
@@ -294,7 +294,7 @@ def test_a_crash_frees_the_device_once_stopped_and_the_next_request_starts_it_ag
     s = scheduler()
     load(s, "a", 0)
     s.finished("a", 1)
-    s.crashed("a", 2)
+    assert s.crashed("a", 2, "server exited") == [Stop("a", "server exited", crashed=True)]
     assert s.slots["a"].phase is Phase.STOPPING and len(s.residents()) == 1
     error = ModelStartFailed("a", "server exited while serving", 137)
     s.stopped("a", 3, error)
@@ -307,7 +307,7 @@ def test_a_crashed_model_restarts_on_the_backoff_schedule_without_any_request():
     s = scheduler(restart_delay=1.0, restart_max_delay=4.0)
     load(s, "a", 0)
     s.finished("a", 1)
-    s.crashed("a", 2)
+    s.crashed("a", 2, "died")
     notes = [a.message for a in s.stopped("a", 2, ModelStartFailed("a", "died", 137)) if isinstance(a, Note)]
     assert notes == ["failure 1 of 5: restarting in 1s"]
     assert kinds(s.tick(2.9)) == []
@@ -318,7 +318,7 @@ def test_a_crash_loop_backs_off_exponentially_then_gives_up():
     s = scheduler(restart_delay=1.0, restart_max_delay=4.0, max_failures=4)
     load(s, "a", 0)
     s.finished("a", 0)
-    s.crashed("a", 1)
+    s.crashed("a", 1, "died")
     s.stopped("a", 1, ModelStartFailed("a", "died"))
     now, delays = 1.0, []
     for _ in range(3):
@@ -342,7 +342,7 @@ def test_a_model_that_ran_long_enough_starts_its_failure_count_afresh():
     s.slots["a"].failures = 3
     load(s, "a", 0)
     s.finished("a", 100)
-    s.crashed("a", 100)
+    s.crashed("a", 100, "died")
     s.stopped("a", 100, ModelStartFailed("a", "died"))
     assert s.slots["a"].failures == 1
 
