@@ -366,3 +366,31 @@ def test_an_evicted_or_idle_unloaded_model_is_not_restarted():
     s.stopped("a", 3)
     assert not s.slots["a"].wanted
     assert kinds(s.tick(100)) == []
+
+
+def test_on_two_gpus_a_busy_model_is_drained_only_where_evicting_it_could_help():
+    s = scheduler(budgets=(20, 8), models={"w": 18, "x": 7, "y": 15})
+    load(s, "x", 0)  # goes to gpu1 (best fit), stays busy
+    load(s, "y", 0)  # gpu0, stays busy
+    assert s.slots["x"].device == "gpu1" and s.slots["y"].device == "gpu0"
+    s.submit("w", 1)  # only gpu0 can ever hold w
+    assert s.slots["y"].draining and not s.slots["x"].draining
+    _, actions = s.submit("x", 2)
+    assert kinds(actions) == ["Grant:x"]
+
+
+def test_adoption_counts_only_what_is_accounted_not_what_was_measured():
+    devices = [Device("gpu0", 23 * MIB, measured_free=9 * MIB, index=0)]  # measured: the container itself uses 14
+    s = Scheduler(devices, [ModelSlot("a", 14 * MIB), ModelSlot("b", 14 * MIB)], Limits(min_residency=0))
+    assert s.adopt("a", "gpu0", 0) and s.slots["a"].phase is Phase.READY and s.slots["a"].wanted
+    assert not s.adopt("b", "gpu0", 0)  # a second one would not fit the budget
+
+
+def test_next_wakeup_is_the_earliest_backoff_of_a_wanted_or_requested_model():
+    s = scheduler(restart_delay=3.0)
+    assert s.next_wakeup() is None
+    s.submit("a", 0)
+    s.started("a", 1, ModelStartFailed("a", "exited"))
+    assert s.next_wakeup() is None  # nobody waits and nothing wants it
+    s.submit("a", 2)
+    assert s.next_wakeup() == 4.0
