@@ -184,6 +184,7 @@ class Daemon:
             wanted = [e.name for e in self.config.models if e.preload]
             wanted += [name for name in recreate if name not in wanted]
             preload = asyncio.create_task(fleet.start_models(wanted), name="preload")
+            fleet.spawn(fleet.watch_engine(), "watch-engine")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
             await self.stopping.wait()
             logger.info("shutting down: stopping in-flight work, then the containers")

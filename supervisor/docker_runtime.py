@@ -94,6 +94,15 @@ class DockerRuntime:
         self._client, version = await self._run("connect", open_client)
         return version
 
+    async def ping(self) -> None:
+        """Raise DockerUnavailable unless the engine answers now."""
+
+        def ping() -> None:
+            self._check_unix_socket()
+            self.client.ping()
+
+        await self._run("ping the engine", ping)
+
     def _check_unix_socket(self) -> None:
         """Fail early and clearly on a unix socket nobody listens on (the SDK would leak its socket)."""
         if not self.base_url.startswith("unix://"):

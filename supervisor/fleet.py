@@ -36,6 +36,8 @@ from .sizing import Sizing
 MEMORY_POLL = 0.25
 MEMORY_WAIT = 10.0
 DISCARD_ATTEMPTS = 3
+ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
+ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
 
 
 @dataclass
@@ -195,7 +197,7 @@ class Fleet:
 
         A task of the fleet's own, so a client that leaves cannot cut the check short.
         """
-        self._spawn(self._check_exited(instance, "server exited while serving"), f"check:{instance.name}")
+        self.spawn(self._check_exited(instance, "server exited while serving"), f"check:{instance.name}")
 
     async def probe_liveness(self) -> None:
         """Periodic: probe every ready model; replace the dead at once and the hung after the threshold."""
@@ -309,6 +311,45 @@ class Fleet:
 
         await asyncio.gather(*(start(name) for name in names))
 
+    async def watch_engine(self) -> None:
+        """For the daemon's life: notice the engine going away and coming back, then reconcile.
+
+        While it is away, what still runs keeps serving; starts fail with a clear error and back off.
+        """
+        delay, down_since = ENGINE_CHECK, None
+        while True:
+            try:
+                await self.runtime.ping()
+            except LocalllmError as exc:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    logger.error("{}; serving what still runs, checking again with backoff", exc.message)
+                delay = min(ENGINE_MAX_DELAY, delay * 2)
+            else:
+                if down_since is not None:
+                    logger.warning("Docker engine is back after {:.0f}s; reconciling", time.monotonic() - down_since)
+                    down_since, delay = None, ENGINE_CHECK
+                    try:
+                        await self.reconcile()
+                    except LocalllmError as exc:
+                        logger.error("reconcile failed: {}", exc.message)
+            await asyncio.sleep(delay)
+
+    async def reconcile(self) -> None:
+        """Compare our containers with what we believe runs: lost ones are crashes, unowned ones go."""
+        found = {c.id: c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})}
+        for instance in self.instances.values():
+            info = found.get(instance.container_id or "")
+            if self.phase(instance) is Phase.READY and (info is None or info.exited):
+                self._crash(instance, "container lost while the Docker engine was away")
+        if any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
+            return  # a container being created may not be owned yet: leave the sweep for later
+        owned = {i.container_id for i in self.instances.values()}
+        for info in found.values():
+            if info.id not in owned:
+                logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
+                await self.runtime.stop_and_remove(info.id, 0)
+
     async def remove_leftovers(self) -> int:
         """Remove our containers that no model owns (a previous run's, or a cancelled start's)."""
         owned = {i.container_id for i in self.instances.values()}
@@ -352,11 +393,11 @@ class Fleet:
                     future.set_exception(action.error)
             elif isinstance(action, Start):
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
-                self._spawn(self._start(action.model), f"start:{action.model}")
+                self.spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
                 log = logger.bind(model=action.model)
                 (log.error if action.crashed else log.info)("stop: {}", action.reason)
-                self._spawn(self._stop(action.model, action.reason if action.crashed else None),
+                self.spawn(self._stop(action.model, action.reason if action.crashed else None),
                             f"stop:{action.model}")
             elif isinstance(action, Note):
                 logger.bind(model=action.model).info("{}", action.message)
@@ -377,10 +418,16 @@ class Fleet:
         if not self._closing:
             self._apply(self.scheduler.tick(time.monotonic()))
 
-    def _spawn(self, coroutine, name: str) -> None:
+    def spawn(self, coroutine, name: str) -> None:
+        """Run ``coroutine`` as one of the fleet's tasks: cancelled at shutdown, its failure logged."""
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.opt(exception=task.exception()).error("background task {} failed", task.get_name())
 
     async def _start(self, name: str) -> None:
         instance = self.instances[name]
@@ -416,7 +463,7 @@ class Fleet:
         log.info("ready in {:.2f}s", instance.load_seconds)
         self._apply(self.scheduler.started(name, time.monotonic()))
         if self.measures_gpu:
-            self._spawn(self._learn(instance), f"learn:{name}")
+            self.spawn(self._learn(instance), f"learn:{name}")
 
     async def _stop(self, name: str, crash_reason: str | None = None) -> None:
         """Remove the model's container (keeping a crashed one's last words); always report ``stopped``."""

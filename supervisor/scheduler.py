@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .errors import LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout
+from .errors import DockerUnavailable, LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout
 from .placement import Admit, Device, Refuse, Resident, plan_admission
 
 
@@ -310,8 +310,12 @@ class Scheduler:
         return actions
 
     def _fail(self, slot: ModelSlot, error: LocalllmError, now: float) -> list[Action]:
-        """A start failed or a running model died: back off, or give up after max_failures."""
-        slot.failures += 1
+        """A start failed or a running model died: back off, or give up after max_failures.
+
+        An unreachable engine is not the model's fault: it backs off but does not count.
+        """
+        if not isinstance(error, DockerUnavailable) or slot.failures == 0:
+            slot.failures += 1
         slot.phase, slot.device, slot.error = Phase.FAILED, None, error
         if slot.failures >= self.limits.max_failures:
             slot.gave_up = True

@@ -35,6 +35,11 @@ INSTANCE_NUMBERS = itertools.count()  # every daemon of the run gets its own ins
 TEST_RUN_LABEL = "io.localllm.test-run"
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """The engine-restart test goes last, whatever the selection order."""
+    items.sort(key=lambda item: "engine_restart" in item.nodeid)
+
+
 def poll_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
     """Return the first truthy value of ``condition()``; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
