@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def restart_dockerd() -> None:
     subprocess.run(["sh", "-c", f'nohup "$@" >>"{cache_root() / "dockerd.log"}" 2>&1 &', "sh", *argv], check=True)
 
     def engine_answers() -> bool:
+        with socket.socket(socket.AF_UNIX) as probe:  # the SDK leaks its socket when nobody listens
+            try:
+                probe.connect("/var/run/docker.sock")
+            except OSError:
+                return False
         try:
             client = docker.from_env()
         except docker.errors.DockerException:
