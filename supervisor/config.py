@@ -29,6 +29,7 @@ class ModelEntry(Strict):
     gguf: Path
     context_size: int | None = Field(default=None, ge=128)
     gpu_layers: int | None = Field(default=None, ge=-1)
+    image: str | None = None  # default: the profile's image for the backend
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
     extra_args: list[str] = []
@@ -162,10 +163,10 @@ class Config(Strict):
         return None
 
 
-def load_config(path: Path, check_files: bool = True) -> Config:
-    """Read, validate and cross-check a config file; raise ConfigError."""
+def load_config(path: Path, check_files: bool = True, text: str | None = None) -> Config:
+    """Read, validate and cross-check a config file (or its ``text``, sent from elsewhere); raise ConfigError."""
     path = Path(path)
-    config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent})
+    config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent}, text=text)
     found = check_ports(config) + cross_check(config, check_files) + check_profile(config)
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from . import __version__
+from .errors import BadRequest
 from .fleet import Fleet
-from .web_errors import error_middleware
+from .rollout import Rollout
+from .web_errors import error_middleware, read_json_object
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,30 @@ class DaemonFacts:
     started_at: float
 
 
-def create_control_app(fleet: Fleet, facts: DaemonFacts) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+def create_control_app(fleet: Fleet, facts: DaemonFacts, rollout: Rollout) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response({"daemon": daemon_status(facts), "models": fleet.snapshot()})
+        daemon = {**daemon_status(facts), "degraded": fleet.degraded,
+                  "generation": rollout.store.active, "last_good": rollout.store.last_good}
+        return web.json_response({"daemon": daemon, "models": fleet.snapshot()})
+
+    async def apply(request: web.Request) -> web.Response:
+        _, body = await read_json_object(request)
+        text, source = body.get("config"), body.get("source")
+        if not isinstance(text, str) or not isinstance(source, str):
+            raise BadRequest("apply needs 'config' (the file's text) and 'source' (its path)")
+        return web.json_response(await rollout.apply(text, source, Path(source)))
+
+    async def history(request: web.Request) -> web.Response:
+        return web.json_response({"generations": rollout.store.as_list()})
+
+    async def rollback(request: web.Request) -> web.Response:
+        _, body = await read_json_object(request)
+        number = body.get("generation")
+        if number is not None and not isinstance(number, int):
+            raise BadRequest("'generation' must be a generation number or null")
+        return web.json_response(await rollout.rollback(number))
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"models": fleet.snapshot()})
@@ -48,6 +70,9 @@ def create_control_app(fleet: Fleet, facts: DaemonFacts) -> web.Application:
     app.router.add_get("/models", models)
     app.router.add_get("/models/{name:.+}", model)
     app.router.add_get("/health", health)
+    app.router.add_post("/apply", apply)
+    app.router.add_get("/history", history)
+    app.router.add_post("/rollback", rollback)
     return app
 
 

@@ -19,7 +19,7 @@ import aiohttp
 
 from . import __version__
 from .config import load_config
-from .errors import EXIT_BAD_INPUT, EXIT_OK, BadRequest, ControlUnreachable, LocalllmError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadRequest, ControlUnreachable, LocalllmError
 from .estimate import CACHE_TYPE_BYTES
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
@@ -58,6 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
     estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     estimate.set_defaults(run=cmd_estimate)
+
+    apply = commands.add_parser("apply", help="apply a config file to the running daemon (health-gated, "
+                                                  "reverted on failure)")
+    apply.add_argument("file", type=Path)
+    apply.add_argument("--json", action="store_true", help="print the report as JSON")
+    apply.set_defaults(run=cmd_apply)
+
+    history = commands.add_parser("history", help="the config generations, newest last")
+    history.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    history.set_defaults(run=cmd_history)
+
+    rollback = commands.add_parser("rollback", help="apply an earlier generation again (default: the last "
+                                                        "good one before the active one)")
+    rollback.add_argument("generation", type=int, nargs="?")
+    rollback.add_argument("--json", action="store_true", help="print the report as JSON")
+    rollback.set_defaults(run=cmd_rollback)
 
     config = commands.add_parser("config", help="config file commands").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
@@ -126,6 +142,44 @@ def estimate_target(args: argparse.Namespace):
     raise BadRequest(f"'{args.model}' is neither a model in {where} nor a GGUF file")
 
 
+def cmd_apply(args: argparse.Namespace) -> int:
+    load_config(args.file)  # the same check the daemon makes, with file and line, before anything is sent
+    body = {"config": args.file.read_text(), "source": str(args.file.resolve())}
+    print_report(asyncio.run(control_request(socket_path(args), "POST", "/apply", body)), args.json)
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    report = asyncio.run(control_request(socket_path(args), "POST", "/rollback", {"generation": args.generation}))
+    print_report(report, args.json)
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    generations = asyncio.run(control_get(socket_path(args), "/history"))["generations"]
+    if args.json:
+        print(json.dumps(generations, indent=2))
+        return EXIT_OK
+    rows = [["GEN", "STATUS", "WHEN", "SOURCE", "REASON"]]
+    for g in generations:
+        marks = "".join(m for m, on in ((" *active", g["active"]), (" *last-good", g["last_good"])) if on)
+        rows.append([str(g["number"]), g["status"] + marks, time.strftime("%Y-%m-%d %H:%M:%S",
+                     time.localtime(g["created_at"])), g["source"], g["reason"] or "-"])
+    print(render_table(rows))
+    return EXIT_OK
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    plan = report["plan"]
+    for label in ("replace", "remove", "add", "keep"):
+        if plan[label]:
+            print(f"  {label:<8} {', '.join(plan[label])}")
+    print(f"generation {report['generation']} ({report['source']}): {report['status']}")
+
+
 def cmd_config_validate(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: valid ({len(config.models)} models, profile {config.profile})")
@@ -176,16 +230,33 @@ def socket_path(args: argparse.Namespace) -> Path:
 
 
 async def control_get(path: Path, route: str) -> dict:
+    return await control_request(path, "GET", route)
+
+
+async def control_request(path: Path, method: str, route: str, body: dict | None = None) -> dict:
+    """One call to the control API; an error answer becomes a RemoteError with its code."""
     try:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
-            async with session.get(f"http://localllmd{route}", timeout=aiohttp.ClientTimeout(total=30)) as response:
-                body = await response.json(content_type=None)
+            async with session.request(method, f"http://localllmd{route}", json=body,
+                                       timeout=aiohttp.ClientTimeout(total=3600)) as response:
+                answer = await response.json(content_type=None)
                 if response.status >= 400:
-                    message = body.get("error", {}).get("message", f"HTTP {response.status}")
-                    raise LocalllmError(message)
-                return body
+                    error = answer.get("error", {})
+                    raise RemoteError(error.get("message", f"HTTP {response.status}"), error.get("code", ""))
+                return answer
     except (aiohttp.ClientConnectionError, FileNotFoundError, PermissionError) as exc:
         raise ControlUnreachable(f"localllmd is not reachable on {path}: {exc}") from None
+
+
+class RemoteError(LocalllmError):
+    """An error the daemon answered with; bad input on our side exits 2, anything else 1."""
+
+    BAD_INPUT = {"invalid_config", "bad_request", "apply_refused", "model_not_found"}
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+        self.exit_code = EXIT_BAD_INPUT if code in self.BAD_INPUT else EXIT_FAILURE
 
 
 # -- rendering -----------------------------------------------------------------
@@ -205,10 +276,15 @@ def render_status(status: dict) -> str:
         rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
                      str(model["port"] or "-"), model["container"] or "-", str(model["in_flight"]),
                      str(model.get("waiting", 0)), last, flags or "-"])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
-    return head + "\n" + table + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
+    if daemon.get("degraded"):
+        head += f"DEGRADED: {daemon['degraded']}\n"
+    return head + "\n" + render_table(rows) + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
+
+
+def render_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def render_estimate(name: str, path: str, profile: str, sizing) -> str:

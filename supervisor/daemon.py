@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import yaml
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
@@ -29,7 +30,10 @@ from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, Localllm
 from .fleet import Fleet
 from .hardware import read_gpus_nvml, select_profile
 from .learned import LearnedSizes
-from .sizing import Sizing, size_model
+from .generations import GenerationStore
+from .rollout import Rollout
+from .scheduler import Phase
+from .sizing import size_catalog
 from .profiles import Profile
 from .proxy import create_proxy_app
 
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     setup_logging(args.log_level or config.daemon.log_level)
     try:
-        asyncio.run(Daemon(config).run())
+        asyncio.run(Daemon(config, None if args.demo else args.config).run())
     except LocalllmError as exc:
         logger.error("localllmd stopped: {}", exc.message)
         return exc.exit_code
@@ -120,28 +124,13 @@ def hold_lock(path: Path):
         yield
 
 
-def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None) -> dict[str, Sizing]:
-    """Every model's memory need, logged once with where it comes from."""
-    sizings = {}
-    for entry in config.models:
-        sizing = size_model(entry, profile, learned)
-        log = logger.bind(model=entry.name)
-        if sizing.estimate is None:
-            log.warning("cannot estimate its memory ({}); admitting with the file size", sizing.problem)
-        else:
-            parts = sizing.estimate.as_dict()
-            log.info("needs {:.1f} MiB: weights {:.1f}, KV {:.1f}, compute {:.1f}, overhead {:.1f}{}",
-                     sizing.need / 2**20, *(parts[k] / 2**20 for k in ("weights", "kv_cache", "compute", "overhead")),
-                     f"; learned {sizing.learned / 2**20:.1f}" if sizing.learned else "")
-        sizings[entry.name] = sizing
-    return sizings
-
-
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, config_path: Path | None):
         self.config = config
+        self.config_path = config_path  # re-read on SIGHUP; None for the embedded demo
         self.settings = config.daemon
         self.stopping = asyncio.Event()
+        self.rollout: Rollout | None = None
 
     async def run(self) -> None:
         with hold_lock(self.settings.state_dir / "localllmd.lock"):
@@ -168,6 +157,10 @@ class Daemon:
         ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
         ticker.add_job(fleet.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
                        coalesce=True)
+        store = GenerationStore(self.settings.state_dir / "generations")
+        if store.problem:
+            logger.warning("{}", store.problem)
+        self.rollout = Rollout(fleet, store)
         runners: list[web.AppRunner] = []
         try:
             recreate = await fleet.adopt_existing()
@@ -178,12 +171,12 @@ class Daemon:
                 started_at=time.time(),
             )
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session)))
-            runners.append(await self._serve_control(create_control_app(fleet, facts)))
+            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout)))
             self._install_signal_handlers()
             ticker.start()
             wanted = [e.name for e in self.config.models if e.preload]
             wanted += [name for name in recreate if name not in wanted]
-            preload = asyncio.create_task(fleet.start_models(wanted), name="preload")
+            preload = asyncio.create_task(self._start_first_generation(fleet, store, wanted), name="preload")
             fleet.spawn(fleet.watch_engine(), "watch-engine")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
             await self.stopping.wait()
@@ -226,7 +219,36 @@ class Daemon:
             raise CannotListen(f"cannot serve the control API on {path}: {exc.strerror or exc}") from None
         return runner
 
+    async def _start_first_generation(self, fleet: Fleet, store: GenerationStore, wanted: list[str]) -> None:
+        """Record the config we started with; it becomes last-good once its preloaded models are ready."""
+        text = (self.config_path.read_text() if self.config_path
+                else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        try:
+            generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {})
+        except LocalllmError as exc:
+            logger.error("cannot record the startup generation: {}", exc.message)
+            generation = None
+        await fleet.start_models(wanted)
+        failed = [n for n in wanted if fleet.scheduler.slots[n].phase is not Phase.READY]
+        if generation is not None:
+            with contextlib.suppress(LocalllmError):
+                store.mark(generation.number, "failed" if failed else "good",
+                           f"preload failed for {', '.join(failed)}" if failed else "")
+
+    async def _reload(self) -> None:
+        """SIGHUP: apply the config file again, as ``localllmctl apply`` would."""
+        if self.config_path is None or self.rollout is None:
+            logger.warning("SIGHUP ignored: the embedded demo has no config file to re-read")
+            return
+        try:
+            report = await self.rollout.apply(self.config_path.read_text(), f"sighup: {self.config_path}",
+                                              self.config_path)
+            logger.info("SIGHUP: generation {} applied", report["generation"])
+        except (LocalllmError, OSError) as exc:
+            logger.error("SIGHUP: {}", getattr(exc, "message", exc))
+
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))

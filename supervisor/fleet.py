@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -96,7 +97,7 @@ class Fleet:
         self._by_name = {name: self.instances[e.name] for e in config.models for name in e.names}
         self.scheduler = Scheduler(
             devices_for(profile, gpu_readings),
-            [ModelSlot(e.name, sizings[e.name].need, e.pinned, self._ttl(e), wanted=e.preload) for e in config.models],
+            [self._slot_for(e, sizings[e.name]) for e in config.models],
             limits_for(self.settings),
         )
         self._waiters: dict[int, asyncio.Future] = {}
@@ -104,6 +105,12 @@ class Fleet:
         self._closing = False
         self._wakeup: asyncio.TimerHandle | None = None
         self._wakeup_at = 0.0
+        self._users: Counter[str] = Counter()  # requests in flight per container id
+        self._launching: dict[int, str] = {}  # ports of containers a config change is starting
+        self.degraded: str | None = None  # why the last config change could not even be reverted
+
+    def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
+        return ModelSlot(entry.name, sizing.need, entry.pinned, self._ttl(entry), wanted=entry.preload)
 
     def _ttl(self, entry: ModelEntry) -> float | None:
         ttl = self.settings.default_ttl if entry.ttl is None else entry.ttl
@@ -182,6 +189,16 @@ class Fleet:
         # Still queued if it was neither granted nor rejected (a cancelled wait cancels the future too).
         self._apply(self.scheduler.withdraw(reservation.ticket, time.monotonic()))
 
+    @contextlib.contextmanager
+    def upstream(self, instance: Instance):
+        """The base URL to send one request to, counted against the container it reaches."""
+        container_id, base_url = instance.container_id or "", instance.base_url
+        self._users[container_id] += 1
+        try:
+            yield base_url
+        finally:
+            self._users[container_id] -= 1
+
     @contextlib.asynccontextmanager
     async def use(self, name: str):
         """The model's instance, ready and counted in flight for the duration of the block."""
@@ -251,6 +268,111 @@ class Fleet:
             except Exception:
                 logger.opt(exception=True).warning("reading GPU memory failed; keeping the last reading")
         self._apply(self.scheduler.tick(time.monotonic()))
+
+    # -- config changes (carried out by rollout.py) ------------------------------------
+
+    def ready_specs(self) -> dict[str, ContainerSpec]:
+        return {i.name: i.spec for i in self.instances.values()
+                if self.phase(i) is Phase.READY and i.spec is not None and i.container_id}
+
+    def spec_for(self, entry: ModelEntry, port: int, device_id: str | None) -> ContainerSpec:
+        device = next((d for d in self.scheduler.devices if d.id == device_id), None)
+        return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
+
+    def room_on(self, device_id: str) -> int:
+        device = next(d for d in self.scheduler.devices if d.id == device_id)
+        return device.budget - sum(r.bytes for r in self.scheduler.residents() if r.device == device_id)
+
+    async def launch(self, entry: ModelEntry, device_id: str | None, need: int) -> tuple[ContainerSpec, str]:
+        """Start ``entry`` in a container of its own beside whatever runs, and gate it; the room is held meanwhile."""
+        key = f"{entry.name}#new"
+        self.scheduler.reserved[key] = (device_id or "", need)
+        backend = backend_for(entry.backend)
+        port = self._allocate_port(entry.name)
+        spec = self.spec_for(entry, port, device_id)
+        container_id: str | None = None
+        try:
+            if not entry.gguf.is_file():
+                raise ModelStartFailed(entry.name, f"model file {entry.gguf} does not exist")
+            self._launching[port] = entry.name
+            container_id = (await self.runtime.run(spec)).id
+            await wait_until_ready(self.runtime, self.session, model=entry.name, container_id=container_id,
+                                   url=backend.base_url(port) + backend.readiness_path,
+                                   deadline=entry.startup_timeout or self.settings.startup_timeout)
+            return spec, container_id
+        except BaseException:
+            if container_id is not None:
+                with contextlib.suppress(LocalllmError):
+                    await self.runtime.stop_and_remove(container_id, 0)
+            raise
+        finally:
+            self._launching.pop(port, None)
+            self.scheduler.reserved.pop(key, None)
+
+    async def take_offline(self, name: str, patience: float) -> None:
+        """Hold ``name`` (no starts), wait until it is idle, stop it and wait until it is gone."""
+        slot = self.scheduler.slots[name]
+        slot.held = True
+        deadline = time.monotonic() + patience
+        while slot.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._apply(self.scheduler.unload(name, time.monotonic(), "replaced by a new config"))
+        while slot.phase is not Phase.STOPPED and slot.phase is not Phase.FAILED:
+            if time.monotonic() > deadline:
+                raise ShuttingDown(f"'{name}' stayed busy for {patience:g}s; try the change again later")
+            await asyncio.sleep(0.05)
+
+    def attach(self, name: str, spec: ContainerSpec, container_id: str) -> None:
+        """Give a stopped, held model the container a config change started for it, and let it serve."""
+        instance, slot = self.instances[name], self.scheduler.slots[name]
+        slot.held = False
+        if self.scheduler.adopt(name, spec.device, time.monotonic()):
+            instance.spec, instance.container_id, instance.ready_at, instance.error = spec, container_id, time.time(), None
+        self._apply(self.scheduler.tick(time.monotonic()))
+
+    def release_hold(self, name: str) -> None:
+        if name in self.scheduler.slots:
+            self.scheduler.slots[name].held = False
+            self._apply(self.scheduler.tick(time.monotonic()))
+
+    def commit(self, config: Config, sizings: dict[str, Sizing],
+               switched: dict[str, tuple[ContainerSpec, str]]) -> list[tuple[str, str]]:
+        """Make ``config`` the live catalog; running models in ``switched`` move to their new containers.
+
+        Returns the (model, container id) pairs to retire: replaced containers and removed models'.
+        """
+        retire: list[tuple[str, str]] = []
+        instances: dict[str, Instance] = {}
+        for entry in config.models:
+            instance = self.instances.get(entry.name) or Instance(entry, sizings[entry.name])
+            instance.entry, instance.sizing = entry, sizings[entry.name]
+            if entry.name in switched:
+                if instance.container_id:
+                    retire.append((entry.name, instance.container_id))
+                instance.spec, instance.container_id = switched[entry.name]
+                instance.ready_at, instance.error = time.time(), None
+            instances[entry.name] = instance
+        for name, instance in self.instances.items():
+            if name not in instances and instance.container_id:
+                retire.append((name, instance.container_id))
+        self.config, self.instances = config, instances
+        self._by_name = {name: instances[e.name] for e in config.models for name in e.names}
+        self._apply(self.scheduler.replace_slots([self._slot_for(e, sizings[e.name]) for e in config.models],
+                                                 time.monotonic()))
+        return retire
+
+    def retire(self, name: str, container_id: str, patience: float) -> None:
+        """Stop a container no model uses any more, once the requests it still serves are done."""
+
+        async def drain_then_stop() -> None:
+            deadline = time.monotonic() + patience
+            while self._users[container_id] > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await self.runtime.stop_and_remove(container_id, self.settings.stop_grace)
+            self._users.pop(container_id, None)
+            logger.bind(model=name).info("retired container {}", container_id[:12])
+
+        self.spawn(drain_then_stop(), f"retire:{name}")
 
     async def adopt_existing(self) -> list[str]:
         """Reconcile our containers found at start-up; returns the models to start again.
@@ -342,7 +464,7 @@ class Fleet:
             info = found.get(instance.container_id or "")
             if self.phase(instance) is Phase.READY and (info is None or info.exited):
                 self._crash(instance, "container lost while the Docker engine was away")
-        if any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
+        if self._launching or any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
             return  # a container being created may not be owned yet: leave the sweep for later
         owned = {i.container_id for i in self.instances.values()}
         for info in found.values():
@@ -439,7 +561,7 @@ class Fleet:
             if not instance.entry.gguf.is_file():
                 raise ModelStartFailed(name, f"model file {instance.entry.gguf} does not exist")
             backend = backend_for(instance.entry.backend)
-            port = self._allocate_port(instance)
+            port = self._allocate_port(name)
             instance.spec = backend.container_spec(instance.entry, self.profile, self.settings, port, device)
             info = await self._create_container(instance, instance.spec)
             log.info("container {} started on port {}", info.name, port)
@@ -571,13 +693,13 @@ class Fleet:
             logger.bind(model=instance.name).error("could not remove its container ({}); the shutdown sweep "
                                                    "or the next start removes it", exc.message)
 
-    def _allocate_port(self, instance: Instance) -> int:
-        taken = {i.spec.port for i in self.instances.values() if i.spec is not None}
+    def _allocate_port(self, model: str) -> int:
+        taken = {i.spec.port for i in self.instances.values() if i.spec is not None} | set(self._launching)
         for port in free_ports(self.settings.port_range, taken):
             if _port_is_free(port):
                 return port
         low, high = self.settings.port_range
-        raise ModelStartFailed(instance.name, f"no free port left in port_range {low}-{high}")
+        raise ModelStartFailed(model, f"no free port left in port_range {low}-{high}")
 
 
 def _port_is_free(port: int) -> bool:

@@ -73,14 +73,16 @@ class Proxy:
 
     async def _relay(self, request: web.Request, instance: Instance, body: bytes) -> web.StreamResponse:
         try:
-            async with self._post_upstream(request, instance, body) as upstream:
-                content_type = upstream.headers.get("Content-Type", "application/json")
-                if upstream.content_length is not None and "event-stream" not in content_type:
-                    data = await upstream.read()
-                    return web.Response(status=upstream.status, body=data, headers={"Content-Type": content_type})
-                response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
-                await response.prepare(request)
-                return await self._copy_stream(upstream, response, instance)
+            with self.fleet.upstream(instance) as base_url:
+                async with self._post_upstream(request, base_url, body) as upstream:
+                    content_type = upstream.headers.get("Content-Type", "application/json")
+                    if upstream.content_length is not None and "event-stream" not in content_type:
+                        data = await upstream.read()
+                        return web.Response(status=upstream.status, body=data,
+                                            headers={"Content-Type": content_type})
+                    response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
+                    await response.prepare(request)
+                    return await self._copy_stream(upstream, response, instance)
         except ConnectionResetError:  # the client left: nobody to answer (and not the model's fault)
             raise
         except aiohttp.ClientError as exc:
@@ -101,11 +103,12 @@ class Proxy:
             while not (await asyncio.wait({reservation.granted}, timeout=KEEPALIVE_SECONDS))[0]:
                 await response.write(f": localllm: still loading {instance.name}\n\n".encode())
             reservation.granted.result()
-            async with self._post_upstream(request, instance, body) as upstream:
-                if upstream.status != 200:
-                    detail = (await upstream.read()).decode(errors="replace")[:2000]
-                    raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
-                return await self._copy_stream(upstream, response, instance)
+            with self.fleet.upstream(instance) as base_url:
+                async with self._post_upstream(request, base_url, body) as upstream:
+                    if upstream.status != 200:
+                        detail = (await upstream.read()).decode(errors="replace")[:2000]
+                        raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
+                    return await self._copy_stream(upstream, response, instance)
         except ConnectionResetError:
             logger.bind(model=instance.name).info("client went away while its model loaded")
             return response
@@ -116,9 +119,9 @@ class Proxy:
             await _write_error_event(response, exc)
         return response
 
-    def _post_upstream(self, request: web.Request, instance: Instance, body: bytes):
+    def _post_upstream(self, request: web.Request, base_url: str, body: bytes):
         headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
-        return self.session.post(instance.base_url + request.path, data=body, headers=headers)
+        return self.session.post(base_url + request.path, data=body, headers=headers)
 
     async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
                            instance: Instance) -> web.StreamResponse:

@@ -22,7 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .errors import DockerUnavailable, LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout
+from .errors import (DockerUnavailable, LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout,
+                     UnknownModel)
 from .placement import Admit, Device, Refuse, Resident, plan_admission
 
 
@@ -100,6 +101,7 @@ class ModelSlot:
     failures: int = 0  # consecutive failed starts or crashes
     retry_at: float = 0.0  # no start before this (backoff)
     gave_up: bool = False  # failed max_failures times: no more starts until reset
+    held: bool = False  # a config change is replacing it: no starts from the queue meanwhile
 
     @property
     def holds_memory(self) -> bool:
@@ -133,6 +135,7 @@ class Scheduler:
         self.slots = {slot.name: slot for slot in slots}
         self.limits = limits
         self.queue: OrderedDict[str, list[Ticket]] = OrderedDict()
+        self.reserved: dict[str, tuple[str, int]] = {}  # room held for containers a config change starts
         self._next_ticket = 0
         self._last_note: dict[str, str] = {}
 
@@ -269,12 +272,28 @@ class Scheduler:
         return sum(len(tickets) for tickets in self.queue.values())
 
     def residents(self) -> list[Resident]:
-        return [
+        held = [Resident(name, device, need, busy_changing=True) for name, (device, need) in self.reserved.items()]
+        return held + [
             Resident(s.name, s.device or "", s.need, s.in_flight, s.pinned,
                      busy_changing=s.phase is not Phase.READY, last_used=s.last_used,
                      loaded_at=s.loaded_at, ttl=s.ttl)
             for s in self.slots.values() if s.holds_memory
         ]
+
+    def replace_slots(self, slots: list[ModelSlot], now: float) -> list[Action]:
+        """A new catalog: keep the live state of models that stay, reject requests for models that went."""
+        actions: list[Action] = []
+        for name in set(self.slots) - {s.name for s in slots}:
+            actions += [Reject(t.id, name, UnknownModel(name, [s.name for s in slots]))
+                        for t in self.queue.pop(name, [])]
+        for slot in slots:
+            old = self.slots.get(slot.name)
+            if old is not None:
+                old.need, old.pinned, old.ttl = slot.need, slot.pinned, slot.ttl
+                old.wanted = old.wanted or slot.wanted
+                old.failures, old.gave_up, old.retry_at = 0, False, 0.0  # a config change is a fresh start
+        self.slots = {s.name: self.slots.get(s.name, s) for s in slots}
+        return actions + self._pump(now)
 
     # -- decisions ---------------------------------------------------------------
 
@@ -291,7 +310,8 @@ class Scheduler:
                 if not slot.draining and model in self.queue:
                     actions += [self._grant(t, now) for t in self.queue.pop(model)]
                 continue
-            if blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.retry_at > now:
+            if (blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.held
+                    or slot.retry_at > now):
                 continue  # behind a waiting group, busy starting or stopping, given up, or backing off
             decision = plan_admission(model, slot.need, self.devices, self.residents(), now,
                                       self.limits.min_residency)

@@ -46,12 +46,14 @@ Seconds = Annotated[float, BeforeValidator(parse_duration)]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-def read_model(path: Path, model: type[ModelT], context: dict | None = None) -> tuple[ModelT, YamlDoc]:
-    """Read ``path`` as YAML and validate it as ``model``; raise ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+def read_model(path: Path, model: type[ModelT], context: dict | None = None,
+               text: str | None = None) -> tuple[ModelT, YamlDoc]:
+    """Read ``path`` (or ``text``, named ``path``) as YAML and validate it as ``model``; raise ConfigError."""
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
     try:
         doc = YamlDoc.parse(text)
     except YamlProblem as exc:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loguru import logger
+
 from .backends.llamacpp import launch_settings
-from .config import ModelEntry
+from .config import Config, ModelEntry
 from .errors import BadRequest
 from .estimate import Estimate, LaunchSettings, estimate
 from .gguf_meta import read_gguf_facts
@@ -40,3 +42,20 @@ def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None
         problem = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
         return Sizing(launch, None, None, None, problem, fallback)
     return Sizing(launch, estimated, learned.get(key) if learned else None, key)
+
+
+def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None) -> dict[str, Sizing]:
+    """Every model's memory need, logged once with where it comes from."""
+    sizings = {}
+    for entry in config.models:
+        sizing = size_model(entry, profile, learned)
+        log = logger.bind(model=entry.name)
+        if sizing.estimate is None:
+            log.warning("cannot estimate its memory ({}); admitting with the file size", sizing.problem)
+        else:
+            parts = sizing.estimate.as_dict()
+            log.info("needs {:.1f} MiB: weights {:.1f}, KV {:.1f}, compute {:.1f}, overhead {:.1f}{}",
+                     sizing.need / 2**20, *(parts[k] / 2**20 for k in ("weights", "kv_cache", "compute", "overhead")),
+                     f"; learned {sizing.learned / 2**20:.1f}" if sizing.learned else "")
+        sizings[entry.name] = sizing
+    return sizings

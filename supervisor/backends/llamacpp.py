@@ -57,8 +57,8 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         command += ["--n-gpu-layers", str(launch.gpu_layers)]
     command += model.extra_args
     return ContainerSpec(
-        name=container_name(settings.instance, model.name),
-        image=profile.defaults.images.llamacpp,
+        name=f"{container_name(settings.instance, model.name)}-{port}",  # unique: old and new may overlap
+        image=model.image or profile.defaults.images.llamacpp,
         command=tuple(command),
         port=port,
         model=model.name,

@@ -36,7 +36,7 @@ def test_cpu_profile_spec(tmp_path):
     assert spec.image == CPU.defaults.images.llamacpp == "localllm/llama-server:0.3.36-cpu"
     assert spec.mounts == (BindMount(str((tmp_path / "models" / "tiny.gguf").resolve()), "/models/tiny.gguf", True),)
     assert (spec.name, spec.owner, spec.model, spec.backend, spec.port) == (
-        container_name("lab", "tiny"), "lab", "tiny", "llamacpp", 28100)
+        container_name("lab", "tiny") + "-28100", "lab", "tiny", "llamacpp", 28100)
     assert spec.extra_labels == (("env", "dev"), ("team", "ml"))
 
 

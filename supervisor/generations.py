@@ -1,0 +1,155 @@
+"""Config generations: every applied config is kept, numbered, with its outcome.
+
+The store lives in ``<state_dir>/generations/``: one YAML file per generation
+(the config text exactly as applied) and ``index.json`` with each one's status.
+Every write is atomic (temp file, fsync, rename), so a crash or a full disk
+leaves the previous state whole. An unreadable index is set aside and the
+store starts afresh; nothing is deleted.
+
+``plan_change`` is the pure part: which running models keep their container,
+which must be replaced, which go, which are new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import LocalllmError
+
+KEEP = 20  # generations kept; the active and last-good ones are never pruned
+
+
+class StateWriteFailed(LocalllmError):
+    code = "state_write_failed"
+    http_status = 507
+
+
+@dataclass
+class Generation:
+    number: int
+    created_at: float
+    source: str  # where the config came from: a path, "sighup", "rollback to N"
+    status: str  # pending, good, failed, reverted
+    hashes: dict[str, str] = field(default_factory=dict)  # model -> config hash of its wanted container
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChangePlan:
+    keep: tuple[str, ...]  # running, spec unchanged
+    replace: tuple[str, ...]  # running, spec changed
+    remove: tuple[str, ...]  # running, no longer in the catalog
+    add: tuple[str, ...]  # new in the catalog
+    update: tuple[str, ...]  # in both catalogs, not running: only the catalog entry changes
+
+    @property
+    def changes_containers(self) -> bool:
+        return bool(self.replace or self.remove)
+
+
+def plan_change(running: dict[str, str], wanted: dict[str, str], old_models: set[str]) -> ChangePlan:
+    """Pure: ``running`` and ``wanted`` map model -> config hash; ``old_models`` is the old catalog."""
+    keep = tuple(sorted(m for m, h in running.items() if wanted.get(m) == h))
+    replace = tuple(sorted(m for m, h in running.items() if m in wanted and wanted[m] != h))
+    remove = tuple(sorted(m for m in running if m not in wanted))
+    add = tuple(sorted(m for m in wanted if m not in old_models))
+    update = tuple(sorted(m for m in wanted if m in old_models and m not in running))
+    return ChangePlan(keep, replace, remove, add, update)
+
+
+class GenerationStore:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.problem: str | None = None
+        self.generations: list[Generation] = []
+        self.active: int | None = None
+        self.last_good: int | None = None
+        self._load()
+
+    # -- reading ----------------------------------------------------------------
+
+    def get(self, number: int) -> Generation | None:
+        return next((g for g in self.generations if g.number == number), None)
+
+    def text_of(self, number: int) -> str:
+        return (self.directory / f"{number:06d}.yaml").read_text()
+
+    def as_list(self) -> list[dict]:
+        return [{**asdict(g), "active": g.number == self.active, "last_good": g.number == self.last_good}
+                for g in self.generations]
+
+    # -- writing ----------------------------------------------------------------
+
+    def record(self, text: str, source: str, hashes: dict[str, str]) -> Generation:
+        """Save a new pending generation; raises StateWriteFailed and changes nothing if it cannot."""
+        number = max((g.number for g in self.generations), default=0) + 1
+        generation = Generation(number, time.time(), source, "pending", hashes)
+        self._write(self.directory / f"{number:06d}.yaml", text)
+        self.generations.append(generation)
+        try:
+            self._save_index()
+        except StateWriteFailed:
+            self.generations.pop()
+            (self.directory / f"{number:06d}.yaml").unlink(missing_ok=True)
+            raise
+        return generation
+
+    def mark(self, number: int, status: str, reason: str = "") -> None:
+        generation = self.get(number)
+        assert generation is not None, f"no generation {number}"
+        generation.status, generation.reason = status, reason
+        if status == "good":
+            self.active = self.last_good = number
+        self._prune()
+        self._save_index()
+
+    def set_active(self, number: int) -> None:
+        self.active = number
+        self._save_index()
+
+    # -- files ------------------------------------------------------------------
+
+    def _load(self) -> None:
+        index = self.directory / "index.json"
+        try:
+            data = json.loads(index.read_text())
+            self.generations = [Generation(**g) for g in data["generations"]]
+            self.active, self.last_good = data.get("active"), data.get("last_good")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = index.with_name(f"index.json.corrupt-{time.time_ns()}")
+            index.replace(aside)
+            self.generations, self.active, self.last_good = [], None, None
+            self.problem = f"generation index {index} was unreadable ({exc}); moved it to {aside}"
+
+    def _save_index(self) -> None:
+        data = {"active": self.active, "last_good": self.last_good,
+                "generations": [asdict(g) for g in self.generations]}
+        self._write(self.directory / "index.json", json.dumps(data, indent=1))
+
+    def _write(self, path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StateWriteFailed(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from None
+
+    def _prune(self) -> None:
+        protected = {self.active, self.last_good}
+        while len(self.generations) > KEEP:
+            oldest = next((g for g in self.generations if g.number not in protected), None)
+            if oldest is None:
+                return
+            self.generations.remove(oldest)
+            (self.directory / f"{oldest.number:06d}.yaml").unlink(missing_ok=True)

@@ -1,0 +1,161 @@
+"""Applying a new config while serving: a numbered generation, health-gated, reverted on failure.
+
+In order: validate; hash each running model's wanted container (compose's way);
+change only the containers whose hash differs; gate each new container within
+its deadline. Where the memory budget allows, the new container starts beside
+the old one, which keeps serving until the switch and is retired once its
+requests are done (zero downtime). Otherwise the old one stops first.
+
+If any new container fails its gate, nothing is switched: the new containers
+go, models stopped for the change come back with their last-good spec, and the
+generation is recorded as failed. A generation becomes last-good only once it
+passed. If a model cannot even be brought back, the daemon says it is
+degraded and does not try again on its own: it never reverts into a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from pathlib import Path
+
+from loguru import logger
+
+from .config import Config, load_config
+from .errors import EXIT_BAD_INPUT, ConfigError, LocalllmError
+from .fleet import Fleet
+from .generations import ChangePlan, GenerationStore, plan_change
+from .scheduler import Phase
+from .sizing import size_catalog
+
+DRAIN_PATIENCE = 120.0  # seconds a replaced container may finish its requests
+
+
+class ApplyRefused(LocalllmError):
+    code = "apply_refused"
+    http_status = 409
+    exit_code = EXIT_BAD_INPUT
+
+
+class ApplyConflict(LocalllmError):
+    code = "conflict"
+    http_status = 409
+
+
+class ApplyFailed(LocalllmError):
+    code = "apply_failed"
+    http_status = 422
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "report": self.report}
+
+
+class Rollout:
+    def __init__(self, fleet: Fleet, store: GenerationStore):
+        self.fleet = fleet
+        self.store = store
+        self._lock = asyncio.Lock()
+
+    async def apply(self, text: str, source: str, path: Path) -> dict:
+        """Apply ``text`` (a config file's content, read from ``path``); returns the report or raises."""
+        if self._lock.locked():
+            raise ApplyConflict("another apply or rollback is in progress; try again when it is done")
+        async with self._lock:
+            try:
+                config = load_config(path, text=text)
+                self._refuse_restart_only_changes(config)
+            except (ConfigError, ApplyRefused) as exc:
+                number = self.store.record(text, source, {}).number
+                self.store.mark(number, "invalid", exc.message)
+                logger.bind(generation=number).error("generation {} refused: {}", number, exc.message)
+                raise
+            return await self._apply(config, text, source)
+
+    async def rollback(self, number: int | None) -> dict:
+        """Apply a recorded generation again: ``number``, or the last good one before the active one."""
+        if number is None:
+            earlier = [g for g in self.store.generations if g.status == "good" and g.number != self.store.active]
+            if not earlier:
+                raise ApplyRefused("there is no earlier good generation to roll back to")
+            number = earlier[-1].number
+        if self.store.get(number) is None:
+            raise ApplyRefused(f"there is no generation {number} (see: localllmctl history)")
+        return await self.apply(self.store.text_of(number), f"rollback to generation {number}",
+                                self.store.directory / f"{number:06d}.yaml")
+
+    def _refuse_restart_only_changes(self, config: Config) -> None:
+        live = self.fleet.config
+        changed = [name for name in ("profile", "profiles_dir", "daemon")
+                   if getattr(config, name) != getattr(live, name)]
+        if changed:
+            raise ApplyRefused(f"the new config changes {', '.join(changed)}, which only a restart of localllmd "
+                               "applies; apply changes to the model catalog, or restart the daemon")
+
+    async def _apply(self, config: Config, text: str, source: str) -> dict:
+        fleet = self.fleet
+        sizings = await asyncio.to_thread(size_catalog, config, fleet.profile, fleet.learned)
+        running = fleet.ready_specs()
+        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device).config_hash()
+                  for e in config.models if e.name in running}
+        plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
+            e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
+        busy = [n for n in plan.replace + plan.remove
+                if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
+        if busy:
+            raise ApplyConflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
+        generation = self.store.record(text, source, wanted)
+        report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
+        log = logger.bind(generation=generation.number)
+        log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
+                 list(plan.remove) or "-", list(plan.add) or "-")
+        entries = {e.name: e for e in config.models}
+        switched, offline = {}, []
+        try:
+            for name in plan.replace:
+                device, need = running[name].device, sizings[name].need
+                if fleet.room_on(device) < need:
+                    log.info("{}: no room for both, stopping the old container first", name)
+                    await fleet.take_offline(name, DRAIN_PATIENCE)
+                    offline.append(name)
+                switched[name] = await fleet.launch(entries[name], device, need)
+                log.info("{}: new container passed its health gate", name)
+        except LocalllmError as exc:
+            return await self._revert(generation.number, plan, switched, offline, running, exc, report)
+        retire = fleet.commit(config, sizings, {n: v for n, v in switched.items() if n not in offline})
+        for name in offline:
+            fleet.attach(name, *switched[name])
+        for name, container_id in retire:
+            fleet.retire(name, container_id, DRAIN_PATIENCE)
+        self.store.mark(generation.number, "good")
+        fleet.degraded = None
+        log.info("generation {} is live and is now last-good", generation.number)
+        return {**report, "status": "good"}
+
+    async def _revert(self, number: int, plan: ChangePlan, switched: dict, offline: list[str], running: dict,
+                      error: LocalllmError, report: dict) -> dict:
+        fleet = self.fleet
+        log = logger.bind(generation=number)
+        log.error("generation {} failed its health gate: {}; reverting to last-good", number, error.message)
+        for name, (_, container_id) in switched.items():
+            await fleet.runtime.stop_and_remove(container_id, 0)
+        lost = []
+        for name in offline:
+            entry = fleet.instances[name].entry
+            try:
+                fleet.attach(name, *await fleet.launch(entry, running[name].device, fleet.scheduler.slots[name].need))
+            except LocalllmError as exc:
+                fleet.release_hold(name)
+                lost.append(f"{name}: {exc.message}")
+        reason = f"health gate failed: {error.message}"
+        self.store.mark(number, "failed", reason)
+        if lost:
+            fleet.degraded = (f"generation {number} failed and its last-good spec could not be brought back for "
+                              + "; ".join(lost) + "; not retrying on its own: apply a config that works")
+            log.error("degraded: {}", fleet.degraded)
+        report = {**report, "status": "failed", "reason": reason, "degraded": fleet.degraded}
+        raise ApplyFailed(f"generation {number} failed and was reverted to last-good: {reason}"
+                          + (f"; DEGRADED: {fleet.degraded}" if lost else ""), report)

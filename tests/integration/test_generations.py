@@ -1,0 +1,172 @@
+"""Config generations on the real engine: apply, health gate, automatic rollback, history, degraded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+
+import requests
+import yaml
+
+from .conftest import executable, our_containers, poll_for
+
+LONG = {"stream": True, "max_tokens": 1500, "ignore_eos": True, "messages": [{"role": "user", "content": "count"}]}
+
+
+def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_config(daemon, tmp_path, name: str, change) -> str:
+    """The daemon's config with ``change(config)`` applied, written as a new file."""
+    config = yaml.safe_load(daemon.config_path.read_text())
+    change(config)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def model(config: dict, name: str) -> dict:
+    return next(m for m in config["models"] if m["name"] == name)
+
+
+def history(daemon) -> list[dict]:
+    return json.loads(ctl(daemon, "history", "--json").stdout)
+
+
+class Streamer(threading.Thread):
+    """A client streaming a long answer in the background; remembers how the stream ended."""
+
+    def __init__(self, daemon, name: str):
+        super().__init__(daemon=True)
+        self.url, self.body, self.lines, self.error = f"{daemon.proxy_url}/chat/completions", {"model": name, **LONG}, [], None
+        self.started_streaming = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with requests.post(self.url, json=self.body, stream=True, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith(b"data: "):
+                        self.lines.append(line)
+                        self.started_streaming.set()
+        except requests.RequestException as exc:
+            self.error = exc
+
+    @property
+    def completed(self) -> bool:
+        return self.error is None and self.lines[-1] == b"data: [DONE]" and b'"error"' not in b"".join(self.lines)
+
+
+def test_a_good_change_replaces_only_the_changed_container_without_interrupting_a_stream(start_daemon, engine,
+                                                                                          tmp_path):
+    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 2048, "preload": True},
+                           {"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    before = {c.labels["io.localllm.model"]: c.id for c in our_containers(engine, daemon.instance)}
+    streamer = Streamer(daemon, "slow")
+    streamer.start()
+    assert streamer.started_streaming.wait(30)
+    path = write_config(daemon, tmp_path, "bigger.yaml", lambda c: model(c, "slow").update(context_size=4096))
+    done = ctl(daemon, "apply", path)
+    assert done.returncode == 0, done.stderr
+    assert "replace  slow" in done.stdout and ": good" in done.stdout
+    streamer.join(60)
+    assert streamer.completed, streamer.lines[-2:]
+    poll_for(lambda: before["slow"] not in [c.id for c in our_containers(engine, daemon.instance)], timeout=30,
+             what="the old container to be retired once its stream ended")
+    after = {c.labels["io.localllm.model"]: c.id for c in our_containers(engine, daemon.instance)}
+    assert after["tiny"] == before["tiny"] and after["slow"] != before["slow"] and len(after) == 2
+    assert daemon.chat("slow").status_code == 200
+    [*_, last] = history(daemon)
+    assert last["status"] == "good" and last["active"] and last["last_good"]
+
+
+def test_bad_changes_are_reverted_recorded_and_never_interrupt_serving(start_daemon, engine, tmp_path):
+    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 2048, "preload": True}])
+    [original] = our_containers(engine, daemon.instance)
+    bad_changes = {
+        "bad-argument": lambda c: model(c, "slow").update(extra_args=["--no-such-flag"]),
+        "missing-image": lambda c: model(c, "slow").update(image="localllm/llama-server:0.0.0-cpu"),
+    }
+    for name, change in bad_changes.items():
+        streamer = Streamer(daemon, "slow")
+        streamer.start()
+        assert streamer.started_streaming.wait(30)
+        done = ctl(daemon, "apply", write_config(daemon, tmp_path, f"{name}.yaml", change))
+        assert done.returncode == 1, (name, done.stdout, done.stderr)
+        assert "reverted to last-good" in done.stderr
+        streamer.join(60)
+        assert streamer.completed, (name, streamer.lines[-2:])
+        assert [c.id for c in our_containers(engine, daemon.instance)] == [original.id]
+        assert daemon.chat("slow").status_code == 200
+        assert history(daemon)[-1]["status"] == "failed"
+    missing_file = write_config(daemon, tmp_path, "missing-file.yaml",
+                                lambda c: model(c, "slow").update(gguf=str(tmp_path / "nowhere.gguf")))
+    done = ctl(daemon, "apply", missing_file)  # refused by validation, before anything is sent
+    assert done.returncode == 2 and "nowhere.gguf does not exist" in done.stderr
+    last_good = [g for g in history(daemon) if g["last_good"]]
+    assert len(last_good) == 1 and last_good[0]["source"].startswith("startup")
+
+
+def test_an_invalid_config_sent_to_the_daemon_is_recorded_as_invalid(start_daemon, tmp_path):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    path = write_config(daemon, tmp_path, "other-port.yaml", lambda c: c["daemon"].update(stop_grace=3))
+    done = ctl(daemon, "apply", path)
+    assert done.returncode == 2 and "only a restart of localllmd applies" in done.stderr
+    assert history(daemon)[-1]["status"] == "invalid"
+
+
+def test_when_last_good_cannot_come_back_the_daemon_is_degraded_and_does_not_loop(start_daemon, engine,
+                                                                                   models_dir, tmp_path):
+    own = tmp_path / "own.gguf"
+    own.write_bytes((models_dir / "tiny.gguf").read_bytes())
+    daemon = start_daemon([{"name": "tiny", "gguf": str(own), "preload": True}], top=one_model_budget(tmp_path,
+                                                                                                       models_dir))
+    own.unlink()  # the running container keeps its mount; a restart of the last-good spec cannot work
+    bad = write_config(daemon, tmp_path, "bad.yaml", lambda c: model(c, "tiny").update(
+        gguf=str(models_dir / "tiny.gguf"), extra_args=["--no-such-flag"]))
+    done = ctl(daemon, "apply", bad)
+    assert done.returncode == 1 and "DEGRADED" in done.stderr
+    status = json.loads(ctl(daemon, "status", "--json").stdout)
+    assert "could not be brought back" in status["daemon"]["degraded"]
+    assert "DEGRADED:" in ctl(daemon, "status").stdout
+    starts = daemon.log().count(" started on port ")
+    time.sleep(3)
+    assert our_containers(engine, daemon.instance) == []
+    assert daemon.log().count(" started on port ") == starts  # nothing restarts it on its own
+
+
+def one_model_budget(tmp_path, models_dir) -> dict:
+    """A CPU profile with room for one tiny model only, so a change must stop the old container first."""
+    from supervisor.config import ModelEntry
+    from supervisor.profiles import builtin_profiles_dir, load_profiles
+    from supervisor.sizing import size_model
+
+    need = size_model(ModelEntry(name="m", gguf=models_dir / "tiny.gguf", context_size=256),
+                      load_profiles()["cpu-only"]).need
+    profile = yaml.safe_load((builtin_profiles_dir() / "cpu-only.yaml").read_text())
+    profile.update(name="one-model")
+    profile["hardware"]["ram_gib"] = 1.5 * need / 1024**3
+    profile["defaults"]["ram_reserve_gib"] = 0
+    directory = tmp_path / "profiles"
+    directory.mkdir(exist_ok=True)
+    (directory / "one-model.yaml").write_text(yaml.safe_dump(profile))
+    return {"profile": "one-model", "profiles_dir": str(directory)}
+
+
+def test_rollback_returns_to_an_earlier_generation(start_daemon, engine, tmp_path):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    [first] = our_containers(engine, daemon.instance)
+    assert ctl(daemon, "apply", write_config(daemon, tmp_path, "c512.yaml",
+                                             lambda c: model(c, "tiny").update(context_size=512))).returncode == 0
+    poll_for(lambda: first.id not in [c.id for c in our_containers(engine, daemon.instance)], timeout=30,
+             what="the first container to be retired")
+    done = ctl(daemon, "rollback")
+    assert done.returncode == 0, done.stderr
+    assert "rollback to generation 1" in done.stdout and ": good" in done.stdout
+    [current] = [c for c in our_containers(engine, daemon.instance) if c.status == "running"]
+    assert "256" in current.attrs["Args"][current.attrs["Args"].index("--ctx-size") + 1]
+    table = ctl(daemon, "history").stdout
+    assert "startup" in table and "rollback to generation 1" in table and "*active" in table
