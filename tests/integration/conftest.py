@@ -149,7 +149,7 @@ def start_daemon(engine, models_dir, tmp_path):
         instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
         base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
-        state_dir = tmp_path / f"{instance}-{len(started)}"
+        state_dir = Path(daemon_settings.pop("state_dir", tmp_path / f"{instance}-{len(started)}"))
         config = {
             "profile": "cpu-only",
             "daemon": {

@@ -170,3 +170,54 @@ def test_rollback_returns_to_an_earlier_generation(start_daemon, engine, tmp_pat
     assert "256" in current.attrs["Args"][current.attrs["Args"].index("--ctx-size") + 1]
     table = ctl(daemon, "history").stdout
     assert "startup" in table and "rollback to generation 1" in table and "*active" in table
+
+
+def test_a_corrupt_state_file_is_set_aside_and_the_containers_are_adopted(start_daemon, engine):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    [container] = our_containers(engine, daemon.instance)
+    state_dir = daemon.socket.parent
+    daemon.process.kill()
+    daemon.process.wait(timeout=10)
+    index = state_dir / "generations" / "index.json"
+    index.write_text("{ this is not json")
+    config = yaml.safe_load(daemon.config_path.read_text())
+    again = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], instance=daemon.instance,
+                         state_dir=config["daemon"]["state_dir"])
+    assert [c.id for c in our_containers(engine, again.instance)] == [container.id]
+    [aside] = list((state_dir / "generations").glob("index.json.corrupt-*"))
+    assert aside.read_text() == "{ this is not json"
+    assert "generation index" in again.log() and "was unreadable" in again.log()
+    assert again.chat("tiny").status_code == 200
+    assert [g["source"][:7] for g in history(again)] == ["startup"]
+
+
+def test_a_full_state_directory_refuses_apply_cleanly_and_keeps_the_old_state(start_daemon, tmp_path):
+    state_dir = tmp_path / "small-state"
+    state_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state_dir)], check=True)
+    try:
+        daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], state_dir=str(state_dir))
+        poll_for(lambda: history(daemon) and history(daemon)[0]["status"] == "good", timeout=10,
+                 what="the startup generation to be good")
+        index = state_dir / "generations" / "index.json"
+        before = index.read_bytes()
+        filler = state_dir / "filler"
+        with filler.open("wb", buffering=0) as out:  # fill the tmpfs to the last byte
+            for size in (65536, 4096, 256, 16, 1):
+                try:
+                    while True:
+                        out.write(b"\0" * size)
+                except OSError:
+                    pass
+        done = ctl(daemon, "apply", write_config(daemon, tmp_path, "c512.yaml",
+                                                 lambda c: model(c, "tiny").update(context_size=512)))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "cannot write" in done.stderr and "nothing was changed" in done.stderr
+        assert index.read_bytes() == before
+        assert not list((state_dir / "generations").glob("*.tmp"))
+        assert sorted(p.name for p in (state_dir / "generations").glob("0*.yaml")) == ["000001.yaml"]
+        assert daemon.chat("tiny").status_code == 200
+        filler.unlink()
+        daemon.terminate()
+    finally:
+        subprocess.run(["umount", "-l", str(state_dir)], check=False)
