@@ -143,8 +143,12 @@ def estimate_target(args: argparse.Namespace):
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    load_config(args.file)  # the same check the daemon makes, with file and line, before anything is sent
-    body = {"config": args.file.read_text(), "source": str(args.file.resolve())}
+    """The daemon validates (file and line in its answer) and records even an invalid config as a generation."""
+    try:
+        text = args.file.read_text()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    body = {"config": text, "source": str(args.file.resolve())}
     print_report(asyncio.run(control_request(socket_path(args), "POST", "/apply", body)), args.json)
     return EXIT_OK
 

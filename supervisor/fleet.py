@@ -140,6 +140,7 @@ class Fleet:
             "state": str(slot.phase),
             "device": slot.device,
             "container": instance.container_id[:12] if instance.container_id else None,
+            "config_hash": instance.spec.config_hash() if instance.spec else None,
             "port": instance.spec.port if instance.spec else None,
             "preload": instance.entry.preload,
             "pinned": instance.entry.pinned,

@@ -12,6 +12,7 @@ which must be replaced, which go, which are new.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -86,7 +87,8 @@ class GenerationStore:
 
     def record(self, text: str, source: str, hashes: dict[str, str]) -> Generation:
         """Save a new pending generation; raises StateWriteFailed and changes nothing if it cannot."""
-        number = max((g.number for g in self.generations), default=0) + 1
+        on_disk = [int(p.stem) for p in self.directory.glob("[0-9]*.yaml") if p.stem.isdigit()]
+        number = max([g.number for g in self.generations] + on_disk, default=0) + 1  # never overwrite a file
         generation = Generation(number, time.time(), source, "pending", hashes)
         self._write(self.directory / f"{number:06d}.yaml", text)
         self.generations.append(generation)
@@ -99,13 +101,21 @@ class GenerationStore:
         return generation
 
     def mark(self, number: int, status: str, reason: str = "") -> None:
+        """Record an outcome; if the index cannot be written, memory and disk stay as they were."""
         generation = self.get(number)
         assert generation is not None, f"no generation {number}"
+        before = (generation.status, generation.reason, self.active, self.last_good, list(self.generations))
         generation.status, generation.reason = status, reason
         if status == "good":
             self.active = self.last_good = number
-        self._prune()
-        self._save_index()
+        pruned = self._prune()
+        try:
+            self._save_index()
+        except StateWriteFailed:
+            generation.status, generation.reason, self.active, self.last_good, self.generations = before
+            raise
+        for old in pruned:  # only once the index no longer lists them
+            (self.directory / f"{old.number:06d}.yaml").unlink(missing_ok=True)
 
     def set_active(self, number: int) -> None:
         self.active = number
@@ -122,9 +132,14 @@ class GenerationStore:
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            aside = index.with_name(f"index.json.corrupt-{time.time_ns()}")
-            index.replace(aside)
             self.generations, self.active, self.last_good = [], None, None
+            aside = index.with_name(f"index.json.corrupt-{time.time_ns()}")
+            try:
+                index.replace(aside)
+            except OSError as move_failed:
+                self.problem = (f"generation index {index} is unreadable ({exc}) and could not be moved aside "
+                                f"({move_failed.strerror or move_failed}); history starts empty")
+                return
             self.problem = f"generation index {index} was unreadable ({exc}); moved it to {aside}"
 
     def _save_index(self) -> None:
@@ -142,14 +157,18 @@ class GenerationStore:
                 os.fsync(out.fileno())
             tmp.replace(path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise StateWriteFailed(f"cannot write {path}: {exc.strerror or exc}; nothing was changed") from None
 
-    def _prune(self) -> None:
+    def _prune(self) -> list[Generation]:
+        """Drop the oldest generations beyond KEEP from memory (never active or last-good); returns them."""
         protected = {self.active, self.last_good}
+        pruned = []
         while len(self.generations) > KEEP:
             oldest = next((g for g in self.generations if g.number not in protected), None)
             if oldest is None:
-                return
-            self.generations.remove(oldest)
-            (self.directory / f"{oldest.number:06d}.yaml").unlink(missing_ok=True)
+                break
+            self.generations = [g for g in self.generations if g is not oldest]
+            pruned.append(oldest)
+        return pruned

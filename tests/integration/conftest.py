@@ -198,3 +198,21 @@ def start_daemon(engine, models_dir, tmp_path):
 
 def our_containers(engine: docker.DockerClient, instance: str) -> list:
     return engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={instance}"}, ignore_removed=True)
+
+
+def assert_invariants(daemon: DaemonProcess, engine: docker.DockerClient) -> None:
+    """After a fault: one running container per ready model, carrying the spec's config hash, and nothing else;
+    the last-good generation is good; no temp files in the state directory."""
+    status = daemon.status()
+    containers = our_containers(engine, daemon.instance)
+    ready = {m["name"]: m for m in status["models"] if m["state"] == "ready"}
+    assert sorted(c.labels["io.localllm.model"] for c in containers) == sorted(ready), "one container per model"
+    for container in containers:
+        model = ready[container.labels["io.localllm.model"]]
+        assert container.status == "running" and container.id.startswith(model["container"])
+        assert container.labels["io.localllm.config-hash"] == model["config_hash"]
+    generations = json.loads(subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
+        capture_output=True, text=True, check=True).stdout)
+    assert all(g["status"] == "good" for g in generations if g["last_good"])
+    assert not list(daemon.socket.parent.rglob("*.tmp")), "temp files left behind"

@@ -11,7 +11,7 @@ import signal
 import docker
 import yaml
 
-from .conftest import RUN_ID, TEST_RUN_LABEL, executable, our_containers
+from .conftest import assert_invariants, RUN_ID, TEST_RUN_LABEL, executable, our_containers
 
 TWO = [{"name": "tiny", "gguf": "tiny.gguf", "preload": True},
        {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True}]
@@ -39,6 +39,7 @@ def test_kill_9_five_times_adopts_both_models_each_time(start_daemon, engine):
         assert daemon.log().count("adopted running container") == 2
         assert daemon.chat("tiny").status_code == 200 and daemon.chat("tiny2").status_code == 200
         assert {m["name"]: m["state"] for m in daemon.status()["models"]} == {"tiny": "ready", "tiny2": "ready"}
+        assert_invariants(daemon, engine)
 
 
 def test_drifted_containers_are_recreated_and_unwanted_ones_removed(start_daemon, engine, models_dir):
@@ -59,6 +60,7 @@ def test_drifted_containers_are_recreated_and_unwanted_ones_removed(start_daemon
     assert lookalike.name == f"localllm-{daemon.instance}-lookalike"
     lookalike.remove(force=True)
     assert daemon.chat("tiny").status_code == 200
+    assert_invariants(daemon, engine)
 
 
 def test_a_stopped_container_of_ours_is_removed_not_adopted(start_daemon, engine):

@@ -10,7 +10,7 @@ import time
 import requests
 import yaml
 
-from .conftest import executable, our_containers, poll_for
+from .conftest import assert_invariants, executable, our_containers, poll_for
 
 LONG = {"stream": True, "max_tokens": 1500, "ignore_eos": True, "messages": [{"role": "user", "content": "count"}]}
 
@@ -81,6 +81,7 @@ def test_a_good_change_replaces_only_the_changed_container_without_interrupting_
     assert daemon.chat("slow").status_code == 200
     [*_, last] = history(daemon)
     assert last["status"] == "good" and last["active"] and last["last_good"]
+    assert_invariants(daemon, engine)
 
 
 def test_bad_changes_are_reverted_recorded_and_never_interrupt_serving(start_daemon, engine, tmp_path):
@@ -104,10 +105,12 @@ def test_bad_changes_are_reverted_recorded_and_never_interrupt_serving(start_dae
         assert history(daemon)[-1]["status"] == "failed"
     missing_file = write_config(daemon, tmp_path, "missing-file.yaml",
                                 lambda c: model(c, "slow").update(gguf=str(tmp_path / "nowhere.gguf")))
-    done = ctl(daemon, "apply", missing_file)  # refused by validation, before anything is sent
-    assert done.returncode == 2 and "nowhere.gguf does not exist" in done.stderr
+    done = ctl(daemon, "apply", missing_file)  # refused by the daemon's validation, recorded as invalid
+    assert done.returncode == 2 and f"{missing_file}:" in done.stderr and "nowhere.gguf does not exist" in done.stderr
+    assert history(daemon)[-1]["status"] == "invalid"
     last_good = [g for g in history(daemon) if g["last_good"]]
     assert len(last_good) == 1 and last_good[0]["source"].startswith("startup")
+    assert_invariants(daemon, engine)
 
 
 def test_an_invalid_config_sent_to_the_daemon_is_recorded_as_invalid(start_daemon, tmp_path):
@@ -170,6 +173,8 @@ def test_rollback_returns_to_an_earlier_generation(start_daemon, engine, tmp_pat
     assert "256" in current.attrs["Args"][current.attrs["Args"].index("--ctx-size") + 1]
     table = ctl(daemon, "history").stdout
     assert "startup" in table and "rollback to generation 1" in table and "*active" in table
+    poll_for(lambda: len(our_containers(engine, daemon.instance)) == 1, timeout=30, what="the retired one to go")
+    assert_invariants(daemon, engine)
 
 
 def test_a_corrupt_state_file_is_set_aside_and_the_containers_are_adopted(start_daemon, engine):
@@ -189,6 +194,7 @@ def test_a_corrupt_state_file_is_set_aside_and_the_containers_are_adopted(start_
     assert "generation index" in again.log() and "was unreadable" in again.log()
     assert again.chat("tiny").status_code == 200
     assert [g["source"][:7] for g in history(again)] == ["startup"]
+    assert_invariants(again, engine)
 
 
 def test_a_full_state_directory_refuses_apply_cleanly_and_keeps_the_old_state(start_daemon, tmp_path):

@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from .conftest import our_containers, poll_for
+from .conftest import assert_invariants, our_containers, poll_for
 
 
 def start_events(engine, instance: str, since: float) -> int:
@@ -40,6 +40,7 @@ def test_docker_kill_mid_stream_ends_the_stream_with_an_error_and_the_model_come
     assert replacement.id != container.id
     assert "failure 1 of 5: restarting in 1s" in daemon.log()
     assert daemon.chat("slow").status_code == 200
+    assert_invariants(daemon, engine)
 
 
 def test_a_crash_loop_backs_off_then_marks_the_model_failed_with_bounded_docker_calls(start_daemon, engine):
@@ -59,6 +60,7 @@ def test_a_crash_loop_backs_off_then_marks_the_model_failed_with_bounded_docker_
     time.sleep(2)
     assert start_events(engine, daemon.instance, since) == 4  # no more attempts after giving up
     assert our_containers(engine, daemon.instance) == []
+    assert_invariants(daemon, engine)
 
 
 def test_a_frozen_container_is_detected_and_replaced(start_daemon, engine):
@@ -73,3 +75,5 @@ def test_a_frozen_container_is_detected_and_replaced(start_daemon, engine):
     assert "server unhealthy: 2 failed probes" in daemon.log()
     assert replaced_after < 2 * 0.5 + 0.3 + 5  # threshold x period, plus probe timeout and the restart
     assert daemon.chat("tiny").status_code == 200
+    poll_for(lambda: len(our_containers(engine, daemon.instance)) == 1, timeout=15, what="the frozen one to go")
+    assert_invariants(daemon, engine)
