@@ -187,7 +187,8 @@ def main() -> None:
 def render(report: dict) -> str:
     rows = [(k, v) for k, v in report.items() if isinstance(v, dict) and "median_ms" in v]
     lines = ["# Cold start and swap", "", f"Command: `.venv/bin/python bench/swap_bench.py`; machine: "
-             f"{report['machine']}", "", "| measurement | min ms | median ms | max ms | runs |", "|---|---|---|---|---|"]
+             f"{report['machine']}", "", "| measurement | min ms | median ms | max ms | runs |",
+             "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['min_ms']} | {v['median_ms']} | {v['max_ms']} | {v['runs']} |" for k, v in rows]
     lines += ["", f"- cold first token / raw docker-run-to-health (medians): "
               f"{report['ratio_cold_first_token_to_raw_health']}",

@@ -19,7 +19,14 @@ import aiohttp
 
 from . import __version__
 from .config import load_config
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadRequest, ControlUnreachable, LocalllmError
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    BadRequest,
+    ControlUnreachable,
+    LocalllmError,
+)
 from .estimate import CACHE_TYPE_BYTES
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
@@ -86,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=cmd_image_build)
 
     model = commands.add_parser("model", help="model files").add_subparsers(metavar="ACTION")
-    generate = model.add_parser("generate", help="write a small random-weight GGUF model (for CPU/offline hosts and tests)")
+    generate = model.add_parser("generate",
+                                help="write a small random-weight GGUF model (for CPU/offline hosts and tests)")
     generate.add_argument("path", type=Path)
     generate.add_argument("--blocks", type=int, default=2)
     generate.add_argument("--embedding", type=int, default=64)
@@ -111,7 +119,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     entry, profile_name, profiles_dir = estimate_target(args)
     profile, _ = select_profile(args.profile or profile_name, profiles_dir)
     if args.parallel:
-        profile = profile.model_copy(update={"defaults": profile.defaults.model_copy(update={"parallel": args.parallel})})
+        defaults = profile.defaults.model_copy(update={"parallel": args.parallel})
+        profile = profile.model_copy(update={"defaults": defaults})
     changes = {"context_size": args.context, "gpu_layers": args.gpu_layers,
                "cache_type_k": args.cache_type, "cache_type_v": args.cache_type}
     entry = entry.model_copy(update={k: v for k, v in changes.items() if v is not None})

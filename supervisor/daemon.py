@@ -28,14 +28,13 @@ from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .fleet import Fleet
+from .generations import GenerationStore
 from .hardware import read_gpus_nvml, select_profile
 from .learned import LearnedSizes
-from .generations import GenerationStore
+from .proxy import create_proxy_app
 from .rollout import Rollout
 from .scheduler import Phase
 from .sizing import size_catalog
-from .profiles import Profile
-from .proxy import create_proxy_app
 
 DEMO_STATE_DIR = Path("/tmp/localllm-demo")
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
@@ -81,7 +80,8 @@ def setup_logging(level: str) -> None:
     def render(record: dict) -> str:
         fields = " ".join(f"{k}={v}" for k, v in record["extra"].items())
         fields = f" [{fields}]" if fields else ""
-        return "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7}" + fields.replace("{", "{{").replace("}", "}}") + " {message}\n{exception}"
+        escaped = fields.replace("{", "{{").replace("}", "}}")
+        return "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7}" + escaped + " {message}\n{exception}"
 
     logger.remove()
     logger.add(sys.stderr, level=level, format=render, backtrace=False, diagnose=False)

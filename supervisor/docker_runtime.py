@@ -12,10 +12,11 @@ import asyncio
 import functools
 import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import docker
 import docker.errors
@@ -67,14 +68,16 @@ class DockerRuntime:
         try:
             return fn(*args, **kwargs)
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
-            raise DockerUnavailable(f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
+            raise DockerUnavailable(
+                f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
         except requests.exceptions.RequestException as exc:  # e.g. a read timeout: the engine is there but stuck
             raise DockerFailure(f"Docker did not answer in time to {action}: {exc}") from None
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image not found while trying to {action}: {_explain(exc)}") from None
         except docker.errors.DockerException as exc:
             if "Connection" in str(exc) or "FileNotFoundError" in str(exc):
-                raise DockerUnavailable(f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}") from None
+                raise DockerUnavailable(
+                    f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}") from None
             raise DockerFailure(f"Docker failed to {action}: {_explain(exc)}") from None
 
     @property
@@ -165,7 +168,8 @@ class DockerRuntime:
         if spec.gpu_device_ids is not None:
             ids = list(spec.gpu_device_ids)
             kwargs["device_requests"] = [
-                DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids else DeviceRequest(count=-1, capabilities=[["gpu"]])
+                DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids
+                else DeviceRequest(count=-1, capabilities=[["gpu"]])
             ]
         try:
             container = self.client.containers.create(**kwargs)
@@ -184,7 +188,8 @@ class DockerRuntime:
     def _remove_stale(self, spec: ContainerSpec) -> None:
         stale = self.client.containers.get(spec.name)
         if stale.labels.get(LABEL_OWNER) != spec.owner:
-            raise DockerFailure(f"a container named {spec.name} exists and is not ours; remove it or rename the instance")
+            raise DockerFailure(
+                f"a container named {spec.name} exists and is not ours; remove it or rename the instance")
         stale.remove(force=True)
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:

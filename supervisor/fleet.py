@@ -23,15 +23,40 @@ from loguru import logger
 
 from .backends import backend_for
 from .config import Config, DaemonSettings, ModelEntry
-from .containers import LABEL_CONFIG_HASH, LABEL_DEVICE, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, ContainerSpec
+from .containers import (
+    LABEL_CONFIG_HASH,
+    LABEL_DEVICE,
+    LABEL_MODEL,
+    LABEL_OWNER,
+    LABEL_PORT,
+    ContainerSpec,
+)
 from .docker_runtime import DockerRuntime
-from .errors import LocalllmError, ModelStartFailed, ShuttingDown, UnknownModel, UpstreamFailed, describe_exit
+from .errors import (
+    LocalllmError,
+    ModelStartFailed,
+    ShuttingDown,
+    UnknownModel,
+    UpstreamFailed,
+    describe_exit,
+)
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
-from .scheduler import Action, Grant, Limits, ModelSlot, Note, Phase, Reject, Scheduler, Start, Stop
+from .scheduler import (
+    Action,
+    Grant,
+    Limits,
+    ModelSlot,
+    Note,
+    Phase,
+    Reject,
+    Scheduler,
+    Start,
+    Stop,
+)
 from .sizing import Sizing
 
 MEMORY_POLL = 0.25
@@ -328,7 +353,8 @@ class Fleet:
         instance, slot = self.instances[name], self.scheduler.slots[name]
         slot.held = False
         if self.scheduler.adopt(name, spec.device, time.monotonic()):
-            instance.spec, instance.container_id, instance.ready_at, instance.error = spec, container_id, time.time(), None
+            instance.spec, instance.container_id = spec, container_id
+            instance.ready_at, instance.error = time.time(), None
         self._apply(self.scheduler.tick(time.monotonic()))
 
     def release_hold(self, name: str) -> None:

@@ -96,7 +96,8 @@ def read_gpus_nvidia_smi() -> list[GpuReading] | None:
 def facts_from(readings: list[GpuReading] | None, source: str, ram_bytes: int, cpu_cores: int) -> HostFacts:
     """Pure: turn readings into the facts profile selection works on."""
     gpus = tuple(r.total_bytes / GIB for r in readings or [])
-    return HostFacts(gpu_vram_gib=gpus, ram_gib=ram_bytes / GIB, cpu_cores=cpu_cores, gpu_source=source if gpus else "none")
+    return HostFacts(gpu_vram_gib=gpus, ram_gib=ram_bytes / GIB, cpu_cores=cpu_cores,
+                     gpu_source=source if gpus else "none")
 
 
 def detect_host() -> HostFacts:

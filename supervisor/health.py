@@ -27,7 +27,7 @@ async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> int
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             await response.read()
             return response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return None
 
 

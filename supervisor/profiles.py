@@ -91,7 +91,8 @@ def load_profiles(extra_dir: Path | None = None) -> dict[str, Profile]:
         for path in sorted(directory.glob("*.yaml")):
             profile, _ = read_model(path, Profile)
             if profile.name != path.stem:
-                raise ConfigError(str(path), [f"{path}:1: name: '{profile.name}' must match the file name '{path.stem}'"])
+                problem = f"{path}:1: name: '{profile.name}' must match the file name '{path.stem}'"
+                raise ConfigError(str(path), [problem])
             profiles[profile.name] = profile
     return profiles
 

@@ -140,7 +140,7 @@ class Rollout:
         fleet = self.fleet
         log = logger.bind(generation=number)
         log.error("generation {} failed its health gate: {}; reverting to last-good", number, error.message)
-        for name, (_, container_id) in switched.items():
+        for _, container_id in switched.values():
             await fleet.runtime.stop_and_remove(container_id, 0)
         lost = []
         for name in offline:

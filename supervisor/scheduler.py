@@ -22,10 +22,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .errors import (DockerUnavailable, LocalllmError, ModelGaveUp, ModelTooLarge, QueueFull, QueueTimeout,
-                     UnknownModel)
+from .errors import (
+    DockerUnavailable,
+    LocalllmError,
+    ModelGaveUp,
+    ModelTooLarge,
+    QueueFull,
+    QueueTimeout,
+    UnknownModel,
+)
 from .placement import Admit, Device, Refuse, Resident, plan_admission
-
 
 RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
 

@@ -1,4 +1,7 @@
-"""How much memory a catalog model needs: the estimate from its GGUF header, or what was learned, whichever is larger."""
+"""How much memory a catalog model needs.
+
+The estimate from its GGUF header, or what was learned, whichever is larger.
+"""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class YamlDoc:
     root: yaml.Node | None
 
     @classmethod
-    def parse(cls, text: str) -> "YamlDoc":
+    def parse(cls, text: str) -> YamlDoc:
         try:
             root = yaml.compose(text, Loader=_StrictLoader)
             data = _StrictLoader(text).get_single_data() if root is not None else None

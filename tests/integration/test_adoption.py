@@ -9,9 +9,13 @@ from __future__ import annotations
 import signal
 
 import docker
-import yaml
 
-from .conftest import assert_invariants, RUN_ID, TEST_RUN_LABEL, executable, our_containers
+from .conftest import (
+    RUN_ID,
+    TEST_RUN_LABEL,
+    assert_invariants,
+    our_containers,
+)
 
 TWO = [{"name": "tiny", "gguf": "tiny.gguf", "preload": True},
        {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -227,3 +228,18 @@ def test_a_full_state_directory_refuses_apply_cleanly_and_keeps_the_old_state(st
         daemon.terminate()
     finally:
         subprocess.run(["umount", "-l", str(state_dir)], check=False)
+
+
+def test_sighup_re_reads_the_config_file_and_applies_it(start_daemon, engine):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    config = yaml.safe_load(daemon.config_path.read_text())
+    model(config, "tiny")["context_size"] = 512
+    daemon.config_path.write_text(yaml.safe_dump(config))
+    daemon.process.send_signal(signal.SIGHUP)
+    poll_for(lambda: len(history(daemon)) == 2 and history(daemon)[-1]["status"] == "good", timeout=30,
+             what="the SIGHUP generation")
+    assert history(daemon)[-1]["source"] == f"sighup: {daemon.config_path}"
+    poll_for(lambda: len(our_containers(engine, daemon.instance)) == 1, timeout=30, what="the old one to retire")
+    [container] = our_containers(engine, daemon.instance)
+    assert container.attrs["Args"][container.attrs["Args"].index("--ctx-size") + 1] == "512"
+    assert_invariants(daemon, engine)

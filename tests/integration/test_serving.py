@@ -6,8 +6,8 @@ import concurrent.futures
 import signal
 
 import openai
-import requests
 import pytest
+import requests
 
 from .conftest import our_containers, poll_for
 

@@ -67,7 +67,7 @@ class EngineSampler:
             self.samples.append(sum(1 for c in listed if c["State"] in ("created", "running")))
             time.sleep(0.005)
 
-    def __enter__(self) -> "EngineSampler":
+    def __enter__(self) -> EngineSampler:
         self._thread.start()
         return self
 

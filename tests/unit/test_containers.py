@@ -8,7 +8,15 @@ import re
 import pytest
 
 from supervisor.containers import (
-    LABEL_BACKEND, LABEL_CONFIG_HASH, LABEL_DEVICE, LABEL_MODEL, LABEL_OWNER, LABEL_PORT, BindMount, ContainerSpec, container_name,
+    LABEL_BACKEND,
+    LABEL_CONFIG_HASH,
+    LABEL_DEVICE,
+    LABEL_MODEL,
+    LABEL_OWNER,
+    LABEL_PORT,
+    BindMount,
+    ContainerSpec,
+    container_name,
 )
 
 DOCKER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")

@@ -15,7 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.backends.llamacpp import reported_buffers
-from supervisor.estimate import GPU_RUNTIME_OVERHEAD, MIB, Estimate, LaunchSettings, estimate
+from supervisor.estimate import (
+    GPU_RUNTIME_OVERHEAD,
+    MIB,
+    Estimate,
+    LaunchSettings,
+    estimate,
+)
 from supervisor.gguf_meta import GgufFacts
 
 FACTS = GgufFacts(

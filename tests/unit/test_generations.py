@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from supervisor.generations import KEEP, ChangePlan, GenerationStore, StateWriteFailed, plan_change
+from supervisor.generations import (
+    KEEP,
+    ChangePlan,
+    GenerationStore,
+    StateWriteFailed,
+    plan_change,
+)
 
 
 @pytest.mark.parametrize("running, wanted, old, expected", [

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.images import LLAMA_CPP_PYTHON_VERSION, cpu_image_tag, how_to_get, parse_ldd
+from supervisor.images import (
+    LLAMA_CPP_PYTHON_VERSION,
+    cpu_image_tag,
+    how_to_get,
+    parse_ldd,
+)
 
 
 def test_parse_recorded_ldd_output(fixture_text):

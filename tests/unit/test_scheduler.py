@@ -7,9 +7,25 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.errors import ModelGaveUp, ModelStartFailed, ModelTooLarge, QueueFull, QueueTimeout
+from supervisor.errors import (
+    ModelGaveUp,
+    ModelStartFailed,
+    ModelTooLarge,
+    QueueFull,
+    QueueTimeout,
+)
 from supervisor.placement import Device
-from supervisor.scheduler import Grant, Limits, ModelSlot, Note, Phase, Reject, Scheduler, Start, Stop
+from supervisor.scheduler import (
+    Grant,
+    Limits,
+    ModelSlot,
+    Note,
+    Phase,
+    Reject,
+    Scheduler,
+    Start,
+    Stop,
+)
 
 MIB = 1024**2
 
