@@ -115,13 +115,20 @@ def test_a_model_bigger_than_the_budget_gets_a_clear_error(start_daemon, engine,
     assert daemon.chat("tiny").status_code == 200
 
 
+LONG_STREAM = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
+               "messages": [{"role": "user", "content": "count"}]}
+
+
+def one_slot(start_daemon, budget_profile, **settings):
+    """Two slow models and room for one: a request for slow2 must wait while slow serves."""
+    return start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
+                         {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
+                        top=budget_profile(1, "slow.gguf", 4096), min_residency=0, **settings)
+
+
 def test_a_streaming_client_waiting_for_a_swap_gets_headers_and_keepalives_at_once(start_daemon, budget_profile):
-    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
-                           {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
-                          top=budget_profile(1, "slow.gguf", 4096), min_residency=0)
-    long_stream = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
-                   "messages": [{"role": "user", "content": "count"}]}
-    busy = requests.post(f"{daemon.proxy_url}/chat/completions", json=long_stream, stream=True, timeout=60)
+    daemon = one_slot(start_daemon, budget_profile)
+    busy = requests.post(f"{daemon.proxy_url}/chat/completions", json=LONG_STREAM, stream=True, timeout=60)
     busy_lines = busy.iter_lines()  # keep the generator: dropping it closes the connection
     assert next(busy_lines).startswith(b"data: ")
 
@@ -140,12 +147,8 @@ def test_a_streaming_client_waiting_for_a_swap_gets_headers_and_keepalives_at_on
 
 
 def test_a_full_queue_gets_503_with_retry_after(start_daemon, budget_profile):
-    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
-                           {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
-                          top=budget_profile(1, "slow.gguf", 4096), min_residency=0, max_queue=1)
-    long_stream = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
-                   "messages": [{"role": "user", "content": "count"}]}
-    with requests.post(f"{daemon.proxy_url}/chat/completions", json=long_stream, stream=True, timeout=60) as busy:
+    daemon = one_slot(start_daemon, budget_profile, max_queue=1)
+    with requests.post(f"{daemon.proxy_url}/chat/completions", json=LONG_STREAM, stream=True, timeout=60) as busy:
         busy_lines = busy.iter_lines()  # keep the generator: dropping it closes the connection
         next(busy_lines)
         with requests.post(f"{daemon.proxy_url}/chat/completions", stream=True, timeout=60, json={
@@ -170,12 +173,8 @@ def test_idle_models_unload_after_their_ttl_but_pinned_ones_stay(start_daemon, e
 
 
 def test_a_client_that_leaves_while_queued_gives_up_its_place(start_daemon, budget_profile):
-    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
-                           {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
-                          top=budget_profile(1, "slow.gguf", 4096), min_residency=0)
-    long_stream = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
-                   "messages": [{"role": "user", "content": "count"}]}
-    with requests.post(f"{daemon.proxy_url}/chat/completions", json=long_stream, stream=True, timeout=60) as busy:
+    daemon = one_slot(start_daemon, budget_profile)
+    with requests.post(f"{daemon.proxy_url}/chat/completions", json=LONG_STREAM, stream=True, timeout=60) as busy:
         busy_lines = busy.iter_lines()
         next(busy_lines)
         with socket.create_connection(("127.0.0.1", int(daemon.proxy_url.split(":")[2].split("/")[0]))) as client:
