@@ -243,3 +243,18 @@ def test_sighup_re_reads_the_config_file_and_applies_it(start_daemon, engine):
     [container] = our_containers(engine, daemon.instance)
     assert container.attrs["Args"][container.attrs["Args"].index("--ctx-size") + 1] == "512"
     assert_invariants(daemon, engine)
+
+
+def test_without_room_for_both_the_old_container_stops_first_and_the_change_still_lands(start_daemon, engine,
+                                                                                        models_dir, tmp_path):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+                          top=one_model_budget(tmp_path, models_dir))
+    [old] = our_containers(engine, daemon.instance)
+    done = ctl(daemon, "apply", write_config(daemon, tmp_path, "args.yaml",
+                                             lambda c: model(c, "tiny").update(extra_args=["--threads", "1"])))
+    assert done.returncode == 0, done.stderr
+    assert "no room for both, stopping the old container first" in daemon.log()
+    [new] = our_containers(engine, daemon.instance)
+    assert new.id != old.id and "--threads" in new.attrs["Args"]
+    assert daemon.chat("tiny").status_code == 200
+    assert_invariants(daemon, engine)
