@@ -103,7 +103,9 @@ class Rollout:
                   for e in config.models if e.name in running}
         plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
             e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
-        busy = [n for n in plan.replace + plan.remove
+        entries = {e.name: e for e in config.models}
+        gone = set(fleet.instances) - set(entries)  # removing a model that is starting would orphan its start
+        busy = [n for n in sorted(set(plan.replace) | gone)
                 if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
         if busy:
             raise ApplyConflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
@@ -112,7 +114,6 @@ class Rollout:
         log = logger.bind(generation=generation.number)
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
                  list(plan.remove) or "-", list(plan.add) or "-")
-        entries = {e.name: e for e in config.models}
         switched, offline = {}, []
         try:
             for name in plan.replace:

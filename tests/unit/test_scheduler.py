@@ -410,3 +410,20 @@ def test_next_wakeup_is_the_earliest_backoff_of_a_wanted_or_requested_model():
     assert s.next_wakeup() is None  # nobody waits and nothing wants it
     s.submit("a", 2)
     assert s.next_wakeup() == 4.0
+
+
+def test_a_new_catalog_clears_failures_and_rejects_requests_for_models_that_went():
+    s = scheduler(budgets=(50,), max_failures=1)
+    s.submit("a", 0)
+    s.started("a", 0, ModelStartFailed("a", "exited"))
+    assert s.slots["a"].gave_up
+    s.submit("b", 1)  # starts
+    t3, _ = s.submit("c", 1)  # waits: b is starting and there is room for one
+    actions = s.replace_slots([ModelSlot("a", 40 * MIB), ModelSlot("b", 40 * MIB)], 2)
+    [reject] = [a for a in actions if isinstance(a, Reject)]
+    assert reject.ticket == t3 and reject.error.code == "model_not_found"
+    assert set(s.slots) == {"a", "b"}
+    assert not s.slots["a"].gave_up and s.slots["a"].failures == 0
+    s.started("b", 3)
+    s.finished("b", 4)
+    assert kinds(s.submit("a", 5)[1]) == ["Stop:b"]  # a may start again: b makes room
