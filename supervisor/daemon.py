@@ -131,6 +131,7 @@ class Daemon:
         self.settings = config.daemon
         self.stopping = asyncio.Event()
         self.rollout: Rollout | None = None
+        self.fleet: Fleet | None = None
 
     async def run(self) -> None:
         with hold_lock(self.settings.state_dir / "localllmd.lock"):
@@ -160,7 +161,7 @@ class Daemon:
         store = GenerationStore(self.settings.state_dir / "generations")
         if store.problem:
             logger.warning("{}", store.problem)
-        self.rollout = Rollout(fleet, store)
+        self.rollout, self.fleet = Rollout(fleet, store), fleet
         runners: list[web.AppRunner] = []
         try:
             recreate = await fleet.adopt_existing()
@@ -221,17 +222,18 @@ class Daemon:
 
     async def _start_first_generation(self, fleet: Fleet, store: GenerationStore, wanted: list[str]) -> None:
         """Record the config we started with; it becomes last-good once its preloaded models are ready."""
-        text = (self.config_path.read_text() if self.config_path
-                else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        generation = None
         try:
+            text = (self.config_path.read_text() if self.config_path
+                    else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
             generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {})
-        except LocalllmError as exc:
-            logger.error("cannot record the startup generation: {}", exc.message)
-            generation = None
+        except (LocalllmError, OSError) as exc:
+            logger.error("cannot record the startup generation: {}", getattr(exc, "message", exc))
         await fleet.start_models(wanted)
-        failed = [n for n in wanted if fleet.scheduler.slots[n].phase is not Phase.READY]
-        if generation is not None:
-            with contextlib.suppress(LocalllmError):
+        slots = fleet.scheduler.slots
+        failed = [n for n in wanted if n in slots and slots[n].phase is not Phase.READY]
+        if generation is not None and store.generations and store.generations[-1].number == generation.number:
+            with contextlib.suppress(LocalllmError):  # an apply made meanwhile has the last word
                 store.mark(generation.number, "failed" if failed else "good",
                            f"preload failed for {', '.join(failed)}" if failed else "")
 
@@ -251,4 +253,4 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.fleet.spawn(self._reload(), "sighup"))

@@ -132,6 +132,7 @@ class Fleet:
         self._wakeup_at = 0.0
         self._users: Counter[str] = Counter()  # requests in flight per container id
         self._launching: dict[int, str] = {}  # ports of containers a config change is starting
+        self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
@@ -142,6 +143,10 @@ class Fleet:
         return ttl or None  # 0 means: never unload when idle
 
     # -- lookups -------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def resolve(self, name: str) -> Instance:
         instance = self._by_name.get(name)
@@ -310,30 +315,54 @@ class Fleet:
         return device.budget - sum(r.bytes for r in self.scheduler.residents() if r.device == device_id)
 
     async def launch(self, entry: ModelEntry, device_id: str | None, need: int) -> tuple[ContainerSpec, str]:
-        """Start ``entry`` in a container of its own beside whatever runs, and gate it; the room is held meanwhile."""
-        key = f"{entry.name}#new"
-        self.scheduler.reserved[key] = (device_id or "", need)
-        backend = backend_for(entry.backend)
-        port = self._allocate_port(entry.name)
-        spec = self.spec_for(entry, port, device_id)
+        """Start ``entry`` in a container of its own beside whatever runs, and gate it.
+
+        Its room stays reserved and the container protected from sweeps until ``commit`` or ``attach``
+        takes it, or ``abandon`` removes it.
+        """
+        if self._closing:
+            raise ShuttingDown("localllmd is shutting down")
+        port: int | None = None
         container_id: str | None = None
         try:
+            self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
+            backend = backend_for(entry.backend)
+            port = self._allocate_port(entry.name)
+            spec = self.spec_for(entry, port, device_id)
             if not entry.gguf.is_file():
                 raise ModelStartFailed(entry.name, f"model file {entry.gguf} does not exist")
             self._launching[port] = entry.name
-            container_id = (await self.runtime.run(spec)).id
+            creating = asyncio.ensure_future(self.runtime.run(spec))
+            try:
+                container_id = (await asyncio.shield(creating)).id
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    container_id = (await creating).id  # wait for the engine's answer, then clean up below
+                raise
+            self._protected.add(container_id)
             await wait_until_ready(self.runtime, self.session, model=entry.name, container_id=container_id,
                                    url=backend.base_url(port) + backend.readiness_path,
                                    deadline=entry.startup_timeout or self.settings.startup_timeout)
             return spec, container_id
         except BaseException:
+            self.scheduler.reserved.pop(f"{entry.name}#new", None)
             if container_id is not None:
+                self._protected.discard(container_id)
                 with contextlib.suppress(LocalllmError):
                     await self.runtime.stop_and_remove(container_id, 0)
             raise
         finally:
-            self._launching.pop(port, None)
-            self.scheduler.reserved.pop(key, None)
+            if port is not None:
+                self._launching.pop(port, None)
+
+    async def abandon(self, name: str, container_id: str) -> None:
+        """Remove a container a config change launched but will not use."""
+        self.scheduler.reserved.pop(f"{name}#new", None)
+        try:
+            await self.runtime.stop_and_remove(container_id, 0)
+        except LocalllmError as exc:
+            logger.bind(model=name).error("could not remove {}: {}", container_id[:12], exc.message)
+        self._protected.discard(container_id)
 
     async def take_offline(self, name: str, patience: float) -> None:
         """Hold ``name`` (no starts), wait until it is idle, stop it and wait until it is gone."""
@@ -348,14 +377,21 @@ class Fleet:
                 raise ShuttingDown(f"'{name}' stayed busy for {patience:g}s; try the change again later")
             await asyncio.sleep(0.05)
 
-    def attach(self, name: str, spec: ContainerSpec, container_id: str) -> None:
+    def attach(self, name: str, spec: ContainerSpec, container_id: str) -> bool:
         """Give a stopped, held model the container a config change started for it, and let it serve."""
         instance, slot = self.instances[name], self.scheduler.slots[name]
         slot.held = False
-        if self.scheduler.adopt(name, spec.device, time.monotonic()):
+        self.scheduler.reserved.pop(f"{name}#new", None)
+        attached = self.scheduler.adopt(name, spec.device, time.monotonic())
+        if attached:
             instance.spec, instance.container_id = spec, container_id
             instance.ready_at, instance.error = time.time(), None
+            self._protected.discard(container_id)
+        else:
+            logger.bind(model=name).error("could not take its new container (it changed meanwhile); removing it")
+            self.retire(name, container_id, 0)
         self._apply(self.scheduler.tick(time.monotonic()))
+        return attached
 
     def release_hold(self, name: str) -> None:
         if name in self.scheduler.slots:
@@ -374,10 +410,16 @@ class Fleet:
             instance = self.instances.get(entry.name) or Instance(entry, sizings[entry.name])
             instance.entry, instance.sizing = entry, sizings[entry.name]
             if entry.name in switched:
-                if instance.container_id:
+                spec, container_id = switched[entry.name]
+                self.scheduler.reserved.pop(f"{entry.name}#new", None)
+                slot = self.scheduler.slots.get(entry.name)
+                if slot is not None and slot.phase is Phase.READY and instance.container_id:
                     retire.append((entry.name, instance.container_id))
-                instance.spec, instance.container_id = switched[entry.name]
-                instance.ready_at, instance.error = time.time(), None
+                    instance.spec, instance.container_id = spec, container_id
+                    instance.ready_at, instance.error = time.time(), None
+                    self._protected.discard(container_id)
+                else:  # it stopped or crashed while the new one started: the new one is not needed
+                    retire.append((entry.name, container_id))
             instances[entry.name] = instance
         for name, instance in self.instances.items():
             if name not in instances and instance.container_id:
@@ -392,13 +434,17 @@ class Fleet:
         """Stop a container no model uses any more, once the requests it still serves are done."""
 
         async def drain_then_stop() -> None:
-            deadline = time.monotonic() + patience
-            while self._users[container_id] > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            await self.runtime.stop_and_remove(container_id, self.settings.stop_grace)
-            self._users.pop(container_id, None)
-            logger.bind(model=name).info("retired container {}", container_id[:12])
+            try:
+                deadline = time.monotonic() + patience
+                while self._users[container_id] > 0 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                await self.runtime.stop_and_remove(container_id, self.settings.stop_grace)
+                logger.bind(model=name).info("retired container {}", container_id[:12])
+            finally:
+                self._users.pop(container_id, None)
+                self._protected.discard(container_id)
 
+        self._protected.add(container_id)  # sweeps leave it alone while it drains
         self.spawn(drain_then_stop(), f"retire:{name}")
 
     async def adopt_existing(self) -> list[str]:
@@ -493,7 +539,7 @@ class Fleet:
                 self._crash(instance, "container lost while the Docker engine was away")
         if self._launching or any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
             return  # a container being created may not be owned yet: leave the sweep for later
-        owned = {i.container_id for i in self.instances.values()}
+        owned = {i.container_id for i in self.instances.values()} | self._protected
         for info in found.values():
             if info.id not in owned:
                 logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
@@ -501,7 +547,7 @@ class Fleet:
 
     async def remove_leftovers(self) -> int:
         """Remove our containers that no model owns (a previous run's, or a cancelled start's)."""
-        owned = {i.container_id for i in self.instances.values()}
+        owned = {i.container_id for i in self.instances.values()} | self._protected
         leftovers = [c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
                      if c.id not in owned]
         for info in leftovers:
@@ -517,10 +563,13 @@ class Fleet:
                 future.set_exception(ShuttingDown("localllmd is shutting down"))
                 future.exception()  # retrieved: nobody may be waiting any more
         self._waiters.clear()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # a cancelled task may have spawned another: until none is left
+            pending = list(self._tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(self._discard_container(i) for i in self.instances.values()), return_exceptions=True)
+        self._protected.clear()  # at shutdown everything of ours goes
         try:
             await self.remove_leftovers()
         except LocalllmError as exc:
@@ -541,6 +590,8 @@ class Fleet:
                 if future is not None and not future.done():
                     future.set_exception(action.error)
             elif isinstance(action, Start):
+                if self._closing:
+                    continue  # nothing new starts during shutdown
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
                 self.spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
@@ -554,7 +605,7 @@ class Fleet:
 
     def _arm_wakeup(self) -> None:
         """Wake the scheduler exactly when the earliest backoff ends, not at the next tick."""
-        due = self.scheduler.next_wakeup()
+        due = self.scheduler.next_wakeup(time.monotonic())
         if due is None or (self._wakeup is not None and self._wakeup_at <= due):
             return
         if self._wakeup is not None:

@@ -16,15 +16,16 @@ degraded and does not try again on its own: it never reverts into a loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
 from .config import Config, load_config
-from .errors import EXIT_BAD_INPUT, ConfigError, LocalllmError
+from .errors import EXIT_BAD_INPUT, ConfigError, LocalllmError, ShuttingDown
 from .fleet import Fleet
-from .generations import ChangePlan, GenerationStore, plan_change
+from .generations import GenerationStore, plan_change
 from .scheduler import Phase
 from .sizing import size_catalog
 
@@ -64,6 +65,8 @@ class Rollout:
         """Apply ``text`` (a config file's content, read from ``path``); returns the report or raises."""
         if self._lock.locked():
             raise ApplyConflict("another apply or rollback is in progress; try again when it is done")
+        if self.fleet.closing:
+            raise ShuttingDown("localllmd is shutting down")
         async with self._lock:
             try:
                 config = load_config(path, text=text)
@@ -120,12 +123,17 @@ class Rollout:
                 device, need = running[name].device, sizings[name].need
                 if fleet.room_on(device) < need:
                     log.info("{}: no room for both, stopping the old container first", name)
+                    offline.append(name)  # before waiting: a revert must release it whatever happens
                     await fleet.take_offline(name, DRAIN_PATIENCE)
-                    offline.append(name)
                 switched[name] = await fleet.launch(entries[name], device, need)
                 log.info("{}: new container passed its health gate", name)
         except LocalllmError as exc:
-            return await self._revert(generation.number, plan, switched, offline, running, exc, report)
+            return await self._revert(generation.number, switched, offline, running, exc, report)
+        except BaseException as exc:  # cancelled (shutdown) or a bug: put things back, then let it go on
+            error = LocalllmError(f"interrupted: {exc!r}")
+            with contextlib.suppress(ApplyFailed):
+                await asyncio.shield(self._revert(generation.number, switched, offline, running, error, report))
+            raise
         retire = fleet.commit(config, sizings, {n: v for n, v in switched.items() if n not in offline})
         for name in offline:
             fleet.attach(name, *switched[name])
@@ -136,23 +144,28 @@ class Rollout:
         log.info("generation {} is live and is now last-good", generation.number)
         return {**report, "status": "good"}
 
-    async def _revert(self, number: int, plan: ChangePlan, switched: dict, offline: list[str], running: dict,
+    async def _revert(self, number: int, switched: dict, offline: list[str], running: dict,
                       error: LocalllmError, report: dict) -> dict:
         fleet = self.fleet
         log = logger.bind(generation=number)
         log.error("generation {} failed its health gate: {}; reverting to last-good", number, error.message)
-        for _, container_id in switched.values():
-            await fleet.runtime.stop_and_remove(container_id, 0)
+        for name, (_, container_id) in switched.items():
+            await fleet.abandon(name, container_id)
         lost = []
         for name in offline:
-            entry = fleet.instances[name].entry
+            entry, slot = fleet.instances[name].entry, fleet.scheduler.slots[name]
+            if slot.phase is Phase.READY:  # it never went offline (the wait ran out first)
+                fleet.release_hold(name)
+                continue
             try:
-                fleet.attach(name, *await fleet.launch(entry, running[name].device, fleet.scheduler.slots[name].need))
+                if not fleet.attach(name, *await fleet.launch(entry, running[name].device, slot.need)):
+                    lost.append(f"{name}: its last-good container could not be attached")
             except LocalllmError as exc:
                 fleet.release_hold(name)
                 lost.append(f"{name}: {exc.message}")
         reason = f"health gate failed: {error.message}"
-        self.store.mark(number, "failed", reason)
+        with contextlib.suppress(LocalllmError):
+            self.store.mark(number, "failed", reason)
         if lost:
             fleet.degraded = (f"generation {number} failed and its last-good spec could not be brought back for "
                               + "; ".join(lost) + "; not retrying on its own: apply a config that works")

@@ -152,7 +152,7 @@ class Scheduler:
         self._next_ticket += 1
         ticket = Ticket(self._next_ticket, model, now)
         slot = self.slots[model]
-        if slot.phase is Phase.READY and not slot.draining and model not in self.queue:
+        if slot.phase is Phase.READY and not slot.draining and not slot.held and model not in self.queue:
             return ticket.id, [self._grant(ticket, now)]
         if slot.gave_up and slot.error is not None:
             return ticket.id, [Reject(ticket.id, model, slot.error)]
@@ -164,15 +164,19 @@ class Scheduler:
         return ticket.id, self._pump(now)
 
     def finished(self, model: str, now: float) -> list[Action]:
-        """A granted request ended."""
-        slot = self.slots[model]
+        """A granted request ended (its model may have left the catalog meanwhile)."""
+        slot = self.slots.get(model)
+        if slot is None:
+            return self._pump(now)
         slot.in_flight -= 1
         slot.last_used = now
         return self._pump(now)
 
     def started(self, model: str, now: float, error: LocalllmError | None = None) -> list[Action]:
         """The fleet finished starting ``model``: ready, or failed with ``error`` (its container is gone)."""
-        slot = self.slots[model]
+        slot = self.slots.get(model)
+        if slot is None:
+            return self._pump(now)
         slot.start_sent = False
         if error is None:
             slot.phase, slot.loaded_at, slot.last_used, slot.error = Phase.READY, now, now, None
@@ -182,20 +186,22 @@ class Scheduler:
 
     def stopped(self, model: str, now: float, error: LocalllmError | None = None) -> list[Action]:
         """``model``'s container is gone and its memory free; ``error`` if it died rather than was stopped."""
-        slot = self.slots[model]
+        actions: list[Action] = []
+        for other in self.slots.values():
+            if model in other.awaiting:
+                other.awaiting.discard(model)
+                actions += self._send_start_if_clear(other)
+        slot = self.slots.get(model)
+        if slot is None:
+            return actions + self._pump(now)
         crashed = error is not None and slot.phase is Phase.STOPPING and slot.wanted
         slot.phase, slot.device, slot.draining = Phase.STOPPED, None, False
-        actions: list[Action] = []
         if crashed:
             if now - slot.loaded_at >= self.limits.stable_after:
                 slot.failures = 0  # it had been running fine: a fresh count
             actions += self._fail(slot, error, now)
         elif error is not None:
             slot.phase, slot.error = Phase.FAILED, error
-        for other in self.slots.values():
-            if model in other.awaiting:
-                other.awaiting.discard(model)
-                actions += self._send_start_if_clear(other)
         return actions + self._pump(now)
 
     def adopt(self, model: str, device: str, now: float) -> bool:
@@ -237,10 +243,14 @@ class Scheduler:
         slot.phase = Phase.STOPPING
         return [Stop(model, reason, crashed=True)]
 
-    def next_wakeup(self) -> float | None:
-        """When the earliest backoff ends for a model someone waits for or wants running; None if none."""
+    def next_wakeup(self, now: float) -> float | None:
+        """When the earliest future backoff ends for a model someone waits for or wants running; None if none.
+
+        A backoff already over needs no wake-up: the start was tried, or waits for room (the tick retries).
+        """
         due = [s.retry_at for s in self.slots.values()
-               if s.phase is Phase.FAILED and not s.gave_up and (s.wanted or s.name in self.queue)]
+               if s.phase is Phase.FAILED and not s.gave_up and not s.held and s.retry_at > now
+               and (s.wanted or s.name in self.queue)]
         return min(due) if due else None
 
     def unload(self, model: str, now: float, reason: str) -> list[Action]:
@@ -292,6 +302,9 @@ class Scheduler:
         for name in set(self.slots) - {s.name for s in slots}:
             actions += [Reject(t.id, name, UnknownModel(name, [s.name for s in slots]))
                         for t in self.queue.pop(name, [])]
+        kept = {s.name for s in slots}
+        for slot in self.slots.values():
+            slot.awaiting &= kept  # a dropped model's stop is no longer awaited
         for slot in slots:
             old = self.slots.get(slot.name)
             if old is not None:
@@ -299,6 +312,8 @@ class Scheduler:
                 old.wanted = old.wanted or slot.wanted
                 old.failures, old.gave_up, old.retry_at = 0, False, 0.0  # a config change is a fresh start
         self.slots = {s.name: self.slots.get(s.name, s) for s in slots}
+        for slot in self.slots.values():
+            actions += self._send_start_if_clear(slot)
         return actions + self._pump(now)
 
     # -- decisions ---------------------------------------------------------------
@@ -313,7 +328,7 @@ class Scheduler:
         for model in list(self.queue) + restarts:
             slot = self.slots[model]
             if slot.phase is Phase.READY:
-                if not slot.draining and model in self.queue:
+                if not slot.draining and not slot.held and model in self.queue:
                     actions += [self._grant(t, now) for t in self.queue.pop(model)]
                 continue
             if (blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.held

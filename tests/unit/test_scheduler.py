@@ -404,12 +404,15 @@ def test_adoption_counts_only_what_is_accounted_not_what_was_measured():
 
 def test_next_wakeup_is_the_earliest_backoff_of_a_wanted_or_requested_model():
     s = scheduler(restart_delay=3.0)
-    assert s.next_wakeup() is None
+    assert s.next_wakeup(0) is None
     s.submit("a", 0)
     s.started("a", 1, ModelStartFailed("a", "exited"))
-    assert s.next_wakeup() is None  # nobody waits and nothing wants it
+    assert s.next_wakeup(1) is None  # nobody waits and nothing wants it
     s.submit("a", 2)
-    assert s.next_wakeup() == 4.0
+    assert s.next_wakeup(2) == 4.0
+    assert s.next_wakeup(4.5) is None  # already over: no busy wake-ups
+    s.slots["a"].held = True
+    assert s.next_wakeup(2) is None
 
 
 def test_a_new_catalog_clears_failures_and_rejects_requests_for_models_that_went():
@@ -427,3 +430,20 @@ def test_a_new_catalog_clears_failures_and_rejects_requests_for_models_that_went
     s.started("b", 3)
     s.finished("b", 4)
     assert kinds(s.submit("a", 5)[1]) == ["Stop:b"]  # a may start again: b makes room
+
+
+def test_a_held_model_is_not_granted_new_requests_so_it_can_drain():
+    s = scheduler()
+    load(s, "a", 0)
+    s.slots["a"].held = True
+    ticket, actions = s.submit("a", 1)
+    assert kinds(actions) == []
+    s.slots["a"].held = False
+    assert s.tick(2) == [Grant(ticket, "a")]
+
+
+def test_events_for_a_model_that_left_the_catalog_are_harmless():
+    s = scheduler(budgets=(50,), models={"a": 40, "b": 40})
+    load(s, "a", 0)  # a request stays in flight
+    s.replace_slots([ModelSlot("b", 40 * MIB)], 1)
+    assert s.finished("a", 2) == [] and s.stopped("a", 3) == [] and s.started("a", 4) == []
