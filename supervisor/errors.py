@@ -170,3 +170,31 @@ class ModelGaveUp(LocalllmError):
 
     code = "model_failed"
     http_status = 503
+
+
+class StateWriteFailed(LocalllmError):
+    code = "state_write_failed"
+    http_status = 507
+
+
+class ApplyRefused(LocalllmError):
+    code = "apply_refused"
+    http_status = 409
+    exit_code = EXIT_BAD_INPUT
+
+
+class ApplyConflict(LocalllmError):
+    code = "conflict"
+    http_status = 409
+
+
+class ApplyFailed(LocalllmError):
+    code = "apply_failed"
+    http_status = 422
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "report": self.report}

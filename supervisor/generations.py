@@ -19,14 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import LocalllmError
+from .errors import StateWriteFailed
 
 KEEP = 20  # generations kept; the active and last-good ones are never pruned
-
-
-class StateWriteFailed(LocalllmError):
-    code = "state_write_failed"
-    http_status = 507
 
 
 @dataclass

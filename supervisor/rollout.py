@@ -23,36 +23,13 @@ from pathlib import Path
 from loguru import logger
 
 from .config import Config, load_config
-from .errors import EXIT_BAD_INPUT, ConfigError, LocalllmError, ShuttingDown
+from .errors import ApplyConflict, ApplyFailed, ApplyRefused, ConfigError, LocalllmError, ShuttingDown
 from .fleet import Fleet
 from .generations import GenerationStore, plan_change
 from .scheduler import Phase
 from .sizing import size_catalog
 
 DRAIN_PATIENCE = 120.0  # seconds a replaced container may finish its requests
-
-
-class ApplyRefused(LocalllmError):
-    code = "apply_refused"
-    http_status = 409
-    exit_code = EXIT_BAD_INPUT
-
-
-class ApplyConflict(LocalllmError):
-    code = "conflict"
-    http_status = 409
-
-
-class ApplyFailed(LocalllmError):
-    code = "apply_failed"
-    http_status = 422
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
-
-    def to_json(self) -> dict:
-        return {**super().to_json(), "report": self.report}
 
 
 class Rollout:
