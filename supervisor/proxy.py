@@ -24,6 +24,7 @@ FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FORWARDED_HEADERS = ("Content-Type", "Accept")
 MAX_BODY = 64 * 1024 * 1024  # images travel base64-encoded inside chat requests
 KEEPALIVE_SECONDS = 5.0
+FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
 
 
 def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Application:
@@ -125,10 +126,24 @@ class Proxy:
 
     async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
                            instance: Instance) -> web.StreamResponse:
-        """Pass the stream through chunk by chunk; close the upstream request if the client leaves."""
+        """Pass the stream through chunk by chunk; close the upstream request if the client leaves.
+
+        Only the first event may be rewritten: llama-server sometimes leaves ``delta.role`` out of it
+        (when the first token is ready at once), and LangChain-based clients such as LibreChat need it.
+        """
+        first: bytes | None = b""  # the first event, gathered until complete; None once it went out
         try:
             async for chunk in upstream.content.iter_any():
+                if first is not None:
+                    first += chunk
+                    end = first.find(b"\n\n")
+                    if end < 0 and len(first) < FIRST_EVENT_LIMIT:
+                        continue
+                    split = end + 2 if end >= 0 else len(first)
+                    chunk, first = with_assistant_role(first[:split]) + first[split:], None
                 await response.write(chunk)
+            if first:
+                await response.write(first)
         except ConnectionResetError:
             logger.bind(model=instance.name).info("client went away mid-stream; closing the upstream request")
             upstream.close()
@@ -140,6 +155,21 @@ class Proxy:
             return response
         await response.write_eof()
         return response
+
+
+def with_assistant_role(event: bytes) -> bytes:
+    """A chat completion chunk event whose first choice's delta has ``role: assistant``; others unchanged."""
+    if not event.startswith(b"data: {"):
+        return event
+    try:
+        chunk = json.loads(event[6:])
+        delta = chunk["choices"][0]["delta"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return event
+    if not isinstance(delta, dict) or "role" in delta:
+        return event
+    chunk["choices"][0]["delta"] = {"role": "assistant", **delta}
+    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _sse_headers(content_type: str) -> dict[str, str]:
