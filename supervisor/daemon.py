@@ -34,6 +34,7 @@ from .learned import LearnedSizes
 from .proxy import create_proxy_app
 from .rollout import Rollout
 from .scheduler import Phase
+from .sdnotify import Notifier, ping_watchdog, watchdog_interval
 from .sizing import size_catalog
 
 DEMO_STATE_DIR = Path("/tmp/localllm-demo")
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"localllmd: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    setup_logging(args.log_level or config.daemon.log_level)
+    setup_logging(args.log_level or config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")),
+                  as_json=args.log_format == "json")
     try:
         asyncio.run(Daemon(config, None if args.demo else args.config).run())
     except LocalllmError as exc:
@@ -67,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the embedded demo: CPU profile, one generated model, proxy on 127.0.0.1:8081")
     parser.add_argument("--state-dir", type=Path, help=f"with --demo: where state and the model go ({DEMO_STATE_DIR})")
     parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one JSON object per line (for log shippers)")
     parser.add_argument("--version", action="version", version=f"localllmd {__version__}")
     args = parser.parse_args(argv)
     if args.state_dir and not args.demo:
@@ -74,17 +78,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def setup_logging(level: str) -> None:
-    """The only logging setup: one stderr sink, bound fields shown as key=value."""
+def setup_logging(level: str, journald: bool = False, as_json: bool = False) -> None:
+    """The only logging setup: one stderr sink, bound fields shown as key=value.
+
+    Under systemd's journal: no timestamps (the journal has them) and ``<N>`` syslog priority
+    prefixes, so ``journalctl -p err`` works. ``as_json``: one JSON object per line.
+    """
 
     def render(record: dict) -> str:
         fields = " ".join(f"{k}={v}" for k, v in record["extra"].items())
         fields = f" [{fields}]" if fields else ""
         escaped = fields.replace("{", "{{").replace("}", "}}")
+        if journald:
+            # "\<" keeps loguru from reading the priority prefix as a colour tag
+            return f"\\<{syslog_priority(record['level'].no)}>{{level}}{escaped} {{message}}\n{{exception}}"
         return "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7}" + escaped + " {message}\n{exception}"
 
     logger.remove()
-    logger.add(sys.stderr, level=level, format=render, backtrace=False, diagnose=False)
+    if as_json:
+        logger.add(sys.stderr, level=level, serialize=True, backtrace=False, diagnose=False)
+    else:
+        logger.add(sys.stderr, level=level, format=render, backtrace=False, diagnose=False, colorize=False)
+
+
+def syslog_priority(level_no: int) -> int:
+    """loguru level number -> syslog priority (2 crit ... 7 debug)."""
+    for floor, priority in ((50, 2), (40, 3), (30, 4), (25, 5), (20, 6)):
+        if level_no >= floor:
+            return priority
+    return 7
 
 
 def demo_config(state_dir: Path) -> Config:
@@ -132,6 +154,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.rollout: Rollout | None = None
         self.fleet: Fleet | None = None
+        self.notifier = Notifier.from_environment()
 
     async def run(self) -> None:
         with hold_lock(self.settings.state_dir / "localllmd.lock"):
@@ -174,13 +197,19 @@ class Daemon:
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session)))
             runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout)))
             self._install_signal_handlers()
+            ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
             ticker.start()
             wanted = [e.name for e in self.config.models if e.preload]
             wanted += [name for name in recreate if name not in wanted]
             preload = asyncio.create_task(self._start_first_generation(fleet, store, wanted), name="preload")
             fleet.spawn(fleet.watch_engine(), "watch-engine")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
+            self.notifier.ready(fleet.status_line())
+            interval = watchdog_interval()
+            if interval:
+                fleet.spawn(ping_watchdog(self.notifier, interval), "watchdog")
             await self.stopping.wait()
+            self.notifier.stopping()
             logger.info("shutting down: stopping in-flight work, then the containers")
             preload.cancel()
         finally:
@@ -192,6 +221,7 @@ class Daemon:
             await session.close()
             await runtime.close()
             self.settings.socket_path.unlink(missing_ok=True)
+        self.notifier.close()
         logger.info("localllmd stopped cleanly")
 
     async def _serve_proxy(self, app: web.Application) -> web.AppRunner:
@@ -236,6 +266,10 @@ class Daemon:
             with contextlib.suppress(LocalllmError):  # an apply made meanwhile has the last word
                 store.mark(generation.number, "failed" if failed else "good",
                            f"preload failed for {', '.join(failed)}" if failed else "")
+
+    async def _report_status(self) -> None:
+        if self.fleet is not None:
+            self.notifier.status(self.fleet.status_line())
 
     async def _reload(self) -> None:
         """SIGHUP: apply the config file again, as ``localllmctl apply`` would."""

@@ -157,6 +157,15 @@ class Fleet:
     def phase(self, instance: Instance) -> Phase:
         return self.scheduler.slots[instance.name].phase
 
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: how many models are in each state, and who waits."""
+        counts = Counter(str(slot.phase) for slot in self.scheduler.slots.values())
+        parts = [f"{counts[p]} {p}" for p in ("ready", "starting", "stopping", "failed") if counts[p]]
+        line = ", ".join(parts) or "no model loaded"
+        if self.scheduler.waiting():
+            line += f"; {self.scheduler.waiting()} request(s) waiting"
+        return line + (f"; DEGRADED: {self.degraded}" if self.degraded else "")
+
     def snapshot(self) -> list[dict]:
         return [self.describe(i) for i in self.instances.values()]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -144,7 +145,7 @@ def start_daemon(engine, models_dir, tmp_path):
     """Factory: write a config for the given models and start localllmd on it; waits for the control API."""
     started: list[DaemonProcess] = []
 
-    def start(models: list[dict], wait_ready: bool = True, top: dict | None = None,
+    def start(models: list[dict], wait_ready: bool = True, top: dict | None = None, env: dict | None = None,
               **daemon_settings) -> DaemonProcess:
         instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
@@ -171,7 +172,7 @@ def start_daemon(engine, models_dir, tmp_path):
         log_path = tmp_path / f"{instance}-{len(started)}.log"
         with log_path.open("w") as log_file:
             process = subprocess.Popen([executable("localllmd"), "--config", str(config_path)],
-                                       stdout=log_file, stderr=subprocess.STDOUT)
+                                       stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         daemon = DaemonProcess(config_path, instance, f"http://127.0.0.1:{proxy_port}/v1",
                                state_dir / "control.sock", process, log_path, config)
         started.append(daemon)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import threading
+import time
 
 import yaml
 
 from supervisor.ctl import control_get
 
-from .conftest import RUN_ID, executable, free_tcp_port, our_containers
+from .conftest import RUN_ID, executable, free_tcp_port, our_containers, poll_for
 
 
 def run_daemon(config_path, timeout=60) -> subprocess.CompletedProcess:
@@ -71,3 +73,29 @@ def test_the_control_api_describes_one_model(start_daemon):
     daemon = start_daemon([{"name": "tiny", "aliases": ["t"], "gguf": "tiny.gguf", "preload": True}])
     model = asyncio.run(control_get(daemon.socket, "/models/t"))
     assert model["name"] == "tiny" and model["state"] == "ready" and model["memory"]["need"] > 0
+
+
+def test_under_systemd_it_notifies_ready_status_watchdog_and_stopping(start_daemon, tmp_path):
+    received: list[tuple[float, bytes]] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "notify.sock"))
+    server.settimeout(0.2)
+
+    def receive() -> None:
+        while server.fileno() != -1:
+            try:
+                received.append((time.monotonic(), server.recv(4096)))
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+                          env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
+    poll_for(lambda: any(m == b"STATUS=1 ready" for _, m in received), timeout=10, what="the ready status")
+    assert daemon.terminate() == 0
+    server.close()
+    messages = [m for _, m in received]
+    assert messages[0].startswith(b"READY=1\nSTATUS=")
+    assert messages.count(b"WATCHDOG=1") >= 3
+    assert any(m.startswith(b"STOPPING=1") for m in messages)
