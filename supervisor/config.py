@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -115,6 +115,7 @@ class DaemonSettings(Strict):
     restart: RestartPolicy = RestartPolicy()
     liveness: Liveness = Liveness()
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    api_keys: list[Annotated[str, Field(min_length=8)]] = []  # when set, proxy clients must send one as a Bearer token
     docker_url: str | None = None
 
     @field_validator("proxy_listen", mode="before")

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--json", action="store_true", help="print the report as JSON")
     rollback.set_defaults(run=cmd_rollback)
 
+    librechat = commands.add_parser("librechat", help="print a librechat.yaml endpoints block for this daemon "
+                                                          "(needs --config)")
+    librechat.add_argument("--name", default="localllm", help="endpoint name (must not start with 'ollama')")
+    librechat.add_argument("--host", default="host.docker.internal",
+                           help="how LibreChat's container reaches this host (default: host.docker.internal)")
+    librechat.set_defaults(run=cmd_librechat)
+
     config = commands.add_parser("config", help="config file commands").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
     validate.add_argument("file", type=Path)
@@ -191,6 +198,18 @@ def print_report(report: dict, as_json: bool) -> None:
         if plan[label]:
             print(f"  {label:<8} {', '.join(plan[label])}")
     print(f"generation {report['generation']} ({report['source']}): {report['status']}")
+
+
+def cmd_librechat(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .librechat import librechat_block
+
+    if not args.config:
+        raise BadRequest("librechat needs --config FILE: the catalog, the proxy port and the API key come from it")
+    block = librechat_block(load_config(args.config, check_files=False), args.name, args.host)
+    print(yaml.safe_dump(block, sort_keys=False).rstrip())
+    return EXIT_OK
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ class Daemon:
                 proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
                 started_at=time.time(),
             )
-            runners.append(await self._serve_proxy(create_proxy_app(fleet, session)))
+            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys)))
             runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout)))
             self._install_signal_handlers()
             ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)

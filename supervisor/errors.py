@@ -198,3 +198,9 @@ class ApplyFailed(LocalllmError):
 
     def to_json(self) -> dict:
         return {**super().to_json(), "report": self.report}
+
+
+class InvalidApiKey(LocalllmError):
+    code = "invalid_api_key"
+    http_status = 401
+    openai_type = "invalid_request_error"

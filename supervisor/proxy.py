@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 
@@ -16,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 
-from .errors import BadRequest, LocalllmError, UpstreamFailed
+from .errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamFailed
 from .fleet import Fleet, Instance, Reservation
 from .web_errors import error_middleware, read_json_object
 
@@ -27,8 +28,9 @@ KEEPALIVE_SECONDS = 5.0
 FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
 
 
-def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: list[str]) -> web.Application:
+    middlewares = [error_middleware] + ([require_api_key(api_keys)] if api_keys else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     proxy = Proxy(fleet, session)
     app.router.add_get("/v1/models", proxy.list_models)
     app.router.add_get("/v1/models/{model:.+}", proxy.get_model)
@@ -36,6 +38,22 @@ def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession) -> web.Applic
         app.router.add_post(path, proxy.forward)
     app.router.add_get("/health", proxy.health)
     return app
+
+
+def require_api_key(keys: list[str]):
+    """Every /v1 request must carry ``Authorization: Bearer <one of the keys>`` (what LibreChat sends)."""
+    expected = [key.encode() for key in keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in expected):
+                raise InvalidApiKey("missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
+                                    "the keys in daemon.api_keys")
+        return await handler(request)
+
+    return check
 
 
 class Proxy:
