@@ -555,7 +555,7 @@ class Fleet:
                 await self.runtime.stop_and_remove(info.id, 0)
 
     async def remove_leftovers(self) -> int:
-        """Remove our containers that no model owns (a previous run's, or a cancelled start's)."""
+        """The shutdown sweep: remove every container of ours that no model owns (e.g. a cancelled start's)."""
         owned = {i.container_id for i in self.instances.values()} | self._protected
         leftovers = [c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
                      if c.id not in owned]

@@ -254,7 +254,7 @@ class Scheduler:
         return min(due) if due else None
 
     def unload(self, model: str, now: float, reason: str) -> list[Action]:
-        """An operator (or shutdown) wants ``model`` stopped when it is ready and idle."""
+        """Stop ``model`` if it is ready and idle (idle unload by an operator, or a config change taking it offline)."""
         slot = self.slots[model]
         if slot.phase is Phase.READY and slot.in_flight == 0:
             slot.phase, slot.wanted = Phase.STOPPING, False
