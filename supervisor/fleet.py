@@ -32,6 +32,7 @@ from .containers import (
     ContainerSpec,
 )
 from .docker_runtime import DockerRuntime
+from .events import EventBus
 from .errors import (
     LocalllmError,
     ModelStartFailed,
@@ -110,8 +111,9 @@ def limits_for(settings: DaemonSettings) -> Limits:
 class Fleet:
     def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession,
                  sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
-                 gpu_readings: list | None = None):
+                 gpu_readings: list | None = None, events: EventBus | None = None):
         self.config = config
+        self.events = events or EventBus()
         self.profile = profile
         self.runtime = runtime
         self.session = session
@@ -134,6 +136,7 @@ class Fleet:
         self._launching: dict[int, str] = {}  # ports of containers a config change is starting
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
+        self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
         return ModelSlot(entry.name, sizing.need, entry.pinned, self._ttl(entry), wanted=entry.preload)
@@ -274,10 +277,12 @@ class Fleet:
                 instance.failed_probes = 0
                 continue
             instance.failed_probes += 1
+            seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
+            self.events.publish("health_failure", f"liveness probe failed ({seen})", instance.name,
+                                failures=instance.failed_probes, seen=seen)
             if await self._check_exited(instance, "server exited"):
                 continue
             if instance.failed_probes >= liveness.failure_threshold and self.phase(instance) is Phase.READY:
-                seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
                 self._crash(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
 
     async def _check_exited(self, instance: Instance, reason: str) -> bool:
@@ -501,6 +506,9 @@ class Fleet:
             return "it does not fit the memory budget"
         instance.spec, instance.container_id, instance.ready_at = spec, info.id, time.time()
         logger.bind(model=instance.name).info("adopted running container {} on port {}", info.name, port)
+        self.events.publish("adopt", f"adopted running container {info.name}", instance.name,
+                            container=info.id[:12])
+        self._publish_phases()
         return None
 
     async def start_models(self, names: list[str]) -> None:
@@ -602,15 +610,31 @@ class Fleet:
                 if self._closing:
                     continue  # nothing new starts during shutdown
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
+                failures = self.scheduler.slots[action.model].failures
+                if failures:
+                    self.events.publish("restart", f"starting again after {failures} failure(s)", action.model,
+                                        failures=failures)
                 self.spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
                 log = logger.bind(model=action.model)
                 (log.error if action.crashed else log.info)("stop: {}", action.reason)
+                kind = {"crash": "crash", "evict": "evict"}.get(action.cause, "unload")
+                self.events.publish(kind, action.reason, action.model, reason=action.reason, cause=action.cause)
                 self.spawn(self._stop(action.model, action.reason if action.crashed else None),
                             f"stop:{action.model}")
             elif isinstance(action, Note):
                 logger.bind(model=action.model).info("{}", action.message)
+        self._publish_phases()
         self._arm_wakeup()
+
+    def _publish_phases(self) -> None:
+        """One ``state`` event per model whose phase changed since the last look."""
+        for name, slot in self.scheduler.slots.items():
+            before = self._phases.get(name, Phase.STOPPED)
+            if slot.phase is not before:
+                self._phases[name] = slot.phase
+                self.events.publish("state", f"{before} -> {slot.phase}", name, **{"from": str(before),
+                                                                                   "to": str(slot.phase)})
 
     def _arm_wakeup(self) -> None:
         """Wake the scheduler exactly when the earliest backoff ends, not at the next tick."""
@@ -665,11 +689,14 @@ class Fleet:
             await self._discard_quietly(instance)
             instance.error = error.message
             log.error("start failed: {}", error.message)
+            self.events.publish("load_failed", error.message, name, error=error.message)
             self._apply(self.scheduler.started(name, time.monotonic(), error))
             return
         instance.load_seconds = time.monotonic() - started
         instance.ready_at = time.time()
         log.info("ready in {:.2f}s", instance.load_seconds)
+        self.events.publish("load", f"ready in {instance.load_seconds:.2f}s", name,
+                            seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
         self._apply(self.scheduler.started(name, time.monotonic()))
         if self.measures_gpu:
             self.spawn(self._learn(instance), f"learn:{name}")

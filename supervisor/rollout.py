@@ -51,6 +51,7 @@ class Rollout:
             except (ConfigError, ApplyRefused) as exc:
                 number = self.store.record(text, source, {}).number
                 self.store.mark(number, "invalid", exc.message)
+                self._event(number, "invalid", exc.message)
                 logger.bind(generation=number).error("generation {} refused: {}", number, exc.message)
                 raise
             return await self._apply(config, text, source)
@@ -64,8 +65,13 @@ class Rollout:
             number = earlier[-1].number
         if self.store.get(number) is None:
             raise ApplyRefused(f"there is no generation {number} (see: localllmctl history)")
+        self.fleet.events.publish("rollback", f"rolling back to generation {number}", generation=number)
         return await self.apply(self.store.text_of(number), f"rollback to generation {number}",
                                 self.store.directory / f"{number:06d}.yaml")
+
+    def _event(self, number: int, status: str, message: str, model: str | None = None, **data) -> None:
+        self.fleet.events.publish("apply", f"generation {number}: {message}", model, generation=number,
+                                  status=status, **data)
 
     def _refuse_restart_only_changes(self, config: Config) -> None:
         live = self.fleet.config
@@ -94,16 +100,21 @@ class Rollout:
         log = logger.bind(generation=generation.number)
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
                  list(plan.remove) or "-", list(plan.add) or "-")
+        self._event(generation.number, "applying", f"from {source}", plan=asdict(plan))
         switched, offline = {}, []
         try:
             for name in plan.replace:
                 device, need = running[name].device, sizings[name].need
                 if fleet.room_on(device) < need:
                     log.info("{}: no room for both, stopping the old container first", name)
+                    self._event(generation.number, "stopping_old", f"{name}: no room for both, stopping the old "
+                                "container first", name)
                     offline.append(name)  # before waiting: a revert must release it whatever happens
                     await fleet.take_offline(name, DRAIN_PATIENCE)
+                self._event(generation.number, "launching", f"{name}: starting its new container", name)
                 switched[name] = await fleet.launch(entries[name], device, need)
                 log.info("{}: new container passed its health gate", name)
+                self._event(generation.number, "healthy", f"{name}: new container passed its health gate", name)
         except LocalllmError as exc:
             return await self._revert(generation.number, switched, offline, running, exc, report)
         except BaseException as exc:  # cancelled (shutdown) or a bug: put things back, then let it go on
@@ -119,6 +130,7 @@ class Rollout:
         self.store.mark(generation.number, "good")
         fleet.degraded = None
         log.info("generation {} is live and is now last-good", generation.number)
+        self._event(generation.number, "good", "live and now last-good")
         return {**report, "status": "good"}
 
     async def _revert(self, number: int, switched: dict, offline: list[str], running: dict,
@@ -148,5 +160,6 @@ class Rollout:
                               + "; ".join(lost) + "; not retrying on its own: apply a config that works")
             log.error("degraded: {}", fleet.degraded)
         report = {**report, "status": "failed", "reason": reason, "degraded": fleet.degraded}
+        self._event(number, "failed", f"reverted to last-good: {reason}", degraded=fleet.degraded)
         raise ApplyFailed(f"generation {number} failed and was reverted to last-good: {reason}"
                           + (f"; DEGRADED: {fleet.degraded}" if lost else ""), report)

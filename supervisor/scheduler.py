@@ -58,7 +58,12 @@ class Start:
 class Stop:
     model: str
     reason: str
-    crashed: bool = False  # the server died or hung: keep its last words, no grace period
+    cause: str = "unload"  # "unload" (operator or config change), "idle", "evict" (room for another), "crash"
+
+    @property
+    def crashed(self) -> bool:
+        """The server died or hung: keep its last words, no grace period."""
+        return self.cause == "crash"
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,7 @@ class Scheduler:
         if slot.phase is not Phase.READY:
             return []
         slot.phase = Phase.STOPPING
-        return [Stop(model, reason, crashed=True)]
+        return [Stop(model, reason, "crash")]
 
     def next_wakeup(self, now: float) -> float | None:
         """When the earliest future backoff ends for a model someone waits for or wants running; None if none.
@@ -279,7 +284,7 @@ class Scheduler:
             if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
                     and now - slot.last_used >= slot.ttl):
                 slot.phase, slot.wanted = Phase.STOPPING, False
-                actions.append(Stop(slot.name, f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"))
+                actions.append(Stop(slot.name, f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)", "idle"))
         return actions + self._pump(now)
 
     # -- views -----------------------------------------------------------------
@@ -377,7 +382,7 @@ class Scheduler:
         for name in decision.evict:
             victim = self.slots[name]
             victim.phase, victim.wanted = Phase.STOPPING, False
-            actions.append(Stop(name, f"evicted: {decision.reason}"))
+            actions.append(Stop(name, f"evicted: {decision.reason}", "evict"))
         slot.phase, slot.device, slot.error = Phase.STARTING, decision.device, None
         slot.awaiting = set(decision.evict)
         self._last_note.pop(slot.name, None)

@@ -276,7 +276,7 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
             ready = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.READY)
             if ready:
                 model = ready[pick % len(ready)]
-                assert s.crashed(model, world.now, "died") == [Stop(model, "died", crashed=True)]
+                assert s.crashed(model, world.now, "died") == [Stop(model, "died", "crash")]
                 world.crashed.add(model)
 
     # Drain: finish everything; every request ends granted or rejected, none is forgotten.
@@ -310,7 +310,7 @@ def test_a_crash_frees_the_device_once_stopped_and_the_next_request_starts_it_ag
     s = scheduler()
     load(s, "a", 0)
     s.finished("a", 1)
-    assert s.crashed("a", 2, "server exited") == [Stop("a", "server exited", crashed=True)]
+    assert s.crashed("a", 2, "server exited") == [Stop("a", "server exited", "crash")]
     assert s.slots["a"].phase is Phase.STOPPING and len(s.residents()) == 1
     error = ModelStartFailed("a", "server exited while serving", 137)
     s.stopped("a", 3, error)

@@ -1,0 +1,116 @@
+"""The event bus: what happened to models and config generations, numbered, kept and fanned out.
+
+The fleet and the rollout publish; the control API streams events as SSE
+(``localllmctl events``, progress of ``load`` and ``apply``), and metrics
+listen synchronously. Publishing never blocks: a subscriber that falls too
+far behind is told so and dropped, the daemon never waits for it.
+
+Event kinds (stable; documented in the README):
+  state          a model's phase changed          data: from, to
+  load           a model became ready             data: seconds, container
+  load_failed    a start failed                   data: error
+  evict          stopped to make room (a swap)    data: reason
+  unload         stopped: idle, operator, config  data: reason, cause
+  crash          died or hung while serving       data: reason
+  restart        started again after a failure    data: failures
+  health_failure a liveness probe failed          data: failures, seen
+  adopt          a running container was adopted  data: container
+  apply          a config generation's progress   data: generation, status, ...
+  rollback       a rollback was asked for         data: generation
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+KEEP = 1000  # events kept for late subscribers (Last-Event-ID) and `localllmctl events`
+SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may lag behind before it is dropped
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    time: float  # wall clock
+    kind: str
+    model: str | None
+    message: str
+    data: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        return {"id": self.id, "time": self.time, "kind": self.kind, "model": self.model,
+                "message": self.message, "data": self.data}
+
+
+class Subscription:
+    """An async iterator of events; ends when the bus drops it (too slow) or ``close`` is called."""
+
+    def __init__(self, bus: EventBus):
+        self._bus = bus
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue(SUBSCRIBER_BACKLOG)
+        self.overflowed = False
+
+    def offer(self, event: Event) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self._bus.unsubscribe(self)
+            self._queue.get_nowait()  # room for the end marker
+            self._queue.put_nowait(None)
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+        if not self._queue.full():
+            self._queue.put_nowait(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+
+class EventBus:
+    def __init__(self, keep: int = KEEP):
+        self._recent: deque[Event] = deque(maxlen=keep)
+        self._next_id = 1
+        self._subscribers: list[Subscription] = []
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def publish(self, kind: str, message: str, model: str | None = None, **data) -> Event:
+        event = Event(self._next_id, time.time(), kind, model, message, data)
+        self._next_id += 1
+        self._recent.append(event)
+        for listener in self._listeners:
+            listener(event)
+        for subscriber in list(self._subscribers):
+            subscriber.offer(event)
+        return event
+
+    def recent(self, after: int = 0, model: str | None = None) -> list[Event]:
+        """Kept events newer than id ``after``, optionally only ``model``'s."""
+        return [e for e in self._recent if e.id > after and (model is None or e.model == model)]
+
+    def subscribe(self) -> Subscription:
+        subscription = Subscription(self)
+        self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self._subscribers:
+            self._subscribers.remove(subscription)
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` synchronously for every event (metrics); it must not raise or block."""
+        self._listeners.append(listener)
+
+    @property
+    def last_id(self) -> int:
+        return self._next_id - 1
