@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .profiles import load_profiles
@@ -103,6 +103,9 @@ class DaemonSettings(Strict):
     instance: str = Field(default="localllmd", pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
     proxy_listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=8081)], min_length=1)
     control_socket: Path | None = None
+    socket_group: str | None = None  # group (name or gid) given the control socket; it is made mode 0660
+    control_listen: Listen | None = None  # optional TCP control API; needs control_token
+    control_token: str | None = Field(default=None, min_length=16)  # Bearer token for control_listen
     port_range: tuple[int, int] = (28100, 28199)
     state_dir: Path = Path("/var/lib/localllm")
     labels: dict[str, str] = {}
@@ -123,6 +126,18 @@ class DaemonSettings(Strict):
     def _listen_list(cls, value: object) -> object:
         items = value if isinstance(value, list) else [value]
         return [_parse_listen(item) for item in items]
+
+    @field_validator("control_listen", mode="before")
+    @classmethod
+    def _control_listen(cls, value: object) -> object:
+        return _parse_listen(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _tcp_control_needs_token(self) -> DaemonSettings:
+        if self.control_listen is not None and self.control_token is None:
+            raise ValueError("control_listen needs control_token: the TCP control API always asks for a Bearer "
+                             "token (generate one with: openssl rand -hex 24)")
+        return self
 
     @field_validator("port_range", mode="before")
     @classmethod

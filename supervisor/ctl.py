@@ -1,9 +1,11 @@
 """localllmctl, the operator's CLI.
 
-Exit statuses (also in the README): 0 success, 1 failure, 2 bad input
-(arguments, config), 3 the daemon or the Docker engine is unreachable.
+Exit statuses (also in the README): 0 success, 1 failure (and ``status --check``
+finding the daemon unhealthy), 2 bad input (arguments, config), 3 the daemon or
+the Docker engine is unreachable.
 """
 
+# PYTHON_ARGCOMPLETE_OK
 from __future__ import annotations
 
 import argparse
@@ -12,28 +14,29 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
-
-import aiohttp
 
 from . import __version__
 from .config import load_config
-from .errors import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_OK,
-    BadRequest,
-    ControlUnreachable,
-    LocalllmError,
+from .ctl_client import ControlClient, RemoteError, Target
+from .ctl_render import (
+    render_estimate,
+    render_event,
+    render_history,
+    render_profiles,
+    render_report,
+    render_status,
 )
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadRequest, LocalllmError
 from .estimate import CACHE_TYPE_BYTES
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
+DEFAULT_CONFIG = Path("/etc/localllm/config.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _enable_completion(parser)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
@@ -43,56 +46,96 @@ def main(argv: list[str] | None = None) -> int:
     except LocalllmError as exc:
         print(f"localllmctl: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localllmctl", description="Operate localllmd.")
+    parser = argparse.ArgumentParser(prog="localllmctl", description="Operate localllmd.",
+                                     epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker unreachable")
     parser.add_argument("--version", action="version", version=f"localllmctl {__version__}")
-    parser.add_argument("--socket", type=Path, help="control socket (default: $LOCALLLM_SOCKET or the config's)")
-    parser.add_argument("--config", type=Path, help="daemon config file, to find its control socket")
+    parser.add_argument("--socket", type=Path, help="control socket (default: $LOCALLLM_SOCKET, the config's, or "
+                                                    f"{DEFAULT_SOCKET})")
+    parser.add_argument("--url", help="TCP control API, e.g. http://127.0.0.1:8090 (default: $LOCALLLM_URL); "
+                                      "the token comes from $LOCALLLM_TOKEN")
+    parser.add_argument("--config", type=Path, help="daemon config file: finds the control socket, the catalog")
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    status = commands.add_parser("status", aliases=["ps"], help="the daemon and its models")
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.set_defaults(run=cmd_status)
+    def command(name: str, run, help: str, json_flag: bool = False, **kwargs) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, **kwargs)
+        sub.set_defaults(run=run)
+        if json_flag:
+            sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        return sub
 
-    estimate = commands.add_parser("estimate", help="the memory a model needs, part by part")
+    status = command("status", cmd_status, "the daemon and its models", True, aliases=["ps"])
+    status.add_argument("--check", action="store_true",
+                        help="exit 0 if the daemon is healthy, 1 if not (or unreachable); for monitoring")
+
+    model_arg = {"help": "model name or alias"}
+    load = command("load", cmd_load, "start a model now and wait until it is ready", True)
+    load.add_argument("model", **model_arg).completer = _complete_models
+    unload = command("unload", cmd_unload, "stop a model now (refused while it serves requests)", True)
+    unload.add_argument("model", **model_arg).completer = _complete_models
+
+    logs = command("logs", cmd_logs, "a model container's output")
+    logs.add_argument("model", **model_arg).completer = _complete_models
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--tail", type=int, default=100, help="lines from the end to start with (default 100)")
+
+    events = command("events", cmd_events, "what happened: loads, swaps, crashes, restarts, config changes", True)
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--model", help="only this model's events").completer = _complete_models
+    events.add_argument("-n", "--limit", type=int, default=50, help="recent events to start with (default 50)")
+
+    apply = command("apply", cmd_apply, "apply a config file to the running daemon: shows the change, then its "
+                                        "progress until it is healthy or rolled back", True)
+    apply.add_argument("file", type=Path)
+    command("history", cmd_history, "the config generations, newest last", True)
+    rollback = command("rollback", cmd_rollback, "apply an earlier generation again (default: the last good one "
+                                                 "before the active one)", True)
+    rollback.add_argument("generation", type=int, nargs="?")
+
+    estimate = command("estimate", cmd_estimate, "the memory a model needs, part by part", True)
     estimate.add_argument("model", help="a catalog model (name or alias, with --config) or a GGUF file")
     estimate.add_argument("--profile", help="profile to size for (default: the config's; cpu-only for a bare file)")
     estimate.add_argument("--context", type=int, help="context size (default: the catalog's or the profile's)")
     estimate.add_argument("--parallel", type=int, help="parallel slots (default: the profile's)")
     estimate.add_argument("--gpu-layers", type=int, help="layers to offload (-1: all)")
     estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
-    estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    estimate.set_defaults(run=cmd_estimate)
 
-    apply = commands.add_parser("apply", help="apply a config file to the running daemon (health-gated, "
-                                                  "reverted on failure)")
-    apply.add_argument("file", type=Path)
-    apply.add_argument("--json", action="store_true", help="print the report as JSON")
-    apply.set_defaults(run=cmd_apply)
-
-    history = commands.add_parser("history", help="the config generations, newest last")
-    history.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    history.set_defaults(run=cmd_history)
-
-    rollback = commands.add_parser("rollback", help="apply an earlier generation again (default: the last "
-                                                        "good one before the active one)")
-    rollback.add_argument("generation", type=int, nargs="?")
-    rollback.add_argument("--json", action="store_true", help="print the report as JSON")
-    rollback.set_defaults(run=cmd_rollback)
-
-    librechat = commands.add_parser("librechat", help="print a librechat.yaml endpoints block for this daemon "
-                                                          "(needs --config)")
+    librechat = command("librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon")
     librechat.add_argument("--name", default="localllm", help="endpoint name (must not start with 'ollama')")
     librechat.add_argument("--host", default="host.docker.internal",
                            help="how LibreChat's container reaches this host (default: host.docker.internal)")
-    librechat.set_defaults(run=cmd_librechat)
 
-    config = commands.add_parser("config", help="config file commands").add_subparsers(metavar="ACTION")
+    config = commands.add_parser("config", help="config files").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
     validate.add_argument("file", type=Path)
     validate.set_defaults(run=cmd_config_validate)
+    init = config.add_parser("init", help="write a first config for this host, with the detected profile")
+    init.add_argument("--profile", default=None, help="profile name (default: the one detected for this host)")
+    init.add_argument("--state-dir", default="/var/lib/localllm", help="daemon state directory")
+    init.add_argument("-o", "--output", type=Path, help="file to write (default: print it)")
+    init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    init.set_defaults(run=cmd_config_init)
+
+    profiles = commands.add_parser("profiles", help="hardware profiles").add_subparsers(metavar="ACTION")
+    for name, run, help in (("list", cmd_profiles_list, "the known profiles; the detected one is marked"),
+                            ("detect", cmd_profiles_detect, "what this host has, and the profile chosen for it")):
+        sub = profiles.add_parser(name, help=help)
+        sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        sub.add_argument("--profiles-dir", type=Path, help="extra profiles directory")
+        sub.set_defaults(run=run)
+    show = profiles.add_parser("show", help="one profile, as YAML")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    show.add_argument("--profiles-dir", type=Path, help="extra profiles directory")
+    show.set_defaults(run=cmd_profiles_show)
+
+    completion = command("completion", cmd_completion, "print the shell completion script: "
+                                                       "eval \"$(localllmctl completion bash)\"")
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"])
 
     image = commands.add_parser("image", help="container images").add_subparsers(metavar="ACTION")
     build = image.add_parser("build", help="build the CPU llama-server image from the pinned PyPI sdist")
@@ -110,13 +153,125 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- commands --------------------------------------------------------------
+# -- commands that talk to the daemon -----------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = asyncio.run(control_get(socket_path(args), "/status"))
+    if args.check:
+        return check_health(args)
+    status = asyncio.run(client(args).get("/status"))
     print(json.dumps(status, indent=2) if args.json else render_status(status))
     return EXIT_OK
+
+
+def check_health(args: argparse.Namespace) -> int:
+    """For monitoring: 0 healthy; 1 unhealthy or unreachable, with the reason on stdout."""
+    try:
+        health = asyncio.run(client(args).get("/health"))
+    except RemoteError as exc:  # 503: the daemon answered, and it is not healthy
+        health = exc.body
+    except LocalllmError as exc:
+        health = {"status": "unreachable", "problems": [exc.message]}
+    if args.json:
+        print(json.dumps(health, indent=2))
+    else:
+        print(health.get("status", "unhealthy") + "".join(f"\n  {p}" for p in health.get("problems", [])))
+    return EXIT_OK if health.get("status") == "ok" else EXIT_FAILURE
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    model = asyncio.run(with_progress(args, "POST", f"/models/{args.model}/load", {"model": args.model}))
+    print(json.dumps(model, indent=2) if args.json else
+          f"{model['name']} is ready on port {model['port']} (container {model['container']}, "
+          f"loaded in {model['load_seconds'] or 0:.2f}s)")
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    model = asyncio.run(with_progress(args, "POST", f"/models/{args.model}/unload", {"model": args.model}))
+    print(json.dumps(model, indent=2) if args.json else f"{model['name']} is {model['state']}")
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Show what would change, then apply it with progress; the daemon validates and records the generation."""
+    try:
+        text = args.file.read_text()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    body = {"config": text, "source": str(args.file.resolve())}
+    if not args.json:
+        preview = asyncio.run(client(args).request("POST", "/validate", body))
+        print(preview["diff"] or "(the config text is unchanged)", file=sys.stderr)
+    report = asyncio.run(with_progress(args, "POST", "/apply", body))
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    report = asyncio.run(with_progress(args, "POST", "/rollback", {"generation": args.generation}))
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    generations = asyncio.run(client(args).get("/history"))["generations"]
+    print(json.dumps(generations, indent=2) if args.json else render_history(generations))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    if args.tail < 0:
+        raise BadRequest(f"--tail must be 0 or more, not {args.tail}")
+
+    async def run() -> None:
+        params = {"tail": str(args.tail), "follow": "true" if args.follow else "false"}
+        async for line in client(args).lines(f"/models/{args.model}/logs", params):
+            print(line, flush=True)
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise BadRequest(f"--limit must be 0 or more, not {args.limit}")
+
+    async def run() -> None:
+        params = {"limit": str(args.limit), "follow": "true" if args.follow else "false"}
+        if args.model:
+            params["model"] = args.model
+        async for event in client(args).events(params):
+            print(json.dumps(event) if args.json else render_event(event), flush=True)
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+async def with_progress(args: argparse.Namespace, method: str, route: str, body: dict) -> dict:
+    """Make a long request while printing the daemon's events to stderr as they happen (not with --json)."""
+    control = client(args)
+    if args.json:
+        return await control.request(method, route, body)
+    subscribed = asyncio.Event()
+
+    async def show_events() -> None:
+        async for event in control.events({"limit": "0", "follow": "true"}, on_open=subscribed.set):
+            print(render_event(event), file=sys.stderr, flush=True)
+
+    watcher = asyncio.create_task(show_events())
+    try:
+        await asyncio.wait([watcher, asyncio.ensure_future(subscribed.wait())], timeout=5,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done():
+            watcher.result()  # the stream could not even open: say why
+        return await control.request(method, route, body)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+# -- commands that work on files and this host ----------------------------------------
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -158,48 +313,6 @@ def estimate_target(args: argparse.Namespace):
     raise BadRequest(f"'{args.model}' is neither a model in {where} nor a GGUF file")
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    """The daemon validates (file and line in its answer) and records even an invalid config as a generation."""
-    try:
-        text = args.file.read_text()
-    except OSError as exc:
-        raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    body = {"config": text, "source": str(args.file.resolve())}
-    print_report(asyncio.run(control_request(socket_path(args), "POST", "/apply", body)), args.json)
-    return EXIT_OK
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    report = asyncio.run(control_request(socket_path(args), "POST", "/rollback", {"generation": args.generation}))
-    print_report(report, args.json)
-    return EXIT_OK
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    generations = asyncio.run(control_get(socket_path(args), "/history"))["generations"]
-    if args.json:
-        print(json.dumps(generations, indent=2))
-        return EXIT_OK
-    rows = [["GEN", "STATUS", "WHEN", "SOURCE", "REASON"]]
-    for g in generations:
-        marks = "".join(m for m, on in ((" *active", g["active"]), (" *last-good", g["last_good"])) if on)
-        rows.append([str(g["number"]), g["status"] + marks, time.strftime("%Y-%m-%d %H:%M:%S",
-                     time.localtime(g["created_at"])), g["source"], g["reason"] or "-"])
-    print(render_table(rows))
-    return EXIT_OK
-
-
-def print_report(report: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
-    plan = report["plan"]
-    for label in ("replace", "remove", "add", "keep"):
-        if plan[label]:
-            print(f"  {label:<8} {', '.join(plan[label])}")
-    print(f"generation {report['generation']} ({report['source']}): {report['status']}")
-
-
 def cmd_librechat(args: argparse.Namespace) -> int:
     import yaml
 
@@ -215,6 +328,81 @@ def cmd_librechat(args: argparse.Namespace) -> int:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: valid ({len(config.models)} models, profile {config.profile})")
+    return EXIT_OK
+
+
+def cmd_config_init(args: argparse.Namespace) -> int:
+    from .hardware import detect_host
+    from .initconfig import initial_config
+    from .profiles import closest_profile, load_profiles
+
+    profiles = load_profiles()
+    if args.profile is None:
+        profile, reason = closest_profile(detect_host(), profiles)
+    elif args.profile in profiles:
+        profile, reason = profiles[args.profile], "chosen with --profile"
+    else:
+        raise BadRequest(f"unknown profile '{args.profile}' (known: {', '.join(sorted(profiles))})")
+    target = str(args.output or DEFAULT_CONFIG)
+    text = initial_config(profile.name, reason, target, args.state_dir)
+    if args.output is None:
+        print(text, end="")
+        return EXIT_OK
+    if args.output.exists() and not args.force:
+        raise BadRequest(f"{args.output} exists; keeping it (use --force to overwrite)")
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    except OSError as exc:
+        raise BadRequest(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    print(f"wrote {args.output} (profile {profile.name}: {reason})")
+    return EXIT_OK
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    from .hardware import detect_host
+    from .profiles import closest_profile, load_profiles
+
+    profiles = load_profiles(args.profiles_dir)
+    detected, _ = closest_profile(detect_host(), profiles)
+    rows = [p.model_dump(mode="json") for p in profiles.values()]
+    if args.json:
+        print(json.dumps({"detected": detected.name, "profiles": rows}, indent=2))
+    else:
+        print(render_profiles(rows, detected.name))
+    return EXIT_OK
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .profiles import load_profiles
+
+    profiles = load_profiles(args.profiles_dir)
+    if args.name not in profiles:
+        raise BadRequest(f"unknown profile '{args.name}' (known: {', '.join(sorted(profiles))})")
+    data = profiles[args.name].model_dump(mode="json")
+    print(json.dumps(data, indent=2) if args.json else yaml.safe_dump(data, sort_keys=False).rstrip())
+    return EXIT_OK
+
+
+def cmd_profiles_detect(args: argparse.Namespace) -> int:
+    from .hardware import detect_host
+    from .profiles import closest_profile, load_profiles
+
+    host = detect_host()
+    profile, reason = closest_profile(host, load_profiles(args.profiles_dir))
+    if args.json:
+        print(json.dumps({"host": dataclasses.asdict(host), "profile": profile.name, "reason": reason}, indent=2))
+    else:
+        print(f"host: {host.describe()}\nprofile: {profile.name}\nreason: {reason}")
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import argcomplete
+
+    print(argcomplete.shellcode(["localllmctl"], shell=args.shell))
     return EXIT_OK
 
 
@@ -248,100 +436,38 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- talking to the daemon ----------------------------------------------------
+# -- where the daemon is ------------------------------------------------------------
 
 
-def socket_path(args: argparse.Namespace) -> Path:
+def target(args: argparse.Namespace) -> Target:
+    url = args.url or os.environ.get("LOCALLLM_URL")
+    if url:
+        return Target(url=url, token=os.environ.get("LOCALLLM_TOKEN"))
     if args.socket:
-        return args.socket
+        return Target(socket=args.socket)
     if os.environ.get("LOCALLLM_SOCKET"):
-        return Path(os.environ["LOCALLLM_SOCKET"])
+        return Target(socket=Path(os.environ["LOCALLLM_SOCKET"]))
     if args.config:
-        return load_config(args.config, check_files=False).daemon.socket_path
-    return DEFAULT_SOCKET
+        return Target(socket=load_config(args.config, check_files=False).daemon.socket_path)
+    return Target(socket=DEFAULT_SOCKET)
 
 
-async def control_get(path: Path, route: str) -> dict:
-    return await control_request(path, "GET", route)
+def client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(target(args))
 
 
-async def control_request(path: Path, method: str, route: str, body: dict | None = None) -> dict:
-    """One call to the control API; an error answer becomes a RemoteError with its code."""
+def _complete_models(prefix: str, parsed_args: argparse.Namespace, **_) -> list[str]:
+    """Model names for shell completion, asked of the running daemon; nothing if it does not answer."""
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
-            async with session.request(method, f"http://localllmd{route}", json=body,
-                                       timeout=aiohttp.ClientTimeout(total=3600)) as response:
-                answer = await response.json(content_type=None)
-                if response.status >= 400:
-                    error = answer.get("error", {})
-                    raise RemoteError(error.get("message", f"HTTP {response.status}"), error.get("code", ""))
-                return answer
-    except (aiohttp.ClientConnectionError, FileNotFoundError, PermissionError) as exc:
-        raise ControlUnreachable(f"localllmd is not reachable on {path}: {exc}") from None
+        models = asyncio.run(client(parsed_args).get("/models"))["models"]
+    except Exception:
+        return []
+    return [name for m in models for name in [m["name"], *m["aliases"]] if name.startswith(prefix)]
 
 
-class RemoteError(LocalllmError):
-    """An error the daemon answered with; bad input on our side exits 2, anything else 1."""
+def _enable_completion(parser: argparse.ArgumentParser) -> None:
+    if "_ARGCOMPLETE" in os.environ:  # only when the shell asks: keeps the import off every run
+        import argcomplete
 
-    BAD_INPUT = {"invalid_config", "bad_request", "apply_refused", "model_not_found"}
+        argcomplete.autocomplete(parser)
 
-    def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.code = code
-        self.exit_code = EXIT_BAD_INPUT if code in self.BAD_INPUT else EXIT_FAILURE
-
-
-# -- rendering -----------------------------------------------------------------
-
-
-def render_status(status: dict) -> str:
-    daemon = status["daemon"]
-    head = (f"localllmd {daemon['version']}  instance {daemon['instance']}  profile {daemon['profile']}  "
-            f"up {format_age(daemon['uptime_seconds'])}  docker {daemon['docker_version']}\n"
-            f"proxy {', '.join(daemon['proxy'])}\n")
-    rows = [["MODEL", "STATE", "DEVICE", "MEMORY", "PORT", "CONTAINER", "IN-FLIGHT", "WAITING", "LAST USED", "FLAGS"]]
-    now = time.time()
-    for model in status["models"]:
-        flags = ",".join(f for f in ("preload", "pinned") if model[f])
-        last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
-        memory = model.get("memory") or {}
-        rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
-                     str(model["port"] or "-"), model["container"] or "-", str(model["in_flight"]),
-                     str(model.get("waiting", 0)), last, flags or "-"])
-    errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
-    if daemon.get("degraded"):
-        head += f"DEGRADED: {daemon['degraded']}\n"
-    return head + "\n" + render_table(rows) + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
-
-
-def render_table(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-
-
-def render_estimate(name: str, path: str, profile: str, sizing) -> str:
-    launch, parts = sizing.launch, sizing.estimate
-    where = (f"{parts.offloaded_layers}/{parts.total_layers} layers on the GPU" if launch.on_gpu
-             else "all layers in host memory")
-    head = (f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s), "
-            f"KV cache {launch.cache_type_k}/{launch.cache_type_v}, {where}\n")
-    rows = [("weights", parts.weights), ("KV cache", parts.kv_cache), ("compute", parts.compute),
-            ("overhead", parts.overhead), ("total", parts.total)]
-    return head + "\n".join(f"  {label:<9} {value / 2**20:>10.1f} MiB" for label, value in rows)
-
-
-def format_mib(value: int | None) -> str:
-    """Bytes, short: ``1.5M``, ``118M``, ``5.4G``."""
-    if value is None:
-        return "-"
-    mib = value / 2**20
-    return f"{mib:.1f}M" if mib < 10 else f"{mib:.0f}M" if mib < 1024 else f"{mib / 1024:.1f}G"
-
-
-def format_age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"

@@ -183,8 +183,22 @@ class ApplyRefused(LocalllmError):
     exit_code = EXIT_BAD_INPUT
 
 
-class ApplyConflict(LocalllmError):
+class Conflict(LocalllmError):
+    """Another admin operation on the same thing is in progress: try again when it is done."""
+
     code = "conflict"
+    http_status = 409
+
+
+class ModelBusy(LocalllmError):
+    """The operation would cut requests short (unload of a model that is serving)."""
+
+    code = "model_busy"
+    http_status = 409
+
+
+class ModelNotRunning(LocalllmError):
+    code = "model_not_running"
     http_status = 409
 
 
@@ -200,7 +214,28 @@ class ApplyFailed(LocalllmError):
         return {**super().to_json(), "report": self.report}
 
 
+class InvalidToken(LocalllmError):
+    """The TCP control API needs ``Authorization: Bearer <daemon.control_token>``."""
+
+    code = "invalid_token"
+    http_status = 401
+
+
 class InvalidApiKey(LocalllmError):
     code = "invalid_api_key"
     http_status = 401
     openai_type = "invalid_request_error"
+
+
+# Codes of errors that did not come from our hierarchy (aiohttp's routing), as the web layer names them.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def error_codes() -> list[str]:
+    """Every stable error code an API answer may carry (for the OpenAPI document and the README)."""
+    found, todo = set(), [LocalllmError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    return sorted(found | set(HTTP_ERROR_CODES.values()) | {"http_error"})

@@ -23,7 +23,7 @@ from pathlib import Path
 from loguru import logger
 
 from .config import Config, load_config
-from .errors import ApplyConflict, ApplyFailed, ApplyRefused, ConfigError, LocalllmError, ShuttingDown
+from .errors import Conflict, ApplyFailed, ApplyRefused, ConfigError, LocalllmError, ShuttingDown
 from .fleet import Fleet
 from .generations import GenerationStore, plan_change
 from .scheduler import Phase
@@ -41,7 +41,7 @@ class Rollout:
     async def apply(self, text: str, source: str, path: Path) -> dict:
         """Apply ``text`` (a config file's content, read from ``path``); returns the report or raises."""
         if self._lock.locked():
-            raise ApplyConflict("another apply or rollback is in progress; try again when it is done")
+            raise Conflict("another apply or rollback is in progress; try again when it is done")
         if self.fleet.closing:
             raise ShuttingDown("localllmd is shutting down")
         async with self._lock:
@@ -94,7 +94,7 @@ class Rollout:
         busy = [n for n in sorted(set(plan.replace) | gone)
                 if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
         if busy:
-            raise ApplyConflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
+            raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
         generation = self.store.record(text, source, wanted)
         report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
         log = logger.bind(generation=generation.number)

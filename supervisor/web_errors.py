@@ -7,9 +7,7 @@ import json
 from aiohttp import web
 from loguru import logger
 
-from .errors import BadRequest, LocalllmError
-
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+from .errors import HTTP_ERROR_CODES, BadRequest, LocalllmError
 
 
 @web.middleware
@@ -27,7 +25,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             raise
         body = {"error": {"message": f"{exc.reason}: {request.method} {request.path}",
                           "type": "invalid_request_error", "param": None,
-                          "code": _HTTP_CODES.get(exc.status, "http_error")}}
+                          "code": HTTP_ERROR_CODES.get(exc.status, "http_error")}}
         return web.json_response(body, status=exc.status)
     except Exception:
         logger.opt(exception=True).error("unhandled error in {} {}", request.method, request.path)

@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from supervisor.ctl import control_get
+from supervisor.ctl_client import ControlClient, Target
 
 from .conftest import RUN_ID, executable, free_tcp_port, our_containers, poll_for
 
@@ -71,7 +71,7 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(start_daemon, engine):
 
 def test_the_control_api_describes_one_model(start_daemon):
     daemon = start_daemon([{"name": "tiny", "aliases": ["t"], "gguf": "tiny.gguf", "preload": True}])
-    model = asyncio.run(control_get(daemon.socket, "/models/t"))
+    model = asyncio.run(ControlClient(Target(socket=daemon.socket)).get("/models/t"))
     assert model["name"] == "tiny" and model["state"] == "ready" and model["memory"]["need"] > 0
 
 

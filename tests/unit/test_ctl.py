@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from supervisor.ctl import format_age, render_status
+from supervisor.ctl_render import format_age, render_status
 
 from .config_cases import BAD_CONFIGS, find_problem
 from .conftest import LOCALLLMCTL
@@ -96,38 +96,39 @@ def model(name, **changes):
 def test_render_status_table_and_errors():
     status = {"daemon": DAEMON, "models": [
         model("qwen2.5-7b", state="ready", port=28100, container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True,
-              device="gpu0", waiting=3, memory={"need": 5_500 * 2**20}),
+              device="gpu0", waiting=3, memory={"need": 5_500 * 2**20, "measured": 5_200 * 2**20}),
         model("tiny"),
         model("broken", state="failed", error="model 'broken' failed to start: exited (exit code 1)"),
     ]}
-    assert render_status(status) == (
-        "localllmd 0.1.0  instance localllmd  profile cpu-only  up 2h03m  docker 27.3.1\n"
-        "proxy http://127.0.0.1:8081/v1, http://[::1]:8081/v1\n"
-        "\n"
-        "MODEL       STATE    DEVICE  MEMORY  PORT   CONTAINER     IN-FLIGHT  WAITING  LAST USED  FLAGS\n"
-        "qwen2.5-7b  ready    gpu0    5.4G    28100  3f2a9c1b7d4e  2          3        -          preload,pinned\n"
-        "tiny        stopped  -       1.5M    -      -             0          0        -          -\n"
-        "broken      failed   -       1.5M    -      -             0          0        -          -\n"
-        "\n"
-        "errors:\n"
-        "  broken: model 'broken' failed to start: exited (exit code 1)"
-    )
+    lines = render_status(status).splitlines()
+    assert lines[:3] == ["localllmd 0.1.0  instance localllmd  profile cpu-only  up 2h03m  docker 27.3.1",
+                         "proxy http://127.0.0.1:8081/v1, http://[::1]:8081/v1", ""]
+    assert lines[3].split() == ["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "PORT", "CONTAINER", "IN-FLIGHT",
+                                "WAITING", "LAST", "USED", "FLAGS"]
+    assert set(lines[4]) == {"─"}
+    assert lines[5].split() == ["qwen2.5-7b", "ready", "gpu0", "5.4G", "5.1G", "28100", "3f2a9c1b7d4e", "2", "3", "-",
+                                "preload,pinned"]
+    assert lines[6].split() == ["tiny", "stopped", "-", "1.5M", "-", "-", "-", "0", "0", "-", "-"]
+    assert lines[7].split()[:2] == ["broken", "failed"]
+    assert lines[8:] == ["", "errors:", "  broken: model 'broken' failed to start: exited (exit code 1)"]
+    columns = [lines[3].index(word) for word in ("STATE", "PORT", "FLAGS")]
+    assert [lines[5].index(cell) for cell in ("ready", "28100", "preload")] == columns  # aligned
 
 
 def test_render_status_without_errors_has_no_errors_section():
     text = render_status({"daemon": DAEMON, "models": [model("tiny", pinned=True)]})
     assert "errors:" not in text
-    assert text.splitlines()[-1] == "tiny   stopped  -       1.5M    -     -          0          0        -          pinned"
+    assert text.splitlines()[-1].split() == ["tiny", "stopped", "-", "1.5M", "-", "-", "-", "0", "0", "-", "pinned"]
 
 
-def test_render_status_with_no_models_shows_only_the_header_row():
+def test_render_status_with_no_models_says_so():
     text = render_status({"daemon": DAEMON, "models": []})
-    assert text.splitlines()[3:] == ["MODEL  STATE  DEVICE  MEMORY  PORT  CONTAINER  IN-FLIGHT  WAITING  LAST USED  FLAGS"]
+    assert text.splitlines()[3:] == ["(no models in the catalog)"]
 
 
 def test_render_status_last_used_is_an_age():
     text = render_status({"daemon": DAEMON, "models": [model("tiny", last_used=time.time() - 7530)]})
-    assert text.splitlines()[-1].split("  ")[-2:] == ["2h05m ago", "-"]
+    assert text.splitlines()[-1].split()[-3:] == ["2h05m", "ago", "-"]
 
 
 @pytest.mark.parametrize("seconds, shown", [
