@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -253,11 +254,12 @@ async def with_progress(args: argparse.Namespace, method: str, route: str, body:
     control = client(args)
     if args.json:
         return await control.request(method, route, body)
-    subscribed = asyncio.Event()
+    subscribed, shown = asyncio.Event(), [0]
 
     async def show_events() -> None:
         async for event in control.events({"limit": "0", "follow": "true"}, on_open=subscribed.set):
             print(render_event(event), file=sys.stderr, flush=True)
+            shown[0] = event["id"]
 
     watcher = asyncio.create_task(show_events())
     try:
@@ -265,7 +267,14 @@ async def with_progress(args: argparse.Namespace, method: str, route: str, body:
                            return_when=asyncio.FIRST_COMPLETED)
         if watcher.done():
             watcher.result()  # the stream could not even open: say why
-        return await control.request(method, route, body)
+        try:
+            return await control.request(method, route, body)
+        finally:  # show the events up to the answer (and its failure) before the answer itself
+            with contextlib.suppress(LocalllmError, TimeoutError):
+                last = (await control.get("/status"))["daemon"]["last_event_id"]
+                async with asyncio.timeout(2):
+                    while shown[0] < last and not watcher.done():
+                        await asyncio.sleep(0.01)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import grp
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from .config import Config, load_config
 from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
+from .events import EventBus
 from .fleet import Fleet
 from .generations import GenerationStore
 from .hardware import read_gpus_nvml, select_profile
@@ -146,6 +148,15 @@ def hold_lock(path: Path):
         yield
 
 
+def socket_gid(group: str) -> int:
+    """``daemon.socket_group`` as a gid: a group name, or a number."""
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise CannotListen(f"daemon.socket_group: there is no group '{group}' on this host "
+                           "(create it, or remove the setting)") from None
+
+
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None):
         self.config = config
@@ -174,7 +185,8 @@ class Daemon:
         if learned and learned.problem:
             logger.warning("{}", learned.problem)
         sizings = await asyncio.to_thread(size_catalog, self.config, profile, learned)
-        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings)
+        events = EventBus()
+        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings, events)
         for device in fleet.scheduler.devices:
             logger.info("device {}: budget {} MiB", device.id, device.budget // 2**20)
         ticker = AsyncIOScheduler()
@@ -195,7 +207,10 @@ class Daemon:
                 started_at=time.time(),
             )
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys)))
-            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout)))
+            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events)))
+            if self.settings.control_listen is not None:
+                runners.append(await self._serve_tcp_control(create_control_app(
+                    fleet, facts, self.rollout, events, token=self.settings.control_token)))
             self._install_signal_handlers()
             ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
             ticker.start()
@@ -215,6 +230,7 @@ class Daemon:
         finally:
             if ticker.running:
                 ticker.shutdown(wait=False)
+            events.close()  # ends every event stream, so the servers can stop at once
             for runner in runners:
                 await runner.cleanup()
             await fleet.shutdown()
@@ -237,17 +253,32 @@ class Daemon:
         return runner
 
     async def _serve_control(self, app: web.Application) -> web.AppRunner:
-        path = self.settings.socket_path
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
+        """The unix socket: mode 0660, owned by ``daemon.socket_group`` when set."""
+        path, group = self.settings.socket_path, self.settings.socket_group
+        gid = socket_gid(group) if group else -1
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, handler_cancellation=True)
         await runner.setup()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
             await web.UnixSite(runner, str(path)).start()
+            os.chown(path, -1, gid)
             os.chmod(path, 0o660)
         except OSError as exc:
             await runner.cleanup()
             raise CannotListen(f"cannot serve the control API on {path}: {exc.strerror or exc}") from None
+        return runner
+
+    async def _serve_tcp_control(self, app: web.Application) -> web.AppRunner:
+        listen = self.settings.control_listen
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise CannotListen(f"cannot listen on {listen} (daemon.control_listen): {exc.strerror or exc}") from None
+        logger.info("serving the control API on tcp {} (Bearer token required)", listen)
         return runner
 
     async def _start_first_generation(self, fleet: Fleet, store: GenerationStore, wanted: list[str]) -> None:

@@ -9,10 +9,12 @@ rest of the code never sees a ``docker`` type or exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +239,42 @@ class DockerRuntime:
             return raw.decode("utf-8", errors="replace").rstrip()
 
         return await self._run(f"read logs of {container_id[:12]}", tail)
+
+    async def logs_stream(self, container_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+        """The container's output from ``tail`` lines back, chunk by chunk; with ``follow``, until it exits.
+
+        A follower gets a thread of its own, not one of the pool's: any number of them can wait for
+        output without starving the calls everything else makes. Leaving the loop closes the stream.
+        """
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+        def open_stream():
+            return self.client.containers.get(container_id).logs(stream=True, follow=follow, tail=tail)
+
+        stream = await self._run(f"read logs of {container_id[:12]}", open_stream)
+
+        def deliver(item: bytes | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads any more
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        def pump() -> None:
+            try:
+                for chunk in stream:
+                    deliver(chunk)
+            except Exception as exc:  # closed under us (the reader left), or the engine went away
+                deliver(exc)
+            finally:
+                deliver(None)
+
+        threading.Thread(target=pump, name=f"logs-{container_id[:12]}", daemon=True).start()
+        try:
+            while (item := await chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    break
+                yield item
+        finally:
+            await loop.run_in_executor(None, stream.close)
 
     async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
         """Every container (running or not) carrying all of ``labels``."""

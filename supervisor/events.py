@@ -6,13 +6,13 @@ listen synchronously. Publishing never blocks: a subscriber that falls too
 far behind is told so and dropped, the daemon never waits for it.
 
 Event kinds (stable; documented in the README):
-  state          a model's phase changed          data: from, to
+  state          a model's phase changed          data: from, to ("removed": left the catalog)
   load           a model became ready             data: seconds, container
   load_failed    a start failed                   data: error
   evict          stopped to make room (a swap)    data: reason
   unload         stopped: idle, operator, config  data: reason, cause
   crash          died or hung while serving       data: reason
-  restart        started again after a failure    data: failures
+  restart        started after a failure          data: failures (consecutive)
   health_failure a liveness probe failed          data: failures, seen
   adopt          a running container was adopted  data: container
   apply          a config generation's progress   data: generation, status, ...
@@ -26,6 +26,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from loguru import logger
 
 KEEP = 1000  # events kept for late subscribers (Last-Event-ID) and `localllmctl events`
 SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may lag behind before it is dropped
@@ -64,8 +66,9 @@ class Subscription:
 
     def close(self) -> None:
         self._bus.unsubscribe(self)
-        if not self._queue.full():
-            self._queue.put_nowait(None)
+        if self._queue.full():
+            self._queue.get_nowait()  # room for the end marker
+        self._queue.put_nowait(None)
 
     def __aiter__(self):
         return self
@@ -89,7 +92,10 @@ class EventBus:
         self._next_id += 1
         self._recent.append(event)
         for listener in self._listeners:
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not break the caller halfway through its work
+                logger.opt(exception=True).error("event listener failed on event {}", event.id)
         for subscriber in list(self._subscribers):
             subscriber.offer(event)
         return event
@@ -106,6 +112,11 @@ class EventBus:
     def unsubscribe(self, subscription: Subscription) -> None:
         if subscription in self._subscribers:
             self._subscribers.remove(subscription)
+
+    def close(self) -> None:
+        """The daemon stops: every subscription ends."""
+        for subscription in list(self._subscribers):
+            subscription.close()
 
     def listen(self, listener: Callable[[Event], None]) -> None:
         """Call ``listener`` synchronously for every event (metrics); it must not raise or block."""

@@ -16,6 +16,7 @@ import contextlib
 import socket
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -32,15 +33,18 @@ from .containers import (
     ContainerSpec,
 )
 from .docker_runtime import DockerRuntime
-from .events import EventBus
 from .errors import (
+    Conflict,
     LocalllmError,
+    ModelBusy,
+    ModelNotRunning,
     ModelStartFailed,
     ShuttingDown,
     UnknownModel,
     UpstreamFailed,
     describe_exit,
 )
+from .events import EventBus
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
@@ -136,6 +140,8 @@ class Fleet:
         self._launching: dict[int, str] = {}  # ports of containers a config change is starting
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
+        self.engine_problem: str | None = None  # set while the Docker engine does not answer
+        self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
@@ -251,6 +257,59 @@ class Fleet:
             yield reservation.instance
         finally:
             self.release(reservation)
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def load(self, name: str) -> Instance:
+        """Start ``name`` now (as a request would: queued, evicting idle models if needed) and wait until ready.
+
+        It then stays like any used model: until its TTL, an eviction or an unload. A model that gave up
+        after repeated failures gets a fresh count.
+        """
+        instance = self.resolve(name)
+        async with self._operation(instance.name, "load"):
+            if self.scheduler.slots[instance.name].gave_up:
+                self.scheduler.reset(instance.name)
+            async with self.use(instance.name):
+                return instance
+
+    async def unload(self, name: str) -> Instance:
+        """Stop ``name`` now and wait until its container is gone; refused while it serves requests."""
+        instance = self.resolve(name)
+        slot = self.scheduler.slots[instance.name]
+        async with self._operation(instance.name, "unload"):
+            if slot.phase is Phase.STARTING:
+                raise Conflict(f"'{instance.name}' is starting; unload it once it is ready")
+            busy = slot.in_flight + len(self.scheduler.queue.get(instance.name, []))
+            if slot.phase is Phase.READY and busy:
+                raise ModelBusy(f"'{instance.name}' has {busy} request(s) in flight or waiting; unload it when "
+                                "they are done")
+            self._apply(self.scheduler.unload(instance.name, time.monotonic(), "unloaded by an operator"))
+            while slot.phase is Phase.STOPPING:
+                await asyncio.sleep(0.05)
+            return instance
+
+    @contextlib.asynccontextmanager
+    async def _operation(self, name: str, what: str):
+        """One operator action per model at a time: a second one gets a 409, not a silent queue."""
+        if self._closing:
+            raise ShuttingDown("localllmd is shutting down")
+        if name in self._operations:
+            raise Conflict(f"'{name}' is already being {self._operations[name]}ed; try again when that is done")
+        self._operations[name] = what
+        try:
+            yield
+        finally:
+            del self._operations[name]
+
+    def logs(self, name: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+        """The output of the model's container: ``tail`` lines back, then (``follow``) as it comes."""
+        instance = self.resolve(name)
+        container_id = instance.container_id
+        if container_id is None:
+            error = f"; its last error: {instance.error}" if instance.error else ""
+            raise ModelNotRunning(f"'{instance.name}' has no container ({self.phase(instance)}){error}")
+        return self.runtime.logs_stream(container_id, tail, follow)
 
     def note_upstream_failure(self, instance: Instance) -> None:
         """A request could not reach the model's server: check in the background whether it died.
@@ -438,6 +497,10 @@ class Fleet:
         for name, instance in self.instances.items():
             if name not in instances and instance.container_id:
                 retire.append((name, instance.container_id))
+        for name in set(self.instances) - set(instances):
+            before = self._phases.pop(name, Phase.STOPPED)
+            self.events.publish("state", f"{before} -> removed (no longer in the catalog)", name,
+                                **{"from": str(before), "to": "removed"})
         self.config, self.instances = config, instances
         self._by_name = {name: instances[e.name] for e in config.models for name in e.names}
         self._apply(self.scheduler.replace_slots([self._slot_for(e, sizings[e.name]) for e in config.models],
@@ -533,11 +596,13 @@ class Fleet:
             try:
                 await self.runtime.ping()
             except LocalllmError as exc:
+                self.engine_problem = exc.message
                 if down_since is None:
                     down_since = time.monotonic()
                     logger.error("{}; serving what still runs, checking again with backoff", exc.message)
                 delay = min(ENGINE_MAX_DELAY, delay * 2)
             else:
+                self.engine_problem = None
                 if down_since is not None:
                     logger.warning("Docker engine is back after {:.0f}s; reconciling", time.monotonic() - down_since)
                     down_since, delay = None, ENGINE_CHECK
@@ -695,9 +760,9 @@ class Fleet:
         instance.load_seconds = time.monotonic() - started
         instance.ready_at = time.time()
         log.info("ready in {:.2f}s", instance.load_seconds)
+        self._apply(self.scheduler.started(name, time.monotonic()))
         self.events.publish("load", f"ready in {instance.load_seconds:.2f}s", name,
                             seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
-        self._apply(self.scheduler.started(name, time.monotonic()))
         if self.measures_gpu:
             self.spawn(self._learn(instance), f"learn:{name}")
 
@@ -798,7 +863,7 @@ class Fleet:
                     await asyncio.sleep(0.5 * 2**attempt)
             logger.bind(model=instance.name).info("container {} stopped and removed", container_id[:12])
         if instance.container_id == container_id:
-            instance.container_id, instance.spec = None, None
+            instance.container_id, instance.spec, instance.measured = None, None, None
 
     async def _discard_quietly(self, instance: Instance) -> None:
         try:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 from dataclasses import asdict
 from pathlib import Path
 
 from loguru import logger
 
 from .config import Config, load_config
-from .errors import Conflict, ApplyFailed, ApplyRefused, ConfigError, LocalllmError, ShuttingDown
+from .errors import ApplyFailed, ApplyRefused, ConfigError, Conflict, LocalllmError, ShuttingDown
 from .fleet import Fleet
 from .generations import GenerationStore, plan_change
 from .scheduler import Phase
@@ -38,13 +39,16 @@ class Rollout:
         self.store = store
         self._lock = asyncio.Lock()
 
-    async def apply(self, text: str, source: str, path: Path) -> dict:
+    async def apply(self, text: str, source: str, path: Path, rollback_to: int | None = None) -> dict:
         """Apply ``text`` (a config file's content, read from ``path``); returns the report or raises."""
         if self._lock.locked():
             raise Conflict("another apply or rollback is in progress; try again when it is done")
         if self.fleet.closing:
             raise ShuttingDown("localllmd is shutting down")
         async with self._lock:
+            if rollback_to is not None:
+                self.fleet.events.publish("rollback", f"rolling back to generation {rollback_to}",
+                                          generation=rollback_to)
             try:
                 config = load_config(path, text=text)
                 self._refuse_restart_only_changes(config)
@@ -56,6 +60,34 @@ class Rollout:
                 raise
             return await self._apply(config, text, source)
 
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    async def preview(self, text: str, source: str, path: Path) -> dict:
+        """What applying ``text`` would do, without doing it: validation, the plan and the text's diff."""
+        config = load_config(path, text=text)
+        self._refuse_restart_only_changes(config)
+        active = self.store.active
+        try:
+            before = self.store.text_of(active) if active is not None else ""
+        except OSError:
+            before = ""
+        diff = difflib.unified_diff(before.splitlines(keepends=True), text.splitlines(keepends=True),
+                                    f"generation {active} (active)", source)
+        return {"valid": True, "profile": config.profile, "models": len(config.models),
+                "plan": asdict(self._plan(config)[0]), "diff": "".join(diff)}
+
+    def _plan(self, config: Config):
+        """The change plan for ``config`` against what runs now, and the wanted config hash of each running model."""
+        fleet = self.fleet
+        running = fleet.ready_specs()
+        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device).config_hash()
+                  for e in config.models if e.name in running}
+        plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
+            e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
+        return plan, running, wanted
+
     async def rollback(self, number: int | None) -> dict:
         """Apply a recorded generation again: ``number``, or the last good one before the active one."""
         if number is None:
@@ -65,9 +97,8 @@ class Rollout:
             number = earlier[-1].number
         if self.store.get(number) is None:
             raise ApplyRefused(f"there is no generation {number} (see: localllmctl history)")
-        self.fleet.events.publish("rollback", f"rolling back to generation {number}", generation=number)
         return await self.apply(self.store.text_of(number), f"rollback to generation {number}",
-                                self.store.directory / f"{number:06d}.yaml")
+                                self.store.directory / f"{number:06d}.yaml", rollback_to=number)
 
     def _event(self, number: int, status: str, message: str, model: str | None = None, **data) -> None:
         self.fleet.events.publish("apply", f"generation {number}: {message}", model, generation=number,
@@ -84,11 +115,7 @@ class Rollout:
     async def _apply(self, config: Config, text: str, source: str) -> dict:
         fleet = self.fleet
         sizings = await asyncio.to_thread(size_catalog, config, fleet.profile, fleet.learned)
-        running = fleet.ready_specs()
-        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device).config_hash()
-                  for e in config.models if e.name in running}
-        plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
-            e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
+        plan, running, wanted = self._plan(config)
         entries = {e.name: e for e in config.models}
         gone = set(fleet.instances) - set(entries)  # removing a model that is starting would orphan its start
         busy = [n for n in sorted(set(plan.replace) | gone)

@@ -259,8 +259,15 @@ class Scheduler:
         return min(due) if due else None
 
     def unload(self, model: str, now: float, reason: str) -> list[Action]:
-        """Stop ``model`` if it is ready and idle (idle unload by an operator, or a config change taking it offline)."""
+        """Stop ``model`` if it is ready and idle (idle unload by an operator, or a config change taking it offline).
+
+        A failed model is cleared instead: stopped, not wanted, its failures forgotten.
+        """
         slot = self.slots[model]
+        if slot.phase is Phase.FAILED and not slot.held:
+            slot.phase, slot.wanted, slot.error = Phase.STOPPED, False, None
+            self.reset(model)
+            return self._pump(now)
         if slot.phase is Phase.READY and slot.in_flight == 0:
             slot.phase, slot.wanted = Phase.STOPPING, False
             return [Stop(model, reason)]

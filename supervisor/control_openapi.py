@@ -1,0 +1,148 @@
+"""The control API's OpenAPI 3.0 document, served at ``GET /openapi.json``.
+
+Written by hand, next to nothing else: a unit test checks that it names exactly
+the routes the app serves, and schemathesis checks the app against it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from . import __version__
+from .errors import error_codes
+
+JSON = "application/json"
+
+
+def _ok(description: str, schema: dict | None = None, media: str = JSON) -> dict:
+    return {"description": description, "content": {media: {"schema": schema or {"type": "object"}}}}
+
+
+def _error(description: str) -> dict:
+    return {"description": description, "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+              "description": "model name or alias"}
+BOOL = {"type": "string", "enum": ["true", "false", "1", "0"]}
+CONFIG_BODY = {"required": True, "content": {JSON: {"schema": {
+    "type": "object", "required": ["config", "source"],
+    "properties": {"config": {"type": "string", "description": "the config file's text"},
+                   "source": {"type": "string", "description": "its absolute path (relative model paths)"}}}}}}
+COMMON = {"401": _error("TCP only: missing or wrong Bearer token (invalid_token)"),
+          "500": _error("a bug: see the daemon's log")}
+
+
+def _operation(summary: str, responses: dict, parameters: list | None = None, body: dict | None = None) -> dict:
+    operation = {"summary": summary, "responses": {**responses, **COMMON}}
+    if parameters:
+        operation["parameters"] = parameters
+    if body:
+        operation["requestBody"] = body
+    return operation
+
+
+@cache
+def openapi_document() -> dict:
+    model = {"$ref": "#/components/schemas/Model"}
+    paths = {
+        "/openapi.json": {"get": _operation("this document", {"200": _ok("OpenAPI 3.0 document")})},
+        "/health": {"get": _operation("the daemon's own health", {
+            "200": _ok("healthy", {"$ref": "#/components/schemas/Health"}),
+            "503": _ok("unhealthy: engine unreachable, degraded, or a model failed",
+                       {"$ref": "#/components/schemas/Health"})})},
+        "/status": {"get": _operation("the daemon and every model", {"200": _ok("status", {
+            "type": "object", "required": ["daemon", "models"],
+            "properties": {"daemon": {"type": "object"}, "models": {"type": "array", "items": model}}})})},
+        "/models": {"get": _operation("every model of the catalog", {"200": _ok("models", {
+            "type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": model}}})})},
+        "/models/{name}": {"get": _operation("one model", {"200": _ok("the model", model),
+                                                           "404": _error("no such model (model_not_found)")},
+                                             [MODEL_NAME])},
+        "/models/{name}/load": {"post": _operation(
+            "start the model now and wait until it is ready", {
+                "200": _ok("ready", model), "404": _error("no such model"),
+                "409": _error("another load/unload of it, or a config change, is in progress (conflict)"),
+                "503": _error("it could not start (model_start_failed, model_too_large, model_failed, "
+                              "queue_full, queue_timeout, shutting_down)")}, [MODEL_NAME])},
+        "/models/{name}/unload": {"post": _operation(
+            "stop the model now and wait until its container is gone", {
+                "200": _ok("stopped", model), "404": _error("no such model"),
+                "409": _error("it serves requests (model_busy), is starting, or another operation runs (conflict)"),
+                "503": _error("shutting down")}, [MODEL_NAME])},
+        "/models/{name}/logs": {"get": _operation(
+            "the output of the model's container, as text", {
+                "200": _ok("log lines; with follow, streamed until the container exits", {"type": "string"},
+                           "text/plain"),
+                "400": _error("bad query parameter"), "404": _error("no such model"),
+                "409": _error("it has no container (model_not_running)")},
+            [MODEL_NAME, _query("tail", {"type": "integer", "minimum": 0, "maximum": 100000, "default": 100},
+                                "lines from the end"),
+             _query("follow", BOOL, "keep streaming new output")])},
+        "/events": {"get": _operation(
+            "server-sent events: state changes, loads, swaps, crashes, restarts, config changes", {
+                "200": _ok("text/event-stream of Event objects (id, event: kind, data: JSON)", {"type": "string"},
+                           "text/event-stream"),
+                "400": _error("bad query parameter"), "404": _error("no such model")},
+            [_query("limit", {"type": "integer", "minimum": 0, "maximum": 1000, "default": 50},
+                    "recent events to send first"),
+             _query("after", {"type": "integer", "minimum": 0}, "only events with a greater id (or Last-Event-ID)"),
+             _query("follow", BOOL, "keep the stream open for new events"),
+             _query("model", {"type": "string"}, "only this model's events")])},
+        "/validate": {"post": _operation(
+            "check a config and show what applying it would change", {
+                "200": _ok("valid; the plan and a unified diff against the active generation"),
+                "400": _error("invalid config (invalid_config, with FILE:LINE problems) or body (bad_request)"),
+                "409": _error("changes only a restart applies (apply_refused)")}, body=CONFIG_BODY)},
+        "/apply": {"post": _operation(
+            "apply a config: a new generation, health-gated, reverted on failure", {
+                "200": _ok("the generation is live and last-good"),
+                "400": _error("invalid config or body"),
+                "409": _error("another apply runs (conflict), or it needs a restart (apply_refused)"),
+                "422": _error("it failed its health gate and was reverted (apply_failed, with the report)"),
+                "503": _error("shutting down"), "507": _error("the state directory cannot be written")},
+            body=CONFIG_BODY)},
+        "/history": {"get": _operation("the recorded generations, oldest first", {"200": _ok("generations")})},
+        "/rollback": {"post": _operation(
+            "apply a recorded generation again (default: the last good one before the active one)", {
+                "200": _ok("rolled back"), "400": _error("bad body"),
+                "409": _error("no such generation, or another apply runs"),
+                "422": _error("it failed its health gate and was reverted")},
+            body={"required": True, "content": {JSON: {"schema": {"type": "object", "properties": {
+                "generation": {"type": "integer", "nullable": True, "minimum": 1}}}}}})},
+        "/metrics": {"get": _operation("Prometheus metrics", {"200": _ok("text exposition format", {"type": "string"},
+                                                                         "text/plain")})},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "localllmd control API", "version": __version__,
+                 "description": "On the unix socket without auth; on TCP (daemon.control_listen) with a Bearer token."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "security": [{"bearer": []}, {}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                    "type": "object", "required": ["message", "code"],
+                    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                   "param": {"nullable": True},
+                                   "code": {"type": "string", "enum": error_codes()}}}}},
+                "Health": {"type": "object", "required": ["status", "problems"], "properties": {
+                    "status": {"type": "string", "enum": ["ok", "unhealthy"]},
+                    "problems": {"type": "array", "items": {"type": "string"}}}},
+                "Model": {"type": "object", "required": ["name", "state", "in_flight"], "properties": {
+                    "name": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
+                    "state": {"type": "string", "enum": ["stopped", "starting", "ready", "stopping", "failed"]},
+                    "container": {"type": "string", "nullable": True},
+                    "port": {"type": "integer", "nullable": True},
+                    "in_flight": {"type": "integer"}, "waiting": {"type": "integer"},
+                    "last_used": {"type": "number", "nullable": True},
+                    "memory": {"type": "object"}, "error": {"type": "string", "nullable": True}}},
+            },
+        },
+    }
