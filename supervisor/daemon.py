@@ -33,6 +33,7 @@ from .fleet import Fleet
 from .generations import GenerationStore
 from .hardware import read_gpus_nvml, select_profile
 from .learned import LearnedSizes
+from .metrics import Metrics
 from .proxy import create_proxy_app
 from .rollout import Rollout
 from .scheduler import Phase
@@ -187,6 +188,8 @@ class Daemon:
         sizings = await asyncio.to_thread(size_catalog, self.config, profile, learned)
         events = EventBus()
         fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings, events)
+        metrics = Metrics(fleet)
+        metrics.listen(events)
         for device in fleet.scheduler.devices:
             logger.info("device {}: budget {} MiB", device.id, device.budget // 2**20)
         ticker = AsyncIOScheduler()
@@ -207,10 +210,11 @@ class Daemon:
                 started_at=time.time(),
             )
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys)))
-            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events)))
+            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events,
+                                                                              metrics=metrics)))
             if self.settings.control_listen is not None:
                 runners.append(await self._serve_tcp_control(create_control_app(
-                    fleet, facts, self.rollout, events, token=self.settings.control_token)))
+                    fleet, facts, self.rollout, events, token=self.settings.control_token, metrics=metrics)))
             self._install_signal_handlers()
             ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
             ticker.start()

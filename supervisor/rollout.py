@@ -90,6 +90,8 @@ class Rollout:
 
     async def rollback(self, number: int | None) -> dict:
         """Apply a recorded generation again: ``number``, or the last good one before the active one."""
+        if self._lock.locked():
+            raise Conflict("another apply or rollback is in progress; try again when it is done")
         if number is None:
             earlier = [g for g in self.store.generations if g.status == "good" and g.number != self.store.active]
             if not earlier:
