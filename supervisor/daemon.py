@@ -209,7 +209,7 @@ class Daemon:
                 proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
                 started_at=time.time(),
             )
-            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys)))
+            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys, metrics)))
             runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events,
                                                                               metrics=metrics)))
             if self.settings.control_listen is not None:

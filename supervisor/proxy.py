@@ -19,6 +19,7 @@ from loguru import logger
 
 from .errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamFailed
 from .fleet import Fleet, Instance, Reservation
+from .metrics import Metrics
 from .web_errors import error_middleware, read_json_object
 
 FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -28,15 +29,18 @@ KEEPALIVE_SECONDS = 5.0
 FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
 
 
-def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: list[str]) -> web.Application:
+def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: list[str],
+                     metrics: Metrics | None = None) -> web.Application:
     middlewares = [error_middleware] + ([require_api_key(api_keys)] if api_keys else [])
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
-    proxy = Proxy(fleet, session)
+    proxy = Proxy(fleet, session, metrics)
     app.router.add_get("/v1/models", proxy.list_models)
     app.router.add_get("/v1/models/{model:.+}", proxy.get_model)
     for path in FORWARDED_PATHS:
         app.router.add_post(path, proxy.forward)
     app.router.add_get("/health", proxy.health)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics.handler)  # read-only; behind the API keys when they are set
     return app
 
 
@@ -46,7 +50,7 @@ def require_api_key(keys: list[str]):
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
+        if request.path.startswith("/v1/") or request.path == "/metrics":
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in expected):
                 raise InvalidApiKey("missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
@@ -57,9 +61,10 @@ def require_api_key(keys: list[str]):
 
 
 class Proxy:
-    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession):
+    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, metrics: Metrics | None = None):
         self.fleet = fleet
         self.session = session
+        self.metrics = metrics
         self.created = int(time.time())
 
     def _model_object(self, name: str) -> dict:
@@ -77,18 +82,35 @@ class Proxy:
         return web.json_response({"status": "ok"})
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
-        body, payload = await read_json_object(request)
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("field 'model' is required and must be a string naming a catalog model")
-        reservation = self.fleet.reserve(model)
+        """Route by ``model``; counted in the metrics by catalog name, endpoint and status (499: client left)."""
+        started, model, status = time.monotonic(), None, 500
         try:
-            if payload.get("stream") is True and not reservation.granted.done():
-                return await self._stream_after_load(request, reservation, body)
-            await reservation.granted
-            return await self._relay(request, reservation.instance, body)
+            body, payload = await read_json_object(request)
+            model = payload.get("model")
+            if not isinstance(model, str) or not model:
+                raise BadRequest("field 'model' is required and must be a string naming a catalog model")
+            reservation = self.fleet.reserve(model)
+            model = reservation.instance.name
+            try:
+                if payload.get("stream") is True and not reservation.granted.done():
+                    response = await self._stream_after_load(request, reservation, body)
+                else:
+                    await reservation.granted
+                    response = await self._relay(request, reservation.instance, body)
+                status = response.status
+                return response
+            finally:
+                self.fleet.release(reservation)
+        except LocalllmError as exc:
+            status = exc.http_status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499
+            raise
         finally:
-            self.fleet.release(reservation)
+            if self.metrics is not None:
+                self.metrics.observe_request(model if isinstance(model, str) else "", request.path.removeprefix("/v1/"),
+                                             status, time.monotonic() - started)
 
     async def _relay(self, request: web.Request, instance: Instance, body: bytes) -> web.StreamResponse:
         try:
