@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import executable
-
 ROOT = Path(__file__).resolve().parents[2]
 FOLLOWING = re.compile(r"(^| )(-f|--follow)( |$)")
 
