@@ -191,14 +191,22 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None) -
 
 
 def check_ports(config: Config) -> list[tuple[tuple, str]]:
-    """Container ports must stay clear of the proxy's own."""
-    low, high = config.daemon.port_range
-    return [
-        (("daemon", "port_range"), f"port_range {low}-{high} clashes with proxy_listen {listen}: "
-                                   "containers would compete with the proxy for that port")
-        for listen in config.daemon.proxy_listen
+    """Container ports must stay clear of the proxy's and the control API's own."""
+    daemon = config.daemon
+    low, high = daemon.port_range
+    listeners = [("proxy_listen", listen) for listen in daemon.proxy_listen]
+    if daemon.control_listen is not None:
+        listeners.append(("control_listen", daemon.control_listen))
+    problems = [
+        (("daemon", "port_range"), f"port_range {low}-{high} clashes with {field} {listen}: "
+                                   "containers would compete with it for that port")
+        for field, listen in listeners
         if low <= listen.port <= high
     ]
+    if daemon.control_listen is not None and daemon.control_listen.port in {lst.port for lst in daemon.proxy_listen}:
+        problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
+                                                       "port: the control API needs a port of its own"))
+    return problems
 
 
 def check_profile(config: Config) -> list[tuple[tuple, str]]:

@@ -124,6 +124,28 @@ BAD_CONFIGS = [
         """, [({1, 4}, "port_range 28100-28199 clashes with proxy_listen 127.0.0.1:28150")], id="port-range-clash"),
     pytest.param("""\
         daemon:
+          control_listen: 127.0.0.1:28160
+          control_token: 0123456789abcdef
+          port_range: 28100-28199
+        """, [({1, 4}, "port_range 28100-28199 clashes with control_listen 127.0.0.1:28160")],
+        id="control-listen-in-port-range"),
+    pytest.param("""\
+        daemon:
+          proxy_listen: 127.0.0.1:8081
+          control_listen: 127.0.0.1:8081
+          control_token: 0123456789abcdef
+        """, [(3, "control_listen 127.0.0.1:8081 uses a proxy_listen port")], id="control-listen-on-proxy-port"),
+    pytest.param("""\
+        daemon:
+          control_listen: 127.0.0.1:8090
+        """, [(1, "daemon: control_listen needs control_token")], id="control-listen-without-token"),
+    pytest.param("""\
+        daemon:
+          control_listen: 127.0.0.1:8090
+          control_token: short
+        """, [(3, "daemon.control_token: String should have at least 16 characters")], id="control-token-too-short"),
+    pytest.param("""\
+        daemon:
           port_range: 30000-29000
         """, [(2, "daemon.port_range: port range 30000-29000 must satisfy 1024 <= low <= high <= 65535")],
         id="port-range-low-above-high"),
