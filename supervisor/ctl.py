@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="config files").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
     validate.add_argument("file", type=Path)
+    validate.add_argument("--json", action="store_true", help="print JSON: valid, and the problems if not")
     validate.set_defaults(run=cmd_config_validate)
     init = config.add_parser("init", help="write a first config for this host, with the detected profile")
     init.add_argument("--profile", default=None, help="profile name (default: the one detected for this host)")
@@ -335,8 +336,20 @@ def cmd_librechat(args: argparse.Namespace) -> int:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
-    print(f"{args.file}: valid ({len(config.models)} models, profile {config.profile})")
+    from .errors import ConfigError
+
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"file": str(args.file), "valid": False, "problems": exc.problems}, indent=2))
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"file": str(args.file), "valid": True, "models": [m.name for m in config.models],
+                          "profile": config.profile}, indent=2))
+    else:
+        print(f"{args.file}: valid ({len(config.models)} models, profile {config.profile})")
     return EXIT_OK
 
 

@@ -137,3 +137,18 @@ def test_render_status_last_used_is_an_age():
 ])
 def test_format_age(seconds, shown):
     assert format_age(seconds) == shown
+
+
+def test_config_validate_json_reports_problems_and_exits_2(config_file):
+    import json
+
+    path = config_file("models:\n  - name: a\n    gguf: nope.gguf\n")
+    done = localllmctl("config", "validate", "--json", path)
+    assert done.returncode == 2, done.stderr
+    report = json.loads(done.stdout)
+    assert report["valid"] is False and len(report["problems"]) == 1
+    assert report["problems"][0].startswith(f"{path}:3: models[0].gguf: model file")
+    good = config_file("profile: cpu-only\nmodels: []\n")
+    done = localllmctl("config", "validate", "--json", good)
+    assert (done.returncode, json.loads(done.stdout)) == (0, {"file": str(good), "valid": True, "models": [],
+                                                              "profile": "cpu-only"})
