@@ -203,8 +203,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None
     body = {"config": text, "source": str(args.file.resolve())}
     if not args.json:
-        preview = asyncio.run(client(args).request("POST", "/validate", body))
-        print(preview["diff"] or "(the config text is unchanged)", file=sys.stderr)
+        try:
+            preview = asyncio.run(client(args).request("POST", "/validate", body))
+            print(preview["diff"] or "(the config text is unchanged)", file=sys.stderr)
+        except RemoteError as exc:  # invalid or refused: the apply below records it as such, and says why
+            if exc.code not in ("invalid_config", "apply_refused"):
+                raise
     report = asyncio.run(with_progress(args, "POST", "/apply", body))
     print(json.dumps(report, indent=2) if args.json else render_report(report))
     return EXIT_OK
