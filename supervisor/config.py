@@ -16,7 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .profiles import load_profiles
-from .schema import Seconds, Strict, describe, read_model
+from .schema import Bytes, Seconds, Strict, describe, read_model
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
@@ -25,8 +25,11 @@ CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
 class ModelEntry(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
     aliases: list[str] = []
-    backend: Literal["llamacpp"] = "llamacpp"
-    gguf: Path
+    backend: Literal["llamacpp", "ollama"] = "llamacpp"
+    gguf: Path | None = None  # llamacpp: the model file
+    tag: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200)  # ollama
+    pull: bool = False  # ollama: pull the tag when the server does not have it
+    memory: Bytes | None = Field(default=None, gt=0)  # declared need; overrides the estimate
     context_size: int | None = Field(default=None, ge=128)
     gpu_layers: int | None = Field(default=None, ge=-1)
     image: str | None = None  # default: the profile's image for the backend
@@ -48,8 +51,26 @@ class ModelEntry(Strict):
 
     @field_validator("gguf")
     @classmethod
-    def _gguf_relative_to_config(cls, path: Path, info: ValidationInfo) -> Path:
+    def _gguf_relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return relative_to_config(path, info)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ModelEntry:
+        if self.backend == "llamacpp":
+            if self.gguf is None:
+                raise ValueError("a llamacpp model needs 'gguf' (the model file)")
+            if self.tag is not None or self.pull:
+                raise ValueError("'tag' and 'pull' are for backend: ollama")
+            return self
+        if self.tag is None:
+            raise ValueError("an ollama model needs 'tag' (its name in Ollama, e.g. llama3.2:1b)")
+        llama_only = [name for name in ("gguf", "gpu_layers", "image") if getattr(self, name) is not None]
+        llama_only += [name for name in ("extra_args",) if getattr(self, name)]
+        llama_only += [name for name in ("cache_type_k", "cache_type_v") if getattr(self, name) != "f16"]
+        if llama_only:
+            raise ValueError(f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull, "
+                             "memory, context_size, and the ollama: section for its server")
+        return self
 
     @property
     def names(self) -> list[str]:
@@ -161,11 +182,33 @@ class DaemonSettings(Strict):
         return self.control_socket or self.state_dir / "control.sock"
 
 
+class OllamaSettings(Strict):
+    """The one Ollama server that holds every ``backend: ollama`` model."""
+
+    image: str | None = None  # default: the profile's images.ollama
+    models_dir: Path | None = None  # its persistent store; default: <state_dir>/ollama
+    keep_alive: str = "-1"  # OLLAMA_KEEP_ALIVE: localllm unloads models itself, so never on Ollama's own
+    num_parallel: int = Field(default=1, ge=1)  # OLLAMA_NUM_PARALLEL
+    flash_attention: bool = False  # OLLAMA_FLASH_ATTENTION
+    env: dict[str, str] = {}  # more environment for the server
+    startup_timeout: Seconds = Field(default=60.0, gt=0)
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir_relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return relative_to_config(path, info)
+
+
 class Config(Strict):
     profile: str = "auto"
     profiles_dir: Path | None = None
     daemon: DaemonSettings = DaemonSettings()
+    ollama: OllamaSettings = OllamaSettings()
     models: list[ModelEntry] = []
+
+    @property
+    def ollama_store(self) -> Path:
+        return self.ollama.models_dir or self.daemon.state_dir / "ollama"
 
     @field_validator("profiles_dir")
     @classmethod
@@ -230,7 +273,7 @@ def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, s
             if counts[name] > 1 and name in first_owner:
                 problems.append((loc, f"duplicate model name '{name}' (also models[{first_owner[name]}])"))
             first_owner.setdefault(name, index)
-        if check_files and not entry.gguf.is_file():
+        if check_files and entry.gguf is not None and not entry.gguf.is_file():
             what = "is not a file" if entry.gguf.exists() else "does not exist"
             problems.append((("models", index, "gguf"), f"model file {entry.gguf} {what}"))
     return problems

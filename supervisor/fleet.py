@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
-from .backends import backend_for
+from .backends import backend_for, ollama
 from .config import Config, DaemonSettings, ModelEntry
 from .containers import (
     LABEL_CONFIG_HASH,
@@ -48,6 +48,8 @@ from .events import EventBus
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
+from .ollama_api import estimate_from_show, find_loaded, memory_in_use
+from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
 from .scheduler import (
@@ -85,6 +87,7 @@ class Instance:
     error: str | None = None
     measured: int | None = None
     failed_probes: int = 0
+    show_estimate: int | None = None  # Ollama: estimated from /api/show
 
     @property
     def name(self) -> str:
@@ -94,6 +97,16 @@ class Instance:
     def base_url(self) -> str:
         assert self.spec is not None, "base_url of a model without a container"
         return backend_for(self.entry.backend).base_url(self.spec.port)
+
+    @property
+    def in_ollama(self) -> bool:
+        """Served inside the shared Ollama server (not a container of its own)."""
+        return self.entry.backend == "ollama"
+
+    @property
+    def upstream_model(self) -> str:
+        """The name the server knows the model by: its Ollama tag, or the catalog name (llama-server's alias)."""
+        return self.entry.tag if self.in_ollama and self.entry.tag else self.entry.name
 
 
 @dataclass
@@ -141,6 +154,7 @@ class Fleet:
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
+        self.ollama = OllamaHost(runtime, session, profile, self._allocate_port, self.settings.stop_grace)
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
 
@@ -185,6 +199,7 @@ class Fleet:
             "name": instance.name,
             "aliases": list(instance.entry.aliases),
             "backend": instance.entry.backend,
+            "tag": instance.entry.tag,
             "state": str(slot.phase),
             "device": slot.device,
             "container": instance.container_id[:12] if instance.container_id else None,
@@ -199,7 +214,9 @@ class Fleet:
             "ready_at": instance.ready_at,
             "load_seconds": instance.load_seconds,
             "memory": {
-                "need": sizing.need,
+                "need": slot.need,
+                "declared": sizing.declared,
+                "ollama_estimate": instance.show_estimate,
                 "estimate": sizing.estimate.as_dict() if sizing.estimate else None,
                 "estimate_problem": sizing.problem,
                 "learned": sizing.learned,
@@ -379,7 +396,11 @@ class Fleet:
         return {i.name: i.spec for i in self.instances.values()
                 if self.phase(i) is Phase.READY and i.spec is not None and i.container_id}
 
-    def spec_for(self, entry: ModelEntry, port: int, device_id: str | None) -> ContainerSpec:
+    def spec_for(self, entry: ModelEntry, port: int, device_id: str | None, config: Config | None = None):
+        """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
+        if entry.backend == "ollama":
+            server = ollama.server_spec(config or self.config, self.profile, port)
+            return ollama.model_spec(entry, self.profile, server, device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
         return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
 
@@ -387,7 +408,8 @@ class Fleet:
         device = next(d for d in self.scheduler.devices if d.id == device_id)
         return device.budget - sum(r.bytes for r in self.scheduler.residents() if r.device == device_id)
 
-    async def launch(self, entry: ModelEntry, device_id: str | None, need: int) -> tuple[ContainerSpec, str]:
+    async def launch(self, entry: ModelEntry, device_id: str | None, need: int,
+                     config: Config | None = None) -> tuple[ContainerSpec, str]:
         """Start ``entry`` in a container of its own beside whatever runs, and gate it.
 
         Its room stays reserved and the container protected from sweeps until ``commit`` or ``attach``
@@ -395,6 +417,8 @@ class Fleet:
         """
         if self._closing:
             raise ShuttingDown("localllmd is shutting down")
+        if entry.backend == "ollama":
+            return await self._launch_in_ollama(entry, device_id, need, config)
         port: int | None = None
         container_id: str | None = None
         try:
@@ -428,9 +452,29 @@ class Fleet:
             if port is not None:
                 self._launching.pop(port, None)
 
+    async def _launch_in_ollama(self, entry: ModelEntry, device_id: str | None, need: int,
+                                config: Config | None) -> tuple[ollama.ModelSpec, str]:
+        """A config change's Ollama model: loaded into the server for ``config`` (replaced if that changed).
+
+        Its old self was taken offline first: Ollama holds one instance of a tag.
+        """
+        self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
+        try:
+            server, container_id = await self.ollama.ensure(config or self.config, entry.name)
+            spec = ollama.model_spec(entry, self.profile, server, device_id)
+            await self._load_into_ollama(entry, spec, container_id)
+            return spec, container_id
+        except BaseException:
+            self.scheduler.reserved.pop(f"{entry.name}#new", None)
+            raise
+
     async def abandon(self, name: str, container_id: str) -> None:
         """Remove a container a config change launched but will not use."""
         self.scheduler.reserved.pop(f"{name}#new", None)
+        instance = self.instances.get(name)
+        if instance is not None and instance.in_ollama:
+            await self._unload_from_ollama(instance)
+            return
         try:
             await self.runtime.stop_and_remove(container_id, 0)
         except LocalllmError as exc:
@@ -472,31 +516,31 @@ class Fleet:
             self._apply(self.scheduler.tick(time.monotonic()))
 
     def commit(self, config: Config, sizings: dict[str, Sizing],
-               switched: dict[str, tuple[ContainerSpec, str]]) -> list[tuple[str, str]]:
+               switched: dict[str, tuple[ContainerSpec, str]]) -> list[tuple[str, str, ModelEntry]]:
         """Make ``config`` the live catalog; running models in ``switched`` move to their new containers.
 
-        Returns the (model, container id) pairs to retire: replaced containers and removed models'.
+        Returns the (model, container id, its old entry) to retire: replaced containers and removed models'.
         """
-        retire: list[tuple[str, str]] = []
+        retire: list[tuple[str, str, ModelEntry]] = []
         instances: dict[str, Instance] = {}
         for entry in config.models:
             instance = self.instances.get(entry.name) or Instance(entry, sizings[entry.name])
-            instance.entry, instance.sizing = entry, sizings[entry.name]
+            old_entry, instance.entry, instance.sizing = instance.entry, entry, sizings[entry.name]
             if entry.name in switched:
                 spec, container_id = switched[entry.name]
                 self.scheduler.reserved.pop(f"{entry.name}#new", None)
                 slot = self.scheduler.slots.get(entry.name)
                 if slot is not None and slot.phase is Phase.READY and instance.container_id:
-                    retire.append((entry.name, instance.container_id))
+                    retire.append((entry.name, instance.container_id, old_entry))
                     instance.spec, instance.container_id = spec, container_id
                     instance.ready_at, instance.error = time.time(), None
                     self._protected.discard(container_id)
                 else:  # it stopped or crashed while the new one started: the new one is not needed
-                    retire.append((entry.name, container_id))
+                    retire.append((entry.name, container_id, entry))
             instances[entry.name] = instance
         for name, instance in self.instances.items():
             if name not in instances and instance.container_id:
-                retire.append((name, instance.container_id))
+                retire.append((name, instance.container_id, instance.entry))
         for name in set(self.instances) - set(instances):
             before = self._phases.pop(name, Phase.STOPPED)
             self.events.publish("state", f"{before} -> removed (no longer in the catalog)", name,
@@ -507,8 +551,14 @@ class Fleet:
                                                  time.monotonic()))
         return retire
 
-    def retire(self, name: str, container_id: str, patience: float) -> None:
-        """Stop a container no model uses any more, once the requests it still serves are done."""
+    def retire(self, name: str, container_id: str, patience: float, entry: ModelEntry | None = None) -> None:
+        """Stop a container no model uses any more, once the requests it still serves are done.
+
+        An Ollama model (``entry``) is unloaded from the server instead; the server stays.
+        """
+        if entry is not None and entry.backend == "ollama":
+            self.spawn(self._unload_tag(name, entry.tag or name), f"retire:{name}")
+            return
 
         async def drain_then_stop() -> None:
             try:
@@ -536,7 +586,7 @@ class Fleet:
         recreate: list[str] = []
         for info in sorted(found, key=lambda c: (not c.running, c.labels.get(LABEL_MODEL, ""))):
             name = info.labels.get(LABEL_MODEL, "")
-            reason = await self._try_adopt(info)
+            reason = await (self._try_adopt_ollama(info) if name == ollama.SERVER_LABEL else self._try_adopt(info))
             if reason is None:
                 continue
             if reason.startswith("its config changed") and name in self.instances:
@@ -544,6 +594,45 @@ class Fleet:
             logger.bind(model=name or "?").warning("removing container {}: {}", info.name, reason)
             await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
         return recreate
+
+    async def _try_adopt_ollama(self, info) -> str | None:
+        """Adopt the Ollama server (running, same spec, healthy), then the catalog's models it has loaded."""
+        if self.ollama.container_id is not None:
+            return "a second Ollama server"
+        if not info.running:
+            return f"not running ({info.status})"
+        try:
+            port = int(info.labels.get(LABEL_PORT, ""))
+        except ValueError:
+            return "its port label is unreadable"
+        spec = ollama.server_spec(self.config, self.profile, port)
+        if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
+            return "its config changed (config hash differs)"
+        if await probe(self.session, ollama.base_url(port) + ollama.readiness_path, timeout=2.0) != 200:
+            return "its server is not healthy"
+        self.ollama.adopt(spec, info.id)
+        logger.info("adopted the running Ollama server {} on port {}", info.name, port)
+        self.events.publish("adopt", f"adopted the running Ollama server {info.name}", None,
+                            container=info.id[:12])
+        try:
+            loaded = await self.ollama.api("ollama").loaded()
+        except LocalllmError as exc:
+            logger.warning("cannot list the Ollama server's loaded models: {}", exc.message)
+            return None
+        for instance in [i for i in self.instances.values() if i.in_ollama]:
+            entry = find_loaded(loaded, instance.upstream_model)
+            if entry is None:
+                continue
+            device = spec.device
+            if self.scheduler.adopt(instance.name, device, time.monotonic()):
+                instance.spec = ollama.model_spec(instance.entry, self.profile, spec, device)
+                instance.container_id, instance.ready_at = info.id, time.time()
+                instance.measured = memory_in_use(entry, self.profile.has_gpus)
+                logger.bind(model=instance.name).info("adopted: loaded in the Ollama server")
+                self.events.publish("adopt", "adopted: loaded in the Ollama server", instance.name,
+                                    container=info.id[:12])
+        self._publish_phases()
+        return None
 
     async def _try_adopt(self, info) -> str | None:
         """Adopt ``info`` and return None, or say why not."""
@@ -621,7 +710,7 @@ class Fleet:
                 self._crash(instance, "container lost while the Docker engine was away")
         if self._launching or any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
             return  # a container being created may not be owned yet: leave the sweep for later
-        owned = {i.container_id for i in self.instances.values()} | self._protected
+        owned = {i.container_id for i in self.instances.values()} | self._protected | {self.ollama.container_id}
         for info in found.values():
             if info.id not in owned:
                 logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
@@ -629,7 +718,7 @@ class Fleet:
 
     async def remove_leftovers(self) -> int:
         """The shutdown sweep: remove every container of ours that no model owns (e.g. a cancelled start's)."""
-        owned = {i.container_id for i in self.instances.values()} | self._protected
+        owned = {i.container_id for i in self.instances.values()} | self._protected | {self.ollama.container_id}
         leftovers = [c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
                      if c.id not in owned]
         for info in leftovers:
@@ -650,7 +739,12 @@ class Fleet:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for instance in self.instances.values():
+            if instance.in_ollama:  # the server goes as a whole: no need to unload one by one
+                instance.container_id, instance.spec = None, None
         await asyncio.gather(*(self._discard_container(i) for i in self.instances.values()), return_exceptions=True)
+        with contextlib.suppress(LocalllmError):
+            await self.ollama.discard()
         self._protected.clear()  # at shutdown everything of ours goes
         try:
             await self.remove_leftovers()
@@ -730,20 +824,10 @@ class Fleet:
     async def _start(self, name: str) -> None:
         instance = self.instances[name]
         log = logger.bind(model=name)
-        device = self._device_of(name)
         started = time.monotonic()
         instance.error = None
         try:
-            if not instance.entry.gguf.is_file():
-                raise ModelStartFailed(name, f"model file {instance.entry.gguf} does not exist")
-            backend = backend_for(instance.entry.backend)
-            port = self._allocate_port(name)
-            instance.spec = backend.container_spec(instance.entry, self.profile, self.settings, port, device)
-            info = await self._create_container(instance, instance.spec)
-            log.info("container {} started on port {}", info.name, port)
-            await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,
-                                   url=backend.base_url(port) + backend.readiness_path,
-                                   deadline=instance.entry.startup_timeout or self.settings.startup_timeout)
+            await (self._start_in_ollama(instance) if instance.in_ollama else self._start_container(instance))
         except asyncio.CancelledError:
             await self._discard_quietly(instance)
             raise
@@ -765,6 +849,89 @@ class Fleet:
                             seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
         if self.measures_gpu:
             self.spawn(self._learn(instance), f"learn:{name}")
+
+    async def _start_container(self, instance: Instance) -> None:
+        """Create the model's own container and wait for its readiness gate."""
+        name, entry = instance.name, instance.entry
+        if not entry.gguf.is_file():
+            raise ModelStartFailed(name, f"model file {entry.gguf} does not exist")
+        backend = backend_for(entry.backend)
+        port = self._allocate_port(name)
+        instance.spec = backend.container_spec(entry, self.profile, self.settings, port, self._device_of(name))
+        info = await self._create_container(instance, instance.spec)
+        logger.bind(model=name).info("container {} started on port {}", info.name, port)
+        await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,
+                               url=backend.base_url(port) + backend.readiness_path,
+                               deadline=entry.startup_timeout or self.settings.startup_timeout)
+
+    async def _start_in_ollama(self, instance: Instance) -> None:
+        """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
+        server, container_id = await self.ollama.ensure(self.config, instance.name)
+        spec = ollama.model_spec(instance.entry, self.profile, server, self.scheduler.slots[instance.name].device)
+        instance.spec = spec
+        await self._load_into_ollama(instance.entry, spec, container_id)
+        instance.container_id = container_id
+        instance.measured = await self._ollama_memory(instance)
+
+    async def _load_into_ollama(self, entry: ModelEntry, spec: ollama.ModelSpec, container_id: str) -> None:
+        api, name = self.ollama.api(entry.name), entry.name
+        if not await api.has(spec.tag):
+            if not entry.pull:
+                raise ModelStartFailed(name, f"the Ollama server has no '{spec.tag}', and pull is off for it "
+                                             "(set pull: true, or pull it into the server yourself)")
+            await api.pull(spec.tag, lambda line: self._pull_progress(name, spec.tag, line))
+        if not entry.memory:
+            with contextlib.suppress(LocalllmError):
+                guess = estimate_from_show(await api.show(spec.tag), spec.context)
+                instance = self.instances.get(name)
+                if guess and instance is not None and instance.sizing.learned is None:
+                    instance.show_estimate = guess
+        logger.bind(model=name).info("loading '{}' into the Ollama server (context {})", spec.tag, spec.context)
+        await api.load(spec.tag, spec.context)
+
+    def _pull_progress(self, name: str, tag: str, line: dict) -> None:
+        status = str(line.get("status", ""))
+        total, completed = line.get("total"), line.get("completed")
+        share = f" {100 * completed / total:.0f}%" if total and completed is not None else ""
+        self.events.publish("pull", f"pulling {tag}: {status}{share}", name, status=status, total=total,
+                            completed=completed)
+
+    async def _ollama_memory(self, instance: Instance) -> int | None:
+        """What Ollama reports the loaded model uses; it becomes the model's need (and is learned on GPUs)."""
+        try:
+            loaded = await self.ollama.api(instance.name).loaded()
+        except LocalllmError:
+            return None
+        entry = find_loaded(loaded, instance.upstream_model)
+        measured = memory_in_use(entry, self.profile.has_gpus) if entry else None
+        if measured and not instance.entry.memory:
+            slot = self.scheduler.slots[instance.name]
+            largest = max(d.budget for d in self.scheduler.devices)
+            slot.need = min(measured, largest)
+            if self.learned is not None and instance.sizing.learned_key:
+                self.learned.record(instance.sizing.learned_key, measured, instance.name)
+        return measured
+
+    async def _unload_from_ollama(self, instance: Instance) -> None:
+        """Unload the model; if the server is dead, remove it (its models all crashed with it)."""
+        container_id = instance.container_id
+        try:
+            await self._unload_tag(instance.name, instance.upstream_model)
+        finally:
+            if instance.container_id == container_id:
+                instance.container_id, instance.spec, instance.measured = None, None, None
+
+    async def _unload_tag(self, name: str, tag: str) -> None:
+        if self.ollama.container_id is None:
+            return
+        try:
+            await self.ollama.api(name).unload(tag)
+            logger.bind(model=name).info("unloaded '{}' from the Ollama server", tag)
+        except (LocalllmError, aiohttp.ClientError) as exc:
+            if await self.ollama.running():
+                raise LocalllmError(f"Ollama did not unload '{tag}': {getattr(exc, 'message', exc)}") from None
+            logger.bind(model=name).warning("the Ollama server is gone; removing what is left of it")
+            await self.ollama.discard(0)
 
     async def _stop(self, name: str, crash_reason: str | None = None) -> None:
         """Remove the model's container (keeping a crashed one's last words); always report ``stopped``."""
@@ -847,7 +1014,13 @@ class Fleet:
         return info
 
     async def _discard_container(self, instance: Instance, grace: float | None = None) -> None:
-        """Stop and remove the model's container; the id is forgotten only once it is really gone."""
+        """Stop and remove the model's container; the id is forgotten only once it is really gone.
+
+        An Ollama model is unloaded from the server instead (the server is removed only when dead).
+        """
+        if instance.in_ollama:
+            await self._unload_from_ollama(instance)
+            return
         container_id = instance.container_id
         if container_id is not None:
             for attempt in range(DISCARD_ATTEMPTS):
@@ -874,6 +1047,8 @@ class Fleet:
 
     def _allocate_port(self, model: str) -> int:
         taken = {i.spec.port for i in self.instances.values() if i.spec is not None} | set(self._launching)
+        if self.ollama.spec is not None:
+            taken.add(self.ollama.spec.port)
         for port in free_ports(self.settings.port_range, taken):
             if _port_is_free(port):
                 return port

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import time
@@ -39,6 +40,7 @@ def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: lis
     for path in FORWARDED_PATHS:
         app.router.add_post(path, proxy.forward)
     app.router.add_get("/health", proxy.health)
+    app.router.add_get("/api/tags", proxy.ollama_tags)
     if metrics is not None:
         app.router.add_get("/metrics", metrics.handler)  # read-only; behind the API keys when they are set
     return app
@@ -50,7 +52,7 @@ def require_api_key(keys: list[str]):
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/") or request.path == "/metrics":
+        if request.path.startswith(("/v1/", "/api/")) or request.path == "/metrics":
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in expected):
                 raise InvalidApiKey("missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
@@ -78,6 +80,16 @@ class Proxy:
         instance = self.fleet.resolve(request.match_info["model"])
         return web.json_response(self._model_object(instance.name))
 
+    async def ollama_tags(self, request: web.Request) -> web.Response:
+        """Ollama's model list, for clients that speak its API (LibreChat endpoints named "ollama..."): the catalog."""
+        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        models = [{"name": name, "model": name, "modified_at": modified, "size": instance.sizing.need,
+                   "digest": hashlib.sha256(name.encode()).hexdigest(),
+                   "details": {"format": "gguf", "family": "", "families": None, "parameter_size": "",
+                               "quantization_level": "", "backend": instance.entry.backend}}
+                  for name, instance in self.fleet.instances.items()]
+        return web.json_response({"models": models})
+
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -91,6 +103,8 @@ class Proxy:
                 raise BadRequest("field 'model' is required and must be a string naming a catalog model")
             reservation = self.fleet.reserve(model)
             model = reservation.instance.name
+            if reservation.instance.in_ollama:  # Ollama knows the model by its tag
+                body = json.dumps({**payload, "model": reservation.instance.upstream_model}).encode()
             try:
                 if payload.get("stream") is True and not reservation.granted.done():
                     response = await self._stream_after_load(request, reservation, body)

@@ -82,7 +82,7 @@ class Rollout:
         """The change plan for ``config`` against what runs now, and the wanted config hash of each running model."""
         fleet = self.fleet
         running = fleet.ready_specs()
-        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device).config_hash()
+        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device, config).config_hash()
                   for e in config.models if e.name in running}
         plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
             e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
@@ -134,16 +134,17 @@ class Rollout:
         try:
             for name in plan.replace:
                 device, need = running[name].device, sizings[name].need
-                if fleet.room_on(device) < need:
-                    log.info("{}: no room for both, stopping the old container first", name)
-                    self._event(generation.number, "stopping_old", f"{name}: no room for both, stopping the old "
-                                "container first", name)
+                if fleet.instances[name].in_ollama or fleet.room_on(device) < need:
+                    why = ("Ollama holds one instance of a model" if fleet.instances[name].in_ollama
+                           else "no room for both")
+                    log.info("{}: {}, stopping the old one first", name, why)
+                    self._event(generation.number, "stopping_old", f"{name}: {why}, stopping the old one first", name)
                     offline.append(name)  # before waiting: a revert must release it whatever happens
                     await fleet.take_offline(name, DRAIN_PATIENCE)
-                self._event(generation.number, "launching", f"{name}: starting its new container", name)
-                switched[name] = await fleet.launch(entries[name], device, need)
-                log.info("{}: new container passed its health gate", name)
-                self._event(generation.number, "healthy", f"{name}: new container passed its health gate", name)
+                self._event(generation.number, "launching", f"{name}: starting its new version", name)
+                switched[name] = await fleet.launch(entries[name], device, need, config)
+                log.info("{}: new version passed its health gate", name)
+                self._event(generation.number, "healthy", f"{name}: new version passed its health gate", name)
         except LocalllmError as exc:
             return await self._revert(generation.number, switched, offline, running, exc, report)
         except BaseException as exc:  # cancelled (shutdown) or a bug: put things back, then let it go on
@@ -154,8 +155,8 @@ class Rollout:
         retire = fleet.commit(config, sizings, {n: v for n, v in switched.items() if n not in offline})
         for name in offline:
             fleet.attach(name, *switched[name])
-        for name, container_id in retire:
-            fleet.retire(name, container_id, DRAIN_PATIENCE)
+        for name, container_id, entry in retire:
+            fleet.retire(name, container_id, DRAIN_PATIENCE, entry)
         self.store.mark(generation.number, "good")
         fleet.degraded = None
         log.info("generation {} is live and is now last-good", generation.number)

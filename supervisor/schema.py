@@ -43,6 +43,26 @@ def parse_duration(value: object) -> object:
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+_UNIT_BYTES = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KI": 2**10, "KIB": 2**10, "M": 10**6, "MB": 10**6,
+               "MI": 2**20, "MIB": 2**20, "G": 10**9, "GB": 10**9, "GI": 2**30, "GIB": 2**30, "T": 10**12,
+               "TB": 10**12, "TI": 2**40, "TIB": 2**40}
+
+
+def parse_size(value: object) -> object:
+    """``1073741824``, ``"4GiB"``, ``"600MB"``, ``"1.5G"`` -> bytes as int."""
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is not a size (examples: 4GiB, 600MB, 1073741824)")
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"'{value}' is not a size (examples: 4GiB, 600MB, 1073741824)")
+        return int(float(match.group(1)) * _UNIT_BYTES[(match.group(2) or "").upper()])
+    return value
+
+
+Bytes = Annotated[int, BeforeValidator(parse_size)]
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 

@@ -1,6 +1,9 @@
 """How much memory a catalog model needs.
 
-The estimate from its GGUF header, or what was learned, whichever is larger.
+A declared ``memory:`` wins. Otherwise the estimate from its GGUF header, or
+what was learned, whichever is larger. An Ollama model has no file here: it is
+admitted with what was learned, else a placeholder until Ollama reports its
+size (``/api/show`` once present, ``/api/ps`` once loaded).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from .backends import ollama
 from .backends.llamacpp import launch_settings
 from .config import Config, ModelEntry
 from .errors import BadRequest
@@ -25,16 +29,27 @@ class Sizing:
     learned: int | None
     learned_key: str | None
     problem: str | None = None  # why there is no estimate
-    fallback: int = 0  # the file size, used when the header cannot be read
+    fallback: int = 0  # the file size, used when the header cannot be read (Ollama: a placeholder)
+    declared: int | None = None  # the catalog's memory:
 
     @property
     def need(self) -> int:
-        """Bytes to admit with: the larger of estimate and measurement (the file size without an estimate)."""
+        """Bytes to admit with: as declared, or the larger of estimate and measurement (else the fallback)."""
+        if self.declared:
+            return self.declared
         estimated = self.estimate.total if self.estimate else self.fallback
         return max(estimated, self.learned or 0)
 
 
+OLLAMA_PLACEHOLDER = 4 * 2**30  # an Ollama model never seen: admitted as 4 GiB until Ollama tells its size
+
+
 def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None = None) -> Sizing:
+    if entry.backend == "ollama":
+        launch = ollama.launch_settings(entry, profile)
+        key = f"ollama:{entry.tag}:ctx{launch.context}"
+        return Sizing(launch, None, learned.get(key) if learned else None, key,
+                      "Ollama reports its size once it has the model", OLLAMA_PLACEHOLDER, entry.memory)
     launch = launch_settings(entry, profile)
     try:
         facts = read_gguf_facts(entry.gguf)
@@ -43,8 +58,8 @@ def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None
     except Exception as exc:  # an odd header must not stop the daemon: admit with the file size
         fallback = entry.gguf.stat().st_size if entry.gguf.is_file() else 0
         problem = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
-        return Sizing(launch, None, None, None, problem, fallback)
-    return Sizing(launch, estimated, learned.get(key) if learned else None, key)
+        return Sizing(launch, None, None, None, problem, fallback, entry.memory)
+    return Sizing(launch, estimated, learned.get(key) if learned else None, key, declared=entry.memory)
 
 
 def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None) -> dict[str, Sizing]:
@@ -53,7 +68,12 @@ def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None)
     for entry in config.models:
         sizing = size_model(entry, profile, learned)
         log = logger.bind(model=entry.name)
-        if sizing.estimate is None:
+        if sizing.declared:
+            log.info("needs {:.1f} MiB, as declared", sizing.need / 2**20)
+        elif entry.backend == "ollama":
+            log.info("needs {:.1f} MiB ({})", sizing.need / 2**20,
+                     "learned" if sizing.learned else "a placeholder until Ollama reports its size")
+        elif sizing.estimate is None:
             log.warning("cannot estimate its memory ({}); admitting with the file size", sizing.problem)
         else:
             parts = sizing.estimate.as_dict()

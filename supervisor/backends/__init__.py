@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import llamacpp
+from . import llamacpp, ollama
 
-BACKENDS: dict[str, ModuleType] = {"llamacpp": llamacpp}
+BACKENDS: dict[str, ModuleType] = {"llamacpp": llamacpp, "ollama": ollama}
 
 
 def backend_for(name: str) -> ModuleType:

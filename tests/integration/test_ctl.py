@@ -153,7 +153,7 @@ def test_apply_shows_the_diff_and_progress_then_history_and_rollback(start_daemo
     done = ctl(daemon, "apply", str(new))
     ok(done)
     assert "-- context_size: 256" in done.stderr and "+- context_size: 320" in done.stderr, done.stderr
-    assert "apply" in done.stderr and "new container passed its health gate" in done.stderr, done.stderr
+    assert "apply" in done.stderr and "new version passed its health gate" in done.stderr, done.stderr
     assert done.stdout.splitlines() == ["  replace  tiny", f"generation 2 ({new}): good"]
 
     table = ok(ctl(daemon, "history"))

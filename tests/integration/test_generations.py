@@ -253,7 +253,7 @@ def test_without_room_for_both_the_old_container_stops_first_and_the_change_stil
     done = ctl(daemon, "apply", write_config(daemon, tmp_path, "args.yaml",
                                              lambda c: model(c, "tiny").update(extra_args=["--threads", "1"])))
     assert done.returncode == 0, done.stderr
-    assert "no room for both, stopping the old container first" in daemon.log()
+    assert "no room for both, stopping the old one first" in daemon.log()
     [new] = our_containers(engine, daemon.instance)
     assert new.id != old.id and "--threads" in new.attrs["Args"]
     assert daemon.chat("tiny").status_code == 200

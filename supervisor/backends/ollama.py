@@ -1,0 +1,85 @@
+"""Ollama: one server container holds every ``backend: ollama`` model; models load and unload through its API.
+
+The server binds 127.0.0.1 on the host network (``OLLAMA_HOST``), keeps its
+store in a host directory (``ollama.models_dir``) and sees every GPU of a GPU
+profile; ``/api/version`` answers once it can serve. A model's "spec" is the
+server's spec plus what the model is loaded with, so a change to either makes
+the model's config hash differ (and a config change reloads it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, ModelEntry
+from ..containers import BindMount, ContainerSpec, container_name
+from ..estimate import LaunchSettings
+from ..profiles import Profile
+
+NAME = "ollama"
+SERVER_LABEL = "_ollama"  # the model label of the server container; catalog names cannot start with "_"
+STORE = "/root/.ollama"  # where the image keeps its models (and its key)
+readiness_path = "/api/version"
+
+
+def base_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
+    """Pure: the context and slots a model is loaded with (``options.num_ctx``; OLLAMA_NUM_PARALLEL)."""
+    return LaunchSettings(context=model.context_size or profile.defaults.context_size, parallel=1,
+                          cache_type_k="f16", cache_type_v="f16", gpu_layers=-1 if profile.has_gpus else 0,
+                          on_gpu=profile.has_gpus)
+
+
+def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
+    """Pure: the Ollama server container for ``config``'s ``ollama:`` section on ``port``."""
+    settings, daemon = config.ollama, config.daemon
+    environment = {
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": f"{STORE}/models",
+        "OLLAMA_KEEP_ALIVE": settings.keep_alive,
+        "OLLAMA_NUM_PARALLEL": str(settings.num_parallel),
+        "OLLAMA_FLASH_ATTENTION": "1" if settings.flash_attention else "0",
+        **settings.env,
+    }
+    return ContainerSpec(
+        name=f"{container_name(daemon.instance, 'ollama')}-{port}",
+        image=settings.image or profile.defaults.images.ollama,
+        command=("serve",),
+        port=port,
+        model=SERVER_LABEL,
+        backend=NAME,
+        owner=daemon.instance,
+        mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),),
+        environment=tuple(sorted(environment.items())),
+        gpu_device_ids=() if profile.has_gpus else None,
+        device="gpu0" if profile.has_gpus else "cpu",
+        extra_labels=tuple(sorted(daemon.labels.items())),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An Ollama model as served: its server, its tag and the context it is loaded with."""
+
+    server: ContainerSpec
+    tag: str
+    context: int
+    device: str
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def config_hash(self) -> str:
+        identity = f"{self.server.config_hash()}|{self.tag}|{self.context}"
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def model_spec(model: ModelEntry, profile: Profile, server: ContainerSpec, device: str | None) -> ModelSpec:
+    assert model.tag is not None, "an ollama model without a tag"
+    return ModelSpec(server, model.tag, launch_settings(model, profile).context, device or server.device)

@@ -1,0 +1,113 @@
+"""The Ollama server container: started when an Ollama model needs it, replaced when its spec changes.
+
+The fleet owns one ``OllamaHost``. Models come and go inside the server
+through its API (``ollama_api``); the container itself is started, gated on
+``/api/version``, adopted after a daemon crash and removed here only. One
+server at a time: a change to the ``ollama:`` section replaces it, and the
+rollout takes its models offline first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from loguru import logger
+
+from .backends import ollama
+from .config import Config
+from .containers import ContainerSpec
+from .docker_runtime import DockerRuntime
+from .errors import LocalllmError, ModelStartFailed
+from .health import wait_until_ready
+from .ollama_api import OllamaApi
+from .profiles import Profile
+
+
+class OllamaHost:
+    def __init__(self, runtime: DockerRuntime, session: aiohttp.ClientSession, profile: Profile,
+                 allocate_port: Callable[[str], int], stop_grace: float):
+        self.runtime = runtime
+        self.session = session
+        self.profile = profile
+        self.allocate_port = allocate_port
+        self.stop_grace = stop_grace
+        self.spec: ContainerSpec | None = None
+        self.container_id: str | None = None
+        self._lock = asyncio.Lock()
+
+    def api(self, model: str) -> OllamaApi:
+        assert self.spec is not None, "the Ollama server is not running"
+        return OllamaApi(self.session, ollama.base_url(self.spec.port), model)
+
+    async def ensure(self, config: Config, model: str) -> tuple[ContainerSpec, str]:
+        """The running server for ``config``: the current one if its spec still matches and it runs, else a new one."""
+        async with self._lock:
+            if self.container_id is not None and self.spec is not None:
+                wanted = ollama.server_spec(config, self.profile, self.spec.port)
+                info = await self.runtime.inspect(self.container_id)
+                if wanted.config_hash() == self.spec.config_hash() and info is not None and info.running:
+                    return self.spec, self.container_id
+                why = "its spec changed" if info is not None and info.running else "it is not running"
+                logger.info("replacing the Ollama server {}: {}", self.container_id[:12], why)
+                await self.discard()
+            return await self._start(config, model)
+
+    async def _start(self, config: Config, model: str) -> tuple[ContainerSpec, str]:
+        spec = ollama.server_spec(config, self.profile, self.allocate_port(model))
+        try:
+            Path(config.ollama_store).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelStartFailed(model, f"cannot create the Ollama store {config.ollama_store}: "
+                                          f"{exc.strerror or exc}") from None
+        self.spec = spec
+        creating = asyncio.ensure_future(self.runtime.run(spec))
+        try:
+            self.container_id = (await asyncio.shield(creating)).id
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                self.container_id = (await creating).id
+            await self._discard_quietly()
+            raise
+        except BaseException:
+            self.spec = None
+            raise
+        logger.info("Ollama server {} started on port {}", spec.name, spec.port)
+        try:
+            await wait_until_ready(self.runtime, self.session, model=model, container_id=self.container_id,
+                                   url=ollama.base_url(spec.port) + ollama.readiness_path,
+                                   deadline=config.ollama.startup_timeout)
+        except BaseException as exc:
+            if isinstance(exc, ModelStartFailed):
+                exc.message = f"the Ollama server did not start: {exc.message}"
+            await self._discard_quietly()
+            raise
+        return spec, self.container_id
+
+    def adopt(self, spec: ContainerSpec, container_id: str) -> None:
+        self.spec, self.container_id = spec, container_id
+
+    async def running(self) -> bool:
+        if self.container_id is None:
+            return False
+        info = await self.runtime.inspect(self.container_id)
+        return info is not None and info.running
+
+    async def discard(self, grace: float | None = None) -> None:
+        """Stop and remove the server; forgotten only once it is gone."""
+        container_id = self.container_id
+        if container_id is None:
+            return
+        await self.runtime.stop_and_remove(container_id, self.stop_grace if grace is None else grace)
+        logger.info("Ollama server {} stopped and removed", container_id[:12])
+        if self.container_id == container_id:
+            self.spec, self.container_id = None, None
+
+    async def _discard_quietly(self) -> None:
+        try:
+            await self.discard(0)
+        except LocalllmError as exc:
+            logger.error("could not remove the Ollama server ({}); the shutdown sweep removes it", exc.message)

@@ -1,0 +1,125 @@
+"""The Ollama backend's pure parts: catalog validation, the server's container, model specs, sizes from /api/show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from supervisor.backends import ollama
+from supervisor.config import Config, ModelEntry
+from supervisor.errors import ConfigError
+from supervisor.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
+from supervisor.profiles import load_profiles
+from supervisor.schema import parse_size
+from supervisor.sizing import OLLAMA_PLACEHOLDER, size_model
+
+PROFILES = load_profiles()
+
+
+def config(**ollama) -> Config:
+    return Config.model_validate({"profile": "cpu-only", "daemon": {"instance": "t", "state_dir": "/var/lib/x",
+                                                                    "labels": {"team": "a"}},
+                                  "ollama": ollama, "models": [{"name": "q", "backend": "ollama", "tag": "qwen:1b"}]})
+
+
+def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
+    spec = ollama.server_spec(config(num_parallel=2, flash_attention=True, env={"OLLAMA_DEBUG": "1"}),
+                              PROFILES["cpu-only"], 28111)
+    assert spec.command == ("serve",) and spec.image == "ollama/ollama" and spec.port == 28111
+    assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111", "OLLAMA_MODELS": "/root/.ollama/models",
+                                      "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
+                                      "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_DEBUG": "1"}
+    [mount] = spec.mounts
+    assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/root/.ollama", False)
+    assert spec.gpu_device_ids is None and spec.device == "cpu"
+    assert spec.labels()["io.localllm.model"] == "_ollama" and spec.labels()["team"] == "a"
+
+
+def test_server_spec_on_a_gpu_profile_gets_every_gpu_and_the_profiles_image():
+    spec = ollama.server_spec(config(image="my/ollama:1"), PROFILES["gpu-2x24g"], 28111)
+    assert spec.gpu_device_ids == () and spec.image == "my/ollama:1" and spec.device == "gpu0"
+
+
+def test_model_hash_changes_with_the_server_and_the_context():
+    profile = PROFILES["cpu-only"]
+    entry = ModelEntry(name="q", backend="ollama", tag="qwen:1b", context_size=2048)
+    base = ollama.model_spec(entry, profile, ollama.server_spec(config(), profile, 28111), None)
+    same = ollama.model_spec(entry, profile, ollama.server_spec(config(), profile, 28111), None)
+    other_server = ollama.model_spec(entry, profile, ollama.server_spec(config(num_parallel=4), profile, 28111), None)
+    other_context = ollama.model_spec(entry.model_copy(update={"context_size": 4096}), profile,
+                                      ollama.server_spec(config(), profile, 28111), None)
+    assert base.config_hash() == same.config_hash()
+    assert len({base.config_hash(), other_server.config_hash(), other_context.config_hash()}) == 3
+    assert (base.port, base.device, base.tag, base.context) == (28111, "cpu", "qwen:1b", 2048)
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"name": "a", "backend": "ollama"}, "an ollama model needs 'tag'"),
+    ({"name": "a", "backend": "ollama", "tag": "x:1", "gguf": "m.gguf"}, "gguf: llama.cpp settings"),
+    ({"name": "a", "backend": "ollama", "tag": "x:1", "extra_args": ["-v"]}, "extra_args: llama.cpp settings"),
+    ({"name": "a", "tag": "x:1", "gguf": "m.gguf"}, "'tag' and 'pull' are for backend: ollama"),
+    ({"name": "a"}, "a llamacpp model needs 'gguf'"),
+    ({"name": "a", "backend": "ollama", "tag": "x:1", "memory": "lots"}, "'lots' is not a size"),
+])
+def test_catalog_entries_are_checked_per_backend(entry, problem):
+    with pytest.raises(ValueError, match=problem):
+        ModelEntry.model_validate(entry)
+
+
+def test_a_bad_ollama_entry_in_a_file_names_its_line(tmp_path):
+    from supervisor.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("profile: cpu-only\nmodels:\n  - name: a\n    backend: ollama\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}:3: models[0]: an ollama model needs 'tag' (its name in Ollama, "
+                                     "e.g. llama3.2:1b)"]
+
+
+@pytest.mark.parametrize("text, size", [(1024, 1024), ("4GiB", 4 * 2**30), ("600MB", 600_000_000),
+                                        ("1.5G", 1_500_000_000), ("512Mi", 512 * 2**20), ("12 KiB", 12 * 1024)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_sizing_declared_learned_and_placeholder():
+    profile = PROFILES["cpu-only"]
+    entry = ModelEntry(name="q", backend="ollama", tag="qwen:1b")
+    assert size_model(entry, profile).need == OLLAMA_PLACEHOLDER
+    declared = ModelEntry(name="q", backend="ollama", tag="qwen:1b", memory="700MiB")
+    assert size_model(declared, profile).need == 700 * 2**20
+
+    class Learned:
+        def get(self, key):
+            assert key == "ollama:qwen:1b:ctx4096"
+            return 123_000_000
+
+    assert size_model(entry, profile, Learned()).need == max(OLLAMA_PLACEHOLDER, 123_000_000)
+
+
+SHOW = {"details": {"parameter_size": "1.2B", "quantization_level": "Q8_0", "family": "llama"},
+        "model_info": {"general.architecture": "llama", "general.parameter_count": 1_235_814_432,
+                       "llama.block_count": 16, "llama.embedding_length": 2048, "llama.attention.head_count": 32,
+                       "llama.attention.head_count_kv": 8}}
+
+
+def test_estimate_from_show_is_weights_plus_kv():
+    weights = 1_235_814_432 * 8.5 / 8
+    kv = 2 * 16 * (2048 * 8 / 32) * 4096 * 2
+    assert estimate_from_show(SHOW, 4096) == int(weights + kv)
+    no_count = {"details": {"parameter_size": "7B", "quantization_level": "Q4_K_M"}, "model_info": {}}
+    assert estimate_from_show(no_count, 4096) == int(7e9 * 4.85 / 8)
+    assert estimate_from_show({"details": {"parameter_size": "7B", "quantization_level": "WEIRD"}}, 4096) is None
+    assert estimate_from_show({}, 4096) is None
+
+
+def test_tags_and_ps_entries():
+    assert same_tag("llama3", "llama3:latest") and not same_tag("llama3:8b", "llama3:70b")
+    loaded = {"qwen:1b": {"size": 900, "size_vram": 0}, "llama3:latest": {"size": 5, "size_vram": 5}}
+    assert find_loaded(loaded, "llama3") == {"size": 5, "size_vram": 5}
+    assert find_loaded(loaded, "nope") is None
+    assert memory_in_use(loaded["qwen:1b"], on_gpu=False) == 900
+    assert memory_in_use(loaded["qwen:1b"], on_gpu=True) is None  # 0 on the GPU: unknown, not free
+    assert Path(ollama.STORE) == Path("/root/.ollama")
