@@ -57,6 +57,7 @@ def create_control_app(fleet: Fleet, facts: DaemonFacts, rollout: Rollout, event
         ("POST", "/models/{name}/load", api.load),
         ("POST", "/models/{name}/unload", api.unload),
         ("GET", "/models/{name}/logs", api.logs),
+        ("GET", "/models/{name}/memory", api.memory),
         ("GET", "/events", api.events),
         ("POST", "/validate", api.validate),
         ("POST", "/apply", api.apply),
@@ -134,6 +135,9 @@ class ControlApi:
     def _refuse_during_config_change(self) -> None:
         if self.rollout.busy:
             raise Conflict("a config change is being applied; try again when it is done")
+
+    async def memory(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.fleet.memory_estimate(request.match_info["name"]))
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         tail = int_param(request, "tail", 100, 0, 100_000)

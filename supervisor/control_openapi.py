@@ -74,6 +74,10 @@ def openapi_document() -> dict:
                 "200": _ok("stopped", model), "404": _error("no such model"),
                 "409": _error("it serves requests (model_busy), is starting, or another operation runs (conflict)"),
                 "503": _error("shutting down")}, [MODEL_NAME])},
+        "/models/{name}/memory": {"get": _operation(
+            "what the model needs and where the number comes from (declared, measured, learned, the GGUF header, "
+            "Ollama's /api/show, or a placeholder)", {"200": _ok("the memory need"),
+                                                      "404": _error("no such model")}, [MODEL_NAME])},
         "/models/{name}/logs": {"get": _operation(
             "the output of the model's container, as text", {
                 "200": _ok("log lines; with follow, streamed until the container exits", {"type": "string"},

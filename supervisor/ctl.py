@@ -24,6 +24,7 @@ from .ctl_render import (
     render_estimate,
     render_event,
     render_history,
+    render_ollama_memory,
     render_profiles,
     render_report,
     render_status,
@@ -293,6 +294,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from .sizing import size_model
 
     entry, profile_name, profiles_dir = estimate_target(args)
+    if entry.backend == "ollama":  # no file here: the daemon asks Ollama, or knows what it learned
+        memory = asyncio.run(client(args).get(f"/models/{entry.name}/memory"))
+        print(json.dumps(memory, indent=2) if args.json else render_ollama_memory(memory))
+        return EXIT_OK
     profile, _ = select_profile(args.profile or profile_name, profiles_dir)
     if args.parallel:
         defaults = profile.defaults.model_copy(update={"parallel": args.parallel})

@@ -75,6 +75,21 @@ def render_estimate(name: str, path: str, profile: str, sizing) -> str:
     return head + "\n".join(f"  {label:<9} {value / 2**20:>10.1f} MiB" for label, value in rows)
 
 
+def render_ollama_memory(memory: dict) -> str:
+    show = memory.get("show") or {}
+    details = show.get("details") or {}
+    lines = [f"{memory['model']} (ollama): needs {format_mib(memory['need'])}, from {memory['source']}"]
+    for label, key in (("declared", "declared"), ("measured", "measured"), ("learned", "learned")):
+        if memory.get(key):
+            lines.append(f"  {label:<9} {format_mib(memory[key])}")
+    if show.get("estimate"):
+        lines.append(f"  /api/show {format_mib(show['estimate'])} ({details.get('parameter_size', '?')} parameters, "
+                     f"{details.get('quantization_level', '?')})")
+    if show.get("problem"):
+        lines.append(f"  /api/show: {show['problem']}")
+    return "\n".join(lines)
+
+
 def render_event(event: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(event["time"])) + f".{int(event['time'] * 1000) % 1000:03d}"
     who = event["model"] or "-"

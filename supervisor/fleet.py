@@ -319,6 +319,25 @@ class Fleet:
         finally:
             del self._operations[name]
 
+    async def memory_estimate(self, name: str) -> dict:
+        """What the model needs and where that number comes from; an Ollama model asks ``/api/show``."""
+        instance = self.resolve(name)
+        sizing, slot = instance.sizing, self.scheduler.slots[instance.name]
+        answer = {"model": instance.name, "backend": instance.entry.backend, "need": slot.need,
+                  "declared": sizing.declared, "learned": sizing.learned, "measured": instance.measured,
+                  "estimate": sizing.estimate.as_dict() if sizing.estimate else None, "source": None}
+        if instance.in_ollama and not sizing.declared and self.ollama.container_id is not None:
+            try:
+                show = await self.ollama.api(instance.name).show(instance.upstream_model)
+                instance.show_estimate = estimate_from_show(show, sizing.launch.context) or instance.show_estimate
+                answer["show"] = {"details": show.get("details"), "estimate": instance.show_estimate}
+            except LocalllmError as exc:
+                answer["show"] = {"problem": exc.message}
+        answer["source"] = ("declared" if sizing.declared else "measured" if instance.measured
+                            else "learned" if sizing.learned else "ollama /api/show" if instance.show_estimate
+                            else "gguf header" if sizing.estimate else "placeholder")
+        return answer
+
     def logs(self, name: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
         """The output of the model's container: ``tail`` lines back, then (``follow``) as it comes."""
         instance = self.resolve(name)
