@@ -64,12 +64,15 @@ class ModelEntry(Strict):
             return self
         if self.tag is None:
             raise ValueError("an ollama model needs 'tag' (its name in Ollama, e.g. llama3.2:1b)")
+        if self.context_size is not None:
+            raise ValueError("context_size: an Ollama model runs with the server's context (ollama.context_size): "
+                             "Ollama reloads a model at every request whose context differs")
         llama_only = [name for name in ("gguf", "gpu_layers", "image") if getattr(self, name) is not None]
         llama_only += [name for name in ("extra_args",) if getattr(self, name)]
         llama_only += [name for name in ("cache_type_k", "cache_type_v") if getattr(self, name) != "f16"]
         if llama_only:
-            raise ValueError(f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull, "
-                             "memory, context_size, and the ollama: section for its server")
+            raise ValueError(f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull "
+                             "and memory, and the ollama: section sets up its server")
         return self
 
     @property
@@ -190,6 +193,7 @@ class OllamaSettings(Strict):
     keep_alive: str = "-1"  # OLLAMA_KEEP_ALIVE: localllm unloads models itself, so never on Ollama's own
     num_parallel: int = Field(default=1, ge=1)  # OLLAMA_NUM_PARALLEL
     flash_attention: bool = False  # OLLAMA_FLASH_ATTENTION
+    context_size: int | None = Field(default=None, ge=128)  # OLLAMA_CONTEXT_LENGTH, for every model; default: profile's
     env: dict[str, str] = {}  # more environment for the server
     startup_timeout: Seconds = Field(default=60.0, gt=0)
 

@@ -419,7 +419,7 @@ class Fleet:
         """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
         if entry.backend == "ollama":
             server = ollama.server_spec(config or self.config, self.profile, port)
-            return ollama.model_spec(entry, self.profile, server, device_id)
+            return ollama.model_spec(entry, server, device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
         return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
 
@@ -480,7 +480,7 @@ class Fleet:
         self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
         try:
             server, container_id = await self.ollama.ensure(config or self.config, entry.name)
-            spec = ollama.model_spec(entry, self.profile, server, device_id)
+            spec = ollama.model_spec(entry, server, device_id)
             await self._load_into_ollama(entry, spec, container_id)
             return spec, container_id
         except BaseException:
@@ -644,7 +644,7 @@ class Fleet:
                 continue
             device = spec.device
             if self.scheduler.adopt(instance.name, device, time.monotonic()):
-                instance.spec = ollama.model_spec(instance.entry, self.profile, spec, device)
+                instance.spec = ollama.model_spec(instance.entry, spec, device)
                 instance.container_id, instance.ready_at = info.id, time.time()
                 instance.measured = memory_in_use(entry, self.profile.has_gpus)
                 logger.bind(model=instance.name).info("adopted: loaded in the Ollama server")
@@ -886,7 +886,7 @@ class Fleet:
     async def _start_in_ollama(self, instance: Instance) -> None:
         """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
         server, container_id = await self.ollama.ensure(self.config, instance.name)
-        spec = ollama.model_spec(instance.entry, self.profile, server, self.scheduler.slots[instance.name].device)
+        spec = ollama.model_spec(instance.entry, server, self.scheduler.slots[instance.name].device)
         instance.spec = spec
         await self._load_into_ollama(instance.entry, spec, container_id)
         instance.container_id = container_id

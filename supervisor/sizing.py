@@ -44,9 +44,10 @@ class Sizing:
 OLLAMA_PLACEHOLDER = 4 * 2**30  # an Ollama model never seen: admitted as 4 GiB until Ollama tells its size
 
 
-def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None = None) -> Sizing:
+def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None = None,
+               ollama_context: int | None = None) -> Sizing:
     if entry.backend == "ollama":
-        launch = ollama.launch_settings(entry, profile)
+        launch = ollama.launch_settings(ollama_context or profile.defaults.context_size, profile)
         key = f"ollama:{entry.tag}:ctx{launch.context}"
         return Sizing(launch, None, learned.get(key) if learned else None, key,
                       "Ollama reports its size once it has the model", OLLAMA_PLACEHOLDER, entry.memory)
@@ -66,7 +67,7 @@ def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None)
     """Every model's memory need, logged once with where it comes from."""
     sizings = {}
     for entry in config.models:
-        sizing = size_model(entry, profile, learned)
+        sizing = size_model(entry, profile, learned, ollama.context_of(config, profile))
         log = logger.bind(model=entry.name)
         if sizing.declared:
             log.info("needs {:.1f} MiB, as declared", sizing.need / 2**20)

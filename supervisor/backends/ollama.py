@@ -28,11 +28,19 @@ def base_url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
-    """Pure: the context and slots a model is loaded with (``options.num_ctx``; OLLAMA_NUM_PARALLEL)."""
-    return LaunchSettings(context=model.context_size or profile.defaults.context_size, parallel=1,
-                          cache_type_k="f16", cache_type_v="f16", gpu_layers=-1 if profile.has_gpus else 0,
-                          on_gpu=profile.has_gpus)
+def context_of(config: Config, profile: Profile) -> int:
+    """The one context every Ollama model runs with: ``ollama.context_size``, else the profile's.
+
+    One for all, because Ollama reloads a model whenever a request's ``num_ctx`` differs from what it
+    was loaded with, and its OpenAI endpoints never send one: they use ``OLLAMA_CONTEXT_LENGTH``.
+    """
+    return config.ollama.context_size or profile.defaults.context_size
+
+
+def launch_settings(context: int, profile: Profile) -> LaunchSettings:
+    """Pure: how an Ollama model is loaded (``options.num_ctx``), for the sizing."""
+    return LaunchSettings(context=context, parallel=1, cache_type_k="f16", cache_type_v="f16",
+                          gpu_layers=-1 if profile.has_gpus else 0, on_gpu=profile.has_gpus)
 
 
 def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
@@ -44,6 +52,7 @@ def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
         "OLLAMA_KEEP_ALIVE": settings.keep_alive,
         "OLLAMA_NUM_PARALLEL": str(settings.num_parallel),
         "OLLAMA_FLASH_ATTENTION": "1" if settings.flash_attention else "0",
+        "OLLAMA_CONTEXT_LENGTH": str(context_of(config, profile)),
         **settings.env,
     }
     return ContainerSpec(
@@ -80,6 +89,7 @@ class ModelSpec:
         return hashlib.sha256(identity.encode()).hexdigest()
 
 
-def model_spec(model: ModelEntry, profile: Profile, server: ContainerSpec, device: str | None) -> ModelSpec:
+def model_spec(model: ModelEntry, server: ContainerSpec, device: str | None) -> ModelSpec:
     assert model.tag is not None, "an ollama model without a tag"
-    return ModelSpec(server, model.tag, launch_settings(model, profile).context, device or server.device)
+    context = int(dict(server.environment)["OLLAMA_CONTEXT_LENGTH"])
+    return ModelSpec(server, model.tag, context, device or server.device)

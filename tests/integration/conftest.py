@@ -164,7 +164,8 @@ def start_daemon(engine, models_dir, tmp_path):
                 "log_level": "DEBUG",
                 **daemon_settings,
             },
-            "models": [{"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])} for m in models],
+            "models": [m if m.get("backend") == "ollama" else {"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])}
+                       for m in models],
             **(top or {}),
         }
         config_path = tmp_path / f"{instance}-{len(started)}.yaml"
@@ -206,12 +207,18 @@ def assert_invariants(daemon: DaemonProcess, engine: docker.DockerClient) -> Non
     the last-good generation is good; no temp files in the state directory."""
     status = daemon.status()
     containers = our_containers(engine, daemon.instance)
-    ready = {m["name"]: m for m in status["models"] if m["state"] == "ready"}
+    servers = [c for c in containers if c.labels["io.localllm.model"] == "_ollama"]  # Ollama's: one for its models
+    containers = [c for c in containers if c not in servers]
+    ready = {m["name"]: m for m in status["models"] if m["state"] == "ready" and m["backend"] != "ollama"}
     assert sorted(c.labels["io.localllm.model"] for c in containers) == sorted(ready), "one container per model"
     for container in containers:
         model = ready[container.labels["io.localllm.model"]]
         assert container.status == "running" and container.id.startswith(model["container"])
         assert container.labels["io.localllm.config-hash"] == model["config_hash"]
+    assert len(servers) <= 1, "one Ollama server at most"
+    for model in status["models"]:
+        if model["backend"] == "ollama" and model["state"] == "ready":
+            assert servers and servers[0].status == "running" and servers[0].id.startswith(model["container"])
     generations = json.loads(subprocess.run(
         [executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
         capture_output=True, text=True, check=True).stdout)

@@ -29,7 +29,8 @@ def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     assert spec.command == ("serve",) and spec.image == "ollama/ollama" and spec.port == 28111
     assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111", "OLLAMA_MODELS": "/root/.ollama/models",
                                       "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
-                                      "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_DEBUG": "1"}
+                                      "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_CONTEXT_LENGTH": "4096",
+                                      "OLLAMA_DEBUG": "1"}
     [mount] = spec.mounts
     assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/root/.ollama", False)
     assert spec.gpu_device_ids is None and spec.device == "cpu"
@@ -41,16 +42,16 @@ def test_server_spec_on_a_gpu_profile_gets_every_gpu_and_the_profiles_image():
     assert spec.gpu_device_ids == () and spec.image == "my/ollama:1" and spec.device == "gpu0"
 
 
-def test_model_hash_changes_with_the_server_and_the_context():
+def test_model_hash_changes_with_the_server_and_the_tag():
     profile = PROFILES["cpu-only"]
-    entry = ModelEntry(name="q", backend="ollama", tag="qwen:1b", context_size=2048)
-    base = ollama.model_spec(entry, profile, ollama.server_spec(config(), profile, 28111), None)
-    same = ollama.model_spec(entry, profile, ollama.server_spec(config(), profile, 28111), None)
-    other_server = ollama.model_spec(entry, profile, ollama.server_spec(config(num_parallel=4), profile, 28111), None)
-    other_context = ollama.model_spec(entry.model_copy(update={"context_size": 4096}), profile,
-                                      ollama.server_spec(config(), profile, 28111), None)
+    entry = ModelEntry(name="q", backend="ollama", tag="qwen:1b")
+    base = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, 28111), None)
+    same = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, 28111), None)
+    other_server = ollama.model_spec(entry, ollama.server_spec(config(num_parallel=4), profile, 28111), None)
+    other_tag = ollama.model_spec(entry.model_copy(update={"tag": "qwen:7b"}),
+                                  ollama.server_spec(config(context_size=2048), profile, 28111), None)
     assert base.config_hash() == same.config_hash()
-    assert len({base.config_hash(), other_server.config_hash(), other_context.config_hash()}) == 3
+    assert len({base.config_hash(), other_server.config_hash(), other_tag.config_hash()}) == 3
     assert (base.port, base.device, base.tag, base.context) == (28111, "cpu", "qwen:1b", 2048)
 
 
@@ -58,6 +59,7 @@ def test_model_hash_changes_with_the_server_and_the_context():
     ({"name": "a", "backend": "ollama"}, "an ollama model needs 'tag'"),
     ({"name": "a", "backend": "ollama", "tag": "x:1", "gguf": "m.gguf"}, "gguf: llama.cpp settings"),
     ({"name": "a", "backend": "ollama", "tag": "x:1", "extra_args": ["-v"]}, "extra_args: llama.cpp settings"),
+    ({"name": "a", "backend": "ollama", "tag": "x:1", "context_size": 8192}, "runs with the server's context"),
     ({"name": "a", "tag": "x:1", "gguf": "m.gguf"}, "'tag' and 'pull' are for backend: ollama"),
     ({"name": "a"}, "a llamacpp model needs 'gguf'"),
     ({"name": "a", "backend": "ollama", "tag": "x:1", "memory": "lots"}, "'lots' is not a size"),

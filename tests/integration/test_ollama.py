@@ -1,0 +1,202 @@
+"""The Ollama backend on the real engine, against the Ollama STAND-IN (tests/integration/ollama_standin).
+
+No registry reachable here ships Ollama, so the server container runs the
+stand-in image: the subset of Ollama's documented API localllm uses, with the
+same shapes. Everything else is real: the daemon, the Docker engine, the
+container, llama-server beside it. On a host with the real image, set
+LOCALLLM_OLLAMA_IMAGE=ollama/ollama and LOCALLLM_OLLAMA_TAGS to two small tags
+it can pull (e.g. "qwen2.5:0.5b,smollm:135m") to run the same tests against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import requests
+import yaml
+from openai import OpenAI
+
+from .conftest import assert_invariants, executable, our_containers, poll_for
+from .ollama_standin import ensure_standin_image
+
+REAL_IMAGE = os.environ.get("LOCALLLM_OLLAMA_IMAGE")
+TAG_A, TAG_B = (os.environ.get("LOCALLLM_OLLAMA_TAGS") or "tiny-a:1b,tiny-b:1b").split(",")
+REGISTRY = {TAG_A: {"size": 200_000_000, "parameter_size": "1.1B", "quantization_level": "Q4_0"},
+            TAG_B: {"size": 300_000_000, "parameter_size": "1.5B", "quantization_level": "Q8_0"}}
+
+
+@pytest.fixture(scope="module")
+def ollama_image(engine) -> str:
+    return REAL_IMAGE or ensure_standin_image(engine)
+
+
+@pytest.fixture
+def with_ollama(start_daemon, ollama_image, tmp_path):
+    """Start a daemon whose catalog holds Ollama models (and any others given)."""
+
+    def start(models: list[dict], env: dict | None = None, top: dict | None = None, **settings):
+        section = {"image": ollama_image, "models_dir": str(tmp_path / "ollama-store"), "startup_timeout": 30,
+                   "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.5",
+                           **(env or {})}}
+        settings.setdefault("liveness", {"period": 0.5, "timeout": 1, "failure_threshold": 2})
+        return start_daemon(models, top={"ollama": section, **(top or {})}, **settings)
+
+    return start
+
+
+def ollama_model(name: str, tag: str, **extra) -> dict:
+    return {"name": name, "backend": "ollama", "tag": tag, "pull": True, **extra}
+
+
+def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def server_of(engine, daemon):
+    [server] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == "_ollama"]
+    return server
+
+
+def ollama_ps(daemon, engine) -> list[str]:
+    return list(ollama_ps_sizes(daemon, engine))
+
+
+def ollama_ps_sizes(daemon, engine) -> dict[str, int]:
+    """What the server itself says is loaded (``/api/ps``), with each model's size."""
+    port = server_of(engine, daemon).labels["io.localllm.port"]
+    models = requests.get(f"http://127.0.0.1:{port}/api/ps", timeout=10).json()["models"]
+    return {m["name"]: m["size"] for m in models}
+
+
+def test_start_pull_with_progress_then_ready_and_served(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, aliases=["a"])])
+    assert our_containers(engine, daemon.instance) == []  # the server starts when a model needs it
+    done = ctl(daemon, "load", "a")
+    assert done.returncode == 0, done.stderr
+    pulls = [line for line in done.stderr.splitlines() if " pull " in f" {line} "]
+    assert pulls and pulls[-1].endswith(f"pulling {TAG_A}: success"), done.stderr
+    assert any("%" in line for line in pulls), pulls  # progress, with the share done
+    model = daemon.model("chat-a")
+    assert model["state"] == "ready" and model["tag"] == TAG_A
+    assert model["memory"]["measured"] == ollama_ps_sizes(daemon, engine)[TAG_A] > REGISTRY[TAG_A]["size"]  # + KV
+    assert ollama_ps(daemon, engine) == [TAG_A]
+
+    client = OpenAI(base_url=daemon.proxy_url, api_key="none")
+    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                            max_tokens=5, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    tags = requests.get(daemon.proxy_url.removesuffix("/v1") + "/api/tags", timeout=10).json()
+    assert [m["name"] for m in tags["models"]] == ["chat-a"]
+    assert_invariants(daemon, engine)
+
+
+def test_unload_and_load_go_through_the_api_and_the_server_stays(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True), ollama_model("chat-b", TAG_B)])
+    server = server_of(engine, daemon)
+    assert ctl(daemon, "load", "chat-b").returncode == 0
+    assert sorted(ollama_ps(daemon, engine)) == sorted([TAG_A, TAG_B])
+    done = ctl(daemon, "unload", "chat-a")
+    assert done.returncode == 0, done.stderr
+    assert ollama_ps(daemon, engine) == [TAG_B]
+    assert server_of(engine, daemon).id == server.id  # unloading a model never touches the container
+    assert daemon.model("chat-a")["state"] == "stopped"
+    assert daemon.chat("chat-a").status_code == 200  # loaded again on demand
+    assert sorted(ollama_ps(daemon, engine)) == sorted([TAG_A, TAG_B])
+
+
+def test_missing_model_without_pull_is_a_clear_error(with_ollama):
+    daemon = with_ollama([{"name": "nopull", "backend": "ollama", "tag": TAG_B}])
+    answer = daemon.chat("nopull")
+    assert answer.status_code == 503
+    assert f"the Ollama server has no '{TAG_B}', and pull is off" in answer.json()["error"]["message"]
+
+
+def test_swap_between_an_ollama_model_and_a_llamacpp_model_in_one_budget(with_ollama, engine, models_dir, tmp_path):
+    from .test_generations import one_model_budget
+
+    top = one_model_budget(tmp_path, models_dir)
+    need = int(yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"]
+               * 1024**3 / 1.5)
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
+                         top=top)
+    assert daemon.chat("chat-a").status_code == 200
+    assert daemon.chat("tiny").status_code == 200  # evicts chat-a: unloaded through the API
+    assert daemon.model("chat-a")["state"] == "stopped" and daemon.model("tiny")["state"] == "ready"
+    assert ollama_ps(daemon, engine) == []
+    assert daemon.chat("chat-a").status_code == 200  # and back
+    assert daemon.model("tiny")["state"] == "stopped" and ollama_ps(daemon, engine) == [TAG_A]
+    events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
+    assert [e["model"] for e in events if e["kind"] == "evict"] == ["chat-a", "tiny"]
+    assert_invariants(daemon, engine)
+
+
+def test_a_crashed_ollama_server_is_restarted_and_its_models_reload_on_demand(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True), ollama_model("chat-b", TAG_B)])
+    assert ctl(daemon, "load", "chat-b").returncode == 0
+    server = server_of(engine, daemon)
+    server.kill()
+    poll_for(lambda: daemon.model("chat-b")["state"] != "ready", 20, "the crash to be noticed")
+    daemon.wait_state("chat-a", "ready", timeout=30)  # preloaded, so wanted: restarted on its own
+    assert daemon.chat("chat-b").status_code == 200  # on demand
+    assert server_of(engine, daemon).id != server.id
+    assert sorted(ollama_ps(daemon, engine)) == sorted([TAG_A, TAG_B])
+    crashes = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
+    assert {e["model"] for e in crashes if e["kind"] == "crash"} == {"chat-a", "chat-b"}
+
+
+def test_a_bad_ollama_config_is_rolled_back(with_ollama, engine, tmp_path):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)])
+    config = yaml.safe_load(daemon.config_path.read_text())
+    config["ollama"]["env"]["STANDIN_FAIL_START"] = "1"
+    bad = tmp_path / "bad-ollama.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    done = ctl(daemon, "apply", str(bad))
+    assert done.returncode == 1, done.stderr
+    assert "reverted to last-good" in done.stderr and "the Ollama server did not start" in done.stderr
+    history = json.loads(ctl(daemon, "history", "--json").stdout)
+    assert [g["status"] for g in history] == ["good", "failed"]
+    assert daemon.model("chat-a")["state"] == "ready"
+    assert daemon.chat("chat-a").status_code == 200
+    server = server_of(engine, daemon)
+    assert "STANDIN_FAIL_START=1" not in server.attrs["Config"]["Env"]
+
+    config["ollama"]["env"].pop("STANDIN_FAIL_START")
+    config["ollama"]["num_parallel"] = 2
+    good = tmp_path / "good-ollama.yaml"
+    good.write_text(yaml.safe_dump(config))
+    done = ctl(daemon, "apply", str(good))
+    assert done.returncode == 0, done.stderr
+    assert "OLLAMA_NUM_PARALLEL=2" in server_of(engine, daemon).attrs["Config"]["Env"]
+    assert daemon.chat("chat-a").status_code == 200
+    assert_invariants(daemon, engine)
+
+
+def test_the_daemon_adopts_the_ollama_server_and_its_loaded_models_after_a_crash(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)])
+    server = server_of(engine, daemon)
+    daemon.process.kill()
+    daemon.process.wait(10)
+    with daemon.log_path.open("a") as log:
+        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
+                                          stdout=log, stderr=subprocess.STDOUT)
+    poll_for(lambda: daemon.try_status(), 30, "the daemon back")
+    assert daemon.model("chat-a")["state"] == "ready"
+    assert server_of(engine, daemon).id == server.id
+    assert "adopted: loaded in the Ollama server" in daemon.log()
+
+
+def test_estimate_for_an_ollama_model_uses_show_or_what_was_measured(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True), ollama_model("chat-b", TAG_B)])
+    measured = json.loads(ctl(daemon, "--config", str(daemon.config_path), "estimate", "chat-a", "--json").stdout)
+    assert measured["source"] == "measured" and measured["measured"] == ollama_ps_sizes(daemon, engine)[TAG_A]
+    assert measured["need"] == measured["measured"]  # what it uses is what it is admitted with from now on
+    assert ctl(daemon, "load", "chat-b").returncode == 0 and ctl(daemon, "unload", "chat-b").returncode == 0
+    done = ctl(daemon, "--config", str(daemon.config_path), "estimate", "chat-b")
+    assert done.returncode == 0, done.stderr
+    assert "/api/show" in done.stdout and "1.5B parameters, Q8_0" in done.stdout
