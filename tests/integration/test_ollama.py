@@ -126,9 +126,11 @@ def test_swap_between_an_ollama_model_and_a_llamacpp_model_in_one_budget(with_ol
     daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
                          top=top)
     assert daemon.chat("chat-a").status_code == 200
+    server = server_of(engine, daemon)
     assert daemon.chat("tiny").status_code == 200  # evicts chat-a: unloaded through the API
     assert daemon.model("chat-a")["state"] == "stopped" and daemon.model("tiny")["state"] == "ready"
     assert ollama_ps(daemon, engine) == []
+    assert server_of(engine, daemon).id == server.id  # the eviction unloaded the model, not the container
     assert daemon.chat("chat-a").status_code == 200  # and back
     assert daemon.model("tiny")["state"] == "stopped" and ollama_ps(daemon, engine) == [TAG_A]
     events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
