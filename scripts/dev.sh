@@ -3,6 +3,7 @@
 # missing (Docker engine, Python venv, the CPU llama-server image), then:
 #   bash scripts/dev.sh demo     daemon up, a model served, a chat answered, status, clean stop
 #   bash scripts/dev.sh test     the whole test suite (unit + integration on the real engine)
+#   bash scripts/dev.sh bench    every benchmark, into bench/results/report.md and report.json
 #   bash scripts/dev.sh setup    only the setup
 # The compiled llama-server is cached in ${LOCALLLM_CACHE:-~/.cache/localllm}, keyed by version.
 set -euo pipefail
@@ -83,9 +84,16 @@ run_tests() {
   python -m pytest "$@"
 }
 
+run_bench() {
+  setup
+  say "running the benchmarks (report: bench/results/report.md)"
+  python -m bench.run "$@"
+}
+
 case "${1:-}" in
   demo) demo ;;
   test) shift; run_tests "$@" ;;
+  bench) shift; run_bench "$@" ;;
   setup) setup ;;
-  *) echo "usage: bash scripts/dev.sh demo|test [pytest args]|setup" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/dev.sh demo|test [pytest args]|bench [--quick] [--only ...]|setup" >&2; exit 2 ;;
 esac
