@@ -71,6 +71,7 @@ MEMORY_WAIT = 10.0
 DISCARD_ATTEMPTS = 3
 ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
 ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
+PULL_EVENT_INTERVAL = 1.0  # seconds between pull progress events of one layer
 
 
 @dataclass
@@ -156,6 +157,7 @@ class Fleet:
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
         self.ollama = OllamaHost(runtime, session, profile, self._allocate_port, self.settings.stop_grace)
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
+        self._pull_reported: dict[str, tuple[str, float]] = {}  # model -> last pull status published, and when
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
@@ -909,8 +911,14 @@ class Fleet:
         await api.load(spec.tag, spec.context)
 
     def _pull_progress(self, name: str, tag: str, line: dict) -> None:
+        """One ``pull`` event per status, and at most one a second while a layer downloads (Ollama sends many)."""
         status = str(line.get("status", ""))
         total, completed = line.get("total"), line.get("completed")
+        last_status, last_time = self._pull_reported.get(name, ("", 0.0))
+        now = time.monotonic()
+        if status == last_status and now - last_time < PULL_EVENT_INTERVAL and completed != total:
+            return
+        self._pull_reported[name] = (status, now)
         share = f" {100 * completed / total:.0f}%" if total and completed is not None else ""
         self.events.publish("pull", f"pulling {tag}: {status}{share}", name, status=status, total=total,
                             completed=completed)
