@@ -185,6 +185,10 @@ class DaemonSettings(Strict):
         return self.control_socket or self.state_dir / "control.sock"
 
 
+OLLAMA_ENV_SET_BY_LOCALLLM = {"OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL",
+                              "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_LOADED_MODELS"}
+
+
 class OllamaSettings(Strict):
     """The one Ollama server that holds every ``backend: ollama`` model."""
 
@@ -194,8 +198,17 @@ class OllamaSettings(Strict):
     num_parallel: int = Field(default=1, ge=1)  # OLLAMA_NUM_PARALLEL
     flash_attention: bool = False  # OLLAMA_FLASH_ATTENTION
     context_size: int | None = Field(default=None, ge=128)  # OLLAMA_CONTEXT_LENGTH, for every model; default: profile's
+    max_loaded_models: int = Field(default=64, ge=1)  # OLLAMA_MAX_LOADED_MODELS: localllm decides, not Ollama
     env: dict[str, str] = {}  # more environment for the server
     startup_timeout: Seconds = Field(default=60.0, gt=0)
+
+    @field_validator("env")
+    @classmethod
+    def _env_leaves_ours_alone(cls, env: dict[str, str]) -> dict[str, str]:
+        taken = sorted(set(env) & OLLAMA_ENV_SET_BY_LOCALLLM)
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by localllm (use the ollama: settings for them)")
+        return env
 
     @field_validator("models_dir")
     @classmethod
@@ -266,6 +279,11 @@ def check_profile(config: Config) -> list[tuple[tuple, str]]:
     return [(("profile",), f"unknown profile '{config.profile}' (known: auto, {', '.join(sorted(known))})")]
 
 
+def same_tag(a: str, b: str) -> bool:
+    """Two Ollama tags name the same model: ``llama3`` is ``llama3:latest``."""
+    return (a if ":" in a else f"{a}:latest") == (b if ":" in b else f"{b}:latest")
+
+
 def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, str]]:
     """Problems that span entries: (location, reason) pairs, in file order."""
     problems: list[tuple[tuple, str]] = []
@@ -277,6 +295,12 @@ def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, s
             if counts[name] > 1 and name in first_owner:
                 problems.append((loc, f"duplicate model name '{name}' (also models[{first_owner[name]}])"))
             first_owner.setdefault(name, index)
+        if entry.tag is not None:
+            twin = next((i for i, other in enumerate(config.models[:index])
+                         if other.tag is not None and same_tag(other.tag, entry.tag)), None)
+            if twin is not None:
+                problems.append((("models", index, "tag"), f"tag '{entry.tag}' is also models[{twin}]'s: unloading "
+                                                           "one would unload the other"))
         if check_files and entry.gguf is not None and not entry.gguf.is_file():
             what = "is not a file" if entry.gguf.exists() else "does not exist"
             problems.append((("models", index, "gguf"), f"model file {entry.gguf} {what}"))

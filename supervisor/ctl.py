@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import quote as _quote
 
 from . import __version__
 from .config import load_config
@@ -183,7 +184,7 @@ def check_health(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    model = asyncio.run(with_progress(args, "POST", f"/models/{args.model}/load", {"model": args.model}))
+    model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/load", {"model": args.model}))
     print(json.dumps(model, indent=2) if args.json else
           f"{model['name']} is ready on port {model['port']} (container {model['container']}, "
           f"loaded in {model['load_seconds'] or 0:.2f}s)")
@@ -191,7 +192,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    model = asyncio.run(with_progress(args, "POST", f"/models/{args.model}/unload", {"model": args.model}))
+    model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/unload", {"model": args.model}))
     print(json.dumps(model, indent=2) if args.json else f"{model['name']} is {model['state']}")
     return EXIT_OK
 
@@ -233,7 +234,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         params = {"tail": str(args.tail), "follow": "true" if args.follow else "false"}
-        async for line in client(args).lines(f"/models/{args.model}/logs", params):
+        async for line in client(args).lines(f"/models/{quote(args.model)}/logs", params):
             print(line, flush=True)
 
     asyncio.run(run())
@@ -295,7 +296,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     entry, profile_name, profiles_dir = estimate_target(args)
     if entry.backend == "ollama":  # no file here: the daemon asks Ollama, or knows what it learned
-        memory = asyncio.run(client(args).get(f"/models/{entry.name}/memory"))
+        memory = asyncio.run(client(args).get(f"/models/{quote(entry.name)}/memory"))
         print(json.dumps(memory, indent=2) if args.json else render_ollama_memory(memory))
         return EXIT_OK
     profile, _ = select_profile(args.profile or profile_name, profiles_dir)
@@ -481,6 +482,11 @@ def target(args: argparse.Namespace) -> Target:
     if args.config:
         return Target(socket=load_config(args.config, check_files=False).daemon.socket_path)
     return Target(socket=DEFAULT_SOCKET)
+
+
+def quote(name: str) -> str:
+    """A model name as one path segment (names may hold '/' and ':')."""
+    return _quote(name, safe="")
 
 
 def client(args: argparse.Namespace) -> ControlClient:

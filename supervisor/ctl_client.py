@@ -87,10 +87,16 @@ class ControlClient:
                     _raise_for_error(response.status, await response.json(content_type=None))
                 if on_open is not None:
                     on_open()
+                kind = ""
                 async for raw in response.content:
                     line = raw.decode().rstrip("\n")
-                    if line.startswith("data:"):
-                        yield json.loads(line[5:])
+                    if line.startswith("event:"):
+                        kind = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = json.loads(line[5:])
+                        if kind == "overflow":
+                            raise RemoteError(f"events: {data.get('message', 'too slow')}", "overflow")
+                        yield data
 
 
 def _raise_for_error(status: int, answer: object) -> None:

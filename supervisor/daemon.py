@@ -55,13 +55,26 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level or config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")),
                   as_json=args.log_format == "json")
     try:
-        asyncio.run(Daemon(config, None if args.demo else args.config).run())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(Daemon(config, None if args.demo else args.config).run())
     except LocalllmError as exc:
         logger.error("localllmd stopped: {}", exc.message)
         return exc.exit_code
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def event_loop_factory():
+    """uvloop's event loop when it is installed (the proxy's per-request cost is mostly the loop's
+    socket work: see bench/overhead.py); asyncio's otherwise. LOCALLLM_EVENT_LOOP=asyncio forces asyncio's."""
+    if os.environ.get("LOCALLLM_EVENT_LOOP", "").lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -237,6 +250,8 @@ class Daemon:
             events.close()  # ends every event stream, so the servers can stop at once
             for runner in runners:
                 await runner.cleanup()
+            fleet.refuse_new_work()
+            await self.rollout.cancel()  # a config change under way is reverted as far as it can be
             await fleet.shutdown()
             await session.close()
             await runtime.close()

@@ -48,7 +48,7 @@ from .events import EventBus
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
-from .ollama_api import estimate_from_show, find_loaded, memory_in_use
+from .ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
 from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
@@ -489,12 +489,11 @@ class Fleet:
             self.scheduler.reserved.pop(f"{entry.name}#new", None)
             raise
 
-    async def abandon(self, name: str, container_id: str) -> None:
-        """Remove a container a config change launched but will not use."""
+    async def abandon(self, name: str, spec, container_id: str) -> None:
+        """Remove what a config change launched but will not use: a container, or a model loaded into Ollama."""
         self.scheduler.reserved.pop(f"{name}#new", None)
-        instance = self.instances.get(name)
-        if instance is not None and instance.in_ollama:
-            await self._unload_from_ollama(instance)
+        if isinstance(spec, ollama.ModelSpec):
+            await self._unload_tag(name, spec.tag)
             return
         try:
             await self.runtime.stop_and_remove(container_id, 0)
@@ -527,7 +526,7 @@ class Fleet:
             self._protected.discard(container_id)
         else:
             logger.bind(model=name).error("could not take its new container (it changed meanwhile); removing it")
-            self.retire(name, container_id, 0)
+            self.retire(name, container_id, 0, instance.entry)
         self._apply(self.scheduler.tick(time.monotonic()))
         return attached
 
@@ -570,6 +569,9 @@ class Fleet:
         self._by_name = {name: instances[e.name] for e in config.models for name in e.names}
         self._apply(self.scheduler.replace_slots([self._slot_for(e, sizings[e.name]) for e in config.models],
                                                  time.monotonic()))
+        for instance in instances.values():  # what Ollama reported beats the placeholder of a new sizing
+            if instance.in_ollama and instance.measured and not instance.entry.memory:
+                self.scheduler.slots[instance.name].need = self._within_budget(instance.measured)
         return retire
 
     def retire(self, name: str, container_id: str, patience: float, entry: ModelEntry | None = None) -> None:
@@ -640,18 +642,26 @@ class Fleet:
         except LocalllmError as exc:
             logger.warning("cannot list the Ollama server's loaded models: {}", exc.message)
             return None
+        adopted = set()
         for instance in [i for i in self.instances.values() if i.in_ollama]:
             entry = find_loaded(loaded, instance.upstream_model)
             if entry is None:
                 continue
-            device = spec.device
-            if self.scheduler.adopt(instance.name, device, time.monotonic()):
-                instance.spec = ollama.model_spec(instance.entry, spec, device)
-                instance.container_id, instance.ready_at = info.id, time.time()
-                instance.measured = memory_in_use(entry, self.profile.has_gpus)
+            measured = memory_in_use(entry, self.profile.has_gpus)
+            slot = self.scheduler.slots[instance.name]
+            if measured and not instance.entry.memory:
+                slot.need = self._within_budget(measured)  # admitted with what it really uses
+            if self.scheduler.adopt(instance.name, spec.device, time.monotonic()):
+                instance.spec = ollama.model_spec(instance.entry, spec, spec.device)
+                instance.container_id, instance.ready_at, instance.measured = info.id, time.time(), measured
+                adopted.add(next(name for name in loaded if same_tag(name, instance.upstream_model)))
                 logger.bind(model=instance.name).info("adopted: loaded in the Ollama server")
                 self.events.publish("adopt", "adopted: loaded in the Ollama server", instance.name,
                                     container=info.id[:12])
+        for tag in set(loaded) - adopted:  # not in the catalog, or over budget: nobody would account for it
+            logger.warning("unloading '{}' from the adopted Ollama server: no catalog model holds it", tag)
+            with contextlib.suppress(LocalllmError):
+                await self.ollama.api("ollama").unload(tag)
         self._publish_phases()
         return None
 
@@ -747,9 +757,13 @@ class Fleet:
             await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
         return len(leftovers)
 
+    def refuse_new_work(self) -> None:
+        """The first step of shutdown: no request, start or config change is taken from now on."""
+        self._closing = True
+
     async def shutdown(self) -> None:
         """Refuse new work, fail the waiting, cancel starts and stops, remove every container we run."""
-        self._closing = True
+        self.refuse_new_work()
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(ShuttingDown("localllmd is shutting down"))
@@ -869,7 +883,8 @@ class Fleet:
         self.events.publish("load", f"ready in {instance.load_seconds:.2f}s", name,
                             seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
         if self.measures_gpu:
-            self.spawn(self._learn(instance), f"learn:{name}")
+            if not instance.in_ollama:  # Ollama's runners are not the container's main process: /api/ps says
+                self.spawn(self._learn(instance), f"learn:{name}")
 
     async def _start_container(self, instance: Instance) -> None:
         """Create the model's own container and wait for its readiness gate."""
@@ -908,7 +923,12 @@ class Fleet:
                 if guess and instance is not None and instance.sizing.learned is None:
                     instance.show_estimate = guess
         logger.bind(model=name).info("loading '{}' into the Ollama server (context {})", spec.tag, spec.context)
-        await api.load(spec.tag, spec.context)
+        deadline = entry.startup_timeout or self.settings.startup_timeout
+        try:
+            async with asyncio.timeout(deadline):
+                await api.load(spec.tag, spec.context)
+        except TimeoutError:
+            raise ModelStartFailed(name, f"Ollama did not load '{spec.tag}' within {deadline:g}s") from None
 
     def _pull_progress(self, name: str, tag: str, line: dict) -> None:
         """One ``pull`` event per status, and at most one a second while a layer downloads (Ollama sends many)."""
@@ -932,32 +952,48 @@ class Fleet:
         entry = find_loaded(loaded, instance.upstream_model)
         measured = memory_in_use(entry, self.profile.has_gpus) if entry else None
         if measured and not instance.entry.memory:
-            slot = self.scheduler.slots[instance.name]
-            largest = max(d.budget for d in self.scheduler.devices)
-            slot.need = min(measured, largest)
+            self.scheduler.slots[instance.name].need = self._within_budget(measured)
             if self.learned is not None and instance.sizing.learned_key:
                 self.learned.record(instance.sizing.learned_key, measured, instance.name)
         return measured
 
-    async def _unload_from_ollama(self, instance: Instance) -> None:
-        """Unload the model; if the server is dead, remove it (its models all crashed with it)."""
+    def _within_budget(self, measured: int) -> int:
+        """It did run: never let a measurement put a model out of every budget."""
+        return min(measured, max(d.budget for d in self.scheduler.devices))
+
+    async def _unload_from_ollama(self, instance: Instance, crashed: bool = False) -> None:
+        """Unload the model from the server. After a crash (dead or hung server) the server itself goes."""
         container_id = instance.container_id
+        if container_id is None:
+            return
         try:
-            await self._unload_tag(instance.name, instance.upstream_model)
+            if crashed:
+                await self._server_failed(container_id)
+            else:
+                await self._unload_tag(instance.name, instance.upstream_model)
         finally:
             if instance.container_id == container_id:
                 instance.container_id, instance.spec, instance.measured = None, None, None
 
     async def _unload_tag(self, name: str, tag: str) -> None:
-        if self.ollama.container_id is None:
+        container_id = self.ollama.container_id
+        if container_id is None:
             return
         try:
             await self.ollama.api(name).unload(tag)
             logger.bind(model=name).info("unloaded '{}' from the Ollama server", tag)
-        except (LocalllmError, aiohttp.ClientError) as exc:
+        except LocalllmError as exc:
             if await self.ollama.running():
-                raise LocalllmError(f"Ollama did not unload '{tag}': {getattr(exc, 'message', exc)}") from None
-            logger.bind(model=name).warning("the Ollama server is gone; removing what is left of it")
+                raise LocalllmError(f"Ollama did not unload '{tag}': {exc.message}") from None
+            await self._server_failed(container_id)
+
+    async def _server_failed(self, container_id: str) -> None:
+        """The Ollama server died or hangs: remove it, and every model still counted as ready in it crashed."""
+        for other in self.instances.values():
+            if other.in_ollama and other.container_id == container_id and self.phase(other) is Phase.READY:
+                self._crash(other, "the Ollama server died or stopped answering")
+        if self.ollama.container_id == container_id:
+            logger.warning("removing the failed Ollama server {}", container_id[:12])
             await self.ollama.discard(0)
 
     async def _stop(self, name: str, crash_reason: str | None = None) -> None:
@@ -1046,7 +1082,7 @@ class Fleet:
         An Ollama model is unloaded from the server instead (the server is removed only when dead).
         """
         if instance.in_ollama:
-            await self._unload_from_ollama(instance)
+            await self._unload_from_ollama(instance, crashed=grace == 0)
             return
         container_id = instance.container_id
         if container_id is not None:

@@ -13,17 +13,16 @@ from collections.abc import Callable
 
 import aiohttp
 
+from .config import same_tag
 from .errors import ModelStartFailed
 
-TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)  # a load may read a large file
+QUICK = aiohttp.ClientTimeout(total=10, sock_connect=5)  # unloads, lists: a server that takes longer is hung
+PULL = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300)  # between two progress lines
+TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)  # ValueError: an answer that is not JSON
 BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
                    "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.85, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0,
                    "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q3_K_L": 4.3, "Q2_K": 3.35, "IQ4_NL": 4.5, "IQ4_XS": 4.25}
-
-
-def same_tag(a: str, b: str) -> bool:
-    """``llama3`` and ``llama3:latest`` name the same model."""
-    return (a if ":" in a else f"{a}:latest") == (b if ":" in b else f"{b}:latest")
 
 
 class OllamaApi:
@@ -32,46 +31,61 @@ class OllamaApi:
         self.base_url = base_url
         self.model = model  # the catalog name, for errors
 
-    async def _post(self, path: str, body: dict) -> dict:
-        async with self.session.post(self.base_url + path, json=body, timeout=TIMEOUT) as response:
-            answer = await response.json(content_type=None)
-            if response.status >= 400 or "error" in answer:
-                raise ModelStartFailed(self.model, f"Ollama {path}: {answer.get('error', f'HTTP {response.status}')}")
-            return answer
+    async def _post(self, path: str, body: dict, timeout: aiohttp.ClientTimeout = TIMEOUT) -> dict:
+        try:
+            async with self.session.post(self.base_url + path, json=body, timeout=timeout) as response:
+                answer = await response.json(content_type=None)
+        except TRANSPORT_ERRORS as exc:
+            raise ModelStartFailed(self.model, f"Ollama {path} did not answer: {exc!r}") from None
+        if not isinstance(answer, dict):
+            raise ModelStartFailed(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
+        if response.status >= 400 or "error" in answer:
+            raise ModelStartFailed(self.model, f"Ollama {path}: {answer.get('error', f'HTTP {response.status}')}")
+        return answer
 
     async def _get(self, path: str) -> dict:
-        async with self.session.get(self.base_url + path, timeout=TIMEOUT) as response:
-            if response.status >= 400:
-                raise ModelStartFailed(self.model, f"Ollama {path}: HTTP {response.status}")
-            return await response.json(content_type=None)
+        try:
+            async with self.session.get(self.base_url + path, timeout=QUICK) as response:
+                if response.status >= 400:
+                    raise ModelStartFailed(self.model, f"Ollama {path}: HTTP {response.status}")
+                answer = await response.json(content_type=None)
+        except TRANSPORT_ERRORS as exc:
+            raise ModelStartFailed(self.model, f"Ollama {path} did not answer: {exc!r}") from None
+        if not isinstance(answer, dict):
+            raise ModelStartFailed(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
+        return answer
 
     async def has(self, tag: str) -> bool:
         return any(same_tag(tag, m.get("name", "")) for m in (await self._get("/api/tags")).get("models", []))
 
     async def pull(self, tag: str, progress: Callable[[dict], None]) -> None:
         """Pull ``tag``; ``progress`` gets each NDJSON status line (``status``, ``total``, ``completed``)."""
-        async with self.session.post(self.base_url + "/api/pull", json={"model": tag, "stream": True},
-                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as response:
-            if response.status >= 400:
-                detail = (await response.text())[:500]
-                raise ModelStartFailed(self.model, f"Ollama could not pull '{tag}': HTTP {response.status} {detail}")
-            last = {}
-            async for line in response.content:
-                if not line.strip():
-                    continue
-                last = json.loads(line)
-                if "error" in last:
-                    raise ModelStartFailed(self.model, f"Ollama could not pull '{tag}': {last['error']}")
-                progress(last)
-            if last.get("status") != "success":
-                raise ModelStartFailed(self.model, f"Ollama's pull of '{tag}' ended without success: {last}")
+        try:
+            async with self.session.post(self.base_url + "/api/pull", json={"model": tag, "stream": True},
+                                         timeout=PULL) as response:
+                if response.status >= 400:
+                    detail = (await response.text())[:500]
+                    raise ModelStartFailed(self.model,
+                                           f"Ollama could not pull '{tag}': HTTP {response.status} {detail}")
+                last = {}
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    last = json.loads(line)
+                    if "error" in last:
+                        raise ModelStartFailed(self.model, f"Ollama could not pull '{tag}': {last['error']}")
+                    progress(last)
+        except TRANSPORT_ERRORS as exc:
+            raise ModelStartFailed(self.model, f"Ollama's pull of '{tag}' broke off: {exc!r}") from None
+        if last.get("status") != "success":
+            raise ModelStartFailed(self.model, f"Ollama's pull of '{tag}' ended without success: {last}")
 
     async def load(self, tag: str, context: int) -> None:
         await self._post("/api/generate", {"model": tag, "prompt": "", "keep_alive": -1, "stream": False,
                                            "options": {"num_ctx": context}})
 
     async def unload(self, tag: str) -> None:
-        await self._post("/api/generate", {"model": tag, "prompt": "", "keep_alive": 0, "stream": False})
+        await self._post("/api/generate", {"model": tag, "prompt": "", "keep_alive": 0, "stream": False}, QUICK)
 
     async def loaded(self) -> dict[str, dict]:
         """``/api/ps``: the loaded models by name."""

@@ -105,12 +105,13 @@ class Proxy:
             model = reservation.instance.name
             if reservation.instance.in_ollama:  # Ollama knows the model by its tag
                 body = json.dumps({**payload, "model": reservation.instance.upstream_model}).encode()
+            stream = payload.get("stream") is True
             try:
-                if payload.get("stream") is True and not reservation.granted.done():
+                if stream and not reservation.granted.done():
                     response = await self._stream_after_load(request, reservation, body)
                 else:
                     await reservation.granted
-                    response = await self._relay(request, reservation.instance, body)
+                    response = await self._relay(request, reservation.instance, body, stream)
                 status = response.status
                 return response
             finally:
@@ -126,10 +127,11 @@ class Proxy:
                 self.metrics.observe_request(model if isinstance(model, str) else "", request.path.removeprefix("/v1/"),
                                              status, time.monotonic() - started)
 
-    async def _relay(self, request: web.Request, instance: Instance, body: bytes) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, instance: Instance, body: bytes,
+                     stream: bool) -> web.StreamResponse:
         try:
             with self.fleet.upstream(instance) as base_url:
-                async with self._post_upstream(request, base_url, body) as upstream:
+                async with self._post_upstream(request, base_url, body, stream) as upstream:
                     content_type = upstream.headers.get("Content-Type", "application/json")
                     if upstream.content_length is not None and "event-stream" not in content_type:
                         data = await upstream.read()
@@ -159,7 +161,7 @@ class Proxy:
                 await response.write(f": localllm: still loading {instance.name}\n\n".encode())
             reservation.granted.result()
             with self.fleet.upstream(instance) as base_url:
-                async with self._post_upstream(request, base_url, body) as upstream:
+                async with self._post_upstream(request, base_url, body, stream=True) as upstream:
                     if upstream.status != 200:
                         detail = (await upstream.read()).decode(errors="replace")[:2000]
                         raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
@@ -174,8 +176,13 @@ class Proxy:
             await _write_error_event(response, exc)
         return response
 
-    def _post_upstream(self, request: web.Request, base_url: str, body: bytes):
+    def _post_upstream(self, request: web.Request, base_url: str, body: bytes, stream: bool):
         headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
+        if stream:
+            # llama-server closes the connection after a streamed answer without saying so: back in the
+            # pool, it would fail the next request sent on it (502 "Server disconnected"). Said here, the
+            # connection is not pooled.
+            headers["Connection"] = "close"
         return self.session.post(base_url + request.path, data=body, headers=headers)
 
     async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,

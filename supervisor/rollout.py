@@ -38,6 +38,7 @@ class Rollout:
         self.fleet = fleet
         self.store = store
         self._lock = asyncio.Lock()
+        self._task: asyncio.Task | None = None  # the apply under way
 
     async def apply(self, text: str, source: str, path: Path, rollback_to: int | None = None) -> dict:
         """Apply ``text`` (a config file's content, read from ``path``); returns the report or raises."""
@@ -46,6 +47,7 @@ class Rollout:
         if self.fleet.closing:
             raise ShuttingDown("localllmd is shutting down")
         async with self._lock:
+            self._task = asyncio.current_task()
             if rollback_to is not None:
                 self.fleet.events.publish("rollback", f"rolling back to generation {rollback_to}",
                                           generation=rollback_to)
@@ -59,6 +61,13 @@ class Rollout:
                 logger.bind(generation=number).error("generation {} refused: {}", number, exc.message)
                 raise
             return await self._apply(config, text, source)
+
+    async def cancel(self) -> None:
+        """Shutdown: stop the apply under way (it reverts what it can) and wait for it."""
+        task = self._task
+        if task is not None and not task.done() and self._lock.locked():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     @property
     def busy(self) -> bool:
@@ -124,53 +133,83 @@ class Rollout:
                 if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
         if busy:
             raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
+        in_ollama = [n for n, i in fleet.instances.items() if i.in_ollama]
+        reloading = [n for n in plan.replace if n in in_ollama]
+        hold_ollama = bool(reloading) or config.ollama != fleet.config.ollama
+        moving = [n for n in in_ollama if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
+        if hold_ollama and moving:
+            raise Conflict(f"{', '.join(moving)} is starting or stopping in the Ollama server; try again in a moment")
         generation = self.store.record(text, source, wanted)
         report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
         log = logger.bind(generation=generation.number)
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
                  list(plan.remove) or "-", list(plan.add) or "-")
         self._event(generation.number, "applying", f"from {source}", plan=asdict(plan))
-        switched, offline = {}, []
+        held = in_ollama if hold_ollama else []  # no Ollama model starts on the old server meanwhile
+        for name in held:
+            fleet.scheduler.slots[name].held = True
+        offline: list[str] = []  # models stopped for the change
         try:
+            return await self._switch(config, sizings, plan, running, entries, offline, generation.number, report,
+                                      reloading)
+        finally:
+            for name in held:
+                if name not in offline:  # those are attached, or released by the revert
+                    fleet.release_hold(name)
+
+    async def _switch(self, config: Config, sizings: dict, plan, running: dict, entries: dict, offline: list[str],
+                      number: int, report: dict, reloading: list[str]) -> dict:
+        """Start the new versions (beside the old ones where there is room), then commit, or revert."""
+        fleet, switched = self.fleet, {}
+        log = logger.bind(generation=number)
+        try:
+            for name in reloading:  # all of them before the first launch: a new server replaces the old one
+                await self._take_offline(number, name, "Ollama holds one instance of a model", offline)
             for name in plan.replace:
                 device, need = running[name].device, sizings[name].need
-                if fleet.instances[name].in_ollama or fleet.room_on(device) < need:
-                    why = ("Ollama holds one instance of a model" if fleet.instances[name].in_ollama
-                           else "no room for both")
-                    log.info("{}: {}, stopping the old one first", name, why)
-                    self._event(generation.number, "stopping_old", f"{name}: {why}, stopping the old one first", name)
-                    offline.append(name)  # before waiting: a revert must release it whatever happens
-                    await fleet.take_offline(name, DRAIN_PATIENCE)
-                self._event(generation.number, "launching", f"{name}: starting its new version", name)
+                if name not in offline and fleet.room_on(device) < need:
+                    await self._take_offline(number, name, "no room for both", offline)
+                self._event(number, "launching", f"{name}: starting its new version", name)
                 switched[name] = await fleet.launch(entries[name], device, need, config)
                 log.info("{}: new version passed its health gate", name)
-                self._event(generation.number, "healthy", f"{name}: new version passed its health gate", name)
+                self._event(number, "healthy", f"{name}: new version passed its health gate", name)
         except LocalllmError as exc:
-            return await self._revert(generation.number, switched, offline, running, exc, report)
+            return await self._revert(number, switched, offline, running, exc, report)
         except BaseException as exc:  # cancelled (shutdown) or a bug: put things back, then let it go on
             error = LocalllmError(f"interrupted: {exc!r}")
             with contextlib.suppress(ApplyFailed):
-                await asyncio.shield(self._revert(generation.number, switched, offline, running, error, report))
+                await asyncio.shield(self._revert(number, switched, offline, running, error, report))
             raise
         retire = fleet.commit(config, sizings, {n: v for n, v in switched.items() if n not in offline})
         for name in offline:
             fleet.attach(name, *switched[name])
         for name, container_id, entry in retire:
             fleet.retire(name, container_id, DRAIN_PATIENCE, entry)
-        self.store.mark(generation.number, "good")
+        self.store.mark(number, "good")
         fleet.degraded = None
-        log.info("generation {} is live and is now last-good", generation.number)
-        self._event(generation.number, "good", "live and now last-good")
+        log.info("generation {} is live and is now last-good", number)
+        self._event(number, "good", "live and now last-good")
         return {**report, "status": "good"}
+
+    async def _take_offline(self, number: int, name: str, why: str, offline: list[str]) -> None:
+        logger.bind(generation=number).info("{}: {}, stopping the old one first", name, why)
+        self._event(number, "stopping_old", f"{name}: {why}, stopping the old one first", name)
+        offline.append(name)  # before waiting: a revert must release it whatever happens
+        await self.fleet.take_offline(name, DRAIN_PATIENCE)
 
     async def _revert(self, number: int, switched: dict, offline: list[str], running: dict,
                       error: LocalllmError, report: dict) -> dict:
+        """Remove what the change started and bring back what it stopped; whatever fails is reported as
+        degraded, and no model stays held."""
         fleet = self.fleet
         log = logger.bind(generation=number)
         log.error("generation {} failed its health gate: {}; reverting to last-good", number, error.message)
-        for name, (_, container_id) in switched.items():
-            await fleet.abandon(name, container_id)
         lost = []
+        for name, (spec, container_id) in switched.items():
+            try:
+                await fleet.abandon(name, spec, container_id)
+            except Exception as exc:
+                lost.append(f"{name}: its new version could not be removed ({getattr(exc, 'message', exc)!s})")
         for name in offline:
             entry, slot = fleet.instances[name].entry, fleet.scheduler.slots[name]
             if slot.phase is Phase.READY:  # it never went offline (the wait ran out first)
@@ -179,9 +218,9 @@ class Rollout:
             try:
                 if not fleet.attach(name, *await fleet.launch(entry, running[name].device, slot.need)):
                     lost.append(f"{name}: its last-good container could not be attached")
-            except LocalllmError as exc:
+            except Exception as exc:
                 fleet.release_hold(name)
-                lost.append(f"{name}: {exc.message}")
+                lost.append(f"{name}: {getattr(exc, 'message', None) or repr(exc)}")
         reason = f"health gate failed: {error.message}"
         with contextlib.suppress(LocalllmError):
             self.store.mark(number, "failed", reason)

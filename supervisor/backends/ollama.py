@@ -53,6 +53,7 @@ def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
         "OLLAMA_NUM_PARALLEL": str(settings.num_parallel),
         "OLLAMA_FLASH_ATTENTION": "1" if settings.flash_attention else "0",
         "OLLAMA_CONTEXT_LENGTH": str(context_of(config, profile)),
+        "OLLAMA_MAX_LOADED_MODELS": str(settings.max_loaded_models),
         **settings.env,
     }
     return ContainerSpec(

@@ -30,7 +30,7 @@ def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111", "OLLAMA_MODELS": "/root/.ollama/models",
                                       "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
                                       "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_CONTEXT_LENGTH": "4096",
-                                      "OLLAMA_DEBUG": "1"}
+                                      "OLLAMA_MAX_LOADED_MODELS": "64", "OLLAMA_DEBUG": "1"}
     [mount] = spec.mounts
     assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/root/.ollama", False)
     assert spec.gpu_device_ids is None and spec.device == "cpu"
@@ -67,6 +67,23 @@ def test_model_hash_changes_with_the_server_and_the_tag():
 def test_catalog_entries_are_checked_per_backend(entry, problem):
     with pytest.raises(ValueError, match=problem):
         ModelEntry.model_validate(entry)
+
+
+def test_ollama_env_may_not_override_what_localllm_sets():
+    with pytest.raises(ValueError, match="OLLAMA_CONTEXT_LENGTH, OLLAMA_HOST: set by localllm"):
+        config(env={"OLLAMA_HOST": "0.0.0.0:1", "OLLAMA_CONTEXT_LENGTH": "x"})
+
+
+def test_two_entries_may_not_share_a_tag(tmp_path):
+    from supervisor.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("profile: cpu-only\nmodels:\n  - {name: a, backend: ollama, tag: llama3}\n"
+                    "  - {name: b, backend: ollama, tag: 'llama3:latest'}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}:4: models[1].tag: tag 'llama3:latest' is also models[0]'s: "
+                                     "unloading one would unload the other"]
 
 
 def test_a_bad_ollama_entry_in_a_file_names_its_line(tmp_path):
