@@ -153,7 +153,7 @@ def test_a_crashed_ollama_server_is_restarted_and_its_models_reload_on_demand(wi
 
 
 def test_a_bad_ollama_config_is_rolled_back(with_ollama, engine, tmp_path):
-    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)])
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True), ollama_model("chat-b", TAG_B, preload=True)])
     config = yaml.safe_load(daemon.config_path.read_text())
     config["ollama"]["env"]["STANDIN_FAIL_START"] = "1"
     bad = tmp_path / "bad-ollama.yaml"
@@ -163,8 +163,8 @@ def test_a_bad_ollama_config_is_rolled_back(with_ollama, engine, tmp_path):
     assert "reverted to last-good" in done.stderr and "the Ollama server did not start" in done.stderr
     history = json.loads(ctl(daemon, "history", "--json").stdout)
     assert [g["status"] for g in history] == ["good", "failed"]
-    assert daemon.model("chat-a")["state"] == "ready"
-    assert daemon.chat("chat-a").status_code == 200
+    assert daemon.model("chat-a")["state"] == "ready" and daemon.model("chat-b")["state"] == "ready"
+    assert daemon.chat("chat-a").status_code == 200 and daemon.chat("chat-b").status_code == 200
     server = server_of(engine, daemon)
     assert "STANDIN_FAIL_START=1" not in server.attrs["Config"]["Env"]
 
@@ -174,8 +174,9 @@ def test_a_bad_ollama_config_is_rolled_back(with_ollama, engine, tmp_path):
     good.write_text(yaml.safe_dump(config))
     done = ctl(daemon, "apply", str(good))
     assert done.returncode == 0, done.stderr
-    assert "OLLAMA_NUM_PARALLEL=2" in server_of(engine, daemon).attrs["Config"]["Env"]
-    assert daemon.chat("chat-a").status_code == 200
+    assert "OLLAMA_NUM_PARALLEL=2" in server_of(engine, daemon).attrs["Config"]["Env"]  # one server: the new one
+    assert sorted(ollama_ps(daemon, engine)) == sorted([TAG_A, TAG_B])  # both reloaded into it
+    assert daemon.chat("chat-a").status_code == 200 and daemon.chat("chat-b").status_code == 200
     assert_invariants(daemon, engine)
 
 
