@@ -68,7 +68,7 @@ class DockerRuntime:
 
     def _translated(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return self._out_of_files_named(action, fn, *args, **kwargs)
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise DockerUnavailable(
                 f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
@@ -81,6 +81,17 @@ class DockerRuntime:
                 raise DockerUnavailable(
                     f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}") from None
             raise DockerFailure(f"Docker failed to {action}: {_explain(exc)}") from None
+
+    @staticmethod
+    def _out_of_files_named(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Running out of descriptors looks like an unreachable engine to the SDK; say what it is."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if "Too many open files" in str(exc):
+                raise DockerFailure(f"cannot {action}: localllmd is out of file descriptors (raise its "
+                                    "LimitNOFILE)") from None
+            raise
 
     @property
     def client(self) -> docker.DockerClient:

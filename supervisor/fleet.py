@@ -71,6 +71,7 @@ MEMORY_WAIT = 10.0
 DISCARD_ATTEMPTS = 3
 ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
 ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
+BUSY_PATIENCE = 3  # a busy server's probe timeouts count against three times the liveness threshold
 PULL_EVENT_INTERVAL = 1.0  # seconds between pull progress events of one layer
 
 
@@ -379,7 +380,11 @@ class Fleet:
                                 failures=instance.failed_probes, seen=seen)
             if await self._check_exited(instance, "server exited"):
                 continue
-            if instance.failed_probes >= liveness.failure_threshold and self.phase(instance) is Phase.READY:
+            # A server busy generating may answer /health late on a crowded CPU: while it serves, it gets
+            # three times the patience before it counts as hung (a refused connection or an exit still counts).
+            busy = answer is None and self.scheduler.slots[instance.name].in_flight > 0
+            threshold = liveness.failure_threshold * (BUSY_PATIENCE if busy else 1)
+            if instance.failed_probes >= threshold and self.phase(instance) is Phase.READY:
                 self._crash(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
 
     async def _check_exited(self, instance: Instance, reason: str) -> bool:

@@ -99,3 +99,19 @@ def test_under_systemd_it_notifies_ready_status_watchdog_and_stopping(start_daem
     assert messages[0].startswith(b"READY=1\nSTATUS=")
     assert messages.count(b"WATCHDOG=1") >= 3
     assert any(m.startswith(b"STOPPING=1") for m in messages)
+
+
+def test_the_daemon_raises_its_open_files_limit(start_daemon):
+    """Each waiting client holds a descriptor, each stream two: a soft limit of 1024 caps it near 1,000 clients."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what systemd gives by default; inherited
+    try:
+        daemon = start_daemon([{"name": "t", "gguf": "tiny.gguf"}])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with open(f"/proc/{daemon.process.pid}/limits") as limits:
+        line = next(x for x in limits.read().splitlines() if x.startswith("Max open files"))
+    expected = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    assert int(line.split()[3]) == expected, line
