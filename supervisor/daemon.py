@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import grp
 import os
+import resource
 import signal
 import sys
 import time
@@ -42,6 +43,7 @@ from .sizing import size_catalog
 
 DEMO_STATE_DIR = Path("/tmp/localllm-demo")
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
+OPEN_FILES = 65536  # the open files limit localllmd raises itself to (up to the hard limit)
 TICK_SECONDS = 1.0  # how often idle unloads, wait bounds and GPU readings are checked
 
 
@@ -54,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     setup_logging(args.log_level or config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")),
                   as_json=args.log_format == "json")
+    raise_open_files_limit()
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            runner.run(Daemon(config, None if args.demo else args.config).run())
+        asyncio.run(Daemon(config, None if args.demo else args.config).run())
     except LocalllmError as exc:
         logger.error("localllmd stopped: {}", exc.message)
         return exc.exit_code
@@ -65,16 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def event_loop_factory():
-    """uvloop's event loop when it is installed (the proxy's per-request cost is mostly the loop's
-    socket work: see bench/overhead.py); asyncio's otherwise. LOCALLLM_EVENT_LOOP=asyncio forces asyncio's."""
-    if os.environ.get("LOCALLLM_EVENT_LOOP", "").lower() == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
+def raise_open_files_limit() -> None:
+    """Each waiting client holds a descriptor and each stream two: the usual soft limit of 1024 is too few."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open files limit from {} (keeping it): {}", soft, exc)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
