@@ -167,11 +167,12 @@ class Daemon:
             self.process.wait(timeout=120)
 
 
-def raw_llama_server(engine, model: Path, port: int, parallel: int = 1, context: int = 256):
+def raw_llama_server(engine, model: Path, port: int, parallel: int = 1, context: int = 256,
+                     extra_args: tuple[str, ...] = ()):
     """The same server localllm would run, started directly with ``docker run`` (host network, 127.0.0.1)."""
     return engine.containers.run(
         cpu_image_tag(), ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(port), "-c", str(context),
-                          "--parallel", str(parallel)],
+                          "--parallel", str(parallel), *extra_args],
         detach=True, network_mode="host", labels={BENCH_LABEL: "raw"},
         volumes={str(model): {"bind": "/models/m.gguf", "mode": "ro"}})
 

@@ -192,7 +192,8 @@ class Daemon:
         runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await runtime.connect()
         session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            # llama-server drops idle keep-alive connections after 5 s: never reuse one that old
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
         readings = await asyncio.to_thread(read_gpus_nvml) if profile.has_gpus else None
