@@ -701,9 +701,10 @@ def _render_held(held: dict, scale: dict, hold_s: float) -> list[str]:
 
 def _render_soft_limit(soft: dict) -> list[str]:
     return [
-        f"**{soft['connections']} waiting streams against a daemon whose soft RLIMIT_NOFILE is "
-        f"{SYSTEMD_DEFAULT_NOFILE}** (systemd's default for a service, and what the unit gets: it sets no "
-        f"LimitNOFILE; the daemon does not raise its soft limit): daemon limit {soft['daemon_nofile']}.",
+        f"**{soft['connections']} waiting streams against a daemon started with a soft RLIMIT_NOFILE of "
+        f"{SYSTEMD_DEFAULT_NOFILE}** (systemd's default for a service; the unit now sets LimitNOFILE=65536 and "
+        f"localllmd raises its soft limit itself): the daemon's limit, as read from /proc: "
+        f"{soft['daemon_nofile']}.",
         "",
         "| figure | value |",
         "|---|---|",
