@@ -112,6 +112,7 @@ def test_logs_tail_and_follow(start_daemon):
         assert daemon.chat("tiny").status_code == 200  # llama-server logs each request
         poll_for(lambda: any("completion" in line or "slot" in line for line in lines), 20, "followed log lines")
         follower.terminate()
+        reader.join(10)  # it reads to the end before the pipe closes
     unknown = ctl(daemon, "logs", "tiny2")
     assert unknown.returncode == 2 and "tiny2" in unknown.stderr  # not in this catalog: bad input
     ok(ctl(daemon, "unload", "tiny"))
@@ -132,6 +133,7 @@ def test_events_list_and_follow(start_daemon):
         ok(ctl(daemon, "load", "tiny2", "--json"))
         poll_for(lambda: [e for e in seen if e["kind"] == "load" and e["model"] == "tiny2"], 20, "tiny2's load event")
         follower.terminate()
+        reader.join(10)
     kinds = [(e["kind"], e["model"], e["data"].get("to")) for e in seen]
     assert kinds[:3] == [("state", "tiny", "starting"), ("load", "tiny", None), ("state", "tiny", "ready")] or \
         kinds[:3] == [("state", "tiny", "starting"), ("state", "tiny", "ready"), ("load", "tiny", None)], kinds

@@ -110,14 +110,9 @@ class Box:
 
 
 @pytest.fixture(scope="module")
-def client():
-    try:
-        engine = docker.from_env()
-        engine.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine: {exc}; run the tests with `bash scripts/dev.sh test`")
-    yield engine
-    engine.close()
+def client(engine):
+    """The session's Docker client (conftest): it fails clearly when there is no engine."""
+    return engine
 
 
 @pytest.fixture(scope="module")

@@ -112,17 +112,12 @@ def remove(container) -> None:
 
 
 @pytest.fixture(scope="module")
-def client():
-    try:
-        engine = docker.from_env()
-        engine.ping()
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine: {exc}; run the tests with `bash scripts/dev.sh test`")
+def client(engine):
+    """The session's Docker client (conftest); this module's stand-in containers go when it ends."""
     yield engine
     for container in engine.containers.list(all=True, ignore_removed=True, filters={
             "label": [f"{TEST_RUN_LABEL}={RUN_ID}", f"{KIND_LABEL}=ollama-standin"]}):
         remove(container)
-    engine.close()
 
 
 @pytest.fixture(scope="module")
