@@ -48,7 +48,7 @@ from .events import EventBus
 from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
-from .ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
+from .ollama_api import estimate_from_show, find_loaded, memory_in_use
 from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
@@ -579,12 +579,12 @@ class Fleet:
                 self.scheduler.slots[instance.name].need = self._within_budget(instance.measured)
         return retire
 
-    def retire(self, name: str, container_id: str, patience: float, entry: ModelEntry | None = None) -> None:
+    def retire(self, name: str, container_id: str, patience: float, entry: ModelEntry) -> None:
         """Stop a container no model uses any more, once the requests it still serves are done.
 
         An Ollama model (``entry``) is unloaded from the server instead; the server stays.
         """
-        if entry is not None and entry.backend == "ollama":
+        if entry.backend == "ollama":
             self.spawn(self._unload_tag(name, entry.tag or name), f"retire:{name}")
             return
 
@@ -659,7 +659,7 @@ class Fleet:
             if self.scheduler.adopt(instance.name, spec.device, time.monotonic()):
                 instance.spec = ollama.model_spec(instance.entry, spec, spec.device)
                 instance.container_id, instance.ready_at, instance.measured = info.id, time.time(), measured
-                adopted.add(next(name for name in loaded if same_tag(name, instance.upstream_model)))
+                adopted.add(entry["name"])
                 logger.bind(model=instance.name).info("adopted: loaded in the Ollama server")
                 self.events.publish("adopt", "adopted: loaded in the Ollama server", instance.name,
                                     container=info.id[:12])
@@ -1010,7 +1010,7 @@ class Fleet:
             baseline = await self._gpu_free(device)
             if crash_reason is not None:
                 error = await self._crash_error(instance, crash_reason)
-            await self._discard_container(instance, grace=0 if crash_reason else None)
+            await self._discard_container(instance, grace=0 if crash_reason else None, crashed=bool(crash_reason))
             if baseline is not None and device is not None:
                 await self._wait_memory_back(device, baseline, instance.measured or instance.sizing.need)
         except Exception as exc:  # never leave the scheduler waiting for this stop
@@ -1060,8 +1060,7 @@ class Fleet:
         if instance.measured:
             best = self.learned.record(instance.sizing.learned_key, instance.measured, instance.name)
             slot = self.scheduler.slots[instance.name]
-            largest = max(d.budget for d in self.scheduler.devices)
-            slot.need = max(slot.need, min(best, largest))  # it did run: never learn it out of every budget
+            slot.need = max(slot.need, self._within_budget(best))
             logger.bind(model=instance.name).info("measured {} MiB on the GPU (estimate {} MiB)",
                                                   instance.measured // 2**20, instance.sizing.need // 2**20)
 
@@ -1081,13 +1080,13 @@ class Fleet:
         instance.container_id = info.id
         return info
 
-    async def _discard_container(self, instance: Instance, grace: float | None = None) -> None:
+    async def _discard_container(self, instance: Instance, grace: float | None = None, crashed: bool = False) -> None:
         """Stop and remove the model's container; the id is forgotten only once it is really gone.
 
         An Ollama model is unloaded from the server instead (the server is removed only when dead).
         """
         if instance.in_ollama:
-            await self._unload_from_ollama(instance, crashed=grace == 0)
+            await self._unload_from_ollama(instance, crashed)
             return
         container_id = instance.container_id
         if container_id is not None:
