@@ -35,6 +35,7 @@ class ModelEntry(Strict):
     image: str | None = None  # default: the profile's image for the backend
     cache_type_k: CacheType = "f16"
     cache_type_v: CacheType = "f16"
+    flash_attention: bool = True  # llamacpp: --flash-attn on|off (never llama.cpp's "auto": the estimate must know)
     extra_args: list[str] = []
     preload: bool = False
     pinned: bool = False
@@ -70,6 +71,7 @@ class ModelEntry(Strict):
         llama_only = [name for name in ("gguf", "gpu_layers", "image") if getattr(self, name) is not None]
         llama_only += [name for name in ("extra_args",) if getattr(self, name)]
         llama_only += [name for name in ("cache_type_k", "cache_type_v") if getattr(self, name) != "f16"]
+        llama_only += [name for name in ("flash_attention",) if not getattr(self, name)]
         if llama_only:
             raise ValueError(f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull "
                              "and memory, and the ollama: section sets up its server")
@@ -201,6 +203,7 @@ class OllamaSettings(Strict):
     max_loaded_models: int = Field(default=64, ge=1)  # OLLAMA_MAX_LOADED_MODELS: localllm decides, not Ollama
     env: dict[str, str] = {}  # more environment for the server
     startup_timeout: Seconds = Field(default=60.0, gt=0)
+    device: str | None = Field(default=None, pattern=r"^gpu[0-9]+$")  # the one GPU the server sees; default: gpu0
 
     @field_validator("env")
     @classmethod

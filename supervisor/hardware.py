@@ -31,6 +31,9 @@ class GpuReading:
     total_bytes: int
     used_bytes: int
     free_bytes: int
+    uuid: str = ""  # "GPU-..." from NVML or nvidia-smi; "" when unknown
+    reserved_bytes: int = 0  # driver-reserved memory (NVML memory info v2); 0 when unknown
+    problem: str | None = None  # the device cannot be used, and why (its memory fields are then 0)
 
 
 def parse_nvidia_smi(text: str) -> list[GpuReading]:

@@ -25,7 +25,9 @@ class Device:
     id: str
     budget: int  # declared or measured total, minus the profile's reserve
     measured_free: int | None = None  # measured free memory minus the reserve, when a GPU reading exists
-    index: int | None = None  # GPU index for the container's device request
+    index: int | None = None  # GPU index (NVML's order)
+    uuid: str | None = None  # GPU UUID for the container's device request, when NVML gave one
+    problem: str | None = None  # the device cannot be used (an NVML error, MIG): why; its budget is 0
 
 
 @dataclass(frozen=True)
