@@ -103,6 +103,7 @@ class ControlApi:
             problems.append(f"Docker engine: {fleet.engine_problem}")
         if fleet.degraded:
             problems.append(f"degraded: {fleet.degraded}")
+        problems += [f"device {d['id']} unusable: {d['problem']}" for d in fleet.devices() if d["problem"]]
         for name, slot in fleet.scheduler.slots.items():
             if slot.phase is Phase.FAILED:
                 problems.append(f"model {name} failed: {fleet.instances[name].error or slot.error}")
@@ -114,7 +115,7 @@ class ControlApi:
         daemon = {**daemon_status(self.facts), "degraded": self.fleet.degraded,
                   "generation": self.rollout.store.active, "last_good": self.rollout.store.last_good,
                   "last_event_id": self.bus.last_id}
-        return web.json_response({"daemon": daemon, "models": self.fleet.snapshot()})
+        return web.json_response({"daemon": daemon, "devices": self.fleet.devices(), "models": self.fleet.snapshot()})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"models": self.fleet.snapshot()})

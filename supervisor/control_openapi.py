@@ -33,6 +33,12 @@ CONFIG_BODY = {"required": True, "content": {JSON: {"schema": {
     "type": "object", "required": ["config", "source"],
     "properties": {"config": {"type": "string", "description": "the config file's text"},
                    "source": {"type": "string", "description": "its absolute path (relative model paths)"}}}}}}
+DEVICE = {"type": "object", "required": ["id", "uuid", "budget", "measured_free", "problem"], "properties": {
+    "id": {"type": "string", "description": "cpu, gpu0, gpu1..."},
+    "uuid": {"type": "string", "nullable": True, "description": "the GPU's UUID, when NVML gave one"},
+    "budget": {"type": "integer", "description": "bytes models may use: total minus reserved minus the reserve"},
+    "measured_free": {"type": "integer", "nullable": True, "description": "free bytes minus the reserve, last read"},
+    "problem": {"type": "string", "nullable": True, "description": "why the device cannot be used, if so"}}}
 COMMON = {"401": _error("TCP only: missing or wrong Bearer token (invalid_token)"),
           "500": _error("a bug: see the daemon's log")}
 
@@ -53,11 +59,12 @@ def openapi_document() -> dict:
         "/openapi.json": {"get": _operation("this document", {"200": _ok("OpenAPI 3.0 document")})},
         "/health": {"get": _operation("the daemon's own health", {
             "200": _ok("healthy", {"$ref": "#/components/schemas/Health"}),
-            "503": _ok("unhealthy: engine unreachable, degraded, or a model failed",
+            "503": _ok("unhealthy: engine unreachable, degraded, a device unusable, or a model failed",
                        {"$ref": "#/components/schemas/Health"})})},
         "/status": {"get": _operation("the daemon and every model", {"200": _ok("status", {
-            "type": "object", "required": ["daemon", "models"],
-            "properties": {"daemon": {"type": "object"}, "models": {"type": "array", "items": model}}})})},
+            "type": "object", "required": ["daemon", "devices", "models"],
+            "properties": {"daemon": {"type": "object"}, "devices": {"type": "array", "items": DEVICE},
+                           "models": {"type": "array", "items": model}}})})},
         "/models": {"get": _operation("every model of the catalog", {"200": _ok("models", {
             "type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": model}}})})},
         "/models/{name}": {"get": _operation("one model", {"200": _ok("the model", model),

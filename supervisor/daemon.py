@@ -32,9 +32,11 @@ from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, Localllm
 from .events import EventBus
 from .fleet import Fleet
 from .generations import GenerationStore
-from .hardware import read_gpus_nvml, select_profile
+from .gpu_watch import GpuWatch
+from .hardware import select_profile
 from .learned import LearnedSizes
 from .metrics import Metrics
+from .nvml import Nvml
 from .proxy import create_proxy_app
 from .rollout import Rollout
 from .scheduler import Phase
@@ -196,17 +198,23 @@ class Daemon:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
-        readings = await asyncio.to_thread(read_gpus_nvml) if profile.has_gpus else None
-        learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if readings is not None else None
+        nvml = await asyncio.to_thread(Nvml.open) if profile.has_gpus else None  # one session for the daemon's life
+        gpu = GpuWatch(nvml) if nvml is not None else None
+        readings = await gpu.readings() if gpu is not None else None
+        learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if gpu is not None else None
         if learned and learned.problem:
             logger.warning("{}", learned.problem)
         sizings = await asyncio.to_thread(size_catalog, self.config, profile, learned)
         events = EventBus()
-        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings, events)
+        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings, events, gpu)
         metrics = Metrics(fleet)
         metrics.listen(events)
         for device in fleet.scheduler.devices:
-            logger.info("device {}: budget {} MiB", device.id, device.budget // 2**20)
+            if device.problem:
+                logger.bind(device=device.id).error("unusable: {}", device.problem)
+            else:
+                logger.info("device {}{}: budget {} MiB", device.id, f" ({device.uuid})" if device.uuid else "",
+                            device.budget // 2**20)
         ticker = AsyncIOScheduler()
         ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
         ticker.add_job(fleet.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
@@ -257,6 +265,8 @@ class Daemon:
             await fleet.shutdown()
             await session.close()
             await runtime.close()
+            if gpu is not None:
+                gpu.close()
             self.settings.socket_path.unlink(missing_ok=True)
         self.notifier.close()
         logger.info("localllmd stopped cleanly")

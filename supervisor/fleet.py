@@ -17,7 +17,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from loguru import logger
@@ -45,10 +45,11 @@ from .errors import (
     describe_exit,
 )
 from .events import EventBus
-from .hardware import memory_of, read_gpu_processes, read_gpus_nvml
+from .gpu_watch import GpuWatch, Usage, memory_released
+from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
-from .ollama_api import estimate_from_show, find_loaded, memory_in_use
+from .ollama_api import estimate_from_show, find_loaded, memory_in_use, offload_of
 from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
@@ -66,8 +67,9 @@ from .scheduler import (
 )
 from .sizing import Sizing
 
-MEMORY_POLL = 0.25
-MEMORY_WAIT = 10.0
+MEMORY_POLL = 0.25  # seconds between looks at a stopped model's GPU processes...
+MEMORY_WAIT = 10.0  # ...and how long they get to go before a memory_wait warning
+GPU_CHECK_WAIT = 3.0  # after readiness: how long a GPU model's process gets to show up in NVML on its GPU
 DISCARD_ATTEMPTS = 3
 ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
 ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
@@ -87,9 +89,12 @@ class Instance:
     last_used: float | None = None  # wall clock
     load_seconds: float | None = None
     error: str | None = None
-    measured: int | None = None
+    measured: int | None = None  # GPU bytes it uses now (Ollama: what /api/ps reports), on the last look
+    peak: int | None = None  # the most it used in this run
+    served: int = 0  # requests granted in this run: a run that served none does not teach a lower size
     failed_probes: int = 0
     show_estimate: int | None = None  # Ollama: estimated from /api/show
+    offload_reported: bool = False  # Ollama: a partial CPU offload was reported for this run
 
     @property
     def name(self) -> str:
@@ -130,7 +135,8 @@ def limits_for(settings: DaemonSettings) -> Limits:
 class Fleet:
     def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession,
                  sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
-                 gpu_readings: list | None = None, events: EventBus | None = None):
+                 gpu_readings: list[GpuReading] | None = None, events: EventBus | None = None,
+                 gpu: GpuWatch | None = None):
         self.config = config
         self.events = events or EventBus()
         self.profile = profile
@@ -138,7 +144,7 @@ class Fleet:
         self.session = session
         self.settings = config.daemon
         self.learned = learned
-        self.measures_gpu = gpu_readings is not None
+        self.gpu = gpu  # NVML, when this is a GPU host where it works: readings, learning, memory waits
         self.instances = {e.name: Instance(e, sizings[e.name]) for e in config.models}
         self._by_name = {name: self.instances[e.name] for e in config.models for name in e.names}
         self.scheduler = Scheduler(
@@ -156,13 +162,18 @@ class Fleet:
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
-        self.ollama = OllamaHost(runtime, session, profile, self._allocate_port, self.settings.stop_grace)
+        self.ollama = OllamaHost(runtime, session, profile, self._allocate_port, self.settings.stop_grace,
+                                 self._ollama_device)
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
         self._pull_reported: dict[str, tuple[str, float]] = {}  # model -> last pull status published, and when
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
+        self._device_problems = {d.id: d.problem for d in self.scheduler.devices}  # as last published
+        self._ollama_poll: asyncio.Task | None = None
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
-        return ModelSlot(entry.name, sizing.need, entry.pinned, self._ttl(entry), wanted=entry.preload)
+        devices = (ollama.device_id(self.config.ollama, self.profile),) if entry.backend == "ollama" else ()
+        return ModelSlot(entry.name, sizing.need, entry.pinned, self._ttl(entry), wanted=entry.preload,
+                         devices=devices)
 
     def _ttl(self, entry: ModelEntry) -> float | None:
         ttl = self.settings.default_ttl if entry.ttl is None else entry.ttl
@@ -195,6 +206,11 @@ class Fleet:
     def snapshot(self) -> list[dict]:
         return [self.describe(i) for i in self.instances.values()]
 
+    def devices(self) -> list[dict]:
+        """Each device's budget, what was measured free, and why it cannot be used (if so)."""
+        return [{"id": d.id, "uuid": d.uuid, "budget": d.budget, "measured_free": d.measured_free,
+                 "problem": d.problem} for d in self.scheduler.devices]
+
     def describe(self, instance: Instance) -> dict:
         slot = self.scheduler.slots[instance.name]
         sizing = instance.sizing
@@ -224,6 +240,7 @@ class Fleet:
                 "estimate_problem": sizing.problem,
                 "learned": sizing.learned,
                 "measured": instance.measured,
+                "peak": instance.peak,
             },
             "error": instance.error,
             "failures": slot.failures,
@@ -243,13 +260,14 @@ class Fleet:
         self._apply(actions)
         return Reservation(instance, ticket, granted)
 
-    def release(self, reservation: Reservation) -> None:
+    def release(self, reservation: Reservation, served: bool = True) -> None:
         if reservation.released:
             return
         reservation.released = True
         granted = reservation.granted
         if granted.done() and not granted.cancelled() and granted.exception() is None:
             reservation.instance.last_used = time.time()
+            reservation.instance.served += served  # a load or preload serves nobody: it teaches no lower size
             self._apply(self.scheduler.finished(reservation.instance.name, time.monotonic()))
             return
         self._waiters.pop(reservation.ticket, None)
@@ -269,14 +287,14 @@ class Fleet:
             self._users[container_id] -= 1
 
     @contextlib.asynccontextmanager
-    async def use(self, name: str):
+    async def use(self, name: str, served: bool = True):
         """The model's instance, ready and counted in flight for the duration of the block."""
         reservation = self.reserve(name)
         try:
             await reservation.granted
             yield reservation.instance
         finally:
-            self.release(reservation)
+            self.release(reservation, served)
 
     # -- operator actions ------------------------------------------------------------
 
@@ -290,7 +308,7 @@ class Fleet:
         async with self._operation(instance.name, "load"):
             if self.scheduler.slots[instance.name].gave_up:
                 self.scheduler.reset(instance.name)
-            async with self.use(instance.name):
+            async with self.use(instance.name, served=False):
                 return instance
 
     async def unload(self, name: str) -> Instance:
@@ -332,7 +350,8 @@ class Fleet:
         if instance.in_ollama and not sizing.declared and self.ollama.container_id is not None:
             try:
                 show = await self.ollama.api(instance.name).show(instance.upstream_model)
-                instance.show_estimate = estimate_from_show(show, sizing.launch.context) or instance.show_estimate
+                guess = estimate_from_show(show, sizing.launch.context, sizing.launch.parallel)
+                instance.show_estimate = guess or instance.show_estimate
                 answer["show"] = {"details": show.get("details"), "estimate": instance.show_estimate}
             except LocalllmError as exc:
                 answer["show"] = {"problem": exc.message}
@@ -407,14 +426,69 @@ class Fleet:
     # -- lifecycle ---------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Periodic: refresh measured GPU memory, expire waits, unload idle models."""
-        if self.measures_gpu:
+        """Periodic: refresh measured GPU memory and each model's peak, expire waits, unload idle models."""
+        if self.gpu is not None:
             try:
-                readings = await asyncio.to_thread(read_gpus_nvml)
-                self.scheduler.devices = devices_for(self.profile, readings)
+                self._set_devices(devices_for(self.profile, await self.gpu.readings()))
+                await self._record_peaks()
             except Exception:
                 logger.opt(exception=True).warning("reading GPU memory failed; keeping the last reading")
+        self._poll_ollama_soon()
         self._apply(self.scheduler.tick(time.monotonic()))
+
+    def _set_devices(self, devices: list[Device]) -> None:
+        """New readings; a device that became unusable (or usable again) is logged and published once."""
+        for device in devices:
+            before = self._device_problems.get(device.id)
+            if device.problem != before:
+                self._device_problems[device.id] = device.problem
+                if device.problem:
+                    logger.bind(device=device.id).error("unusable: {}", device.problem)
+                    self.events.publish("device", f"{device.id} is unusable: {device.problem}", None,
+                                        device=device.id, uuid=device.uuid, problem=device.problem)
+                else:
+                    logger.bind(device=device.id).warning("usable again (was: {})", before)
+                    self.events.publish("device", f"{device.id} is usable again", None, device=device.id,
+                                        uuid=device.uuid, problem=None)
+        self.scheduler.devices = devices
+
+    async def _record_peaks(self) -> None:
+        """Every tick: what each ready llama.cpp model's processes use on the GPU (Ollama's: ``_poll_ollama``)."""
+        ready = [i for i in self.instances.values() if self.phase(i) is Phase.READY and i.container_id
+                 and not i.in_ollama and i.sizing.launch.on_gpu]
+        if not ready or self.gpu is None:
+            return
+        usage = await self.gpu.usage([i.container_id for i in ready if i.container_id])
+        for instance in ready:
+            if instance.container_id in usage:
+                self._observe(instance, sum(usage[instance.container_id].values()))
+
+    def _observe(self, instance: Instance, used: int) -> None:
+        """A reading of what ``instance`` uses on the GPU: its run's peak, and learned at once when higher."""
+        instance.measured = used
+        if used <= (instance.peak or 0):
+            return
+        instance.peak = used
+        if self.learned is not None and instance.sizing.learned_key:
+            self._learned(instance, self.learned.record(instance.sizing.learned_key, used, instance.name))
+        elif instance.in_ollama and not instance.entry.memory:  # what Ollama reports beats the placeholder
+            self.scheduler.set_need(instance.name, self._within_budget(used))
+
+    def _finish_run(self, instance: Instance) -> None:
+        """A model stops: its run's peak counts towards learning (a lower size only after several such runs)."""
+        peak, served = instance.peak, instance.served
+        instance.peak, instance.served, instance.offload_reported = None, 0, False
+        if peak and served and self.learned is not None and instance.sizing.learned_key:
+            self._learned(instance, self.learned.finish_run(instance.sizing.learned_key, peak, instance.name))
+
+    def _learned(self, instance: Instance, learned: int) -> None:
+        if instance.sizing.learned != learned:
+            instance.sizing = replace(instance.sizing, learned=learned)
+        if instance.entry.memory:
+            return  # declared: what was learned is shown, not used
+        # An Ollama model's placeholder stands only until Ollama reports its size.
+        need = learned if instance.in_ollama else instance.sizing.need
+        self.scheduler.set_need(instance.name, self._within_budget(need))
 
     # -- config changes (carried out by rollout.py) ------------------------------------
 
@@ -424,11 +498,26 @@ class Fleet:
 
     def spec_for(self, entry: ModelEntry, port: int, device_id: str | None, config: Config | None = None):
         """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
+        config = config or self.config
         if entry.backend == "ollama":
-            server = ollama.server_spec(config or self.config, self.profile, port)
+            server = ollama.server_spec(config, self.profile, port, self._ollama_device(config, entry.name))
             return ollama.model_spec(entry, server, device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
-        return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
+        try:
+            return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
+        except ValueError as exc:  # no such GPU here: say so rather than run it on every GPU
+            raise ModelStartFailed(entry.name, str(exc)) from None
+
+    def _ollama_device(self, config: Config, model: str = "ollama") -> Device | None:
+        """The device the Ollama server sees (``ollama.device``); None on the CPU."""
+        if not self.profile.has_gpus:
+            return None
+        wanted = ollama.device_id(config.ollama, self.profile)
+        device = next((d for d in self.scheduler.devices if d.id == wanted), None)
+        if device is None or device.gpu_request is None:
+            known = ", ".join(d.id for d in self.scheduler.devices)
+            raise ModelStartFailed(model, f"ollama.device {wanted} is not a GPU of this host ({known})")
+        return device
 
     def room_on(self, device_id: str) -> int:
         device = next(d for d in self.scheduler.devices if d.id == device_id)
@@ -633,7 +722,10 @@ class Fleet:
             port = int(info.labels.get(LABEL_PORT, ""))
         except ValueError:
             return "its port label is unreadable"
-        spec = ollama.server_spec(self.config, self.profile, port)
+        try:
+            spec = ollama.server_spec(self.config, self.profile, port, self._ollama_device(self.config))
+        except LocalllmError as exc:
+            return exc.message
         if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
             return "its config changed (config hash differs)"
         if await probe(self.session, ollama.base_url(port) + ollama.readiness_path, timeout=2.0) != 200:
@@ -684,9 +776,14 @@ class Fleet:
             port = int(info.labels.get(LABEL_PORT, ""))
         except ValueError:
             return "its port label is unreadable"
+        if device is None:
+            return "its config changed (its device is not one of this host's now)"
         backend = backend_for(instance.entry.backend)
-        spec = backend.container_spec(instance.entry, self.profile, self.settings, port, device)
-        if device is None or spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
+        try:
+            spec = self.spec_for(instance.entry, port, device.id)
+        except LocalllmError as exc:
+            return exc.message
+        if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
             return "its config changed (config hash differs)"
         if await probe(self.session, backend.base_url(port) + backend.readiness_path, timeout=2.0) != 200:
             return "its server is not healthy"
@@ -704,7 +801,7 @@ class Fleet:
 
         async def start(name: str) -> None:
             try:
-                async with self.use(name):
+                async with self.use(name, served=False):
                     pass
             except LocalllmError as exc:
                 logger.bind(model=name).error("start failed: {}", exc.message)
@@ -887,9 +984,6 @@ class Fleet:
         self._apply(self.scheduler.started(name, time.monotonic()))
         self.events.publish("load", f"ready in {instance.load_seconds:.2f}s", name,
                             seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
-        if self.measures_gpu:
-            if not instance.in_ollama:  # Ollama's runners are not the container's main process: /api/ps says
-                self.spawn(self._learn(instance), f"learn:{name}")
 
     async def _start_container(self, instance: Instance) -> None:
         """Create the model's own container and wait for its readiness gate."""
@@ -898,12 +992,36 @@ class Fleet:
             raise ModelStartFailed(name, f"model file {entry.gguf} does not exist")
         backend = backend_for(entry.backend)
         port = self._allocate_port(name)
-        instance.spec = backend.container_spec(entry, self.profile, self.settings, port, self._device_of(name))
+        instance.spec = self.spec_for(entry, port, self.scheduler.slots[name].device)
         info = await self._create_container(instance, instance.spec)
         logger.bind(model=name).info("container {} started on port {}", info.name, port)
         await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,
                                url=backend.base_url(port) + backend.readiness_path,
                                deadline=entry.startup_timeout or self.settings.startup_timeout)
+        await self._check_on_gpu(instance)
+
+    async def _check_on_gpu(self, instance: Instance) -> None:
+        """A GPU model must show up in NVML on its GPU once ready: llama-server that cannot use CUDA serves
+        from the CPU with /health 200 and -ngl ignored, and we would charge GPU memory nothing uses."""
+        device = self._device_of(instance.name)
+        if self.gpu is None or device is None or device.index is None or not instance.sizing.launch.on_gpu:
+            return
+        container_id = instance.container_id or ""
+        deadline = time.monotonic() + GPU_CHECK_WAIT
+        while True:
+            usage = (await self.gpu.usage([container_id], device.index)).get(container_id, {})
+            if sum(usage.values()):
+                self._observe(instance, sum(usage.values()))
+                return
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(MEMORY_POLL)
+        raise ModelStartFailed(instance.name, (
+            f"the server answers, but no process of its container uses {device.id} ({device.gpu_request}) in NVML "
+            f"{GPU_CHECK_WAIT:g}s after it became ready: it is running on the CPU. Likely causes: Docker gave the "
+            "container no GPU (is the NVIDIA Container Toolkit installed and set up as a Docker runtime?), the "
+            "driver is older than the image's CUDA needs (the container log says), or the GPU is a MIG parent; "
+            "localllmd itself must run in the host's PID namespace to see the container's processes"))
 
     async def _start_in_ollama(self, instance: Instance) -> None:
         """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
@@ -912,7 +1030,18 @@ class Fleet:
         instance.spec = spec
         await self._load_into_ollama(instance.entry, spec, container_id)
         instance.container_id = container_id
-        instance.measured = await self._ollama_memory(instance)
+        try:
+            loaded = await self.ollama.api(instance.name).loaded()
+        except LocalllmError:
+            return  # measured at the next poll
+        entry = find_loaded(loaded, instance.upstream_model)
+        if entry is not None and self.profile.has_gpus and offload_of(entry)[0] == 0:
+            raise ModelStartFailed(instance.name, (
+                f"Ollama loaded '{spec.tag}' entirely on the CPU (size_vram 0 of {offload_of(entry)[1]} bytes): its "
+                f"server does not see {spec.device}. Likely causes: the NVIDIA Container Toolkit is not set up as a "
+                "Docker runtime, or the driver is older than the Ollama image needs (the server's log says)"))
+        if entry is not None:
+            self._observe_ollama(instance, entry)
 
     async def _load_into_ollama(self, entry: ModelEntry, spec: ollama.ModelSpec, container_id: str) -> None:
         api, name = self.ollama.api(entry.name), entry.name
@@ -923,7 +1052,8 @@ class Fleet:
             await api.pull(spec.tag, lambda line: self._pull_progress(name, spec.tag, line))
         if not entry.memory:
             with contextlib.suppress(LocalllmError):
-                guess = estimate_from_show(await api.show(spec.tag), spec.context)
+                parallel = self.config.ollama.num_parallel  # Ollama sizes its KV cache for every slot
+                guess = estimate_from_show(await api.show(spec.tag), spec.context, parallel)
                 instance = self.instances.get(name)
                 if guess and instance is not None and instance.sizing.learned is None:
                     instance.show_estimate = guess
@@ -948,19 +1078,50 @@ class Fleet:
         self.events.publish("pull", f"pulling {tag}: {status}{share}", name, status=status, total=total,
                             completed=completed)
 
-    async def _ollama_memory(self, instance: Instance) -> int | None:
-        """What Ollama reports the loaded model uses; it becomes the model's need (and is learned on GPUs)."""
+    def _observe_ollama(self, instance: Instance, entry: dict) -> None:
+        """What ``/api/ps`` says the loaded model uses: its size where it is budgeted, and a partial offload."""
+        size_vram, size = offload_of(entry)
+        if self.profile.has_gpus and 0 < size_vram < size and not instance.offload_reported:
+            instance.offload_reported = True
+            message = (f"Ollama put part of '{instance.upstream_model}' on the CPU: {size_vram // 2**20} MiB of "
+                       f"{size // 2**20} MiB on the GPU (it thought too little was free); it runs slower")
+            logger.bind(model=instance.name).warning("{}", message)
+            self.events.publish("partial_offload", message, instance.name, size_vram=size_vram, size=size)
+        measured = memory_in_use(entry, self.profile.has_gpus)
+        if measured:
+            self._observe(instance, measured)
+
+    def _poll_ollama_soon(self) -> None:
+        """Each tick, unless the last poll still runs (Ollama's /api/ps waits while a model loads)."""
+        if self._ollama_poll is not None and not self._ollama_poll.done():
+            return
+        if self.ollama.container_id is None or not any(
+                i.in_ollama and self.phase(i) is Phase.READY for i in self.instances.values()):
+            return
+        self._ollama_poll = asyncio.ensure_future(self._poll_ollama())
+        self._tasks.add(self._ollama_poll)
+        self._ollama_poll.add_done_callback(self._task_done)
+
+    async def _poll_ollama(self) -> None:
+        """What Ollama has loaded now: a model it unloaded on its own (evicted, or its runner exited) is
+        shown as stopped, and each loaded one's size is measured for its peak."""
+        asked_at = time.time()
         try:
-            loaded = await self.ollama.api(instance.name).loaded()
+            loaded = await self.ollama.api("ollama").loaded()
         except LocalllmError:
-            return None
-        entry = find_loaded(loaded, instance.upstream_model)
-        measured = memory_in_use(entry, self.profile.has_gpus) if entry else None
-        if measured and not instance.entry.memory:
-            self.scheduler.slots[instance.name].need = self._within_budget(measured)
-            if self.learned is not None and instance.sizing.learned_key:
-                self.learned.record(instance.sizing.learned_key, measured, instance.name)
-        return measured
+            return  # a dead or hung server is the liveness probe's to find
+        for instance in [i for i in self.instances.values() if i.in_ollama and self.phase(i) is Phase.READY]:
+            if instance.container_id != self.ollama.container_id or (instance.ready_at or 0) > asked_at:
+                continue  # not in this server, or loaded after we asked
+            entry = find_loaded(loaded, instance.upstream_model)
+            if entry is not None:
+                self._observe_ollama(instance, entry)
+                continue
+            reason = "Ollama unloaded it on its own (evicted for room, or its runner exited)"
+            actions = self.scheduler.unload(instance.name, time.monotonic(), reason)  # only when idle
+            if actions:
+                logger.bind(model=instance.name).warning("{}", reason)
+            self._apply(actions)
 
     def _within_budget(self, measured: int) -> int:
         """It did run: never let a measurement put a model out of every budget."""
@@ -1007,12 +1168,13 @@ class Fleet:
         device = self._device_of(name)
         error: LocalllmError | None = None
         try:
-            baseline = await self._gpu_free(device)
+            held, figure = await self._gpu_held(instance, device)  # before the discard forgets the container
+            self._finish_run(instance)
             if crash_reason is not None:
                 error = await self._crash_error(instance, crash_reason)
             await self._discard_container(instance, grace=0 if crash_reason else None, crashed=bool(crash_reason))
-            if baseline is not None and device is not None:
-                await self._wait_memory_back(device, baseline, instance.measured or instance.sizing.need)
+            if held and device is not None:
+                await self._wait_memory_back(name, device, held, figure)
         except Exception as exc:  # never leave the scheduler waiting for this stop
             failure = exc if isinstance(exc, LocalllmError) else LocalllmError(repr(exc))
             instance.error = f"stop failed: {failure.message}"
@@ -1031,38 +1193,41 @@ class Fleet:
         logger.bind(model=instance.name).error("{}", error.message)
         return error
 
-    async def _gpu_free(self, device: Device | None) -> int | None:
-        """Raw free bytes NVML reports for ``device``'s GPU; None on the CPU or without NVML."""
-        if device is None or device.index is None or not self.measures_gpu:
-            return None
-        readings = await asyncio.to_thread(read_gpus_nvml) or []
-        return next((r.free_bytes for r in readings if r.index == device.index), None)
+    async def _gpu_held(self, instance: Instance, device: Device | None) -> tuple[Usage, int]:
+        """What the container's processes hold on ``device`` now, and how much of it this model frees.
 
-    async def _wait_memory_back(self, device: Device, baseline: int, amount: int) -> None:
-        """After a stop on a GPU: poll NVML until most of the model's memory is free again (or give up)."""
+        A container of its own frees all of it; the Ollama server frees what the model measured
+        (its other runners keep theirs). A crashed container holds nothing any more: no wait.
+        """
+        if self.gpu is None or device is None or device.index is None or not instance.container_id:
+            return {}, 0
+        try:
+            usage = await self.gpu.usage([instance.container_id], device.index)
+        except Exception as exc:  # NVML trouble must not stop the stop
+            logger.bind(model=instance.name).warning("cannot read its GPU processes ({!r}); not waiting", exc)
+            return {}, 0
+        held = usage.get(instance.container_id, {})
+        figure = (instance.measured or instance.sizing.need) if instance.in_ollama else sum(held.values())
+        return held, figure
+
+    async def _wait_memory_back(self, name: str, device: Device, held: Usage, figure: int) -> None:
+        """After a stop on a GPU: wait until the container's processes are gone from NVML (or have freed
+        ``figure``); a wait that times out is a ``memory_wait`` warning with the numbers."""
+        assert self.gpu is not None
         deadline = time.monotonic() + MEMORY_WAIT
+        now: Usage = held
         while time.monotonic() < deadline:
-            free = await self._gpu_free(device)
-            if free is None or free - baseline >= 0.75 * amount:
+            now = await self.gpu.held_by(held, device.index)
+            if memory_released(held, now, figure):
                 return
             await asyncio.sleep(MEMORY_POLL)
-        logger.warning("memory on {} did not come back within {:g}s", device.id, MEMORY_WAIT)
-
-    async def _learn(self, instance: Instance) -> None:
-        """Measure what the ready model uses on its GPU and remember it for future admissions."""
-        if instance.container_id is None or self.learned is None or instance.sizing.learned_key is None:
-            return
-        pid = await self.runtime.main_pid(instance.container_id)
-        processes = await asyncio.to_thread(read_gpu_processes)
-        if not pid or not processes:
-            return
-        instance.measured = memory_of(processes, {pid})
-        if instance.measured:
-            best = self.learned.record(instance.sizing.learned_key, instance.measured, instance.name)
-            slot = self.scheduler.slots[instance.name]
-            slot.need = max(slot.need, self._within_budget(best))
-            logger.bind(model=instance.name).info("measured {} MiB on the GPU (estimate {} MiB)",
-                                                  instance.measured // 2**20, instance.sizing.need // 2**20)
+        still, left = sum(now.get(pid, 0) for pid in held), len([pid for pid in held if pid in now])
+        message = (f"memory on {device.id} did not come back within {MEMORY_WAIT:g}s: {left} "
+                   f"process(es) still hold {still / 2**20:.1f} MiB of the {sum(held.values()) / 2**20:.1f} MiB "
+                   f"they held (expected to free {figure / 2**20:.1f} MiB)")
+        logger.bind(model=name, device=device.id).warning("{}", message)
+        self.events.publish("memory_wait", message, name, device=device.id, held=sum(held.values()),
+                            still_held=still, expected=figure, seconds=MEMORY_WAIT)
 
     def _device_of(self, name: str) -> Device | None:
         device_id = self.scheduler.slots[name].device

@@ -1,7 +1,11 @@
-"""Memory each model was measured to use, remembered across restarts.
+"""Memory each model was measured to use at its peak, remembered across restarts.
 
-Keyed by the model file (path, size, modification time) and the launch
-settings, so a changed file or context invalidates what was learned. Written
+Keyed by the model (its file's path, size and modification time, or an Ollama
+tag), the launch settings and the image, so a changed file, context or server
+build invalidates what was learned. A size goes up as soon as a higher peak is
+seen, and comes down only after ``LOWER_RUNS`` runs in a row peaked lower (to
+the highest of them): a model measured once during an unusual load is not
+over-charged forever, and one quiet run does not under-charge it. Written
 atomically (temp file, fsync, rename); a corrupt file is set aside, not
 trusted and not lost.
 """
@@ -17,12 +21,28 @@ from pathlib import Path
 
 from .estimate import LaunchSettings
 
+LOWER_RUNS = 3  # runs in a row that peaked lower before a learned size comes down
 
-def learned_key(gguf: Path, launch: LaunchSettings) -> str:
-    stat = gguf.stat()
-    identity = {"file": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "launch": asdict(launch)}
+
+def learned_key(model: Path | str, launch: LaunchSettings, image: str) -> str:
+    """What a measurement is valid for: the model file (or Ollama tag), how it is launched, and by which build."""
+    if isinstance(model, Path):
+        stat = model.stat()
+        what: dict = {"file": str(model.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    else:
+        what = {"tag": model}
+    identity = {**what, "launch": asdict(launch), "image": image}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def after_run(learned: int | None, lower: list[int], peak: int) -> tuple[int, list[int]]:
+    """Pure: the learned size and the lower peaks counted so far, once a run peaked at ``peak``."""
+    if learned is None or peak >= learned:
+        return peak, []
+    lower = [*lower, peak]
+    if len(lower) >= LOWER_RUNS:
+        return max(lower), []
+    return learned, lower
 
 
 class LearnedSizes:
@@ -36,17 +56,27 @@ class LearnedSizes:
         return int(entry["bytes"]) if entry else None
 
     def record(self, key: str, measured: int, model: str) -> int:
-        """Remember the larger of what was learned before and ``measured``; returns it."""
-        best = max(measured, self.get(key) or 0)
-        self._entries[key] = {"bytes": best, "model": model, "measured_at": time.time()}
+        """A running model peaked at ``measured``: raise what was learned to it; returns what is learned now."""
+        learned = self.get(key)
+        if learned is not None and measured <= learned:
+            return learned
+        self._entries[key] = {"bytes": measured, "model": model, "measured_at": time.time(), "lower": []}
         self._save()
-        return best
+        return measured
+
+    def finish_run(self, key: str, peak: int, model: str) -> int:
+        """A run ended with ``peak`` as its highest use: count it towards lowering; returns what is learned now."""
+        entry = self._entries.get(key, {})
+        learned, lower = after_run(self.get(key), list(entry.get("lower", [])), peak)
+        self._entries[key] = {"bytes": learned, "model": model, "measured_at": time.time(), "lower": lower}
+        self._save()
+        return learned
 
     def _load(self) -> dict[str, dict]:
         try:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict) or not all(
-                    isinstance(v, dict) and type(v.get("bytes")) is int for v in data.values()):
+                    _valid_entry(v) for v in data.values()):
                 raise ValueError("unexpected structure")
             return data
         except FileNotFoundError:
@@ -65,3 +95,10 @@ class LearnedSizes:
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(self.path)
+
+
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict) or type(entry.get("bytes")) is not int:
+        return False
+    lower = entry.get("lower", [])
+    return isinstance(lower, list) and all(type(peak) is int for peak in lower)

@@ -105,6 +105,19 @@ def memory_in_use(entry: dict, on_gpu: bool) -> int | None:
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
+def offload_of(entry: dict) -> tuple[int, int]:
+    """``/api/ps``'s (size_vram, size) of a loaded model, in bytes; 0 for what it leaves out.
+
+    On a GPU host ``size_vram < size`` means Ollama put part of the model on the CPU (it did not
+    fit what Ollama thought was free); ``size_vram == 0``, all of it.
+    """
+    def number(key: str) -> int:
+        value = entry.get(key)
+        return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+    return number("size_vram"), number("size")
+
+
 def estimate_from_show(show: dict, context: int, parallel: int = 1) -> int | None:
     """Pure: weights from the parameter count and quantization, plus an f16 KV cache for ``context`` tokens.
 

@@ -24,17 +24,20 @@ from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed
 from .health import wait_until_ready
 from .ollama_api import OllamaApi
+from .placement import Device
 from .profiles import Profile
 
 
 class OllamaHost:
     def __init__(self, runtime: DockerRuntime, session: aiohttp.ClientSession, profile: Profile,
-                 allocate_port: Callable[[str], int], stop_grace: float):
+                 allocate_port: Callable[[str], int], stop_grace: float,
+                 device_of: Callable[[Config, str], Device | None]):
         self.runtime = runtime
         self.session = session
         self.profile = profile
         self.allocate_port = allocate_port
         self.stop_grace = stop_grace
+        self.device_of = device_of  # the GPU the server sees for a config (ollama.device), None on the CPU
         self.spec: ContainerSpec | None = None
         self.container_id: str | None = None
         self._lock = asyncio.Lock()
@@ -47,7 +50,7 @@ class OllamaHost:
         """The running server for ``config``: the current one if its spec still matches and it runs, else a new one."""
         async with self._lock:
             if self.container_id is not None and self.spec is not None:
-                wanted = ollama.server_spec(config, self.profile, self.spec.port)
+                wanted = ollama.server_spec(config, self.profile, self.spec.port, self.device_of(config, model))
                 info = await self.runtime.inspect(self.container_id)
                 if wanted.config_hash() == self.spec.config_hash() and info is not None and info.running:
                     return self.spec, self.container_id
@@ -57,7 +60,7 @@ class OllamaHost:
             return await self._start(config, model)
 
     async def _start(self, config: Config, model: str) -> tuple[ContainerSpec, str]:
-        spec = ollama.server_spec(config, self.profile, self.allocate_port(model))
+        spec = ollama.server_spec(config, self.profile, self.allocate_port(model), self.device_of(config, model))
         try:
             Path(config.ollama_store).mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -29,6 +29,14 @@ class Device:
     uuid: str | None = None  # GPU UUID for the container's device request, when NVML gave one
     problem: str | None = None  # the device cannot be used (an NVML error, MIG): why; its budget is 0
 
+    @property
+    def gpu_request(self) -> str | None:
+        """How a container asks Docker for this GPU: its UUID (stable across reboots and driver
+        renumbering), else its index; None for host memory."""
+        if self.id == "cpu":
+            return None
+        return self.uuid or (str(self.index) if self.index is not None else None)
+
 
 @dataclass(frozen=True)
 class Resident:
@@ -69,7 +77,9 @@ Decision = Admit | Wait | Refuse
 def devices_for(profile: Profile, readings: list[GpuReading] | None) -> list[Device]:
     """Budgets per device: measured GPU totals when readable, else the profile's; minus the reserve.
 
-    With no GPU in the profile, models run from host memory: one ``cpu`` device
+    A measured budget also leaves out what the driver reserves (NVML memory info v2): that memory is
+    never free for a model. A GPU whose reading failed (lost, not supported, MIG) gets no budget and
+    carries the reason. With no GPU in the profile, models run from host memory: one ``cpu`` device
     with the profile's RAM minus its RAM reserve.
     """
     gib = 1024**3
@@ -78,7 +88,9 @@ def devices_for(profile: Profile, readings: list[GpuReading] | None) -> list[Dev
         return [Device("cpu", max(0, budget))]
     reserve = int(profile.defaults.vram_reserve_gib * gib)
     if readings:
-        return [Device(f"gpu{r.index}", max(0, r.total_bytes - reserve), max(0, r.free_bytes - reserve), r.index)
+        return [Device(f"gpu{r.index}", 0, 0, r.index, r.uuid or None, r.problem) if r.problem else
+                Device(f"gpu{r.index}", max(0, r.total_bytes - r.reserved_bytes - reserve),
+                       max(0, r.free_bytes - reserve), r.index, r.uuid or None)
                 for r in readings]
     return [Device(f"gpu{i}", max(0, int(g.vram_gib * gib) - reserve), None, i)
             for i, g in enumerate(profile.hardware.gpus)]
@@ -104,7 +116,12 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
                    now: float, min_residency: float) -> Decision:
     """Where ``name`` (needing ``need`` bytes) goes now, what must go first, or why it must wait or cannot run."""
     if not devices:
-        return Refuse("no device to place models on")
+        return Refuse(f"no device to place '{name}' on: the devices it may use are not on this host")
+    usable = [d for d in devices if d.problem is None]
+    if not usable:
+        unusable = "; ".join(f"{d.id}: {d.problem}" for d in devices)
+        return Refuse(f"no usable device to place '{name}' on ({unusable})")
+    devices = usable
     others = [r for r in residents if r.name != name]
     largest = max(devices, key=lambda d: d.budget)
     if need > largest.budget:
@@ -114,6 +131,10 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
     if all(need > room for room in pinned_room.values()):
         return Refuse(f"'{name}' needs {_mib(need)} but pinned models leave at most "
                       f"{_mib(max(pinned_room.values()))} on any device")
+    hopeless = [d for d in devices if _never_fits(d, need, others, pinned_room[d.id])]
+    if len(hopeless) == len(devices):
+        return Refuse(f"'{name}' needs {_mib(need)}, more than any device can give: "
+                      + "; ".join(_room_in_words(d, others, pinned_room[d.id]) for d in devices))
 
     fitting = [(free_on(d, others) - need, d.id) for d in devices if need <= free_on(d, others)]
     if fitting:
@@ -144,6 +165,25 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
         return Admit(device, names, f"'{name}' ({_mib(need)}) goes on {device} after evicting {details}")
     reasons = "; ".join(f"{n}: {why}" for n, why in sorted(blocked.items())) or "nothing can be evicted"
     return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", tuple(sorted(blockers)))
+
+
+def _never_fits(device: Device, need: int, others: Sequence[Resident], pinned_room: int) -> bool:
+    """No eviction of ours can make room: pinned models leave too little, or none of our models holds
+    memory on the device and what is measured free there is too little (the driver or other processes
+    hold the rest, and waiting for them would be waiting for nothing)."""
+    if need > pinned_room:
+        return True
+    ours = any(r.device == device.id for r in others)
+    return not ours and device.measured_free is not None and need > min(device.budget, device.measured_free)
+
+
+def _room_in_words(device: Device, others: Sequence[Resident], pinned_room: int) -> str:
+    if pinned_room < device.budget:
+        return f"{device.id} has {_mib(pinned_room)} beside pinned models"
+    if device.measured_free is not None and not any(r.device == device.id for r in others):
+        return (f"{device.id} has {_mib(device.measured_free)} free of its {_mib(device.budget)} budget "
+                "with none of our models on it (the driver or other processes use the rest)")
+    return f"{device.id} has a budget of {_mib(device.budget)}"
 
 
 def eviction_order(candidates: Iterable[Resident], now: float) -> list[Resident]:

@@ -113,6 +113,7 @@ class ModelSlot:
     retry_at: float = 0.0  # no start before this (backoff)
     gave_up: bool = False  # failed max_failures times: no more starts until reset
     held: bool = False  # a config change is replacing it: no starts from the queue meanwhile
+    devices: tuple[str, ...] = ()  # the devices it may be placed on; empty: any
 
     @property
     def holds_memory(self) -> bool:
@@ -223,6 +224,12 @@ class Scheduler:
         slot.wanted = True
         return True
 
+    def set_need(self, model: str, need: int) -> None:
+        """What ``model`` needs, as measured or learned since its slot was made; the next admission uses it."""
+        slot = self.slots.get(model)
+        if slot is not None:
+            slot.need = need
+
     def reset(self, model: str) -> None:
         """An operator (or a new config) clears the failure count of ``model``."""
         slot = self.slots[model]
@@ -296,6 +303,10 @@ class Scheduler:
 
     # -- views -----------------------------------------------------------------
 
+    def devices_for(self, slot: ModelSlot) -> list[Device]:
+        """The devices ``slot`` may be placed on (an Ollama model: the one its server sees)."""
+        return [d for d in self.devices if not slot.devices or d.id in slot.devices]
+
     def waiting(self) -> int:
         return sum(len(tickets) for tickets in self.queue.values())
 
@@ -320,7 +331,7 @@ class Scheduler:
         for slot in slots:
             old = self.slots.get(slot.name)
             if old is not None:
-                old.need, old.pinned, old.ttl = slot.need, slot.pinned, slot.ttl
+                old.need, old.pinned, old.ttl, old.devices = slot.need, slot.pinned, slot.ttl, slot.devices
                 old.wanted = old.wanted or slot.wanted
                 old.failures, old.gave_up, old.retry_at = 0, False, 0.0  # a config change is a fresh start
         self.slots = {s.name: self.slots.get(s.name, s) for s in slots}
@@ -346,7 +357,7 @@ class Scheduler:
             if (blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.held
                     or slot.retry_at > now):
                 continue  # behind a waiting group, busy starting or stopping, given up, or backing off
-            decision = plan_admission(model, slot.need, self.devices, self.residents(), now,
+            decision = plan_admission(model, slot.need, self.devices_for(slot), self.residents(), now,
                                       self.limits.min_residency)
             if isinstance(decision, Refuse):
                 error = ModelTooLarge(decision.reason)
@@ -360,6 +371,8 @@ class Scheduler:
                     self.slots[name].draining = True
                 actions += self._note(model, decision.reason)
                 blocked = True  # strict order: no later group may take the room this one waits for
+            else:  # a preloaded or restarting model with no request yet: it waits too, and says why
+                actions += self._note(model, decision.reason)
         return actions
 
     def _fail(self, slot: ModelSlot, error: LocalllmError, now: float) -> list[Action]:

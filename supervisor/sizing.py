@@ -14,7 +14,7 @@ from loguru import logger
 
 from .backends import ollama
 from .backends.llamacpp import launch_settings
-from .config import Config, ModelEntry
+from .config import Config, ModelEntry, OllamaSettings
 from .errors import BadRequest
 from .estimate import Estimate, LaunchSettings, estimate
 from .gguf_meta import read_gguf_facts
@@ -45,16 +45,17 @@ OLLAMA_PLACEHOLDER = 4 * 2**30  # an Ollama model never seen: admitted as 4 GiB 
 
 
 def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None = None,
-               ollama_context: int | None = None) -> Sizing:
+               ollama_settings: OllamaSettings | None = None) -> Sizing:
     if entry.backend == "ollama":
-        launch = ollama.launch_settings(ollama_context or profile.defaults.context_size, profile)
-        key = f"ollama:{entry.tag}:ctx{launch.context}"
+        settings = ollama_settings or OllamaSettings()
+        launch = ollama.launch_settings(settings, profile)
+        key = learned_key(str(entry.tag), launch, settings.image or profile.defaults.images.ollama)
         return Sizing(launch, None, learned.get(key) if learned else None, key,
                       "Ollama reports its size once it has the model", OLLAMA_PLACEHOLDER, entry.memory)
     launch = launch_settings(entry, profile)
     try:
         facts = read_gguf_facts(entry.gguf)
-        key = learned_key(entry.gguf, launch)
+        key = learned_key(entry.gguf, launch, entry.image or profile.defaults.images.llamacpp)
         estimated = estimate(facts, launch)
     except Exception as exc:  # an odd header must not stop the daemon: admit with the file size
         fallback = entry.gguf.stat().st_size if entry.gguf.is_file() else 0
@@ -67,7 +68,7 @@ def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None)
     """Every model's memory need, logged once with where it comes from."""
     sizings = {}
     for entry in config.models:
-        sizing = size_model(entry, profile, learned, ollama.context_of(config, profile))
+        sizing = size_model(entry, profile, learned, config.ollama)
         log = logger.bind(model=entry.name)
         if sizing.declared:
             log.info("needs {:.1f} MiB, as declared", sizing.need / 2**20)

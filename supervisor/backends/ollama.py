@@ -1,8 +1,10 @@
 """Ollama: one server container holds every ``backend: ollama`` model; models load and unload through its API.
 
 The server binds 127.0.0.1 on the host network (``OLLAMA_HOST``), keeps its
-store in a host directory (``ollama.models_dir``) and sees every GPU of a GPU
-profile; ``/api/version`` answers once it can serve. A model's "spec" is the
+store in a host directory (``ollama.models_dir``) and sees exactly one GPU of a
+GPU profile (``ollama.device``, default gpu0): every Ollama model is charged to
+that device, so Ollama's own placement and eviction cannot spread them where
+our budget does not look. ``/api/version`` answers once it can serve. A model's "spec" is the
 server's spec plus what the model is loaded with, so a change to either makes
 the model's config hash differ (and a config change reloads it).
 """
@@ -13,9 +15,10 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, ModelEntry
+from ..config import Config, ModelEntry, OllamaSettings
 from ..containers import BindMount, ContainerSpec, container_name
 from ..estimate import LaunchSettings
+from ..placement import Device
 from ..profiles import Profile
 
 NAME = "ollama"
@@ -37,14 +40,27 @@ def context_of(config: Config, profile: Profile) -> int:
     return config.ollama.context_size or profile.defaults.context_size
 
 
-def launch_settings(context: int, profile: Profile) -> LaunchSettings:
-    """Pure: how an Ollama model is loaded (``options.num_ctx``), for the sizing."""
-    return LaunchSettings(context=context, parallel=1, cache_type_k="f16", cache_type_v="f16",
-                          gpu_layers=-1 if profile.has_gpus else 0, on_gpu=profile.has_gpus)
+def device_id(settings: OllamaSettings, profile: Profile) -> str:
+    """The budget device every Ollama model is charged to: ``ollama.device`` on a GPU profile (default gpu0)."""
+    return (settings.device or "gpu0") if profile.has_gpus else "cpu"
 
 
-def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
-    """Pure: the Ollama server container for ``config``'s ``ollama:`` section on ``port``."""
+def launch_settings(settings: OllamaSettings, profile: Profile) -> LaunchSettings:
+    """Pure: how an Ollama model is loaded (``options.num_ctx``, ``OLLAMA_NUM_PARALLEL``), for the sizing."""
+    return LaunchSettings(context=settings.context_size or profile.defaults.context_size,
+                          parallel=settings.num_parallel, cache_type_k="f16", cache_type_v="f16",
+                          gpu_layers=-1 if profile.has_gpus else 0, on_gpu=profile.has_gpus,
+                          flash_attention=settings.flash_attention)
+
+
+def server_spec(config: Config, profile: Profile, port: int, device: Device | None = None) -> ContainerSpec:
+    """Pure: the Ollama server container for ``config``'s ``ollama:`` section on ``port``, seeing ``device`` only.
+
+    A GPU profile needs the device: a server that saw every GPU would place and evict by its own rules.
+    """
+    wanted = device_id(config.ollama, profile)
+    if profile.has_gpus and (device is None or device.id != wanted or device.gpu_request is None):
+        raise ValueError(f"the Ollama server needs its GPU {wanted} (ollama.device), which this host does not have")
     settings, daemon = config.ollama, config.daemon
     environment = {
         "OLLAMA_HOST": f"127.0.0.1:{port}",
@@ -66,8 +82,8 @@ def server_spec(config: Config, profile: Profile, port: int) -> ContainerSpec:
         owner=daemon.instance,
         mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),),
         environment=tuple(sorted(environment.items())),
-        gpu_device_ids=() if profile.has_gpus else None,
-        device="gpu0" if profile.has_gpus else "cpu",
+        gpu_device_ids=(device.gpu_request,) if device is not None and device.gpu_request else None,
+        device=wanted,
         extra_labels=tuple(sorted(daemon.labels.items())),
     )
 

@@ -73,3 +73,17 @@ def test_gpu_profile_with_readings_uses_measurements(prof, readings, expected):
     got = devices_for(prof, readings)
     assert got == expected
     assert all(isinstance(d.budget, int) and isinstance(d.measured_free, int) for d in got)
+
+
+def test_driver_reserved_memory_is_not_in_the_budget_and_the_uuid_is_kept():
+    reading = GpuReading(0, "H200", 140 * GIB, 2 * GIB, 137 * GIB, uuid="GPU-1234", reserved_bytes=GIB)
+    [device] = devices_for(BUILTIN["gpu-1x80g"], [reading])  # reserve 2 GiB
+    assert device == Device("gpu0", 137 * GIB, 135 * GIB, 0, "GPU-1234")
+
+
+def test_a_gpu_whose_reading_failed_gets_no_budget_and_keeps_the_reason():
+    readings = [GpuReading(0, "ok", 24 * GIB, 0, 24 * GIB, uuid="GPU-a"),
+                GpuReading(1, "lost", 0, 0, 0, uuid="GPU-b", problem="memory info failed: NVML_ERROR_GPU_IS_LOST")]
+    devices = devices_for(BUILTIN["gpu-2x24g"], readings)
+    assert devices[1] == Device("gpu1", 0, 0, 1, "GPU-b", "memory info failed: NVML_ERROR_GPU_IS_LOST")
+    assert devices[0].budget == 23 * GIB and devices[0].problem is None

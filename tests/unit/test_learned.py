@@ -8,7 +8,9 @@ import os
 import pytest
 
 from supervisor.estimate import LaunchSettings
-from supervisor.learned import LearnedSizes, learned_key
+from supervisor.learned import LOWER_RUNS, LearnedSizes, after_run, learned_key
+
+IMAGE = "llama-server:b1"
 
 
 def test_empty_when_no_file(tmp_path):
@@ -20,7 +22,7 @@ def test_empty_when_no_file(tmp_path):
 
 @pytest.mark.parametrize("first, second, kept", [
     (100, 200, 200),   # larger measurement replaces
-    (200, 100, 200),   # smaller one does not
+    (200, 100, 200),   # a smaller running peak does not
     (150, 150, 150),
     (0, 7, 7),
 ])
@@ -98,10 +100,10 @@ def test_learned_key_is_stable(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + b"\x00" * 100)
     launch = LaunchSettings(context=4096)
-    key = learned_key(gguf, launch)
+    key = learned_key(gguf, launch, IMAGE)
     assert len(key) == 24
-    assert learned_key(gguf, LaunchSettings(context=4096)) == key
-    assert learned_key(tmp_path / "." / "m.gguf", launch) == key  # the same file by another spelling
+    assert learned_key(gguf, LaunchSettings(context=4096), IMAGE) == key
+    assert learned_key(tmp_path / "." / "m.gguf", launch, IMAGE) == key  # the same file by another spelling
 
 
 def test_learned_key_follows_the_file(tmp_path):
@@ -109,24 +111,24 @@ def test_learned_key_follows_the_file(tmp_path):
     gguf.write_bytes(b"a" * 100)
     os.utime(gguf, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
     launch = LaunchSettings(context=4096)
-    before = learned_key(gguf, launch)
+    before = learned_key(gguf, launch, IMAGE)
 
     gguf.write_bytes(b"b" * 100)  # new content, same size, and the old modification time put back
     os.utime(gguf, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
-    assert learned_key(gguf, launch) == before  # identity is path, size and mtime
+    assert learned_key(gguf, launch, IMAGE) == before  # identity is path, size and mtime
 
     os.utime(gguf, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_001))  # touched
-    touched = learned_key(gguf, launch)
+    touched = learned_key(gguf, launch, IMAGE)
     assert touched != before
 
     gguf.write_bytes(b"b" * 101)  # grown
     os.utime(gguf, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_001))
-    assert learned_key(gguf, launch) not in (before, touched)
+    assert learned_key(gguf, launch, IMAGE) not in (before, touched)
 
     other = tmp_path / "other.gguf"  # same size and mtime, another file
     other.write_bytes(b"b" * 101)
     os.utime(other, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_001))
-    assert learned_key(other, launch) != learned_key(gguf, launch)
+    assert learned_key(other, launch, IMAGE) != learned_key(gguf, launch, IMAGE)
 
 
 @pytest.mark.parametrize("changed", [
@@ -142,4 +144,45 @@ def test_learned_key_follows_the_file(tmp_path):
 def test_learned_key_follows_the_launch_settings(tmp_path, changed):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert learned_key(gguf, changed) != learned_key(gguf, LaunchSettings(context=4096))
+    assert learned_key(gguf, changed, IMAGE) != learned_key(gguf, LaunchSettings(context=4096), IMAGE)
+
+
+def test_learned_key_follows_the_image_and_tells_a_tag_from_a_file(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    launch = LaunchSettings(context=4096)
+    assert learned_key(gguf, launch, "server-cuda-b1") != learned_key(gguf, launch, "server-cuda-b2")
+    assert learned_key("llama3.2:1b", launch, "ollama:1") != learned_key("llama3.2:3b", launch, "ollama:1")
+    assert learned_key("llama3.2:1b", launch, "ollama:1") != learned_key("llama3.2:1b", launch, "ollama:2")
+
+
+@pytest.mark.parametrize("learned, lower, peak, expected", [
+    (None, [], 500, (500, [])),              # the first run teaches
+    (500, [], 600, (600, [])),               # a higher peak raises at once
+    (500, [400], 500, (500, [])),            # an equal peak breaks a run of lower ones
+    (500, [], 400, (500, [400])),            # one lower run is counted, not trusted
+    (500, [400], 450, (500, [400, 450])),
+    (500, [400, 450], 420, (450, [])),       # the third in a row: down to the highest of them
+])
+def test_a_learned_size_comes_down_only_after_consistent_lower_peaks(learned, lower, peak, expected):
+    assert LOWER_RUNS == 3
+    assert after_run(learned, lower, peak) == expected
+
+
+def test_finish_run_lowers_across_restarts_and_a_running_peak_raises(tmp_path):
+    path = tmp_path / "learned.json"
+    LearnedSizes(path).record("k", 1_000, "m")
+    for peak in (800, 700):
+        assert LearnedSizes(path).finish_run("k", peak, "m") == 1_000  # counted on disk, across restarts
+    assert LearnedSizes(path).finish_run("k", 750, "m") == 800
+    store = LearnedSizes(path)
+    assert store.get("k") == 800
+    assert store.record("k", 900, "m") == 900
+    assert store.finish_run("k", 600, "m") == 900
+
+
+def test_a_malformed_list_of_lower_peaks_sets_the_file_aside(tmp_path):
+    path = tmp_path / "learned.json"
+    path.write_text('{"k": {"bytes": 5, "lower": ["x"]}}')
+    store = LearnedSizes(path)
+    assert store.get("k") is None and store.problem is not None

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends import ollama
-from supervisor.config import Config, ModelEntry
+from supervisor.config import Config, ModelEntry, OllamaSettings
 from supervisor.errors import ConfigError
+from supervisor.learned import learned_key
 from supervisor.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
+from supervisor.placement import Device
 from supervisor.profiles import load_profiles
 from supervisor.schema import parse_size
 from supervisor.sizing import OLLAMA_PLACEHOLDER, size_model
@@ -37,9 +39,30 @@ def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     assert spec.labels()["io.localllm.model"] == "_ollama" and spec.labels()["team"] == "a"
 
 
-def test_server_spec_on_a_gpu_profile_gets_every_gpu_and_the_profiles_image():
-    spec = ollama.server_spec(config(image="my/ollama:1"), PROFILES["gpu-2x24g"], 28111)
-    assert spec.gpu_device_ids == () and spec.image == "my/ollama:1" and spec.device == "gpu0"
+GPU1 = Device("gpu1", 20 * 2**30, index=1, uuid="GPU-5b1e")
+
+
+def test_server_spec_on_a_gpu_profile_sees_only_its_device_by_uuid_and_gets_the_profiles_image():
+    spec = ollama.server_spec(config(image="my/ollama:1", device="gpu1"), PROFILES["gpu-2x24g"], 28111, GPU1)
+    assert spec.gpu_device_ids == ("GPU-5b1e",) and spec.image == "my/ollama:1" and spec.device == "gpu1"
+    by_index = ollama.server_spec(config(), PROFILES["gpu-2x24g"], 28111, Device("gpu0", 2**30, index=0))
+    assert by_index.gpu_device_ids == ("0",) and by_index.device == "gpu0"
+
+
+@pytest.mark.parametrize("settings, device", [
+    ({}, None),                  # no device: it would see every GPU
+    ({}, GPU1),                  # not the configured one (default gpu0)
+    ({"device": "gpu1"}, Device("gpu1", 2**30)),  # a GPU it cannot ask Docker for
+])
+def test_server_spec_on_a_gpu_profile_without_its_device_is_an_error(settings, device):
+    with pytest.raises(ValueError, match="the Ollama server needs its GPU"):
+        ollama.server_spec(config(**settings), PROFILES["gpu-2x24g"], 28111, device)
+
+
+def test_ollama_models_are_sized_with_the_servers_parallel_slots_and_flash_attention():
+    launch = ollama.launch_settings(OllamaSettings(num_parallel=3, flash_attention=True, context_size=8192),
+                                    PROFILES["gpu-1x24g"])
+    assert (launch.context, launch.parallel, launch.flash_attention, launch.on_gpu) == (8192, 3, True, True)
 
 
 def test_model_hash_changes_with_the_server_and_the_tag():
@@ -112,7 +135,8 @@ def test_sizing_declared_learned_and_placeholder():
 
     class Learned:
         def get(self, key):
-            assert key == "ollama:qwen:1b:ctx4096"
+            launch = ollama.launch_settings(OllamaSettings(), profile)
+            assert key == learned_key("qwen:1b", launch, "ollama/ollama")
             return 123_000_000
 
     assert size_model(entry, profile, Learned()).need == max(OLLAMA_PLACEHOLDER, 123_000_000)

@@ -447,3 +447,80 @@ def test_events_for_a_model_that_left_the_catalog_are_harmless():
     load(s, "a", 0)  # a request stays in flight
     s.replace_slots([ModelSlot("b", 40 * MIB)], 1)
     assert s.finished("a", 2) == [] and s.stopped("a", 3) == [] and s.started("a", 4) == []
+
+
+# -- GPU admission (issue 11): what can never fit is refused at once, with the numbers ---------------
+
+
+def measured_scheduler(free_mib: dict[str, int | None], budgets: dict[str, int], models: dict[str, int],
+                       problems: dict[str, str] | None = None) -> Scheduler:
+    devices = [Device(d, b * MIB, None if free_mib[d] is None else free_mib[d] * MIB, index=i,
+                      problem=(problems or {}).get(d))
+               for i, (d, b) in enumerate(budgets.items())]
+    return Scheduler(devices, [ModelSlot(n, need * MIB) for n, need in models.items()], Limits(min_residency=0))
+
+
+def test_a_need_above_what_an_empty_device_measures_free_is_refused_at_once_with_the_numbers():
+    # NVML memory info v1 counts driver-reserved memory as used: the budget (total - reserve) exceeds
+    # what can ever be free. A need in between used to wait for the queue timeout, then get a 503.
+    s = measured_scheduler({"gpu0": 70}, {"gpu0": 100}, {"big": 80})
+    [reject] = decisions(s.submit("big", 0)[1])
+    assert isinstance(reject, Reject) and isinstance(reject.error, ModelTooLarge)
+    assert reject.error.http_status == 503
+    assert reject.error.message == (
+        "'big' needs 80.0 MiB, more than any device can give: gpu0 has 70.0 MiB free of its 100.0 MiB budget "
+        "with none of our models on it (the driver or other processes use the rest)")
+    assert s.slots["big"].phase is Phase.STOPPED and not s.queue
+
+
+def test_a_preloaded_model_that_can_never_fit_is_refused_and_says_why():
+    s = measured_scheduler({"gpu0": 70}, {"gpu0": 100}, {"big": 80})
+    s.slots["big"].wanted = True
+    notes = [a for a in s.tick(0) if isinstance(a, Note)]
+    assert [n.model for n in notes] == ["big"] and "more than any device can give" in notes[0].message
+    assert not s.slots["big"].wanted  # not tried again at every tick
+
+
+def test_a_preloaded_model_that_must_wait_says_why():
+    s = measured_scheduler({"gpu0": 100}, {"gpu0": 100}, {"a": 60, "b": 60})
+    load(s, "a", 0)  # serving one request: cannot be evicted
+    s.slots["b"].wanted = True
+    notes = [a for a in s.tick(1) if isinstance(a, Note)]
+    assert [(n.model, "waits for room" in n.message) for n in notes] == [("b", True)]
+
+
+def test_where_our_own_model_holds_the_memory_the_need_waits_for_its_eviction_instead():
+    s = measured_scheduler({"gpu0": 100}, {"gpu0": 100}, {"a": 60, "b": 60})
+    load(s, "a", 0)
+    s.devices = [Device("gpu0", 100 * MIB, 30 * MIB, index=0)]  # the next reading sees a's memory in use
+    ticket, actions = s.submit("b", 1)
+    assert kinds(actions) == []  # a is busy: b waits rather than being refused
+    assert kinds(s.finished("a", 2)) == ["Stop:a"]
+
+
+def test_the_device_with_room_is_used_when_another_can_never_fit():
+    s = measured_scheduler({"gpu0": 10, "gpu1": 90}, {"gpu0": 100, "gpu1": 100}, {"m": 80})
+    [start] = decisions(s.submit("m", 0)[1])
+    assert isinstance(start, Start) and start.device == "gpu1"
+
+
+def test_an_unusable_device_is_never_chosen_and_a_host_with_none_left_refuses_naming_it():
+    s = measured_scheduler({"gpu0": 0, "gpu1": 90}, {"gpu0": 0, "gpu1": 100}, {"m": 50},
+                           problems={"gpu0": "memory info failed: NVML_ERROR_GPU_IS_LOST"})
+    [start] = decisions(s.submit("m", 0)[1])
+    assert start.device == "gpu1"
+    s = measured_scheduler({"gpu0": 0}, {"gpu0": 0}, {"m": 50},
+                           problems={"gpu0": "MIG mode is enabled; localllm does not support MIG yet"})
+    [reject] = decisions(s.submit("m", 0)[1])
+    assert reject.error.message == ("no usable device to place 'm' on (gpu0: MIG mode is enabled; "
+                                    "localllm does not support MIG yet)")
+
+
+def test_a_model_limited_to_one_device_is_placed_only_there():
+    s = measured_scheduler({"gpu0": 100, "gpu1": 100}, {"gpu0": 100, "gpu1": 100}, {"o": 50, "x": 50})
+    s.slots["o"].devices = ("gpu0",)
+    s.slots["x"].devices = ("gpu7",)
+    [start] = decisions(s.submit("o", 0)[1])
+    assert start.device == "gpu0"
+    [reject] = decisions(s.submit("x", 0)[1])
+    assert "the devices it may use are not on this host" in reject.error.message

@@ -48,7 +48,7 @@ def test_need_is_the_estimate(tiny, profile, launch, expected, total):
     assert sizing.estimate == expected
     assert sizing.need == sizing.estimate.total == total
     assert (sizing.learned, sizing.problem) == (None, None)
-    assert sizing.learned_key == learned_key(tiny, launch)
+    assert sizing.learned_key == learned_key(tiny, launch, profile.defaults.images.llamacpp)
 
 
 def test_model_settings_reach_the_estimate(tiny):
@@ -59,7 +59,7 @@ def test_model_settings_reach_the_estimate(tiny):
 
 def test_learned_larger_than_the_estimate_wins(tiny, tmp_path):
     learned = LearnedSizes(tmp_path / "learned.json")
-    key = learned_key(tiny, LaunchSettings(context=4096, gpu_layers=0))
+    key = learned_key(tiny, LaunchSettings(context=4096, gpu_layers=0), CPU.defaults.images.llamacpp)
     learned.record(key, 50_000_000, "tiny")
     sizing = size_model(entry(tiny), CPU, learned)
     assert (sizing.learned, sizing.learned_key) == (50_000_000, key)
@@ -69,7 +69,7 @@ def test_learned_larger_than_the_estimate_wins(tiny, tmp_path):
 
 def test_learned_smaller_than_the_estimate_does_not_lower_it(tiny, tmp_path):
     learned = LearnedSizes(tmp_path / "learned.json")
-    learned.record(learned_key(tiny, LaunchSettings(context=4096, gpu_layers=0)), 1_000, "tiny")
+    learned.record(learned_key(tiny, LaunchSettings(context=4096, gpu_layers=0), CPU.defaults.images.llamacpp), 1_000, "tiny")
     sizing = size_model(entry(tiny), CPU, learned)
     assert sizing.learned == 1_000
     assert sizing.need == 6_877_952
@@ -77,7 +77,7 @@ def test_learned_smaller_than_the_estimate_does_not_lower_it(tiny, tmp_path):
 
 def test_learned_for_other_settings_is_not_used(tiny, tmp_path):
     learned = LearnedSizes(tmp_path / "learned.json")
-    learned.record(learned_key(tiny, LaunchSettings(context=8192, gpu_layers=0)), 50_000_000, "tiny")
+    learned.record(learned_key(tiny, LaunchSettings(context=8192, gpu_layers=0), CPU.defaults.images.llamacpp), 50_000_000, "tiny")
     sizing = size_model(entry(tiny), CPU, learned)
     assert sizing.learned is None
     assert sizing.need == 6_877_952

@@ -1,0 +1,155 @@
+"""A real Fleet driven in-process without Docker or a GPU, for the owner's unit tests.
+
+``RecordingFakeRuntime`` stands in for ``DockerRuntime``: it records every call, and each
+"container" it runs is a small aiohttp server on loopback answering ``/health`` (as
+llama-server does once loaded), with made-up host PIDs. ``FakeGpuSession`` stands in for
+the NVML session: readings and compute processes that a test sets. The cgroup lookup
+maps those PIDs to the fake containers, as ``/proc/<pid>/cgroup`` would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from supervisor.config import Config, ModelEntry
+from supervisor.docker_runtime import ContainerInfo
+from supervisor.estimate import LaunchSettings
+from supervisor.events import EventBus
+from supervisor.fleet import Fleet
+from supervisor.gpu_watch import GpuWatch
+from supervisor.hardware import GpuReading
+from supervisor.learned import LearnedSizes
+from supervisor.nvml import GpuProcess
+from supervisor.profiles import Profile
+from supervisor.sizing import Sizing
+
+GIB = 1024**3
+_pids = itertools.count(40_000)
+
+
+@dataclass
+class FakeContainer:
+    info: ContainerInfo
+    pids: list[int]
+    runner: web.AppRunner
+
+
+async def _healthy(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@dataclass
+class RecordingFakeRuntime:
+    """Records every call; its containers are loopback HTTP servers that answer /health with 200."""
+
+    calls: list[tuple] = field(default_factory=list)
+    containers: dict[str, FakeContainer] = field(default_factory=dict)
+
+    async def run(self, spec) -> ContainerInfo:
+        self.calls.append(("run", spec.name))
+        app = web.Application()
+        app.router.add_get("/health", _healthy)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", spec.port).start()
+        info = ContainerInfo(secrets.token_hex(32), spec.name, "running", None, False, spec.labels())
+        self.containers[info.id] = FakeContainer(info, [next(_pids)], runner)
+        return info
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        self.calls.append(("inspect", container_id))
+        container = self.containers.get(container_id)
+        return container.info if container else None
+
+    async def stop_and_remove(self, container_id: str, grace: float) -> None:
+        self.calls.append(("stop_and_remove", container_id))
+        container = self.containers.pop(container_id, None)
+        if container is not None:
+            await container.runner.cleanup()
+
+    async def logs_tail(self, container_id: str, lines: int = 40) -> str:
+        return ""
+
+    async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
+        return [c.info for c in self.containers.values()]
+
+    async def ping(self) -> None:
+        return None
+
+    def container_of(self, pid: int) -> str | None:
+        """What /proc/<pid>/cgroup would name."""
+        return next((cid for cid, c in self.containers.items() if pid in c.pids), None)
+
+    def removed(self) -> list[str]:
+        return [cid for call, cid in self.calls if call == "stop_and_remove"]
+
+
+@dataclass
+class FakeGpuSession:
+    """The NVML session's interface (read, processes, close) with what a test sets."""
+
+    readings: list[GpuReading]
+    procs: list[GpuProcess] = field(default_factory=list)
+
+    def read(self) -> list[GpuReading]:
+        return list(self.readings)
+
+    def processes(self) -> list[GpuProcess]:
+        return list(self.procs)
+
+    def close(self) -> None:
+        pass
+
+    def put(self, pid: int, used: int, gpu_index: int = 0) -> None:
+        """Process ``pid`` now uses ``used`` bytes on the GPU (replacing what it used before)."""
+        self.procs = [p for p in self.procs if p.pid != pid] + [GpuProcess(pid, used, gpu_index, f"GPU-{gpu_index}")]
+
+    def drop(self, pid: int) -> None:
+        self.procs = [p for p in self.procs if p.pid != pid]
+
+
+def gpu_reading(index: int, total: int = 24 * GIB, free: int | None = None, problem: str | None = None) -> GpuReading:
+    if problem:
+        return GpuReading(index, "fake", 0, 0, 0, uuid=f"GPU-{index}", problem=problem)
+    free = total if free is None else free
+    return GpuReading(index, "fake", total, total - free, free, uuid=f"GPU-{index}")
+
+
+def free_port_range(size: int = 20) -> tuple[int, int]:
+    """A run of loopback ports nobody listens on, for the fleet's containers."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            low = probe.getsockname()[1]
+        if 1024 <= low <= 65535 - size:
+            return low, low + size - 1
+    raise RuntimeError("no free port range")
+
+
+def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, gpus: FakeGpuSession,
+              needs: dict[str, int], learned: LearnedSizes | None = None,
+              runtime: RecordingFakeRuntime | None = None) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
+    """A fleet of llama.cpp models (``needs``: name -> bytes) on a GPU profile, with the fakes above."""
+    runtime = runtime or RecordingFakeRuntime()
+    models = []
+    for name in needs:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"GGUF")
+        models.append(ModelEntry(name=name, gguf=path, ttl=0))
+    low, high = free_port_range()
+    config = Config(profile=profile.name, models=models,
+                    daemon={"instance": "unit", "state_dir": str(tmp_path), "port_range": f"{low}-{high}",
+                            "stop_grace": 0, "min_residency": 0, "startup_timeout": 5})
+    launch = LaunchSettings(context=4096, on_gpu=True)
+    sizings = {n: Sizing(launch, None, None, f"key-{n}", "test", need) for n, need in needs.items()}
+    bus = EventBus()
+    watch = GpuWatch(gpus, runtime.container_of)
+    fleet = Fleet(config, profile, runtime, session, sizings, learned, gpus.read(), bus, watch)
+    return fleet, runtime, bus
