@@ -189,7 +189,11 @@ class Daemon:
             await self._run()
 
     async def _run(self) -> None:
-        profile, reason = select_profile(self.config.profile, self.config.profiles_dir)
+        nvml = await asyncio.to_thread(Nvml.open)  # one session for the daemon's life (None without NVML)
+        profile, reason = select_profile(self.config.profile, self.config.profiles_dir, nvml=nvml)
+        if nvml is not None and not profile.has_gpus:
+            nvml.close()
+            nvml = None
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
         runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await runtime.connect()
@@ -198,7 +202,6 @@ class Daemon:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
         )
-        nvml = await asyncio.to_thread(Nvml.open) if profile.has_gpus else None  # one session for the daemon's life
         gpu = GpuWatch(nvml) if nvml is not None else None
         readings = await gpu.readings() if gpu is not None else None
         learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if gpu is not None else None

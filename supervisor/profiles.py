@@ -64,13 +64,18 @@ class HostFacts:
     ram_gib: float
     cpu_cores: int
     gpu_source: str = "none"  # "nvml", "nvidia-smi" or "none"
+    unusable_gpus: tuple[str, ...] = ()  # "GPU <index> (<uuid>): <problem>" for each GPU found but not counted
 
     def describe(self) -> str:
         if self.gpu_vram_gib:
             gpus = f"{len(self.gpu_vram_gib)} GPU(s) with " + ", ".join(f"{v:.1f}" for v in self.gpu_vram_gib) + " GiB"
         else:
-            gpus = "no GPU"
-        return f"{gpus} (via {self.gpu_source}), {self.ram_gib:.0f} GiB RAM, {self.cpu_cores} CPU cores"
+            gpus = "no usable GPU" if self.unusable_gpus else "no GPU"
+        described = f"{gpus} (via {self.gpu_source}), {self.ram_gib:.0f} GiB RAM, {self.cpu_cores} CPU cores"
+        if self.unusable_gpus:
+            # Said in the profile choice's reason, so a host that lost a GPU does not silently pick a smaller profile.
+            described += " (not counted: " + "; ".join(self.unusable_gpus) + ")"
+        return described
 
 
 def builtin_profiles_dir() -> Path:

@@ -14,9 +14,11 @@ import pytest
 from supervisor import fleet as fleet_module
 from supervisor.errors import ModelStartFailed, ModelTooLarge
 from supervisor.learned import LearnedSizes
+from supervisor.nvml import Nvml
 from supervisor.profiles import load_profiles
 from supervisor.scheduler import Phase
 
+from .fake_nvml import FakeDevice, FakeNvml
 from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading
 
 PROFILES = load_profiles()
@@ -216,3 +218,29 @@ def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path)
         await fleet.shutdown()
 
     scenario(body)
+
+
+@pytest.mark.parametrize("error", [FakeNvml.NVML_ERROR_NOT_SUPPORTED, FakeNvml.NVML_ERROR_GPU_IS_LOST],
+                         ids=["not-supported", "gpu-is-lost"])
+def test_one_gpu_failing_its_nvml_queries_is_marked_and_the_other_serves(tmp_path, error):
+    # The real NVML session over a fake pynvml: the first GPU answers memory info with an error.
+    fake = FakeNvml(FakeDevice(uuid="GPU-a", fail={"memory": error}), FakeDevice(uuid="GPU-b"))
+    nvml = Nvml.open(module=fake)
+
+    async def body(session):
+        fleet, runtime, bus = gpu_fleet(tmp_path, TWO_GPUS, session, nvml, {"m": 4 * GIB})
+        name = {FakeNvml.NVML_ERROR_NOT_SUPPORTED: "NOT_SUPPORTED", FakeNvml.NVML_ERROR_GPU_IS_LOST: "GPU_IS_LOST"}
+        problem = f"memory info failed: NVML_ERROR_{name[error]}"
+        assert fleet.devices()[0]["problem"] == problem and fleet.devices()[1]["problem"] is None
+        loading = asyncio.ensure_future(fleet.load("m"))
+        while not fleet.instances["m"].container_id:
+            await asyncio.sleep(0.01)
+        fake.devices[1].processes = [(runtime.containers[fleet.instances["m"].container_id].pids[0], 2 * GIB)]
+        await loading
+        await fleet.tick()
+        assert fleet.scheduler.slots["m"].device == "gpu1" and fleet.instances["m"].peak == 2 * GIB
+        assert fake.calls["nvmlInit"] == 1  # one session, however often it is read
+        await fleet.shutdown()
+
+    scenario(body)
+    nvml.close()
