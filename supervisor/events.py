@@ -17,6 +17,11 @@ Event kinds (stable; documented in the README):
   adopt          a running container was adopted  data: container
   apply          a config generation's progress   data: generation, status, ...
   rollback       a rollback was asked for         data: generation
+  pull           an Ollama model is being pulled  data: status, total, completed
+  device         a GPU became unusable, or usable again   data: device, uuid, problem (None: usable)
+  memory_wait    a stopped model's GPU memory did not come back in time   data: device, held, still_held,
+                 expected, seconds
+  partial_offload  Ollama put part of a model on the CPU  data: size_vram, size
 """
 
 from __future__ import annotations
