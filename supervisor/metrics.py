@@ -121,16 +121,20 @@ class Metrics:
         measured = GaugeMetricFamily("localllm_device_measured_bytes", "Measured GPU memory of the ready or "
                                      "stopping models on the device; absent when none was measured",
                                      labels=["device"])
+        usable = GaugeMetricFamily("localllm_device_usable", "1 while the device can be used; 0 when its NVML "
+                                   "queries fail or it is in MIG mode (the reason is in /status and the log)",
+                                   labels=["device"])
         residents = scheduler.residents()
         for device in scheduler.devices:
             budget.add_metric([device.id], device.budget)
+            usable.add_metric([device.id], 0 if device.problem else 1)
             estimated.add_metric([device.id], sum(r.bytes for r in residents if r.device == device.id))
             known = [i.measured for i in self.fleet.instances.values() if i.measured is not None
                      and (slot := scheduler.slots.get(i.name)) is not None and slot.device == device.id
                      and slot.phase in (Phase.READY, Phase.STOPPING)]
             if known:
                 measured.add_metric([device.id], sum(known))
-        return [state, in_flight, queued, budget, estimated, measured]
+        return [state, in_flight, queued, budget, usable, estimated, measured]
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE

@@ -15,6 +15,7 @@ from supervisor.estimate import LaunchSettings
 from supervisor.events import EventBus
 from supervisor.fleet import Fleet
 from supervisor.metrics import Metrics
+from supervisor.placement import Device
 from supervisor.profiles import load_profiles
 from supervisor.scheduler import Phase
 from supervisor.sizing import Sizing
@@ -233,3 +234,11 @@ def test_handler_serves_the_rendered_text(metrics, bus):
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert b'localllm_model_evictions_total{model="beta"} 1.0' in response.body
+
+
+def test_an_unusable_device_reads_zero_on_the_usable_gauge(metrics, fleet):
+    assert value(metrics, "localllm_device_usable", device="gpu0") == 1
+    fleet.scheduler.devices = [Device("gpu0", 0, 0, 0, "GPU-a", "memory info failed: NVML_ERROR_GPU_IS_LOST"),
+                               fleet.scheduler.devices[1]]
+    assert value(metrics, "localllm_device_usable", device="gpu0") == 0
+    assert value(metrics, "localllm_device_usable", device="gpu1") == 1
