@@ -378,8 +378,9 @@ def machine_facts(nvml_ok: bool) -> dict:
         except Exception as exc:  # noqa: BLE001
             facts[name] = f"{type(exc).__name__}: {exc}"
     try:
-        import pynvml  # noqa: F401
         from importlib.metadata import version
+
+        import pynvml  # noqa: F401
 
         facts["nvidia_ml_py"] = version("nvidia-ml-py")
     except Exception as exc:  # noqa: BLE001
@@ -582,7 +583,7 @@ class Build:
 
 def ninja_progress(log_path: Path) -> str:
     try:
-        lines = [l for l in log_path.read_text(errors="replace").splitlines() if l.startswith("[")]
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.startswith("[")]
         return lines[-1][:120] if lines else ""
     except OSError:
         return ""
@@ -827,7 +828,7 @@ def parse_server_log(text: str) -> dict:
     device_mib = {kind: sum(v for k, v in buffers.items() if k.startswith("CUDA") and not k.startswith("CUDA_Host")
                             and k.endswith(" " + kind)) for kind in ("model", "KV", "compute", "output", "RS")}
     host = {k: v for k, v in buffers.items() if not (k.startswith("CUDA") and not k.startswith("CUDA_Host"))}
-    interesting = [l.strip() for l in text.splitlines() if _INTERESTING.search(l)][:200]
+    interesting = [line.strip() for line in text.splitlines() if _INTERESTING.search(line)][:200]
     return {"buffers_mib": buffers, "buffer_lines": lines, "cuda_device_mib": device_mib, "host_buffers_mib": host,
             "cuda_device_total_mib": round(sum(device_mib.values()), 2),
             "offloaded": [int(offloaded.group(1)), int(offloaded.group(2))] if offloaded else None,
