@@ -20,6 +20,25 @@ from .schema import Bytes, Seconds, Strict, describe, read_model
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+UNQUANTIZED = {"f32", "f16", "bf16"}
+# llama-server flags localllm sets itself (common/arg.cpp spellings), with the setting that says it instead:
+# the memory estimate assumes them, and a later flag on the command line would win.
+LLAMA_FLAGS_SET_BY_LOCALLLM = {
+    **dict.fromkeys(("-m", "--model"), "gguf"),
+    **dict.fromkeys(("-a", "--alias"), "name"),
+    **dict.fromkeys(("--host", "--port"), "daemon.port_range (servers bind 127.0.0.1)"),
+    **dict.fromkeys(("-c", "--ctx-size"), "context_size"),
+    **dict.fromkeys(("-np", "--parallel"), "the profile's parallel"),
+    **dict.fromkeys(("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), "nothing yet (localllm pins it off)"),
+    **dict.fromkeys(("-ub", "--ubatch-size"), "nothing yet (localllm pins 512)"),
+    **dict.fromkeys(("-ctk", "--cache-type-k"), "cache_type_k"),
+    **dict.fromkeys(("-ctv", "--cache-type-v"), "cache_type_v"),
+    **dict.fromkeys(("-fa", "--flash-attn"), "flash_attention"),
+    **dict.fromkeys(("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"),
+                    "nothing (localllm pins --fit off)"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "gpu_layers"),
+    **dict.fromkeys(("-dev", "--device"), "the scheduler's placement"),
+}
 
 
 class ModelEntry(Strict):
@@ -50,6 +69,16 @@ class ModelEntry(Strict):
                 raise ValueError(f"alias '{alias}' must match {NAME_PATTERN}")
         return aliases
 
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_leave_ours_alone(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in LLAMA_FLAGS_SET_BY_LOCALLLM:
+                raise ValueError(f"'{flag}' is set by localllm, which sizes the model's memory by it; "
+                                 f"set {LLAMA_FLAGS_SET_BY_LOCALLLM[flag]} instead")
+        return args
+
     @field_validator("gguf")
     @classmethod
     def _gguf_relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
@@ -62,6 +91,9 @@ class ModelEntry(Strict):
                 raise ValueError("a llamacpp model needs 'gguf' (the model file)")
             if self.tag is not None or self.pull:
                 raise ValueError("'tag' and 'pull' are for backend: ollama")
+            if not self.flash_attention and self.cache_type_v not in UNQUANTIZED:
+                raise ValueError(f"cache_type_v: {self.cache_type_v} needs flash_attention: true (llama.cpp refuses "
+                                 "a quantized V cache without flash attention)")
             return self
         if self.tag is None:
             raise ValueError("an ollama model needs 'tag' (its name in Ollama, e.g. llama3.2:1b)")

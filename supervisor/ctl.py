@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--parallel", type=int, help="parallel slots (default: the profile's)")
     estimate.add_argument("--gpu-layers", type=int, help="layers to offload (-1: all)")
     estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
+    estimate.add_argument("--flash-attn", choices=["on", "off"], help="flash attention (default: the catalog's, on)")
 
     librechat = command("librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon")
     librechat.add_argument("--name", default="localllm", help="endpoint name (must not start with 'ollama')")
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--blocks", type=int, default=2)
     generate.add_argument("--embedding", type=int, default=64)
     generate.add_argument("--context", type=int, default=2048)
+    generate.add_argument("--tied-embeddings", action="store_true",
+                          help="no output.weight: the head is the token embedding, as in Gemma or Llama 3.2 1B")
     generate.set_defaults(run=cmd_model_generate)
     return parser
 
@@ -304,7 +307,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         defaults = profile.defaults.model_copy(update={"parallel": args.parallel})
         profile = profile.model_copy(update={"defaults": defaults})
     changes = {"context_size": args.context, "gpu_layers": args.gpu_layers,
-               "cache_type_k": args.cache_type, "cache_type_v": args.cache_type}
+               "cache_type_k": args.cache_type, "cache_type_v": args.cache_type,
+               "flash_attention": None if args.flash_attn is None else args.flash_attn == "on"}
     entry = entry.model_copy(update={k: v for k, v in changes.items() if v is not None})
     sizing = size_model(entry, profile)
     if sizing.estimate is None:
@@ -460,7 +464,7 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
 
     try:
         path = write_tiny_model(args.path, blocks=args.blocks, embedding=args.embedding, context=args.context,
-                                name=args.path.stem)
+                                tied_embeddings=args.tied_embeddings, name=args.path.stem)
     except ValueError as exc:
         print(f"localllmctl: model generate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

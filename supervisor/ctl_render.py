@@ -9,6 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .estimate import gpu_offload
+
 WIDE = 400  # render wide and let the terminal wrap: a truncated model name is worse than a long line
 
 
@@ -66,13 +68,20 @@ def render_profiles(profiles: list[dict], detected: str | None) -> str:
 
 def render_estimate(name: str, path: str, profile: str, sizing) -> str:
     launch, parts = sizing.launch, sizing.estimate
-    where = (f"{parts.offloaded_layers}/{parts.total_layers} layers on the GPU" if launch.on_gpu
-             else "all layers in host memory")
-    head = (f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s), "
-            f"KV cache {launch.cache_type_k}/{launch.cache_type_v}, {where}\n")
-    rows = [("weights", parts.weights), ("KV cache", parts.kv_cache), ("compute", parts.compute),
-            ("overhead", parts.overhead), ("total", parts.total)]
-    return head + "\n".join(f"  {label:<9} {value / 2**20:>10.1f} MiB" for label, value in rows)
+    head_on_gpu = launch.on_gpu and gpu_offload(parts.total_layers, launch.gpu_layers)[1]
+    where = (f"{parts.offloaded_layers}/{parts.total_layers} layers{' and the output layer' if head_on_gpu else ''}"
+             " on the GPU" if launch.on_gpu else "all layers in host memory")
+    head = (f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s)"
+            f"{', one unified KV cache' if launch.kv_unified else ''}, KV cache {launch.cache_type_k}/"
+            f"{launch.cache_type_v}, flash attention {'on' if launch.flash_attention else 'off'}, {where}\n")
+    rows = [("weights", parts.weights, "")]
+    if parts.output_head:  # a tied-embedding model: llama.cpp copies token_embd to the GPU as its head
+        rows.append(("  head", parts.output_head, "  the output head, a copy of the tied token embedding"))
+    rows += [("KV cache", parts.kv_cache, ""), ("compute", parts.compute, "")]
+    if parts.outputs:
+        rows.append(("outputs", parts.outputs, "  the logits buffer"))
+    rows += [("overhead", parts.overhead, ""), ("total", parts.total, "")]
+    return head + "\n".join(f"  {label:<9} {value / 2**20:>10.1f} MiB{note}" for label, value, note in rows)
 
 
 def render_ollama_memory(memory: dict) -> str:

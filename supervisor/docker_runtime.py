@@ -177,6 +177,9 @@ class DockerRuntime:
             mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
             environment=dict(spec.environment),
             detach=True,
+            # The llama.cpp images declare a health check on port 8080, which our servers do not use, so
+            # Docker would call every container unhealthy; readiness is our own gate's job.
+            healthcheck={"test": ["NONE"]},
         )
         if spec.gpu_device_ids is not None:
             ids = list(spec.gpu_device_ids)

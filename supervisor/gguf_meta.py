@@ -33,6 +33,11 @@ class GgufFacts:
     layer_bytes: tuple[int, ...]  # tensor bytes of each block
     input_bytes: int  # token embedding (always kept in host memory by llama.cpp)
     output_bytes: int  # output norm and head, and any other non-block tensors
+    # The file has no ``output.weight``: the output head is tied to the token embedding. llama.cpp then
+    # creates ``token_embd`` a second time as the output head (TENSOR_DUPLICATED; see
+    # src/llama-model-loader.cpp: llama_model_loader::create_tensor), on the output layer's device. On
+    # the CPU that copy is the same mmap'd tensor; on a GPU it is a copy of these bytes.
+    tied_output_bytes: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -91,7 +96,20 @@ def read_gguf_facts(path: Path) -> GgufFacts:
         layer_bytes=tuple(layer_bytes),
         input_bytes=input_bytes,
         output_bytes=output_bytes,
+        tied_output_bytes=_tied_output_bytes(reader.tensors),
     )
+
+
+def _tied_output_bytes(tensors) -> int:
+    """The bytes llama.cpp duplicates as the output head when the file ties it to the token embedding.
+
+    Every architecture that may lack ``output.weight`` falls back to ``token_embd.weight`` with
+    TENSOR_DUPLICATED (src/models/*.cpp: load_arch_tensors); an encoder-only file without any head is
+    counted too, which only errs on the safe side.
+    """
+    if any(t.name == "output.weight" for t in tensors):
+        return 0
+    return sum(int(t.n_bytes) for t in tensors if t.name == "token_embd.weight")
 
 
 def _first(value) -> int:

@@ -33,6 +33,7 @@ class Shape:
     feed_forward: int = 0  # 0: twice the embedding
     context: int = 2048
     extra_vocab: int = 0  # more normal tokens, to make the vocabulary (and the output head) bigger
+    tied_embeddings: bool = False  # no output.weight: the head is the token embedding (Gemma, Llama 3.2 1B/3B)
 
     def __post_init__(self) -> None:
         for what in ("embedding", "blocks", "heads", "kv_heads", "context"):
@@ -71,13 +72,18 @@ def write_tiny_model(
     feed_forward: int | None = None,
     context: int = 2048,
     extra_vocab: int = 0,
+    tied_embeddings: bool = False,
     seed: int = 0,
     name: str = "localllm-tiny",
 ) -> Path:
-    """Write a random-weight llama model to ``path`` (atomically) and return it."""
+    """Write a random-weight llama model to ``path`` (atomically) and return it.
+
+    With ``tied_embeddings`` the file has no ``output.weight``, and llama.cpp uses ``token_embd`` as
+    the output head, duplicating it onto the GPU.
+    """
     import gguf  # imported here: only this command needs it at run time
 
-    shape = Shape(embedding, blocks, heads, kv_heads, feed_forward or 0, context, extra_vocab)
+    shape = Shape(embedding, blocks, heads, kv_heads, feed_forward or 0, context, extra_vocab, tied_embeddings)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -128,7 +134,8 @@ def _write_tensors(writer, shape: Shape, rng: np.random.Generator) -> None:
 
     tensor("token_embd.weight", vocab, embd)
     tensor("output_norm.weight", embd, ones=True)
-    tensor("output.weight", vocab, embd)
+    if not shape.tied_embeddings:
+        tensor("output.weight", vocab, embd)
     for block in range(shape.blocks):
         prefix = f"blk.{block}."
         tensor(prefix + "attn_norm.weight", embd, ones=True)

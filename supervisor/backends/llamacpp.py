@@ -35,6 +35,8 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
         cache_type_v=model.cache_type_v,
         gpu_layers=gpu_layers,
         on_gpu=profile.has_gpus and gpu_layers != 0,
+        flash_attention=model.flash_attention,
+        kv_unified=False,  # each slot its own share of the context, as the profiles' context_size / parallel mean
     )
 
 
@@ -48,13 +50,10 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         "--alias", model.name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--ctx-size", str(launch.context),
-        "--parallel", str(launch.parallel),
+        *launch_flags(launch),
     ]
-    if launch.cache_type_k != "f16" or launch.cache_type_v != "f16":
-        command += ["--cache-type-k", launch.cache_type_k, "--cache-type-v", launch.cache_type_v]
     if profile.has_gpus:
-        command += ["--n-gpu-layers", str(launch.gpu_layers)]
+        command += gpu_flags(launch)
     command += model.extra_args
     return ContainerSpec(
         name=f"{container_name(settings.instance, model.name)}-{port}",  # unique: old and new may overlap
@@ -66,15 +65,50 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         owner=settings.instance,
         mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),),
         gpu_device_ids=_gpu_ids(profile, device),
-        device=device.id if device else ("gpu0" if profile.has_gpus else "cpu"),
+        device=device.id if device else "cpu",  # a GPU profile without a device was refused above
         extra_labels=tuple(sorted(settings.labels.items())),
     )
 
 
+def launch_flags(launch: LaunchSettings) -> list[str]:
+    """Every setting the estimate depends on, spelled out (common/arg.cpp), so that neither a default
+    of a newer image nor ``--fit`` (on by default: it shrinks the context and the offload to what is
+    free) can change what the server allocates behind the estimate's back."""
+    return [
+        "--ctx-size", str(launch.context),
+        "--parallel", str(launch.parallel),  # explicit: -1 (the default) means 4 slots and a unified cache
+        "--kv-unified" if launch.kv_unified else "--no-kv-unified",
+        "--ubatch-size", str(launch.ubatch),
+        "--cache-type-k", launch.cache_type_k,
+        "--cache-type-v", launch.cache_type_v,
+        "--flash-attn", "on" if launch.flash_attention else "off",  # never "auto": the estimate must know
+        "--fit", "off",
+    ]
+
+
+def gpu_flags(launch: LaunchSettings) -> list[str]:
+    """The offload, and the one GPU the container is given (its device request), which is CUDA0 inside it.
+
+    Naming the device makes a server whose CUDA backend cannot start exit ("invalid device: CUDA0")
+    instead of serving from the CPU with ``/health`` answering 200 (common/arg.cpp: parse_device_list).
+    ``-ngl -1`` means "auto" to llama.cpp (fit to free memory); ours means every layer: ``all``.
+    """
+    layers = "all" if launch.gpu_layers < 0 else str(launch.gpu_layers)
+    return ["--n-gpu-layers", layers, "--device", "CUDA0"]
+
+
 def _gpu_ids(profile: Profile, device: Device | None) -> tuple[str, ...] | None:
+    """The GPU of the container's device request: its UUID where known (stable across reboots and
+    driver reorderings), else its index. None on a CPU profile; never () which Docker reads as every GPU."""
     if not profile.has_gpus:
         return None
-    return () if device is None or device.index is None else (str(device.index),)
+    if device is None:
+        raise ValueError(f"profile {profile.name} has GPUs, but no GPU was given for the container")
+    if device.uuid:
+        return (device.uuid,)
+    if device.index is not None:
+        return (str(device.index),)
+    raise ValueError(f"device {device.id} has neither a UUID nor an index, so no GPU can be requested for it")
 
 
 _BUFFER_LINE = re.compile(r"\b(\w+)(?:_Mapped)? (model|KV|compute) buffer size =\s+([\d.]+) MiB")
@@ -83,10 +117,19 @@ _BUFFER_LINE = re.compile(r"\b(\w+)(?:_Mapped)? (model|KV|compute) buffer size =
 def reported_buffers(log: str) -> dict[str, float]:
     """llama-server's own buffer sizes in MiB, from its startup log (printed at verbosity 4: ``-lv 4``).
 
-    Returns ``{"model": ..., "kv": ..., "compute": ...}`` summed over devices.
+    Returns ``{"model": ..., "kv": ..., "compute": ...}`` summed over the devices the model runs on:
+    the GPUs when it has any (``CUDA0``...), leaving out host buffers (``CPU``, ``CPU_Mapped``,
+    ``CUDA_Host``) that do not count against a GPU's memory; otherwise the host's.
     """
+    found = [(device, kind.lower(), float(mib)) for device, kind, mib in _BUFFER_LINE.findall(log)]
+    on_gpu = any(not _is_host(device) for device, _, _ in found)
     sizes: dict[str, float] = {}
-    for _device, kind, mib in _BUFFER_LINE.findall(log):
-        key = kind.lower()
-        sizes[key] = sizes.get(key, 0.0) + float(mib)
+    for device, kind, mib in found:
+        if _is_host(device) != on_gpu:
+            sizes[kind] = sizes.get(kind, 0.0) + mib
     return sizes
+
+
+def _is_host(device: str) -> bool:
+    device = device.removesuffix("_Mapped")  # the model's mmap'd tensors: CPU_Mapped
+    return device == "CPU" or device.endswith("_Host")

@@ -62,6 +62,21 @@ def test_run_gate_and_stop_a_real_llama_server(engine, models_dir):
     assert our_containers(engine, spec.owner) == []
 
 
+def test_the_images_own_health_check_is_disabled(engine, models_dir):
+    # The llama.cpp images declare a check on port 8080, where our servers never listen: without this
+    # Docker marks every container unhealthy.
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+
+    async def scenario():
+        runtime, container_id, _ = await start_and_gate(spec, deadline=30)
+        config = engine.api.inspect_container(container_id)["Config"]
+        await runtime.stop_and_remove(container_id, grace=5)
+        await runtime.close()
+        return config
+
+    assert asyncio.run(scenario())["Healthcheck"] == {"Test": ["NONE"]}
+
+
 def test_gate_reports_exit_code_and_log_tail(engine, models_dir):
     spec = spec_for(models_dir, "broken.gguf", f"rt{RUN_ID}")
     with pytest.raises(ModelStartFailed) as caught:

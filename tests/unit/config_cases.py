@@ -179,6 +179,28 @@ BAD_CONFIGS = [
         """, [(5, "models[1].name: duplicate model name 'a' (also models[0])"),
               (6, "models[1].gguf: model file {dir}/gone.gguf does not exist"),
               (1, "profile: unknown profile 'gpu-9x9g'")], id="every-cross-check-problem-reported"),
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args: ["--threads", "8", "--ctx-size=65536"]
+        """, [(4, "models[0].extra_args: '--ctx-size' is set by localllm, which sizes the model's memory by it; "
+                  "set context_size instead")], id="extra-args-override-a-pinned-flag"),
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args: ["-ngl", "10"]
+        """, [(4, "models[0].extra_args: '-ngl' is set by localllm, which sizes the model's memory by it; "
+                  "set gpu_layers instead")], id="extra-args-short-pinned-flag"),
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            flash_attention: false
+            cache_type_v: q8_0
+        """, [({2, 3}, "models[0]: cache_type_v: q8_0 needs flash_attention: true (llama.cpp refuses a quantized V "
+                       "cache without flash attention)")], id="quantized-v-cache-without-flash-attention"),
 ]
 
 

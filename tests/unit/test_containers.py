@@ -63,6 +63,12 @@ def test_all_gpus_and_one_gpu_hash_differently():
         dataclasses.replace(BASE, gpu_device_ids=("0",)).config_hash()
 
 
+def test_a_gpu_by_uuid_and_by_index_hash_differently():
+    # a container requested by index before GPUs were addressed by UUID is replaced, not adopted
+    assert dataclasses.replace(BASE, gpu_device_ids=("GPU-5f3e",)).config_hash() != \
+        dataclasses.replace(BASE, gpu_device_ids=("0",)).config_hash()
+
+
 @pytest.mark.parametrize("changes", [
     {"name": "localllm-other-tiny-abc123"},
     {"owner": "other"},

@@ -47,9 +47,10 @@ def test_overhead_constant():
 
 def test_cpu_holds_every_tensor_and_no_overhead():
     got = estimate(FACTS, LaunchSettings(context=1024))
+    # outputs: the logits buffer, 1000 tokens × 1 slot × 4 bytes
     assert got == Estimate(weights=11_200, kv_cache=KV_1024_F16, compute=COMPUTE_1024, overhead=0,
-                           offloaded_layers=0, total_layers=4)
-    assert got.total == 11_200 + 1_572_864 + 9_437_184 + 0 == 11_021_248
+                           offloaded_layers=0, total_layers=4, output_head=0, outputs=4_000)
+    assert got.total == 11_200 + 1_572_864 + 9_437_184 + 4_000 + 0 == 11_025_248
 
 
 def test_cpu_ignores_gpu_layers():
@@ -73,12 +74,14 @@ def test_kv_cache_by_cache_type(cache_k, cache_v, kv):
 @pytest.mark.parametrize("facts, launch, kv, compute", [
     # ubatch is min(512, context): 256 here. mask 256 × 256 × 2 = 131_072; ff 4 × 256 × 4096 = 4_194_304.
     (FACTS, LaunchSettings(context=256), 256 * 1536, 131_072 + 4_194_304),
-    # without flash attention the scores: 1024 × 512 × 4 × 8 heads = 16_777_216, plus ff.
-    (FACTS, LaunchSettings(context=1024, flash_attention=False), KV_1024_F16, 16_777_216 + 8_388_608),
+    # without flash attention an f32 mask 1024 × 512 × 4 = 2_097_152, and the larger of ff and the scores,
+    # 1024 × 512 × 4 × 8 heads = 16_777_216, plus Q, K, V and the residual, 5.5 × 2048 × 256 = 2_883_584.
+    (FACTS, LaunchSettings(context=1024, flash_attention=False), KV_1024_F16, 2_097_152 + 16_777_216 + 2_883_584),
     # 4 slots share the context: KV unchanged; mask over a slot's share: 256 × 512 × 2 = 262_144.
     (FACTS, LaunchSettings(context=1024, parallel=4), KV_1024_F16, 262_144 + 8_388_608),
-    # 4 slots without flash attention: 256 × 512 × 4 × 8 = 4_194_304.
-    (FACTS, LaunchSettings(context=1024, parallel=4, flash_attention=False), KV_1024_F16, 4_194_304 + 8_388_608),
+    # 4 slots without flash attention: mask 256 × 512 × 4 = 524_288; scores 256 × 512 × 4 × 8 + 2_883_584
+    # = 7_077_888 are less than ff.
+    (FACTS, LaunchSettings(context=1024, parallel=4, flash_attention=False), KV_1024_F16, 524_288 + 8_388_608),
     # ff 4 × 512 × (512 + 3.5 × 64) = 1_507_328 < logits 2048 × 256 + 4 × 300_000 = 1_724_288.
     (replace(FACTS, feed_forward=64, vocab_size=300_000), LaunchSettings(context=1024), KV_1024_F16,
      1_048_576 + 1_724_288),
@@ -119,14 +122,15 @@ def test_full_attention_layers_ignore_slots():
     assert one == eight == 4096 * 1536
 
 
+# -ngl N puts the output layer (head 700) and the last N - 1 blocks on the GPU (llama-model.cpp: load_tensors).
 @pytest.mark.parametrize("gpu_layers, weights, kv, offloaded", [
     (-1, 10_000 + 700, KV_1024_F16, 4),      # every layer and the output head, never token_embd (500)
-    (5, 10_000 + 700, KV_1024_F16, 4),       # more than the block count: the same
+    (5, 10_000 + 700, KV_1024_F16, 4),       # blocks + 1: the same
     (99, 10_000 + 700, KV_1024_F16, 4),
-    (4, 10_000, KV_1024_F16, 4),             # every block but not the output head
-    (2, 3000 + 4000, 1024 * (256 + 256), 2),  # the last two layers
-    (1, 4000, 1024 * 256, 1),                 # the last layer
-    (3, 2000 + 3000 + 4000, 1024 * (512 + 256 + 256), 3),
+    (4, 2000 + 3000 + 4000 + 700, 1024 * (512 + 256 + 256), 3),  # the head takes one of the four
+    (2, 4000 + 700, 1024 * 256, 1),           # the head and the last layer
+    (1, 700, 0, 0),                           # the head alone
+    (3, 3000 + 4000 + 700, 1024 * (256 + 256), 2),
 ])
 def test_gpu_offload(gpu_layers, weights, kv, offloaded):
     got = estimate(FACTS, LaunchSettings(context=1024, gpu_layers=gpu_layers, on_gpu=True))
@@ -135,9 +139,15 @@ def test_gpu_offload(gpu_layers, weights, kv, offloaded):
     assert got.total == weights + kv + COMPUTE_1024 + 471_859_200
 
 
+def test_no_gpu_layers_means_nothing_on_the_gpu_but_the_runtime():
+    got = estimate(FACTS, LaunchSettings(context=1024, gpu_layers=0, on_gpu=True))
+    assert (got.weights, got.kv_cache, got.compute, got.outputs, got.total) == (0, 0, 0, 0, GPU_RUNTIME_OVERHEAD)
+
+
 def test_gpu_offload_of_sliding_window_layers_counts_their_window():
-    # last two layers: layer 2 (SWA, 256 per cell, 768 cells) and layer 3 (full, 256 per cell, 4096 cells)
-    got = estimate(SWA, LaunchSettings(context=4096, gpu_layers=2, on_gpu=True))
+    # -ngl 3: the head and the last two layers: layer 2 (SWA, 256 per cell, 768 cells) and layer 3
+    # (full, 256 per cell, 4096 cells)
+    got = estimate(SWA, LaunchSettings(context=4096, gpu_layers=3, on_gpu=True))
     assert got.kv_cache == 768 * 256 + 4096 * 256
 
 
@@ -148,8 +158,10 @@ def test_gpu_offload_of_sliding_window_layers_counts_their_window():
 def test_total_is_the_sum_of_the_parts(launch):
     got = estimate(SWA, launch)
     parts = got.as_dict()
-    assert got.total == got.weights + got.kv_cache + got.compute + got.overhead
-    assert parts["total"] == parts["weights"] + parts["kv_cache"] + parts["compute"] + parts["overhead"]
+    assert got.total == got.weights + got.kv_cache + got.compute + got.outputs + got.overhead
+    assert parts["total"] == (parts["weights"] + parts["kv_cache"] + parts["compute"] + parts["outputs"]
+                              + parts["overhead"])
+    assert parts["output_head"] <= parts["weights"]
     assert (parts["offloaded_layers"], parts["total_layers"]) == (got.offloaded_layers, 4)
 
 
@@ -195,11 +207,11 @@ RECORDED_LOG = """\
 @pytest.mark.parametrize("log, expected", [
     (RECORDED_LOG, {"model": 73.25, "kv": 8.0, "compute": 10.01}),
     ("load_tensors:        CUDA0 model buffer size =   100.00 MiB\n"
-     "load_tensors:   CPU_Mapped model buffer size =    10.00 MiB\n", {"model": 110.0}),
+     "load_tensors:   CPU_Mapped model buffer size =    10.00 MiB\n", {"model": 100.0}),  # host buffers: not the GPU's
     ("llama_kv_cache:      CUDA0 KV buffer size =    64.00 MiB\n"
      "llama_kv_cache:      CUDA1 KV buffer size =    32.50 MiB\n"
      "llama_context:      CUDA0 compute buffer size =   300.75 MiB\n"
-     "llama_context:  CUDA_Host compute buffer size =    12.00 MiB\n", {"kv": 96.5, "compute": 312.75}),
+     "llama_context:  CUDA_Host compute buffer size =    12.00 MiB\n", {"kv": 96.5, "compute": 300.75}),
     ("", {}),
     ("llama_context:        CPU  output buffer size =     0.49 MiB\n", {}),
 ])

@@ -55,6 +55,19 @@ def test_facts_of_tiny_models(tmp_path, embedding, blocks, heads, kv_heads, feed
     assert facts.input_bytes == input_bytes
     assert facts.output_bytes == output_bytes
     assert facts.weight_bytes == input_bytes + blocks * block_bytes + output_bytes
+    assert facts.tied_output_bytes == 0  # it has an output.weight of its own
+
+
+@pytest.mark.parametrize("extra_vocab", [0, 1000])
+def test_a_tied_head_is_the_token_embedding_counted_once_more(tmp_path, extra_vocab):
+    # No output.weight: llama.cpp duplicates token_embd as the head (TENSOR_DUPLICATED), so the
+    # facts carry its bytes for the GPU, while the file's own bytes stay those of each tensor once.
+    path = write_tiny_model(tmp_path / "tied.gguf", tied_embeddings=True, extra_vocab=extra_vocab)
+    facts = read_gguf_facts(path)
+    vocab = 311 + extra_vocab
+    assert facts.input_bytes == facts.tied_output_bytes == vocab * 64 * F32
+    assert facts.output_bytes == 64 * F32  # the output norm alone
+    assert facts.weight_bytes == facts.input_bytes + 2 * 147_968 + 64 * F32
 
 
 def test_default_tiny_model_in_numbers(tmp_path):
@@ -90,6 +103,7 @@ def test_sliding_window_and_per_layer_kv_heads_from_the_header(tmp_path):
     assert facts.sliding_window == 128
     assert facts.swa_layers == (True, False, True)
     assert (facts.layer_bytes, facts.input_bytes, facts.output_bytes) == ((128, 0, 8), 48, 20)
+    assert facts.tied_output_bytes == 0
 
 
 T, F = True, False

@@ -9,11 +9,16 @@ import pytest
 from supervisor.backends import backend_for, llamacpp
 from supervisor.config import DaemonSettings, ModelEntry
 from supervisor.containers import BindMount, container_name
+from supervisor.estimate import LaunchSettings
+from supervisor.placement import Device
 from supervisor.profiles import load_profiles
 
 PROFILES = load_profiles()
 CPU = PROFILES["cpu-only"]
 GPU = PROFILES["gpu-1x24g"]
+GPU0 = Device(id="gpu0", budget=20 << 30, index=0, uuid="GPU-8d2c7e1a-0000-4000-8000-000000000001")
+PINNED_CPU = ("--ctx-size", "4096", "--parallel", "1", "--no-kv-unified", "--ubatch-size", "512",
+              "--cache-type-k", "f16", "--cache-type-v", "f16", "--flash-attn", "on", "--fit", "off")
 
 
 def entry(tmp_path: Path, **fields) -> ModelEntry:
@@ -30,7 +35,7 @@ def test_cpu_profile_spec(tmp_path):
     spec = llamacpp.container_spec(entry(tmp_path), CPU, settings, 28100)
     assert spec.command == (
         "--model", "/models/tiny.gguf", "--alias", "tiny", "--host", "127.0.0.1", "--port", "28100",
-        "--ctx-size", "4096", "--parallel", "1",
+        *PINNED_CPU,
     )
     assert spec.gpu_device_ids is None
     assert spec.image == CPU.defaults.images.llamacpp == "localllm/llama-server:0.3.36-cpu"
@@ -41,20 +46,70 @@ def test_cpu_profile_spec(tmp_path):
 
 
 @pytest.mark.parametrize("profile_name", ["gpu-1x8g", "gpu-1x24g", "gpu-2x24g", "gpu-1x80g"])
-def test_gpu_profile_uses_all_gpus_and_profile_layers(tmp_path, profile_name):
+def test_gpu_profile_pins_its_gpu_and_profile_layers(tmp_path, profile_name):
     profile = PROFILES[profile_name]
-    spec = llamacpp.container_spec(entry(tmp_path), profile, DaemonSettings(), 28150)
-    assert spec.gpu_device_ids == ()
+    spec = llamacpp.container_spec(entry(tmp_path), profile, DaemonSettings(), 28150, GPU0)
+    assert spec.gpu_device_ids == (GPU0.uuid,)
+    assert spec.device == "gpu0"
     assert flag(spec.command, "--n-gpu-layers") == str(profile.defaults.gpu_layers) == "999"
     assert flag(spec.command, "--ctx-size") == str(profile.defaults.context_size)
     assert flag(spec.command, "--parallel") == str(profile.defaults.parallel)
-    assert spec.image == "ghcr.io/ggml-org/llama.cpp:server-cuda"
+    assert spec.image == "ghcr.io/ggml-org/llama.cpp:server-cuda-b11312"  # the build estimate.py models
 
 
-@pytest.mark.parametrize("gpu_layers, shown", [(None, "999"), (20, "20"), (0, "0"), (-1, "-1")])
+def test_gpu_command_pins_fit_flash_attention_kv_unified_and_the_device(tmp_path):
+    spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28100, GPU0)
+    assert spec.command[8:] == (
+        "--ctx-size", "16384", "--parallel", "2", "--no-kv-unified", "--ubatch-size", "512",
+        "--cache-type-k", "f16", "--cache-type-v", "f16", "--flash-attn", "on", "--fit", "off",
+        "--n-gpu-layers", "999", "--device", "CUDA0",  # the one GPU the container is given is CUDA0 inside it
+    )
+
+
+@pytest.mark.parametrize("flash_attention, shown", [(True, "on"), (False, "off")])
+def test_flash_attention_follows_the_model_and_reaches_the_estimate(tmp_path, flash_attention, shown):
+    model = entry(tmp_path, flash_attention=flash_attention)
+    for profile, device in ((CPU, None), (GPU, GPU0)):
+        assert flag(llamacpp.container_spec(model, profile, DaemonSettings(), 28100, device).command,
+                    "--flash-attn") == shown
+        assert llamacpp.launch_settings(model, profile).flash_attention is flash_attention
+
+
+@pytest.mark.parametrize("launch, expected", [
+    (LaunchSettings(context=2048), ["--no-kv-unified"]),
+    (LaunchSettings(context=2048, parallel=4, kv_unified=True), ["--kv-unified"]),
+])
+def test_the_kv_unified_flag_follows_the_launch_settings(launch, expected):
+    flags = llamacpp.launch_flags(launch)
+    assert [f for f in flags if "kv-unified" in f] == expected
+
+
+@pytest.mark.parametrize("gpu_layers, shown", [(None, "999"), (20, "20"), (0, "0"), (-1, "all")])
 def test_model_gpu_layers_override_the_profile(tmp_path, gpu_layers, shown):
-    spec = llamacpp.container_spec(entry(tmp_path, gpu_layers=gpu_layers), GPU, DaemonSettings(), 28100)
+    # -1 is "every layer" to us, but "auto" (fit to free memory) to llama.cpp: it becomes "all"
+    spec = llamacpp.container_spec(entry(tmp_path, gpu_layers=gpu_layers), GPU, DaemonSettings(), 28100, GPU0)
     assert flag(spec.command, "--n-gpu-layers") == shown
+
+
+@pytest.mark.parametrize("device, ids", [
+    (GPU0, ("GPU-8d2c7e1a-0000-4000-8000-000000000001",)),     # the UUID, when NVML gave one
+    (Device(id="gpu1", budget=1, index=1), ("1",)),               # else the index
+    (Device(id="gpu1", budget=1, index=1, uuid=""), ("1",)),
+])
+def test_the_gpu_is_requested_by_uuid_else_by_index(tmp_path, device, ids):
+    spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28100, device)
+    assert spec.gpu_device_ids == ids
+    assert spec.device == device.id
+
+
+@pytest.mark.parametrize("device, message", [
+    (None, "has GPUs, but no GPU was given"),
+    (Device(id="gpu7", budget=1), "gpu7 has neither a UUID nor an index"),
+])
+def test_a_gpu_profile_without_a_known_gpu_is_an_error_not_every_gpu(tmp_path, device, message):
+    # An empty device request means every GPU to Docker, and the server would spread over them.
+    with pytest.raises(ValueError, match=message):
+        llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28100, device)
 
 
 def test_model_gpu_layers_are_ignored_without_gpus(tmp_path):
@@ -67,22 +122,23 @@ def test_model_gpu_layers_are_ignored_without_gpus(tmp_path):
     (CPU, None, "4096"), (CPU, 512, "512"), (GPU, None, "16384"), (GPU, 65536, "65536"),
 ])
 def test_model_context_size_overrides_the_profile(tmp_path, profile, context_size, shown):
-    spec = llamacpp.container_spec(entry(tmp_path, context_size=context_size), profile, DaemonSettings(), 28100)
+    device = GPU0 if profile.has_gpus else None
+    spec = llamacpp.container_spec(entry(tmp_path, context_size=context_size), profile, DaemonSettings(), 28100, device)
     assert flag(spec.command, "--ctx-size") == shown
 
 
 def test_server_binds_loopback_on_the_given_port(tmp_path):
-    spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28177)
+    spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28177, GPU0)
     assert (flag(spec.command, "--host"), flag(spec.command, "--port"), spec.port) == ("127.0.0.1", "28177", 28177)
     assert llamacpp.base_url(28177) == "http://127.0.0.1:28177"
     assert llamacpp.readiness_path == "/health"
 
 
 def test_extra_args_are_appended_last(tmp_path):
-    model = entry(tmp_path, extra_args=["--flash-attn", "--threads", "4"])
-    for profile in (CPU, GPU):
-        spec = llamacpp.container_spec(model, profile, DaemonSettings(), 28100)
-        assert spec.command[-3:] == ("--flash-attn", "--threads", "4")
+    model = entry(tmp_path, extra_args=["--mlock", "--threads", "4"])
+    for profile, device in ((CPU, None), (GPU, GPU0)):
+        spec = llamacpp.container_spec(model, profile, DaemonSettings(), 28100, device)
+        assert spec.command[-3:] == ("--mlock", "--threads", "4")
 
 
 def test_model_is_mounted_read_only_under_its_basename(tmp_path):
@@ -96,8 +152,8 @@ def test_model_is_mounted_read_only_under_its_basename(tmp_path):
 
 def test_spec_is_pure(tmp_path):
     model = entry(tmp_path)
-    first = llamacpp.container_spec(model, GPU, DaemonSettings(), 28100)
-    assert llamacpp.container_spec(model, GPU, DaemonSettings(), 28100) == first
+    first = llamacpp.container_spec(model, GPU, DaemonSettings(), 28100, GPU0)
+    assert llamacpp.container_spec(model, GPU, DaemonSettings(), 28100, GPU0) == first
     assert llamacpp.container_spec(model, CPU, DaemonSettings(), 28100).config_hash() != first.config_hash()
 
 

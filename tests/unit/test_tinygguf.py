@@ -44,6 +44,29 @@ def test_written_model_reads_back(tmp_path, blocks, embedding, heads, kv_heads, 
     assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf"]
 
 
+def test_tied_embeddings_leave_out_the_output_head(tmp_path):
+    reader, _ = fields(write_tiny_model(tmp_path / "tied.gguf", tied_embeddings=True))
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names
+    assert {"token_embd.weight", "output_norm.weight"} <= names
+    assert len(reader.tensors) == 2 + 9 * 2
+    untied, _ = fields(write_tiny_model(tmp_path / "untied.gguf"))
+    assert "output.weight" in {t.name for t in untied.tensors}
+
+
+def test_a_150k_vocabulary_is_written_whole(tmp_path):
+    # As the GPU bench writes it: a vocabulary the size of Qwen's, with a tied head. (gguf's reader takes
+    # seconds over 150k strings, so the file is checked by its bytes.)
+    path = write_tiny_model(tmp_path / "big.gguf", tied_embeddings=True, extra_vocab=150_000)
+    data = path.read_bytes()
+    vocab = VOCAB + 150_000
+    last = "▁w149999".encode()
+    assert data.count(last) == 1 and data.find(last) < data.find(b"token_embd.weight")
+    assert (13).to_bytes(8, "little") + b"output.weight" not in data  # as a tensor name of its own
+    tensors = (vocab * 64 + 64 + 2 * (2 * 64 + 2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)) * 4
+    assert tensors < len(data) < tensors + 4 * 1024 * 1024  # the rest: the header, mostly the 150k tokens
+
+
 def test_feed_forward_length_can_be_chosen(tmp_path):
     _, kv = fields(write_tiny_model(tmp_path / "t.gguf", feed_forward=100))
     assert kv["llama.feed_forward_length"] == 100

@@ -1,0 +1,55 @@
+"""The flags a container of ours gets, on the real (CPU) llama-server.
+
+Every flag that pins an assumption of the estimate must be one the server knows (an unknown flag
+makes it exit), and a GPU command must fail fast on a server that has no CUDA device instead of
+serving from the CPU with ``/health`` answering 200.
+"""
+
+from __future__ import annotations
+
+from supervisor.backends import llamacpp
+from supervisor.config import DaemonSettings, ModelEntry
+from supervisor.placement import Device
+from supervisor.profiles import load_profiles
+
+from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, poll_for
+
+CPU_IMAGE = "localllm/llama-server:0.3.36-cpu"
+
+
+def run_to_exit(engine, models_dir, command) -> tuple[int, str]:
+    container = engine.containers.run(
+        CPU_IMAGE, list(command), detach=True, network_mode="host", labels={TEST_RUN_LABEL: RUN_ID},
+        volumes={str(models_dir / "tiny.gguf"): {"bind": "/models/tiny.gguf", "mode": "ro"}})
+    try:
+        status = poll_for(lambda: container.reload() or container.status == "exited", 60, "llama-server to exit")
+        assert status
+        return container.attrs["State"]["ExitCode"], container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+
+
+def test_a_gpu_command_exits_on_a_server_without_cuda(engine, models_dir):
+    # What the server-cuda image does when CUDA cannot start (no GPU injected, a driver too old):
+    # its CUDA backend is not there, so CUDA0 is unknown and it exits, rather than serving on the CPU.
+    gpu = load_profiles()["gpu-1x24g"]
+    entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256)
+    spec = llamacpp.container_spec(entry, gpu, DaemonSettings(), free_tcp_port(),
+                                   Device(id="gpu0", budget=1 << 30, index=0, uuid="GPU-0"))
+    assert spec.command[-4:] == ("--n-gpu-layers", "999", "--device", "CUDA0")
+    code, log = run_to_exit(engine, models_dir, spec.command)
+    assert code != 0
+    assert "invalid device: CUDA0" in log
+
+
+def test_every_pinned_flag_is_known_to_the_server(engine, models_dir):
+    # The GPU command without the device: --fit, --flash-attn, --no-kv-unified, -ub, the cache types,
+    # and -ngl all parse (a CPU build only warns about -ngl); --help exits 0 once they all did.
+    gpu = load_profiles()["gpu-1x24g"]
+    entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256, gpu_layers=-1)
+    launch = llamacpp.launch_settings(entry, gpu)
+    flags = [*llamacpp.launch_flags(launch), *llamacpp.gpu_flags(launch)[:2]]
+    assert flags[-2:] == ["--n-gpu-layers", "all"]
+    code, log = run_to_exit(engine, models_dir, ["--model", "/models/tiny.gguf", *flags, "--help"])
+    assert code == 0, log
+    assert "error" not in log.lower().split("usage")[0]
