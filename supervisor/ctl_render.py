@@ -43,6 +43,8 @@ def render_status(status: dict) -> str:
                      format_mib(memory.get("measured")), str(model["port"] or "-"), model["container"] or "-",
                      str(model["in_flight"]), str(model.get("waiting", 0)), last, flags or "-"])
     errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
+    errors += [f"  device {d['id']}{' (' + d['uuid'] + ')' if d.get('uuid') else ''} is unusable: {d['problem']}"
+               for d in status.get("devices", []) if d.get("problem")]
     table = render_table(rows) if status["models"] else "(no models in the catalog)"
     return head + "\n" + table + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
 

@@ -219,17 +219,6 @@ class DockerRuntime:
 
         return await self._run(f"inspect container {container_id[:12]}", get)
 
-    async def main_pid(self, container_id: str) -> int | None:
-        """The host PID of the container's main process, while it runs."""
-
-        def pid() -> int | None:
-            try:
-                return int(self.client.containers.get(container_id).attrs["State"]["Pid"]) or None
-            except docker.errors.NotFound:
-                return None
-
-        return await self._run(f"inspect container {container_id[:12]}", pid)
-
     async def stop_and_remove(self, container_id: str, grace: float) -> None:
         """SIGTERM, wait up to ``grace`` seconds, SIGKILL, then remove. Gone already is fine."""
 

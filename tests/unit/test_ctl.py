@@ -115,6 +115,15 @@ def test_render_status_table_and_errors():
     assert [lines[5].index(cell) for cell in ("ready", "28100", "preload")] == columns  # aligned
 
 
+def test_render_status_names_an_unusable_device_among_the_errors():
+    devices = [{"id": "gpu0", "uuid": "GPU-8e41", "budget": 0, "measured_free": 0,
+                "problem": "memory info failed: NVML_ERROR_GPU_IS_LOST"},
+               {"id": "gpu1", "uuid": "GPU-f07a", "budget": 23 * 2**30, "measured_free": 20 * 2**30, "problem": None}]
+    text = render_status({"daemon": DAEMON, "devices": devices, "models": [model("tiny")]})
+    assert text.splitlines()[-2:] == ["errors:", "  device gpu0 (GPU-8e41) is unusable: memory info failed: "
+                                                 "NVML_ERROR_GPU_IS_LOST"]
+
+
 def test_render_status_without_errors_has_no_errors_section():
     text = render_status({"daemon": DAEMON, "models": [model("tiny", pinned=True)]})
     assert "errors:" not in text
