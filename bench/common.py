@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from supervisor import __version__  # noqa: E402
+from supervisor.backends.llamacpp import launch_flags  # noqa: E402
+from supervisor.estimate import LaunchSettings  # noqa: E402
 from supervisor.images import cpu_image_tag  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -169,10 +171,11 @@ class Daemon:
 
 def raw_llama_server(engine, model: Path, port: int, parallel: int = 1, context: int = 256,
                      extra_args: tuple[str, ...] = ()):
-    """The same server localllm would run, started directly with ``docker run`` (host network, 127.0.0.1)."""
+    """The same server localllm would run, started directly with ``docker run`` (host network, 127.0.0.1),
+    with the same pinned flags (context, slots, cache, flash attention, fit) as localllm's containers."""
+    pinned = launch_flags(LaunchSettings(context=context, parallel=parallel))
     return engine.containers.run(
-        cpu_image_tag(), ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(port), "-c", str(context),
-                          "--parallel", str(parallel), *extra_args],
+        cpu_image_tag(), ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(port), *pinned, *extra_args],
         detach=True, network_mode="host", labels={BENCH_LABEL: "raw"},
         volumes={str(model): {"bind": "/models/m.gguf", "mode": "ro"}})
 

@@ -7,7 +7,7 @@ and one client (aiohttp, in this process) drives all three alike:
 
 - direct: a llama-server container (``bench.common.raw_llama_server``);
 - localllm: a localllmd with the same model (preloaded), its own container with the same
-  server arguments (``--parallel`` through ``extra_args``), requests to its proxy;
+  server arguments (``parallel``, and ``--threads`` through ``extra_args``), requests to its proxy;
 - litellm: LiteLLM's proxy (its own venv, see ``bench/litellm_env.py``) whose one
   ``model_list`` entry points at the direct llama-server.
 
@@ -301,7 +301,7 @@ def run(workdir: Path, quick: bool = False) -> dict:
         direct_url = f"http://127.0.0.1:{direct_port}"
         wait_healthy(direct_url)
         daemon = Daemon(workdir, [{"name": MODEL, "gguf": str(model), "context_size": CONTEXT, "preload": True,
-                                   "extra_args": ["--parallel", str(PARALLEL), *THREADS]}])
+                                   "parallel": PARALLEL, "extra_args": [*THREADS]}])
         daemon.wait_state(MODEL, "ready")
         localllm_port = next(m["port"] for m in daemon.status()["models"] if m["name"] == MODEL)
         urls = {"direct": f"{direct_url}/v1/chat/completions",

@@ -28,7 +28,7 @@ LLAMA_FLAGS_SET_BY_LOCALLLM = {
     **dict.fromkeys(("-a", "--alias"), "name"),
     **dict.fromkeys(("--host", "--port"), "daemon.port_range (servers bind 127.0.0.1)"),
     **dict.fromkeys(("-c", "--ctx-size"), "context_size"),
-    **dict.fromkeys(("-np", "--parallel"), "the profile's parallel"),
+    **dict.fromkeys(("-np", "--parallel"), "parallel"),
     **dict.fromkeys(("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), "nothing yet (localllm pins it off)"),
     **dict.fromkeys(("-ub", "--ubatch-size"), "nothing yet (localllm pins 512)"),
     **dict.fromkeys(("-ctk", "--cache-type-k"), "cache_type_k"),
@@ -50,6 +50,7 @@ class ModelEntry(Strict):
     pull: bool = False  # ollama: pull the tag when the server does not have it
     memory: Bytes | None = Field(default=None, gt=0)  # declared need; overrides the estimate
     context_size: int | None = Field(default=None, ge=128)
+    parallel: int | None = Field(default=None, ge=1)  # llamacpp: slots (--parallel); default: the profile's
     gpu_layers: int | None = Field(default=None, ge=-1)
     image: str | None = None  # default: the profile's image for the backend
     cache_type_k: CacheType = "f16"
@@ -100,7 +101,7 @@ class ModelEntry(Strict):
         if self.context_size is not None:
             raise ValueError("context_size: an Ollama model runs with the server's context (ollama.context_size): "
                              "Ollama reloads a model at every request whose context differs")
-        llama_only = [name for name in ("gguf", "gpu_layers", "image") if getattr(self, name) is not None]
+        llama_only = [name for name in ("gguf", "gpu_layers", "image", "parallel") if getattr(self, name) is not None]
         llama_only += [name for name in ("extra_args",) if getattr(self, name)]
         llama_only += [name for name in ("cache_type_k", "cache_type_v") if getattr(self, name) != "f16"]
         llama_only += [name for name in ("flash_attention",) if not getattr(self, name)]

@@ -30,7 +30,7 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
     gpu_layers = defaults.gpu_layers if model.gpu_layers is None else model.gpu_layers
     return LaunchSettings(
         context=model.context_size or defaults.context_size,
-        parallel=defaults.parallel,
+        parallel=model.parallel or defaults.parallel,
         cache_type_k=model.cache_type_k,
         cache_type_v=model.cache_type_v,
         gpu_layers=gpu_layers,

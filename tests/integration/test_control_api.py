@@ -23,8 +23,8 @@ from .conftest import executable, free_tcp_port, poll_for
 
 TOKEN = "test-token-0123456789abcdef"
 TINY = {"name": "tiny", "gguf": "tiny.gguf"}
-# A server that never answers its health check (it listens elsewhere): its start hangs until the timeout.
-HANGING = {"name": "hang", "gguf": "tiny2.gguf", "extra_args": ["--host", "127.0.0.2"], "startup_timeout": 8}
+# A server that never answers its health check (it serves under another path): its start hangs until the timeout.
+HANGING = {"name": "hang", "gguf": "tiny2.gguf", "extra_args": ["--api-prefix", "/elsewhere"], "startup_timeout": 8}
 
 CONNECT = """
 import socket, sys
@@ -119,7 +119,7 @@ def test_conflicting_operations_get_409(start_daemon, tmp_path):
 
     post(daemon, "/models/tiny/load")
     config = yaml.safe_load(daemon.config_path.read_text())
-    config["models"][0].update(extra_args=["--host", "127.0.0.2"], startup_timeout=6)  # its new container hangs
+    config["models"][0].update(extra_args=["--api-prefix", "/elsewhere"], startup_timeout=6)  # its new one hangs
     changed = tmp_path / "changed.yaml"
     changed.write_text(broken := yaml.safe_dump(config))
     applying: dict = {}

@@ -127,9 +127,9 @@ def test_sigterm_stops_and_removes_every_container(start_daemon, engine):
 
 
 def test_sigterm_during_a_start_cancels_it_and_leaves_nothing(start_daemon, engine):
-    # The server listens on another port than the one the gate probes, so the start never completes.
+    # The server answers under another path than the one the gate probes, so the start never completes.
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True,
-                            "extra_args": ["--port", "39999"]}], wait_ready=False)
+                            "extra_args": ["--api-prefix", "/elsewhere"]}], wait_ready=False)
     daemon.wait_state("tiny", "starting")
     poll_for(lambda: our_containers(engine, daemon.instance), timeout=30, what="the container to exist")
     daemon.process.send_signal(signal.SIGTERM)

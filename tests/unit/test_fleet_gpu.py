@@ -41,12 +41,12 @@ def events_of(bus, kind: str) -> list:
     return [e for e in bus.recent() if e.kind == kind]
 
 
-async def load_on_gpu(fleet, runtime, gpus, name: str, used: int) -> str:
-    """Load ``name``; its container's process shows ``used`` bytes on GPU 0 as soon as it runs."""
+async def load_on_gpu(fleet, runtime, gpus, name: str, used: int, gpu_index: int = 0) -> str:
+    """Load ``name``; its container's process shows ``used`` bytes on the GPU as soon as it runs."""
     async def show_up():
         while not fleet.instances[name].container_id:
             await asyncio.sleep(0.01)
-        gpus.put(runtime.containers[fleet.instances[name].container_id].pids[0], used)
+        gpus.put(runtime.containers[fleet.instances[name].container_id].pids[0], used, gpu_index)
     helper = asyncio.ensure_future(show_up())
     await fleet.load(name)
     await helper
@@ -205,11 +205,7 @@ def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path)
         assert event.message == "gpu0 is unusable: memory info failed: NVML_ERROR_GPU_IS_LOST"
         assert fleet.devices()[0] == {"id": "gpu0", "uuid": "GPU-0", "budget": 0, "measured_free": 0,
                                       "problem": "memory info failed: NVML_ERROR_GPU_IS_LOST"}
-        container_task = asyncio.ensure_future(fleet.load("m"))
-        while not fleet.instances["m"].container_id:
-            await asyncio.sleep(0.01)
-        gpus.put(runtime.containers[fleet.instances["m"].container_id].pids[0], GIB, gpu_index=1)
-        await container_task
+        await load_on_gpu(fleet, runtime, gpus, "m", GIB, gpu_index=1)
         assert fleet.scheduler.slots["m"].device == "gpu1"
         assert fleet.instances["m"].spec.gpu_device_ids == ("GPU-1",)  # addressed by UUID
         gpus.readings = [gpu_reading(0), gpu_reading(1)]

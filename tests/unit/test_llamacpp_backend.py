@@ -159,3 +159,10 @@ def test_spec_is_pure(tmp_path):
 
 def test_backend_for_llamacpp():
     assert backend_for("llamacpp") is llamacpp
+
+
+def test_a_models_own_parallel_slots_reach_the_command_and_the_estimate(tmp_path):
+    entry = ModelEntry(name="m", gguf=tmp_path / "m.gguf", parallel=4, context_size=8192)
+    assert llamacpp.launch_settings(entry, CPU).parallel == 4
+    command = llamacpp.container_spec(entry, CPU, DaemonSettings(), 28100).command
+    assert command[command.index("--parallel") + 1] == "4"
