@@ -36,9 +36,10 @@ def render_status(status: dict) -> str:
              "LAST USED", "FLAGS"]]
     now = time.time()
     for model in status["models"]:
-        flags = ",".join(f for f in ("preload", "pinned") if model[f])
-        last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
         memory = model.get("memory") or {}
+        offload = ["cpu-offload"] if memory.get("partial_offload") else []  # Ollama put part of it on the CPU
+        flags = ",".join([f for f in ("preload", "pinned") if model[f]] + offload)
+        last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
         rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
                      format_mib(memory.get("measured")), str(model["port"] or "-"), model["container"] or "-",
                      str(model["in_flight"]), str(model.get("waiting", 0)), last, flags or "-"])

@@ -94,7 +94,7 @@ class Instance:
     served: int = 0  # requests granted in this run: a run that served none does not teach a lower size
     failed_probes: int = 0
     show_estimate: int | None = None  # Ollama: estimated from /api/show
-    offload_reported: bool = False  # Ollama: a partial CPU offload was reported for this run
+    offload: tuple[int, int] | None = None  # Ollama: (size_vram, size) while part of it is on the CPU
 
     @property
     def name(self) -> str:
@@ -241,6 +241,8 @@ class Fleet:
                 "learned": sizing.learned,
                 "measured": instance.measured,
                 "peak": instance.peak,
+                "partial_offload": ({"size_vram": instance.offload[0], "size": instance.offload[1]}
+                                    if instance.offload else None),
             },
             "error": instance.error,
             "failures": slot.failures,
@@ -477,7 +479,7 @@ class Fleet:
     def _finish_run(self, instance: Instance) -> None:
         """A model stops: its run's peak counts towards learning (a lower size only after several such runs)."""
         peak, served = instance.peak, instance.served
-        instance.peak, instance.served, instance.offload_reported = None, 0, False
+        instance.peak, instance.served, instance.offload = None, 0, None
         if peak and served and self.learned is not None and instance.sizing.learned_key:
             self._learned(instance, self.learned.finish_run(instance.sizing.learned_key, peak, instance.name))
 
@@ -574,6 +576,7 @@ class Fleet:
         Its old self was taken offline first: Ollama holds one instance of a tag.
         """
         self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
+        spec: ollama.ModelSpec | None = None
         try:
             server, container_id = await self.ollama.ensure(config or self.config, entry.name)
             spec = ollama.model_spec(entry, server, device_id)
@@ -581,6 +584,9 @@ class Fleet:
             return spec, container_id
         except BaseException:
             self.scheduler.reserved.pop(f"{entry.name}#new", None)
+            if spec is not None:  # a load that failed or timed out may still finish: never leave it loaded
+                with contextlib.suppress(LocalllmError):
+                    await self._unload_tag(entry.name, spec.tag)
             raise
 
     async def abandon(self, name: str, spec, container_id: str) -> None:
@@ -914,7 +920,7 @@ class Fleet:
             elif isinstance(action, Stop):
                 log = logger.bind(model=action.model)
                 (log.error if action.crashed else log.info)("stop: {}", action.reason)
-                kind = {"crash": "crash", "evict": "evict"}.get(action.cause, "unload")
+                kind = {"crash": "crash", "evict": "evict", "server": "evict"}.get(action.cause, "unload")
                 self.events.publish(kind, action.reason, action.model, reason=action.reason, cause=action.cause)
                 self.spawn(self._stop(action.model, action.reason if action.crashed else None),
                             f"stop:{action.model}")
@@ -1027,9 +1033,10 @@ class Fleet:
         """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
         server, container_id = await self.ollama.ensure(self.config, instance.name)
         spec = ollama.model_spec(instance.entry, server, self.scheduler.slots[instance.name].device)
-        instance.spec = spec
+        # Counted as in the server before the load is asked for: a load that fails, times out or is cancelled
+        # may still complete inside Ollama, and the discard that follows must unload it (keep_alive 0).
+        instance.spec, instance.container_id = spec, container_id
         await self._load_into_ollama(instance.entry, spec, container_id)
-        instance.container_id = container_id
         try:
             loaded = await self.ollama.api(instance.name).loaded()
         except LocalllmError:
@@ -1081,8 +1088,9 @@ class Fleet:
     def _observe_ollama(self, instance: Instance, entry: dict) -> None:
         """What ``/api/ps`` says the loaded model uses: its size where it is budgeted, and a partial offload."""
         size_vram, size = offload_of(entry)
-        if self.profile.has_gpus and 0 < size_vram < size and not instance.offload_reported:
-            instance.offload_reported = True
+        partial = (size_vram, size) if self.profile.has_gpus and 0 < size_vram < size else None
+        reported, instance.offload = instance.offload, partial
+        if partial and not reported:
             message = (f"Ollama put part of '{instance.upstream_model}' on the CPU: {size_vram // 2**20} MiB of "
                        f"{size // 2**20} MiB on the GPU (it thought too little was free); it runs slower")
             logger.bind(model=instance.name).warning("{}", message)
@@ -1117,8 +1125,8 @@ class Fleet:
             if entry is not None:
                 self._observe_ollama(instance, entry)
                 continue
-            reason = "Ollama unloaded it on its own (evicted for room, or its runner exited)"
-            actions = self.scheduler.unload(instance.name, time.monotonic(), reason)  # only when idle
+            reason = "evicted by Ollama: it unloaded the model on its own (for room, or its runner exited)"
+            actions = self.scheduler.unload(instance.name, time.monotonic(), reason, "server")  # only when idle
             if actions:
                 logger.bind(model=instance.name).warning("{}", reason)
             self._apply(actions)

@@ -58,7 +58,8 @@ class Start:
 class Stop:
     model: str
     reason: str
-    cause: str = "unload"  # "unload" (operator or config change), "idle", "evict" (room for another), "crash"
+    cause: str = "unload"  # "unload" (operator or config change), "idle", "evict" (room for another), "crash",
+    # or "server" (the server unloaded it on its own: Ollama evicted it, or its runner exited)
 
     @property
     def crashed(self) -> bool:
@@ -265,7 +266,7 @@ class Scheduler:
                and (s.wanted or s.name in self.queue)]
         return min(due) if due else None
 
-    def unload(self, model: str, now: float, reason: str) -> list[Action]:
+    def unload(self, model: str, now: float, reason: str, cause: str = "unload") -> list[Action]:
         """Stop ``model`` if it is ready and idle (idle unload by an operator, or a config change taking it offline).
 
         A failed model is cleared instead: stopped, not wanted, its failures forgotten.
@@ -277,7 +278,7 @@ class Scheduler:
             return self._pump(now)
         if slot.phase is Phase.READY and slot.in_flight == 0:
             slot.phase, slot.wanted = Phase.STOPPING, False
-            return [Stop(model, reason)]
+            return [Stop(model, reason, cause)]
         return []
 
     def tick(self, now: float) -> list[Action]:

@@ -205,7 +205,7 @@ def test_estimate_for_an_ollama_model_uses_show_or_what_was_measured(with_ollama
     assert "/api/show" in done.stdout and "1.5B parameters, Q8_0" in done.stdout
 
 
-def test_a_model_ollama_unloads_on_its_own_is_shown_stopped_with_an_event(with_ollama, engine):
+def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ollama, engine):
     # Ollama evicts idle models by its own rules, and a runner can die: the daemon polls /api/ps each tick.
     daemon = with_ollama([ollama_model("chat-a", TAG_A)])
     assert ctl(daemon, "load", "chat-a").returncode == 0
@@ -215,7 +215,8 @@ def test_a_model_ollama_unloads_on_its_own_is_shown_stopped_with_an_event(with_o
     assert behind_our_back.status_code == 200
     daemon.wait_state("chat-a", "stopped", timeout=10)
     events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
-    [unload] = [e for e in events if e["kind"] == "unload" and e["model"] == "chat-a"]
-    assert unload["message"] == "Ollama unloaded it on its own (evicted for room, or its runner exited)"
+    [evicted] = [e for e in events if e["kind"] == "evict" and e["model"] == "chat-a"]
+    assert evicted["message"] == "evicted by Ollama: it unloaded the model on its own (for room, or its runner exited)"
+    assert evicted["data"]["cause"] == "server"
     assert daemon.chat("chat-a").status_code == 200  # the next request loads it again, within our budget
     assert ollama_ps(daemon, engine) == [TAG_A]

@@ -124,6 +124,13 @@ def test_render_status_names_an_unusable_device_among_the_errors():
                                                  "NVML_ERROR_GPU_IS_LOST"]
 
 
+def test_render_status_flags_a_partial_cpu_offload():
+    offloaded = model("qwen", state="ready", memory={"need": 2**30, "measured": 2**29,
+                                                     "partial_offload": {"size_vram": 2**29, "size": 2**30}})
+    text = render_status({"daemon": DAEMON, "models": [offloaded]})
+    assert text.splitlines()[-1].split()[-1] == "cpu-offload"
+
+
 def test_render_status_without_errors_has_no_errors_section():
     text = render_status({"daemon": DAEMON, "models": [model("tiny", pinned=True)]})
     assert "errors:" not in text
