@@ -315,9 +315,27 @@ def check_profile(config: Config) -> list[tuple[tuple, str]]:
     return [(("profile",), f"unknown profile '{config.profile}' (known: auto, {', '.join(sorted(known))})")]
 
 
+def normal_tag(name: str) -> str:
+    """Ollama's full name for ``name``, lower-cased: ``host/namespace/model:tag``.
+
+    As Ollama's ParseName (types/model/name.go): the tag is what follows the last ``:`` after the last ``/``
+    (so ``myhost:5000/team/x`` has no tag, and keeps its host), then model, namespace and host are cut off
+    at the last ``/`` each; a missing part takes the default (registry.ollama.ai, library, latest), and a
+    ``scheme://`` before the host is dropped. Ollama compares names case-insensitively (Name.EqualFold).
+    """
+    rest, tag = name, ""
+    if rest.rfind(":") > rest.rfind("/"):
+        rest, _, tag = rest.rpartition(":")
+    rest, _, model = rest.rpartition("/")
+    host, _, namespace = rest.rpartition("/")
+    host = host.partition("://")[2] or host
+    parts = (host or "registry.ollama.ai", namespace or "library", model)
+    return f"{'/'.join(parts)}:{tag or 'latest'}".lower()
+
+
 def same_tag(a: str, b: str) -> bool:
-    """Two Ollama tags name the same model: ``llama3`` is ``llama3:latest``."""
-    return (a if ":" in a else f"{a}:latest") == (b if ":" in b else f"{b}:latest")
+    """Two Ollama names are the same model as Ollama matches them: ``Llama3`` is ``library/llama3:latest``."""
+    return normal_tag(a) == normal_tag(b)
 
 
 def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, str]]:

@@ -165,6 +165,12 @@ class QueueTimeout(Overloaded):
     code = "queue_timeout"
 
 
+class UpstreamBusy(Overloaded):
+    """The model's server itself refused the request as busy (Ollama past ``OLLAMA_MAX_QUEUE``)."""
+
+    code = "upstream_busy"
+
+
 class ModelGaveUp(LocalllmError):
     """The model failed too many times in a row; it stays down until an operator acts or the config changes."""
 

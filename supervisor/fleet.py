@@ -49,7 +49,14 @@ from .gpu_watch import GpuWatch, Usage, memory_released
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
-from .ollama_api import estimate_from_show, find_loaded, memory_in_use, offload_of
+from .ollama_api import (
+    context_from_show,
+    embedding_only,
+    estimate_from_show,
+    find_loaded,
+    memory_in_use,
+    offload_of,
+)
 from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
 from .profiles import Profile
@@ -169,6 +176,7 @@ class Fleet:
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
         self._device_problems = {d.id: d.problem for d in self.scheduler.devices}  # as last published
         self._ollama_poll: asyncio.Task | None = None
+        self._estimated_in: str | None = None  # the Ollama server whose /api/show estimates were taken
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
         devices = (ollama.device_id(self.config.ollama, self.profile),) if entry.backend == "ollama" else ()
@@ -352,8 +360,7 @@ class Fleet:
         if instance.in_ollama and not sizing.declared and self.ollama.container_id is not None:
             try:
                 show = await self.ollama.api(instance.name).show(instance.upstream_model)
-                guess = estimate_from_show(show, sizing.launch.context, sizing.launch.parallel)
-                instance.show_estimate = guess or instance.show_estimate
+                instance.show_estimate = self._estimate_from_show(show, sizing.launch.context) or instance.show_estimate
                 answer["show"] = {"details": show.get("details"), "estimate": instance.show_estimate}
             except LocalllmError as exc:
                 answer["show"] = {"problem": exc.message}
@@ -741,7 +748,7 @@ class Fleet:
         self.events.publish("adopt", f"adopted the running Ollama server {info.name}", None,
                             container=info.id[:12])
         try:
-            loaded = await self.ollama.api("ollama").loaded()
+            loaded = await self.ollama.api("ollama").loaded(self._ollama_patience())
         except LocalllmError as exc:
             logger.warning("cannot list the Ollama server's loaded models: {}", exc.message)
             return None
@@ -764,7 +771,7 @@ class Fleet:
         for tag in set(loaded) - adopted:  # not in the catalog, or over budget: nobody would account for it
             logger.warning("unloading '{}' from the adopted Ollama server: no catalog model holds it", tag)
             with contextlib.suppress(LocalllmError):
-                await self.ollama.api("ollama").unload(tag)
+                await self._unload_tag("ollama", tag)
         self._publish_phases()
         return None
 
@@ -1032,13 +1039,14 @@ class Fleet:
     async def _start_in_ollama(self, instance: Instance) -> None:
         """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
         server, container_id = await self.ollama.ensure(self.config, instance.name)
+        await self._estimate_for_admission(container_id)
         spec = ollama.model_spec(instance.entry, server, self.scheduler.slots[instance.name].device)
         # Counted as in the server before the load is asked for: a load that fails, times out or is cancelled
         # may still complete inside Ollama, and the discard that follows must unload it (keep_alive 0).
         instance.spec, instance.container_id = spec, container_id
         await self._load_into_ollama(instance.entry, spec, container_id)
-        try:
-            loaded = await self.ollama.api(instance.name).loaded()
+        try:  # /api/ps waits while Ollama loads another model: as long as a load may take
+            loaded = await self.ollama.api(instance.name).loaded(self._ollama_patience(instance.entry))
         except LocalllmError:
             return  # measured at the next poll
         entry = find_loaded(loaded, instance.upstream_model)
@@ -1051,26 +1059,61 @@ class Fleet:
             self._observe_ollama(instance, entry)
 
     async def _load_into_ollama(self, entry: ModelEntry, spec: ollama.ModelSpec, container_id: str) -> None:
+        """Pull if allowed, then load the tag as Ollama will serve it: with the Modelfile's own ``num_ctx`` when it
+        sets one (a ``/v1`` request would otherwise reload it), and through ``/api/embed`` for an embedding model."""
         api, name = self.ollama.api(entry.name), entry.name
         if not await api.has(spec.tag):
             if not entry.pull:
                 raise ModelStartFailed(name, f"the Ollama server has no '{spec.tag}', and pull is off for it "
                                              "(set pull: true, or pull it into the server yourself)")
             await api.pull(spec.tag, lambda line: self._pull_progress(name, spec.tag, line))
-        if not entry.memory:
-            with contextlib.suppress(LocalllmError):
-                parallel = self.config.ollama.num_parallel  # Ollama sizes its KV cache for every slot
-                guess = estimate_from_show(await api.show(spec.tag), spec.context, parallel)
-                instance = self.instances.get(name)
-                if guess and instance is not None and instance.sizing.learned is None:
-                    instance.show_estimate = guess
-        logger.bind(model=name).info("loading '{}' into the Ollama server (context {})", spec.tag, spec.context)
-        deadline = entry.startup_timeout or self.settings.startup_timeout
+        show: dict = {}
+        with contextlib.suppress(LocalllmError):
+            show = await api.show(spec.tag)
+        modelfile_context = context_from_show(show)
+        instance = self.instances.get(name)
+        guess = self._estimate_from_show(show, modelfile_context or spec.context) if show else None
+        if guess and instance is not None and not entry.memory and instance.sizing.learned is None:
+            instance.show_estimate = guess
+        embedding = embedding_only(show)
+        logger.bind(model=name).info("loading '{}' into the Ollama server ({}{})", spec.tag,
+                                     f"the Modelfile's context {modelfile_context}" if modelfile_context
+                                     else f"context {spec.context}", ", an embedding model" if embedding else "")
+        deadline = self._ollama_patience(entry)
         try:
             async with asyncio.timeout(deadline):
-                await api.load(spec.tag, spec.context)
+                await api.load(spec.tag, None if modelfile_context else spec.context, embedding)
         except TimeoutError:
             raise ModelStartFailed(name, f"Ollama did not load '{spec.tag}' within {deadline:g}s") from None
+
+    async def _estimate_for_admission(self, container_id: str) -> None:
+        """Once per server: ``/api/show``'s estimate replaces the placeholder need of every Ollama model that
+        nothing was measured, learned or declared for, so the next admissions of them use it."""
+        if self._estimated_in == container_id:
+            return
+        self._estimated_in = container_id
+        for instance in [i for i in self.instances.values() if i.in_ollama]:
+            if instance.entry.memory or instance.sizing.learned or instance.peak:
+                continue
+            try:
+                show = await self.ollama.api(instance.name).show(instance.upstream_model)
+            except LocalllmError:
+                continue  # not in the server yet (a pull comes with its start)
+            guess = self._estimate_from_show(show, context_from_show(show) or instance.sizing.launch.context)
+            if guess:
+                instance.show_estimate = guess
+                if not self.scheduler.slots[instance.name].holds_memory:
+                    self.scheduler.set_need(instance.name, self._within_budget(guess))
+
+    def _estimate_from_show(self, show: dict, context: int) -> int | None:
+        """Ollama's own sizing, from ``/api/show``: every slot's KV cache, in the server's cache type."""
+        settings = self.config.ollama
+        return estimate_from_show(show, context, settings.num_parallel,
+                                  settings.env.get("OLLAMA_KV_CACHE_TYPE", "f16"))
+
+    def _ollama_patience(self, entry: ModelEntry | None = None) -> float:
+        """How long an Ollama call may take that waits on a load (Ollama loads one model at a time)."""
+        return (entry.startup_timeout if entry and entry.startup_timeout else None) or self.settings.startup_timeout
 
     def _pull_progress(self, name: str, tag: str, line: dict) -> None:
         """One ``pull`` event per status, and at most one a second while a layer downloads (Ollama sends many)."""
@@ -1153,8 +1196,15 @@ class Fleet:
         container_id = self.ollama.container_id
         if container_id is None:
             return
+        entry = self.config.model_named(name)
+        patience = self._ollama_patience(entry)
         try:
-            await self.ollama.api(name).unload(tag)
+            api = self.ollama.api(name)
+            await api.unload(tag, timeout=patience)  # waits while Ollama finishes a load it is doing
+            # keep_alive 0 only queues the unload: the runner goes after its requests, then Ollama waits for
+            # the VRAM. Only then is the memory free for the next model.
+            if not await api.wait_gone(tag, patience):
+                logger.bind(model=name).warning("'{}' is still listed by Ollama {:g}s after its unload", tag, patience)
             logger.bind(model=name).info("unloaded '{}' from the Ollama server", tag)
         except LocalllmError as exc:
             if await self.ollama.running():

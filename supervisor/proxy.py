@@ -1,8 +1,10 @@
 """The OpenAI-compatible proxy: routes each request by its ``model`` to that model's server.
 
 Bodies are forwarded byte for byte; streamed answers are passed through chunk
-by chunk as they arrive, never buffered. A model in the catalog that is not
-running is started first. Control operations are never reachable from here.
+by chunk as they arrive, never buffered. A stream that breaks off, or that ends
+without saying how it ended, gets an error event at its end rather than
+passing for a complete answer. A model in the catalog that is not running is
+started first. Control operations are never reachable from here.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 
-from .errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamFailed
+from .errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamBusy, UpstreamFailed
 from .fleet import Fleet, Instance, Reservation
 from .metrics import Metrics
+from .scheduler import RETRY_AFTER
 from .web_errors import error_middleware, read_json_object
 
 FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -28,6 +31,8 @@ FORWARDED_HEADERS = ("Content-Type", "Accept")
 MAX_BODY = 64 * 1024 * 1024  # images travel base64-encoded inside chat requests
 KEEPALIVE_SECONDS = 5.0
 FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
+# The status a stream that ended in an error event is counted under in the metrics (its headers said 200).
+ERROR_STATUS = web.ResponseKey("localllm_error_status", int)
 
 
 def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: list[str],
@@ -112,7 +117,7 @@ class Proxy:
                 else:
                     await reservation.granted
                     response = await self._relay(request, reservation.instance, body, stream)
-                status = response.status
+                status = response.get(ERROR_STATUS, response.status)
                 return response
             finally:
                 self.fleet.release(reservation)
@@ -133,13 +138,16 @@ class Proxy:
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream) as upstream:
                     content_type = upstream.headers.get("Content-Type", "application/json")
+                    if upstream.status == 503 and instance.in_ollama:
+                        raise await _busy(instance, upstream)
                     if upstream.content_length is not None and "event-stream" not in content_type:
                         data = await upstream.read()
                         return web.Response(status=upstream.status, body=data,
                                             headers={"Content-Type": content_type})
                     response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
                     await response.prepare(request)
-                    return await self._copy_stream(upstream, response, instance)
+                    watched = upstream.status == 200 and "event-stream" in content_type
+                    return await self._copy_stream(upstream, response, instance, watch_end=watched)
         except ConnectionResetError:  # the client left: nobody to answer (and not the model's fault)
             raise
         except aiohttp.ClientError as exc:
@@ -162,10 +170,13 @@ class Proxy:
             reservation.granted.result()
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream=True) as upstream:
+                    if upstream.status == 503 and instance.in_ollama:
+                        raise await _busy(instance, upstream)
                     if upstream.status != 200:
                         detail = (await upstream.read()).decode(errors="replace")[:2000]
                         raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
-                    return await self._copy_stream(upstream, response, instance)
+                    watched = "event-stream" in upstream.headers.get("Content-Type", "")
+                    return await self._copy_stream(upstream, response, instance, watch_end=watched)
         except ConnectionResetError:
             logger.bind(model=instance.name).info("client went away while its model loaded")
             return response
@@ -186,15 +197,19 @@ class Proxy:
         return self.session.post(base_url + request.path, data=body, headers=headers)
 
     async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
-                           instance: Instance) -> web.StreamResponse:
+                           instance: Instance, watch_end: bool) -> web.StreamResponse:
         """Pass the stream through chunk by chunk; close the upstream request if the client leaves.
 
         Only the first event may be rewritten: llama-server sometimes leaves ``delta.role`` out of it
         (when the first token is ready at once), and LangChain-based clients such as LibreChat need it.
+        With ``watch_end`` (an SSE stream), a stream whose body ends cleanly but without ``[DONE]`` or a
+        finish reason (Ollama's when its runner fails mid-generation) gets an error event at its end.
         """
         first: bytes | None = b""  # the first event, gathered until complete; None once it went out
+        ending = StreamEnd()
         try:
             async for chunk in upstream.content.iter_any():
+                ending.feed(chunk)
                 if first is not None:
                     first += chunk
                     end = first.find(b"\n\n")
@@ -212,10 +227,54 @@ class Proxy:
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}"))
+            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}"),
+                                     after_partial_event=ending.mid_event)
+            return response
+        if watch_end and not ending.complete:
+            logger.bind(model=instance.name).warning("upstream ended its stream without [DONE] or a finish reason")
+            self.fleet.note_upstream_failure(instance)
+            await _write_error_event(response, UpstreamFailed(
+                f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"),
+                after_partial_event=ending.mid_event)
             return response
         await response.write_eof()
         return response
+
+
+class StreamEnd:
+    """Whether the SSE bytes fed so far make a complete stream, found without parsing any JSON.
+
+    Complete means that it said how it ended, and that it stops between events (SSE drops an event
+    cut off before its blank line). An ending is ``data: [DONE]`` (OpenAI's shape, llama-server's
+    and Ollama's), a non-null ``finish_reason`` (chat and ``/completions`` chunks) or ``stop_reason``
+    (Anthropic's ``message_delta``), Anthropic's ``event: message_stop``, or an error event the
+    upstream sent itself. The quoted markers cannot occur inside a JSON string, where quotes are
+    escaped, and the others must start a line, which JSON text cannot (its newlines are escaped).
+    The last bytes of each read are kept, so a marker split across two reads is still found.
+    ``mid_event``: the bytes so far stop inside an event, and anything written next would be glued to it.
+    """
+
+    MARKERS = (b"\ndata: [DONE]", b"\ndata:[DONE]",
+               b'"finish_reason":"', b'"finish_reason": "', b'"stop_reason":"', b'"stop_reason": "',
+               b"\nevent: message_stop", b'\ndata: {"error"', b'\ndata:{"error"')
+    KEEP = max(len(marker) for marker in MARKERS) - 1
+
+    def __init__(self) -> None:
+        self._said_end = False
+        self._tail = b"\n\n"  # the stream starts between events, at the start of a line
+
+    def feed(self, chunk: bytes) -> None:
+        window = self._tail + chunk
+        self._said_end = self._said_end or any(marker in window for marker in self.MARKERS)
+        self._tail = window[-self.KEEP:]
+
+    @property
+    def complete(self) -> bool:
+        return self._said_end and not self.mid_event
+
+    @property
+    def mid_event(self) -> bool:
+        return not self._tail.endswith((b"\n\n", b"\r\n\r\n"))
 
 
 def with_assistant_role(event: bytes) -> bytes:
@@ -237,8 +296,24 @@ def _sse_headers(content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _write_error_event(response: web.StreamResponse, error: LocalllmError) -> None:
-    """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end."""
+async def _write_error_event(response: web.StreamResponse, error: LocalllmError,
+                             after_partial_event: bool = False) -> None:
+    """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end.
+
+    After a partial event, blank lines end that one first, so the error is an event of its own. The
+    metrics count the request under the error's status, not the 200 its headers carried.
+    """
+    response[ERROR_STATUS] = error.http_status
+    separator = b"\n\n" if after_partial_event else b""
     with contextlib.suppress(ConnectionResetError):
-        await response.write(b"data: " + json.dumps(error.to_json()).encode() + b"\n\n")
+        await response.write(separator + b"data: " + json.dumps(error.to_json()).encode() + b"\n\n")
         await response.write_eof()
+
+
+async def _busy(instance: Instance, upstream: aiohttp.ClientResponse) -> UpstreamBusy:
+    """Ollama's 503 past its queue (``OLLAMA_MAX_QUEUE``): an overload the client should retry, said as ours."""
+    detail = (await upstream.read()).decode(errors="replace")[:500]
+    retry = upstream.headers.get("Retry-After", "")
+    return UpstreamBusy(f"the Ollama server serving '{instance.name}' is busy (its queue is full; "
+                        f"OLLAMA_MAX_QUEUE): {detail}", retry_after=int(retry) if retry.isdigit() else RETRY_AFTER)
+

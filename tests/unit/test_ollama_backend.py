@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.backends import ollama
-from supervisor.config import Config, ModelEntry, OllamaSettings
+from supervisor.config import Config, ModelEntry, OllamaSettings, normal_tag
 from supervisor.errors import ConfigError
 from supervisor.learned import learned_key
 from supervisor.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
@@ -158,10 +158,30 @@ def test_estimate_from_show_is_weights_plus_kv():
     assert estimate_from_show({}, 4096) is None
 
 
+@pytest.mark.parametrize("name", ["tiny-a:1b", "Tiny-A:1B", "library/tiny-a:1b", "registry.ollama.ai/library/tiny-a:1b",
+                                  "REGISTRY.ollama.ai/Library/tiny-a:1b", "https://registry.ollama.ai/library/tiny-a:1b"])
+def test_names_match_as_ollama_matches_them(name):
+    """types/model/name.go: default host, namespace and tag, compared case-insensitively."""
+    assert normal_tag(name) == "registry.ollama.ai/library/tiny-a:1b" and same_tag(name, "tiny-a:1b")
+
+
+@pytest.mark.parametrize("name, normal", [
+    ("tiny-a", "registry.ollama.ai/library/tiny-a:latest"),
+    ("team/x", "registry.ollama.ai/team/x:latest"),
+    ("myhost:5000/team/x:1", "myhost:5000/team/x:1"),    # a port is not a tag
+    ("myhost:5000/team/x", "myhost:5000/team/x:latest"),
+    ("hf.co/Org/Model-GGUF:Q4_K_M", "hf.co/org/model-gguf:q4_k_m"),
+])
+def test_names_keep_what_they_say_and_default_the_rest(name, normal):
+    assert normal_tag(name) == normal
+
+
 def test_tags_and_ps_entries():
     assert same_tag("llama3", "llama3:latest") and not same_tag("llama3:8b", "llama3:70b")
+    assert not same_tag("team/x:1", "x:1") and not same_tag("myhost:5000/team/x:1", "team/x:1")
     loaded = {"qwen:1b": {"size": 900, "size_vram": 0}, "llama3:latest": {"size": 5, "size_vram": 5}}
     assert find_loaded(loaded, "llama3") == {"size": 5, "size_vram": 5}
+    assert find_loaded(loaded, "library/Qwen:1B") == {"size": 900, "size_vram": 0}
     assert find_loaded(loaded, "nope") is None
     assert memory_in_use(loaded["qwen:1b"], on_gpu=False) == 900
     assert memory_in_use(loaded["qwen:1b"], on_gpu=True) is None  # 0 on the GPU: unknown, not free
