@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 
 import pytest
 import requests
@@ -37,10 +39,11 @@ def ollama_image(engine) -> str:
 def with_ollama(start_daemon, ollama_image, tmp_path):
     """Start a daemon whose catalog holds Ollama models (and any others given)."""
 
-    def start(models: list[dict], env: dict | None = None, top: dict | None = None, **settings):
+    def start(models: list[dict], env: dict | None = None, top: dict | None = None,
+              ollama_settings: dict | None = None, **settings):
         section = {"image": ollama_image, "models_dir": str(tmp_path / "ollama-store"), "startup_timeout": 30,
                    "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.5",
-                           **(env or {})}}
+                           **(env or {})}, **(ollama_settings or {})}
         settings.setdefault("liveness", {"period": 0.5, "timeout": 1, "failure_threshold": 2})
         return start_daemon(models, top={"ollama": section, **(top or {})}, **settings)
 
@@ -220,3 +223,127 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
     assert evicted["data"]["cause"] == "server"
     assert daemon.chat("chat-a").status_code == 200  # the next request loads it again, within our budget
     assert ollama_ps(daemon, engine) == [TAG_A]
+
+
+# -- Ollama as it really behaves (the faithful stand-in's settings) -----------------------------------------------
+
+
+def standin_stats(daemon, engine) -> dict:
+    """The stand-in's own counters (GET /standin/stats; real Ollama has no such route)."""
+    port = server_of(engine, daemon).labels["io.localllm.port"]
+    return requests.get(f"http://127.0.0.1:{port}/standin/stats", timeout=10).json()
+
+
+def events_of(daemon, kind: str) -> list[dict]:
+    events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
+    return [e for e in events if e["kind"] == kind]
+
+
+def test_a_load_that_times_out_is_unloaded_and_leaves_nothing_loaded(with_ollama, engine):
+    # The load runs on in Ollama after our deadline (here: its client leaving does not abort it) and would stay
+    # loaded forever (keep_alive -1) in memory our budget counts as free.
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, startup_timeout=1)],
+                         env={"STANDIN_LOAD_SECONDS": "2.5", "STANDIN_ABORT_ON_DISCONNECT": "0"})
+    done = ctl(daemon, "load", "chat-a")
+    assert done.returncode != 0 and "did not load" in done.stderr
+    poll_for(lambda: standin_stats(daemon, engine)["loads"] >= 1, 10, "the late load to finish inside Ollama")
+    poll_for(lambda: ollama_ps(daemon, engine) == [], 10, "the late load to be unloaded")
+
+
+def test_a_swap_from_an_ollama_model_waits_for_its_runner_to_go(with_ollama, engine, models_dir, tmp_path):
+    # keep_alive 0 only queues the unload: the llama.cpp container must not start before the runner is gone.
+    from .test_generations import one_model_budget
+
+    top = one_model_budget(tmp_path, models_dir)
+    need = int(yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"]
+               * 1024**3 / 1.5)
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
+                         top=top, env={"STANDIN_UNLOAD_SECONDS": "2"})
+    assert daemon.chat("chat-a").status_code == 200
+    assert daemon.chat("tiny").status_code == 200  # evicts chat-a
+    [evicted] = [e for e in events_of(daemon, "evict") if e["model"] == "chat-a"]
+    [tiny] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == "tiny"]
+    created = datetime.fromisoformat(tiny.attrs["Created"][:26].rstrip("Z") + "+00:00").timestamp()
+    assert created - evicted["time"] >= 1.8  # the runner's 2 s of shutdown came first
+    assert ollama_ps(daemon, engine) == []
+
+
+def test_an_embedding_model_starts_through_api_embed_and_serves_embeddings(with_ollama, engine):
+    registry = {**REGISTRY, "embed:1b": {"size": 100_000_000, "parameter_size": "0.3B",
+                                         "quantization_level": "F16", "capabilities": ["embedding"]}}
+    daemon = with_ollama([ollama_model("embedder", "embed:1b")], env={"STANDIN_REGISTRY": json.dumps(registry)})
+    done = ctl(daemon, "load", "embedder")
+    assert done.returncode == 0, done.stderr  # /api/generate would answer 400 "does not support generate"
+    answer = requests.post(f"{daemon.proxy_url}/embeddings", json={"model": "embedder", "input": "hello"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["data"][0]["embedding"]) > 0
+
+
+def test_a_model_whose_modelfile_sets_num_ctx_is_not_reloaded_by_its_first_chat(with_ollama, engine):
+    registry = {**REGISTRY, "ctx-8k:1b": {"size": 200_000_000, "parameter_size": "1.1B",
+                                          "quantization_level": "Q4_0", "num_ctx": 8192, "context_length": 32768}}
+    daemon = with_ollama([ollama_model("long", "ctx-8k:1b")], env={"STANDIN_REGISTRY": json.dumps(registry)},
+                         ollama_settings={"context_size": 4096})
+    assert ctl(daemon, "load", "long").returncode == 0
+    assert daemon.chat("long").status_code == 200  # /v1 uses the Modelfile's num_ctx
+    stats = standin_stats(daemon, engine)
+    assert (stats["loads"], stats["reloads"]) == (1, 0)
+
+
+def test_models_started_at_once_are_all_measured(with_ollama, engine):
+    # Ollama loads one model at a time and /api/ps waits while any loads: the first model's measurement waits
+    # for the other two loads (12 s), past the old 10 s timeout.
+    registry = {**REGISTRY, "tiny-c:1b": {"size": 250_000_000, "parameter_size": "1.2B", "quantization_level": "Q4_0"}}
+    daemon = with_ollama([ollama_model(n, t, preload=True) for n, t in
+                          (("chat-a", TAG_A), ("chat-b", TAG_B), ("chat-c", "tiny-c:1b"))],
+                         env={"STANDIN_REGISTRY": json.dumps(registry), "STANDIN_LOAD_SECONDS": "6"})
+    for name in ("chat-a", "chat-b", "chat-c"):
+        daemon.wait_state(name, "ready", timeout=60)
+    sizes = ollama_ps_sizes(daemon, engine)
+    poll_for(lambda: all(daemon.model(n)["memory"]["measured"] for n in ("chat-a", "chat-b", "chat-c")), 10,
+             "every model measured")
+    assert {daemon.model(n)["memory"]["measured"] for n in ("chat-a", "chat-b", "chat-c")} == set(sizes.values())
+
+
+def test_a_tag_that_differs_only_in_case_is_found_without_a_pull_and_adopted_after_a_crash(with_ollama, engine):
+    daemon = with_ollama([{"name": "upper", "backend": "ollama", "tag": TAG_A.upper(), "pull": False}])
+    assert ctl(daemon, "load", "upper").returncode != 0  # the server starts, but has no such model yet
+    port = server_of(engine, daemon).labels["io.localllm.port"]
+    pulled = requests.post(f"http://127.0.0.1:{port}/api/pull", json={"model": TAG_A, "stream": False}, timeout=30)
+    assert pulled.status_code == 200
+    done = ctl(daemon, "load", "upper")  # Ollama has it by another spelling: no pull (off here anyway)
+    assert done.returncode == 0, done.stderr
+    assert standin_stats(daemon, engine)["pulls"] == 1  # only ours
+    daemon.process.kill()
+    daemon.process.wait(10)
+    with daemon.log_path.open("a") as log:
+        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
+                                          stdout=log, stderr=subprocess.STDOUT)
+    poll_for(lambda: daemon.try_status(), 30, "the daemon back")
+    assert daemon.model("upper")["state"] == "ready"  # adopted, not unloaded as "not in the catalog"
+    assert ollama_ps(daemon, engine) == [TAG_A]
+
+
+def test_a_stream_ollama_cuts_off_reaches_the_client_as_an_error(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)], env={"STANDIN_STREAM_FAIL_AFTER": "2"})
+    answer = daemon.chat("chat-a", stream=True, max_tokens=8)
+    assert answer.status_code == 200
+    events = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_failed" and "truncated" in error["message"]
+
+
+def test_ollama_refusing_a_request_past_its_queue_is_a_clear_503(with_ollama, engine):
+    # Requests for a runner that must be (re)loaded queue inside Ollama, and past OLLAMA_MAX_QUEUE get 503
+    # "server busy". Here the runner dies during a first answer; it stays listed, and the next requests reload it.
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)],
+                         env={"OLLAMA_MAX_QUEUE": "1", "STANDIN_STREAM_FAIL_AFTER": "1", "STANDIN_LOAD_SECONDS": "1.5"})
+    assert daemon.chat("chat-a", stream=True).status_code == 200  # cut off: its runner died
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: daemon.chat("chat-a"), range(4)))
+    busy = [a for a in answers if a.status_code == 503]
+    assert busy, [(a.status_code, a.text[:200]) for a in answers]
+    error = busy[0].json()["error"]
+    assert error["code"] == "upstream_busy" and busy[0].headers["Retry-After"].isdigit()
+    assert "queue is full" in error["message"] and "maximum pending requests exceeded" in error["message"]

@@ -6,6 +6,10 @@ Ollama's image it runs ``serve`` by default and listens on ``OLLAMA_HOST=0.0.0.0
 told otherwise. The image carries a label with a key of ``server.py`` and the base image, so a
 changed server (or a rebuilt base) rebuilds it; otherwise it is reused as it is. No network is
 needed: the build has no ``RUN`` step and never pulls.
+
+What the stand-in does, and which behaviour of Ollama's source each setting (``OLLAMA_*`` and
+``STANDIN_*`` environment variables) mirrors, is in ``server.py``'s docstrings; its own
+``GET /standin/stats`` counts loads, reloads, unloads, evictions and pulls, for tests to assert on.
 """
 
 from __future__ import annotations
