@@ -75,6 +75,16 @@ def ollama_ps_sizes(daemon, engine) -> dict[str, int]:
     return {m["name"]: m["size"] for m in models}
 
 
+def crash_and_restart(daemon) -> None:
+    """kill -9 the daemon, then start it again on the same config and wait until it answers."""
+    daemon.process.kill()
+    daemon.process.wait(10)
+    with daemon.log_path.open("a") as log:
+        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
+                                          stdout=log, stderr=subprocess.STDOUT)
+    poll_for(lambda: daemon.try_status(), 30, "the daemon back")
+
+
 def test_start_pull_with_progress_then_ready_and_served(with_ollama, engine):
     daemon = with_ollama([ollama_model("chat-a", TAG_A, aliases=["a"])])
     assert our_containers(engine, daemon.instance) == []  # the server starts when a model needs it
@@ -186,12 +196,7 @@ def test_a_bad_ollama_config_is_rolled_back(with_ollama, engine, tmp_path):
 def test_the_daemon_adopts_the_ollama_server_and_its_loaded_models_after_a_crash(with_ollama, engine):
     daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)])
     server = server_of(engine, daemon)
-    daemon.process.kill()
-    daemon.process.wait(10)
-    with daemon.log_path.open("a") as log:
-        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
-                                          stdout=log, stderr=subprocess.STDOUT)
-    poll_for(lambda: daemon.try_status(), 30, "the daemon back")
+    crash_and_restart(daemon)
     assert daemon.model("chat-a")["state"] == "ready"
     assert server_of(engine, daemon).id == server.id
     assert "adopted: loaded in the Ollama server" in daemon.log()
@@ -312,12 +317,7 @@ def test_a_tag_that_differs_only_in_case_is_found_without_a_pull_and_adopted_aft
     done = ctl(daemon, "load", "upper")  # Ollama has it by another spelling: no pull (off here anyway)
     assert done.returncode == 0, done.stderr
     assert standin_stats(daemon, engine)["pulls"] == 1  # only ours
-    daemon.process.kill()
-    daemon.process.wait(10)
-    with daemon.log_path.open("a") as log:
-        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
-                                          stdout=log, stderr=subprocess.STDOUT)
-    poll_for(lambda: daemon.try_status(), 30, "the daemon back")
+    crash_and_restart(daemon)
     assert daemon.model("upper")["state"] == "ready"  # adopted, not unloaded as "not in the catalog"
     assert ollama_ps(daemon, engine) == [TAG_A]
 
