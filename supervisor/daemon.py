@@ -13,8 +13,10 @@ import fcntl
 import grp
 import os
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +45,6 @@ from .scheduler import Phase
 from .sdnotify import Notifier, ping_watchdog, watchdog_interval
 from .sizing import size_catalog
 
-DEMO_STATE_DIR = Path("/tmp/localllm-demo")
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
 OPEN_FILES = 65536  # the open files limit localllmd raises itself to (up to the hard limit)
 TICK_SECONDS = 1.0  # how often idle unloads, wait bounds and GPU readings are checked
@@ -51,14 +52,20 @@ TICK_SECONDS = 1.0  # how often idle unloads, wait bounds and GPU readings are c
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The demo's own directory, private (0700) and new, unless one is named: a fixed path in /tmp could be
+    # made beforehand by another user, with files or symlinks of theirs in it.
+    private = Path(tempfile.mkdtemp(prefix="localllm-demo-")) if args.demo and not args.state_dir else None
     try:
-        config = demo_config(args.state_dir or DEMO_STATE_DIR) if args.demo else load_config(args.config)
+        config = demo_config(args.state_dir or private) if args.demo else load_config(args.config)
     except ConfigError as exc:
         print(f"localllmd: {exc.message}", file=sys.stderr)
         return exc.exit_code
     setup_logging(args.log_level or config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")),
                   as_json=args.log_format == "json")
     raise_open_files_limit()
+    if private is not None:
+        logger.info("demo state in {} (control socket {}); removed when the demo stops", private,
+                    config.daemon.socket_path)
     try:
         asyncio.run(Daemon(config, None if args.demo else args.config).run())
     except LocalllmError as exc:
@@ -66,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         pass
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
     return EXIT_OK
 
 
@@ -86,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--config", type=Path, help="daemon config file (YAML)")
     source.add_argument("--demo", action="store_true",
                         help="run the embedded demo: CPU profile, one generated model, proxy on 127.0.0.1:8081")
-    parser.add_argument("--state-dir", type=Path, help=f"with --demo: where state and the model go ({DEMO_STATE_DIR})")
+    parser.add_argument("--state-dir", type=Path,
+                        help="with --demo: where state and the model go (default: a new private directory in "
+                             "the temporary directory, removed at the end)")
     parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="json: one JSON object per line (for log shippers)")

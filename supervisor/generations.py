@@ -146,7 +146,9 @@ class GenerationStore:
         tmp = path.with_name(path.name + ".tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with tmp.open("w") as out:
+            # 0600 whatever the umask: a stored config holds api_keys and control_token
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "w") as out:
+                os.fchmod(out.fileno(), 0o600)  # a leftover .tmp from an older version keeps its mode otherwise
                 out.write(text)
                 out.flush()
                 os.fsync(out.fileno())

@@ -63,6 +63,9 @@ def read_gguf_facts(path: Path) -> GgufFacts:
         return fields.get(f"{arch}.{name}", default)
 
     blocks = int(key("block_count", 0))
+    if not 0 <= blocks <= MAX_BLOCKS:  # a crafted file must not make every start allocate gigabytes
+        raise BadRequest(f"cannot read GGUF file {path}: block_count {blocks} is not plausible "
+                         f"(at most {MAX_BLOCKS})")
     embedding = int(key("embedding_length", 0))
     heads = _first(key("attention.head_count", 1))
     kv_heads = key("attention.head_count_kv", heads)
@@ -130,6 +133,9 @@ def _swa_layers(arch: str, blocks: int, window: int, pattern) -> tuple[bool, ...
 
 # -- the GGUF header (github.com/ggml-org/ggml/blob/master/docs/gguf.md) ---------------------------------------------
 
+MAX_BLOCKS = 4096  # the deepest real models have a few hundred layers
+MAX_DIMS = 4  # GGML_MAX_DIMS
+KEPT_ARRAY = 65536  # longer numeric arrays are counted, not read: nothing the estimate needs is that long
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 
@@ -147,6 +153,9 @@ def read_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
         version, tensor_count, kv_count = struct.unpack_from("<IQQ", data, 4)
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported")
+        # Each key takes at least 13 bytes and each tensor 24: counts beyond that are lies, found at once.
+        if kv_count > len(data) // 13 or tensor_count > len(data) // 24:
+            raise ValueError(f"{kv_count} keys and {tensor_count} tensors cannot fit in {len(data)} bytes")
         cursor = _Cursor(data, 24)
         fields = {}
         for _ in range(kv_count):
@@ -155,7 +164,10 @@ def read_header(path: Path) -> tuple[dict, list[tuple[str, int]]]:
         tensors = []
         for _ in range(tensor_count):
             name = cursor.string()
-            dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+            n_dims = cursor.scalar("<I")
+            if n_dims > MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")
+            dims = [cursor.scalar("<Q") for _ in range(n_dims)]
             kind, _offset = cursor.scalar("<I"), cursor.scalar("<Q")
             try:
                 block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
@@ -190,7 +202,10 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item, count = self.scalar("<I"), self.scalar("<Q")
+            left = len(self.data) - self.offset
             if item == _STRING:  # a vocabulary: skip the strings, keep how many
+                if count > left // 8:
+                    raise ValueError(f"a string array of {count} items cannot fit in the {left} bytes left")
                 for _ in range(count):
                     length = self.scalar("<Q")  # read first: it moves the cursor past the length
                     self.offset += length
@@ -201,6 +216,11 @@ class _Cursor:
                 raise ValueError(f"unsupported GGUF array type {item}")
             fmt = _SCALARS[item]
             width = struct.calcsize(fmt)
+            if count * width > left:
+                raise ValueError(f"an array of {count} items cannot fit in the {left} bytes left")
+            if count > KEPT_ARRAY:
+                self.offset += width * count
+                return count
             values = list(struct.unpack_from(f"<{count}{fmt[1]}", self.data, self.offset))
             self.offset += width * count
             return values

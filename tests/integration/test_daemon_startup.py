@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import yaml
 
@@ -115,3 +120,22 @@ def test_the_daemon_raises_its_open_files_limit(start_daemon):
         line = next(x for x in limits.read().splitlines() if x.startswith("Max open files"))
     expected = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
     assert int(line.split()[3]) == expected, line
+
+
+def test_the_demo_runs_in_a_private_directory_of_its_own_and_removes_it(engine, tmp_path):
+    # A fixed /tmp path could be made beforehand by another local user, with their files or symlinks in it.
+    log = tmp_path / "demo.log"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with log.open("w") as out:
+        daemon = subprocess.Popen([executable("localllmd"), "--demo"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        found = poll_for(lambda: re.search(r"demo state in (\S+)", log.read_text()), 30, "the demo's directory")
+        state = Path(found.group(1))
+        assert state.parent == tmp_path and state.name.startswith("localllm-demo-")
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        poll_for(lambda: "ready in" in log.read_text(), 60, "the demo model ready")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert not state.exists()
+    assert our_containers(engine, "demo") == []

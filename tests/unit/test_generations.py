@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +199,19 @@ def test_failed_mark_leaves_disk_state_whole(tmp_path):
     reloaded = GenerationStore(tmp_path)
     assert len(reloaded.generations) == KEEP + 1
     assert [g.number for g in reloaded.generations if not (tmp_path / f"{g.number:06d}.yaml").exists()] == []
+
+
+def test_stored_generations_are_readable_by_the_daemon_alone_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)  # a shell's usual umask would leave them world-readable
+    try:
+        store = GenerationStore(tmp_path / "generations")
+        store.record("daemon:\n  api_keys: [secret-key-0123456789]\n", "startup", {})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "generations").iterdir()}
+    assert modes == {"000001.yaml": 0o600, "index.json": 0o600}
+
+
+def test_the_unit_sets_a_private_umask_and_a_memory_ceiling():
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "localllm.service").read_text()
+    assert "\nUMask=0077\n" in unit and "\nMemoryMax=" in unit

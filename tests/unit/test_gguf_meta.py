@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import time
+
 import gguf
 import numpy as np
 import pytest
@@ -197,3 +200,44 @@ def test_the_header_reader_agrees_with_the_gguf_package_on_every_field_and_tenso
     assert fields == theirs  # the floats chosen are exact in f32
     assert tensors == [(t.name, int(t.n_bytes)) for t in reader.tensors]
     assert dict(tensors)["blk.1.attn_q.weight"] == 64 * 64 // 32 * 34  # Q8_0: 34 bytes a block of 32
+
+
+def _raw_header(kv_count: int, tensor_count: int, body: bytes) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, tensor_count, kv_count) + body
+
+
+def _key(name: str) -> bytes:
+    return struct.pack("<Q", len(name)) + name.encode()
+
+
+@pytest.mark.parametrize("content, problem", [
+    (_raw_header(2**60, 0, b""), "keys and 0 tensors cannot fit"),
+    (_raw_header(0, 2**59, b""), "tensors cannot fit"),
+    (_raw_header(1, 0, _key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40)),
+     "a string array of 1099511627776 items cannot fit"),
+    (_raw_header(1, 0, _key("llama.attention.head_count_kv") + struct.pack("<IIQ", 9, 4, 2**40)),
+     "an array of 1099511627776 items cannot fit"),
+    (_raw_header(1, 1, _key("general.architecture") + struct.pack("<IQ", 8, 5) + b"llama"
+                 + _key("blk.0.w") + struct.pack("<I", 2**20)), "dimensions (at most 4)"),
+], ids=["keys", "tensors", "string-array", "numeric-array", "dimensions"])
+def test_a_crafted_header_is_refused_at_once_without_allocating(tmp_path, content, problem):
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(content)
+    started = time.monotonic()
+    with pytest.raises(BadRequest) as refused:
+        read_gguf_facts(path)
+    assert time.monotonic() - started < 1.0
+    assert problem in refused.value.message and str(path) in refused.value.message
+
+
+def test_an_absurd_block_count_is_a_sizing_problem_within_a_second(tmp_path):
+    path = write_tiny_model(tmp_path / "deep.gguf")
+    data = bytearray(path.read_bytes())
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4  # the uint32 value after its type
+    data[at:at + 4] = struct.pack("<I", 2**31)
+    path.write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises(BadRequest, match="block_count 2147483648 is not plausible"):
+        read_gguf_facts(path)
+    assert time.monotonic() - started < 1.0
