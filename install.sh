@@ -216,6 +216,9 @@ do_install() {
     echo "        runuser -u $ACCOUNT -- $VENV/bin/localllmd --config $CONFIG"
   fi
   echo "    to use localllmctl without sudo, join the group $ACCOUNT: usermod -a -G $ACCOUNT ${SUDO_USER:-USER}"
+  echo "    WARNING: the group $ACCOUNT can use the control socket, and the control API drives Docker: a member"
+  echo "    can apply a config that runs any local image or mounts host files. Treat it like the docker group"
+  echo "    (root on this host); set daemon.policy to limit images, model paths and arguments. README: Security model."
 }
 
 do_uninstall() {

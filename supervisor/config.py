@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
-from .profiles import load_profiles
+from .policy import Policy, flag_of, policy_problems
+from .profiles import Profile, load_profiles
 from .schema import Bytes, Seconds, Strict, describe, read_model
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
@@ -74,7 +75,7 @@ class ModelEntry(Strict):
     @classmethod
     def _extra_args_leave_ours_alone(cls, args: list[str]) -> list[str]:
         for arg in args:
-            flag = arg.split("=", 1)[0]
+            flag = flag_of(arg)
             if flag in LLAMA_FLAGS_SET_BY_LOCALLLM:
                 raise ValueError(f"'{flag}' is set by localllm, which sizes the model's memory by it; "
                                  f"set {LLAMA_FLAGS_SET_BY_LOCALLLM[flag]} instead")
@@ -179,6 +180,7 @@ class DaemonSettings(Strict):
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     api_keys: list[Annotated[str, Field(min_length=8)]] = []  # when set, proxy clients must send one as a Bearer token
     docker_url: str | None = None
+    policy: Policy | None = None  # what a config may ask of the host; only a restart changes it
 
     @field_validator("proxy_listen", mode="before")
     @classmethod
@@ -221,7 +223,8 @@ class DaemonSettings(Strict):
 
 
 OLLAMA_ENV_SET_BY_LOCALLLM = {"OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL",
-                              "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_LOADED_MODELS"}
+                              "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_LOADED_MODELS",
+                              "HOME"}  # HOME: where the store is mounted for a server that is not root
 
 
 class OllamaSettings(Strict):
@@ -275,11 +278,18 @@ class Config(Strict):
         return None
 
 
-def load_config(path: Path, check_files: bool = True, text: str | None = None) -> Config:
-    """Read, validate and cross-check a config file (or its ``text``, sent from elsewhere); raise ConfigError."""
+def load_config(path: Path, check_files: bool = True, text: str | None = None,
+                running: Config | None = None) -> Config:
+    """Read, validate and cross-check a config file (or its ``text``, sent from elsewhere); raise ConfigError.
+
+    The file is held to its own ``daemon.policy``, or to ``running``'s when given: a config applied to a
+    running daemon answers to the policy the daemon started with.
+    """
     path = Path(path)
     config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent}, text=text)
-    found = check_ports(config) + cross_check(config, check_files) + check_profile(config)
+    policy = (running or config).daemon.policy
+    found = (check_ports(config) + cross_check(config, check_files) + check_profile(config)
+             + policy_problems(config, policy, known_profiles(config) if policy else {}, check_files))
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:
         raise ConfigError(str(path), problems)
@@ -313,6 +323,12 @@ def check_profile(config: Config) -> list[tuple[tuple, str]]:
     if config.profile == "auto" or config.profile in known:
         return []
     return [(("profile",), f"unknown profile '{config.profile}' (known: auto, {', '.join(sorted(known))})")]
+
+
+def known_profiles(config: Config) -> dict[str, Profile]:
+    """The profiles ``config`` may run under (the built-in ones alone when its profiles_dir is missing)."""
+    usable = config.profiles_dir is not None and config.profiles_dir.is_dir()
+    return load_profiles(config.profiles_dir if usable else None)
 
 
 def normal_tag(name: str) -> str:

@@ -4,6 +4,12 @@
 it into a container. The config hash is compose's idea: sha256 of the
 canonical JSON of everything that shapes the container, so a container whose
 hash differs from the wanted spec has diverged.
+
+Every container runs confined (``Confinement``): no capabilities, no privilege
+gain through setuid binaries, a read-only root filesystem with a tmpfs where the
+server writes, a pids limit and, where the backend says so, a non-root user and
+a memory limit. It is data in the spec, so it is in the hash: a container made
+before a confinement change is recreated, not adopted.
 """
 
 from __future__ import annotations
@@ -29,6 +35,53 @@ class BindMount:
 
 
 @dataclass(frozen=True)
+class Confinement:
+    """What a container may do besides serving: least privilege, as the backend asks for it.
+
+    The defaults hold for every container: a model server binds a port above 1024 on loopback and
+    reads its mounts, which needs no capability; nothing in it should gain privileges (setuid
+    binaries); it writes nothing outside its mounts and ``tmpfs``.
+    """
+
+    user: str | None = None  # "uid:gid"; None: the image's own user (root for the images we use)
+    pids_limit: int | None = None  # processes and threads together (the kernel counts both)
+    memory_limit: int | None = None  # bytes of RAM, swap included (none allowed beyond it)
+    tmpfs: tuple[tuple[str, str], ...] = ()  # (path, mount options): the only writable places besides mounts
+    read_only_root: bool = True
+    cap_drop: tuple[str, ...] = ("ALL",)
+    security_opt: tuple[str, ...] = ("no-new-privileges",)
+
+
+MEMORY_MARGIN = 0.25
+MEMORY_SLACK = 256 << 20
+
+
+def memory_limit_for(need: int) -> int:
+    """The RAM limit of a container whose model needs ``need`` bytes: a quarter more, plus 256 MiB.
+
+    The margin covers what the estimate leaves out (the server's own heap, HTTP buffers, a longer
+    prompt's scratch); past it the kernel kills the container (OOM, reported as such) instead of the
+    host swapping or another model's server being killed.
+    """
+    return int(need * (1 + MEMORY_MARGIN)) + MEMORY_SLACK
+
+
+def readable_by(user: str, mode: int, owner_uid: int, owner_gid: int) -> bool:
+    """Whether a file of ``mode`` owned by ``owner_uid:owner_gid`` can be read by ``user`` ("uid:gid").
+
+    Only the permission bits: the container's user has no capability to override them (ACLs are not
+    looked at, so a file readable only through an ACL counts as unreadable).
+    """
+    uid_text, _, gid_text = user.partition(":")
+    uid, gid = int(uid_text), int(gid_text or uid_text)
+    if uid == owner_uid:
+        return bool(mode & 0o400)
+    if gid == owner_gid:
+        return bool(mode & 0o040)
+    return bool(mode & 0o004)
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     name: str
     image: str
@@ -42,6 +95,7 @@ class ContainerSpec:
     gpu_device_ids: tuple[str, ...] | None = None  # None: no GPU; (): all GPUs
     device: str = "cpu"  # the budget device it is placed on: cpu, gpu0, gpu1...
     extra_labels: tuple[tuple[str, str], ...] = field(default=())
+    confinement: Confinement = Confinement()
 
     def config_hash(self) -> str:
         shaping = {
@@ -50,6 +104,7 @@ class ContainerSpec:
             "mounts": [asdict(m) for m in self.mounts],
             "environment": sorted(self.environment),
             "gpus": None if self.gpu_device_ids is None else list(self.gpu_device_ids),
+            "confinement": asdict(self.confinement),
         }
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

@@ -25,8 +25,8 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, Mount
 
-from .containers import LABEL_OWNER, ContainerSpec
-from .errors import DockerFailure, DockerUnavailable, ImageNotFound
+from .containers import LABEL_OWNER, ContainerSpec, readable_by
+from .errors import DockerFailure, DockerUnavailable, ImageNotFound, ModelStartFailed
 from .images import how_to_get
 
 ENGINE_HINT = "start it with: dockerd --bridge=none --iptables=false &  (or: systemctl start docker)"
@@ -168,6 +168,7 @@ class DockerRuntime:
         return await self._run(f"start container {spec.name}", self._create_and_start, spec)
 
     def _create_and_start(self, spec: ContainerSpec) -> ContainerInfo:
+        _check_mounts_readable(spec)
         kwargs: dict[str, Any] = dict(
             image=spec.image,
             command=list(spec.command),
@@ -180,6 +181,7 @@ class DockerRuntime:
             # The llama.cpp images declare a health check on port 8080, which our servers do not use, so
             # Docker would call every container unhealthy; readiness is our own gate's job.
             healthcheck={"test": ["NONE"]},
+            **_confinement_kwargs(spec),
         )
         if spec.gpu_device_ids is not None:
             ids = list(spec.gpu_device_ids)
@@ -285,6 +287,49 @@ class DockerRuntime:
         found = await self._run("list containers", self.client.containers.list, all=True, filters=filters,
                                 ignore_removed=True)
         return [_info(c) for c in found]
+
+
+def _confinement_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """The spec's least privilege as the SDK's arguments; a device request (the GPU) needs none of it back."""
+    confinement = spec.confinement
+    kwargs: dict[str, Any] = dict(
+        cap_drop=list(confinement.cap_drop),
+        security_opt=list(confinement.security_opt),
+        read_only=confinement.read_only_root,
+        tmpfs=dict(confinement.tmpfs),
+    )
+    if confinement.user is not None:
+        kwargs["user"] = confinement.user
+    if confinement.pids_limit is not None:
+        kwargs["pids_limit"] = confinement.pids_limit
+    if confinement.memory_limit is not None:
+        kwargs["mem_limit"] = confinement.memory_limit
+        kwargs["memswap_limit"] = confinement.memory_limit  # the same: no swap beyond the RAM limit
+    return kwargs
+
+
+def _check_mounts_readable(spec: ContainerSpec) -> None:
+    """Refuse a start whose read-only mount the container's numeric user could not read.
+
+    Without it llama-server exits with "failed to open GGUF file '/models/x.gguf' (Permission
+    denied)", which names the path inside the container, not the host's file nor the fix. A file
+    we cannot stat is left for Docker to report.
+    """
+    user = spec.confinement.user
+    if user is None or not all(part.isdigit() for part in user.split(":")):
+        return
+    for mount in spec.mounts:
+        if not mount.read_only:
+            continue
+        try:
+            st = os.stat(mount.source)
+        except OSError:
+            continue
+        if not readable_by(user, st.st_mode, st.st_uid, st.st_gid):
+            raise ModelStartFailed(spec.model, (
+                f"{mount.source} is not readable by the container's user {user} (mode "
+                f"{st.st_mode & 0o777:04o}, owner {st.st_uid}:{st.st_gid}); the server runs without "
+                f"privileges, so make the file world-readable: chmod o+r {mount.source}"))
 
 
 def _info(container: Any) -> ContainerInfo:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import aiohttp
 from loguru import logger
@@ -59,6 +61,7 @@ from .ollama_api import (
 )
 from .ollama_host import OllamaHost
 from .placement import Device, devices_for, free_ports
+from .policy import escapes
 from .profiles import Profile
 from .scheduler import (
     Action,
@@ -72,7 +75,7 @@ from .scheduler import (
     Start,
     Stop,
 )
-from .sizing import Sizing
+from .sizing import Sizing, size_model
 
 MEMORY_POLL = 0.25  # seconds between looks at a stopped model's GPU processes...
 MEMORY_WAIT = 10.0  # ...and how long they get to go before a memory_wait warning
@@ -509,13 +512,23 @@ class Fleet:
         """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
         config = config or self.config
         if entry.backend == "ollama":
-            server = ollama.server_spec(config, self.profile, port, self._ollama_device(config, entry.name))
-            return ollama.model_spec(entry, server, device_id)
+            return ollama.model_spec(entry, self.ollama.server_spec(config, port, entry.name), device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
         try:
-            return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device)
+            return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device,
+                                                             self._memory_need(entry))
         except ValueError as exc:  # no such GPU here: say so rather than run it on every GPU
             raise ModelStartFailed(entry.name, str(exc)) from None
+
+    def _memory_need(self, entry: ModelEntry) -> int | None:
+        """What a CPU container's memory limit is derived from: the config's own figure (declared or estimated),
+        never a measured one, so the spec's hash stays put while the model runs. None on GPU profiles."""
+        if self.profile.has_gpus:
+            return None
+        instance = self.instances.get(entry.name)
+        same = instance is not None and instance.entry == entry
+        sizing = instance.sizing if same else size_model(entry, self.profile)
+        return sizing.declared or (sizing.estimate.total if sizing.estimate else sizing.fallback) or None
 
     def _ollama_device(self, config: Config, model: str = "ollama") -> Device | None:
         """The device the Ollama server sees (``ollama.device``); None on the CPU."""
@@ -736,7 +749,7 @@ class Fleet:
         except ValueError:
             return "its port label is unreadable"
         try:
-            spec = ollama.server_spec(self.config, self.profile, port, self._ollama_device(self.config))
+            spec = self.ollama.server_spec(self.config, port)
         except LocalllmError as exc:
             return exc.message
         if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
@@ -1003,6 +1016,7 @@ class Fleet:
         name, entry = instance.name, instance.entry
         if not entry.gguf.is_file():
             raise ModelStartFailed(name, f"model file {entry.gguf} does not exist")
+        self._check_models_root(entry)
         backend = backend_for(entry.backend)
         port = self._allocate_port(name)
         instance.spec = self.spec_for(entry, port, self.scheduler.slots[name].device)
@@ -1012,6 +1026,14 @@ class Fleet:
                                url=backend.base_url(port) + backend.readiness_path,
                                deadline=entry.startup_timeout or self.settings.startup_timeout)
         await self._check_on_gpu(instance)
+
+    def _check_models_root(self, entry: ModelEntry) -> None:
+        """The policy's models_root, again at the start: the file checked at apply may be a symlink now."""
+        policy = self.settings.policy
+        if policy is not None and policy.models_root is not None and entry.gguf is not None:
+            problem = escapes(entry.gguf, Path(os.path.realpath(policy.models_root)))
+            if problem:
+                raise ModelStartFailed(entry.name, f"refused by the policy: {problem}")
 
     async def _check_on_gpu(self, instance: Instance) -> None:
         """A GPU model must show up in NVML on its GPU once ready: llama-server that cannot use CUDA serves

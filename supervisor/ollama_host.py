@@ -50,7 +50,7 @@ class OllamaHost:
         """The running server for ``config``: the current one if its spec still matches and it runs, else a new one."""
         async with self._lock:
             if self.container_id is not None and self.spec is not None:
-                wanted = ollama.server_spec(config, self.profile, self.spec.port, self.device_of(config, model))
+                wanted = self.server_spec(config, self.spec.port, model)
                 info = await self.runtime.inspect(self.container_id)
                 if wanted.config_hash() == self.spec.config_hash() and info is not None and info.running:
                     return self.spec, self.container_id
@@ -60,12 +60,12 @@ class OllamaHost:
             return await self._start(config, model)
 
     async def _start(self, config: Config, model: str) -> tuple[ContainerSpec, str]:
-        spec = ollama.server_spec(config, self.profile, self.allocate_port(model), self.device_of(config, model))
         try:
             Path(config.ollama_store).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ModelStartFailed(model, f"cannot create the Ollama store {config.ollama_store}: "
                                           f"{exc.strerror or exc}") from None
+        spec = self.server_spec(config, self.allocate_port(model), model)
         self.spec = spec
         creating = asyncio.ensure_future(self.runtime.run(spec))
         try:
@@ -89,6 +89,11 @@ class OllamaHost:
             await self._discard_quietly()
             raise
         return spec, self.container_id
+
+    def server_spec(self, config: Config, port: int, model: str = "ollama") -> ContainerSpec:
+        """The server for ``config`` on ``port``: on its GPU, as the owner of its store."""
+        return ollama.server_spec(config, self.profile, port, self.device_of(config, model),
+                                  store_owner(Path(config.ollama_store)))
 
     def adopt(self, spec: ContainerSpec, container_id: str) -> None:
         self.spec, self.container_id = spec, container_id
@@ -114,3 +119,14 @@ class OllamaHost:
             await self.discard(0)
         except LocalllmError as exc:
             logger.error("could not remove the Ollama server ({}); the shutdown sweep removes it", exc.message)
+
+
+def store_owner(store: Path) -> tuple[int, int] | None:
+    """(uid, gid) of the store directory: the server runs as its owner, since with no capabilities even root
+    cannot write into a 0700 directory of another user's. None while it does not exist yet."""
+    try:
+        info = store.stat()
+    except OSError:
+        return None
+    return info.st_uid, info.st_gid
+

@@ -52,7 +52,7 @@ class Rollout:
                 self.fleet.events.publish("rollback", f"rolling back to generation {rollback_to}",
                                           generation=rollback_to)
             try:
-                config = load_config(path, text=text)
+                config = load_config(path, text=text, running=self.fleet.config)
                 self._refuse_restart_only_changes(config)
             except (ConfigError, ApplyRefused) as exc:
                 number = self.store.record(text, source, {}).number
@@ -75,7 +75,7 @@ class Rollout:
 
     async def preview(self, text: str, source: str, path: Path) -> dict:
         """What applying ``text`` would do, without doing it: validation, the plan and the text's diff."""
-        config = load_config(path, text=text)
+        config = load_config(path, text=text, running=self.fleet.config)
         self._refuse_restart_only_changes(config)
         active = self.store.active
         try:
@@ -116,9 +116,17 @@ class Rollout:
                                   status=status, **data)
 
     def _refuse_restart_only_changes(self, config: Config) -> None:
+        """The profile and the daemon's settings, its policy above all, are the running daemon's own.
+
+        The new config was already held to the running policy (``load_config(running=...)``), so a config that
+        loosens the policy is refused for what it asks, and one that only rewrites it is refused here.
+        """
         live = self.fleet.config
-        changed = [name for name in ("profile", "profiles_dir", "daemon")
-                   if getattr(config, name) != getattr(live, name)]
+        changed = [name for name in ("profile", "profiles_dir") if getattr(config, name) != getattr(live, name)]
+        if config.daemon.policy != live.daemon.policy:
+            changed.append("daemon.policy")
+        if config.daemon.model_copy(update={"policy": None}) != live.daemon.model_copy(update={"policy": None}):
+            changed.append("daemon")
         if changed:
             raise ApplyRefused(f"the new config changes {', '.join(changed)}, which only a restart of localllmd "
                                "applies; apply changes to the model catalog, or restart the daemon")

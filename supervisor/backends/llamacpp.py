@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from ..config import DaemonSettings, ModelEntry
-from ..containers import BindMount, ContainerSpec, container_name
+from ..containers import BindMount, Confinement, ContainerSpec, container_name, memory_limit_for
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
@@ -18,6 +18,17 @@ from ..profiles import Profile
 NAME = "llamacpp"
 MODEL_DIR = "/models"
 readiness_path = "/health"
+# nobody:nogroup by number: our CPU image is FROM scratch (no /etc/passwd), and no image needs a name.
+# The model file must be readable by it: world-readable (0644, the usual mode) does.
+USER = "65534:65534"
+# Threads count against the pids limit, and llama-server dies (std::terminate) when it cannot start
+# one. It runs a compute thread per core, an HTTP pool of max(parallel + 4, cores - 1) threads, and
+# up to 1024 more HTTP threads under a burst of connections (tools/server/server-http.cpp), plus the
+# CUDA runtime's few: 2048 holds that on hosts up to about 480 cores, and still stops a fork bomb.
+PIDS_LIMIT = 2048
+# llama-server writes nothing outside its mounts (no temporary files in tools/server or common); a
+# small /tmp is there for libraries that expect one. noexec: nothing is ever run from it.
+TMPFS = (("/tmp", "rw,noexec,nosuid,nodev,size=64m,mode=1777"),)
 
 
 def base_url(port: int) -> str:
@@ -41,8 +52,13 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
 
 
 def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int,
-                   device: Device | None = None) -> ContainerSpec:
-    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to ``device``'s GPU."""
+                   device: Device | None = None, memory_need: int | None = None) -> ContainerSpec:
+    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to ``device``'s GPU.
+
+    ``memory_need`` (bytes, the sizing's figure) limits the container's RAM on a CPU profile, with a
+    margin (``memory_limit_for``). A GPU profile gets no RAM limit: its need is the GPU's memory, and
+    the host memory the CUDA runtime maps is not what the estimate counts.
+    """
     launch = launch_settings(model, profile)
     in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
     command = [
@@ -67,7 +83,14 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         gpu_device_ids=_gpu_ids(profile, device),
         device=device.id if device else "cpu",  # a GPU profile without a device was refused above
         extra_labels=tuple(sorted(settings.labels.items())),
+        confinement=confinement(profile, memory_need),
     )
+
+
+def confinement(profile: Profile, memory_need: int | None) -> Confinement:
+    """Least privilege for llama-server: no capabilities, read-only root, nobody, bounded pids and RAM."""
+    limit = memory_limit_for(memory_need) if memory_need is not None and not profile.has_gpus else None
+    return Confinement(user=USER, pids_limit=PIDS_LIMIT, memory_limit=limit, tmpfs=TMPFS)
 
 
 def launch_flags(launch: LaunchSettings) -> list[str]:

@@ -7,6 +7,14 @@ that device, so Ollama's own placement and eviction cannot spread them where
 our budget does not look. ``/api/version`` answers once it can serve. A model's "spec" is the
 server's spec plus what the model is loaded with, so a change to either makes
 the model's config hash differ (and a config change reloads it).
+
+The server runs confined like every container (``Confinement``), as the user
+that owns its store when the caller names it (``store_owner``): without
+capabilities, even root cannot write a store it does not own. The store is
+mounted at ``HOME/.ollama`` under a ``HOME`` of our own, not ``/root/.ollama``:
+``/root`` is 0700 in the image, so no other user could reach a store under it,
+and Ollama keeps its key in ``$HOME/.ollama``. The layout of the store on the host
+is the same either way (``models/``, ``id_ed25519``).
 """
 
 from __future__ import annotations
@@ -16,15 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ModelEntry, OllamaSettings
-from ..containers import BindMount, ContainerSpec, container_name
+from ..containers import BindMount, Confinement, ContainerSpec, container_name
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
 
 NAME = "ollama"
 SERVER_LABEL = "_ollama"  # the model label of the server container; catalog names cannot start with "_"
-STORE = "/root/.ollama"  # where the image keeps its models (and its key)
+HOME = "/home/ollama"  # the server's $HOME: the parent of its store, created by Docker for the mount
+STORE = f"{HOME}/.ollama"  # where Ollama keeps its models (and its key, in $HOME/.ollama)
 readiness_path = "/api/version"
+# The server (Go: a thread per core plus those blocked in syscalls) starts a runner process per loaded
+# model, each with a compute thread per core and Go threads of its own; all count against the limit,
+# and a Go program that cannot start a thread dies. 4096 holds a dozen models on a 128-core host.
+PIDS_LIMIT = 4096
+# Runners may write temporary files; releases that still unpacked runners into /tmp ran them from
+# there, which noexec forbids: the images we run keep their runners in /usr/lib/ollama.
+TMPFS = (("/tmp", "rw,noexec,nosuid,nodev,size=1g,mode=1777"),)
 
 
 def base_url(port: int) -> str:
@@ -53,10 +69,14 @@ def launch_settings(settings: OllamaSettings, profile: Profile) -> LaunchSetting
                           flash_attention=settings.flash_attention)
 
 
-def server_spec(config: Config, profile: Profile, port: int, device: Device | None = None) -> ContainerSpec:
+def server_spec(config: Config, profile: Profile, port: int, device: Device | None = None,
+                store_owner: tuple[int, int] | None = None) -> ContainerSpec:
     """Pure: the Ollama server container for ``config``'s ``ollama:`` section on ``port``, seeing ``device`` only.
 
     A GPU profile needs the device: a server that saw every GPU would place and evict by its own rules.
+    ``store_owner`` (uid, gid of the store directory) is the user the server runs as; None keeps the
+    image's root, which without capabilities can write only a store that root owns. The server gets
+    no memory limit: what it holds changes with every load, and the scheduler charges it per model.
     """
     wanted = device_id(config.ollama, profile)
     if profile.has_gpus and (device is None or device.id != wanted or device.gpu_request is None):
@@ -71,6 +91,7 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         "OLLAMA_CONTEXT_LENGTH": str(context_of(config, profile)),
         "OLLAMA_MAX_LOADED_MODELS": str(settings.max_loaded_models),
         **settings.env,
+        "HOME": HOME,  # last: the key's place follows the store's mount, whatever ollama.env says
     }
     return ContainerSpec(
         name=f"{container_name(daemon.instance, 'ollama')}-{port}",
@@ -85,6 +106,8 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         gpu_device_ids=(device.gpu_request,) if device is not None and device.gpu_request else None,
         device=wanted,
         extra_labels=tuple(sorted(daemon.labels.items())),
+        confinement=Confinement(user=None if store_owner is None else f"{store_owner[0]}:{store_owner[1]}",
+                                pids_limit=PIDS_LIMIT, tmpfs=TMPFS),
     )
 
 

@@ -125,3 +125,25 @@ def test_unreachable_engine_is_named(tmp_path):
 
     with pytest.raises(DockerUnavailable, match=f"Docker engine not reachable at {url}"):
         asyncio.run(scenario())
+
+
+def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engine, models_dir, tmp_path):
+    # llama-server runs as nobody: a 0600 file would make it exit with "Permission denied" on the path
+    # inside the container; the runtime names the host's file and the fix instead.
+    private = tmp_path / "private.gguf"
+    private.write_bytes((models_dir / "tiny.gguf").read_bytes())
+    private.chmod(0o600)
+    spec = spec_for(tmp_path, "private.gguf", f"rt{RUN_ID}")
+
+    async def scenario():
+        runtime = DockerRuntime()
+        await runtime.connect()
+        try:
+            await runtime.run(spec)
+        finally:
+            await runtime.close()
+
+    with pytest.raises(ModelStartFailed, match=rf"{private} is not readable by the container's user 65534:65534 "
+                                               rf"\(mode 0600.*chmod o\+r {private}"):
+        asyncio.run(scenario())
+    assert our_containers(engine, spec.owner) == []

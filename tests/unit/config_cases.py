@@ -201,6 +201,104 @@ BAD_CONFIGS = [
             cache_type_v: q8_0
         """, [({2, 3}, "models[0]: cache_type_v: q8_0 needs flash_attention: true (llama.cpp refuses a quantized V "
                        "cache without flash attention)")], id="quantized-v-cache-without-flash-attention"),
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args: ["--ctx_size", "65536"]
+        """, [(4, "models[0].extra_args: '--ctx-size' is set by localllm")], id="extra-args-pinned-flag-with-underscores"),
+    # The rules that hold with or without daemon.policy (supervisor/policy.py).
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args:
+              - --threads
+              - "2"
+              - --api_key
+              - secret
+        """, [(7, "models[0].extra_args[2]: '--api_key' is never allowed: localllm's proxy does the authentication")],
+        id="extra-args-always-denied-without-a-policy"),
+    pytest.param("""\
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args: ["--rpc", "10.0.0.1:50052", "-hf", "org/model"]
+        """, [(4, "models[0].extra_args[0]: '--rpc' is never allowed: it offloads the model to remote servers"),
+              (4, "models[0].extra_args[2]: '-hf' is never allowed: it downloads a model")],
+        id="extra-args-rpc-and-download-always-denied"),
+    pytest.param("""\
+        ollama:
+          env:
+            OLLAMA_DEBUG: "1"
+            LD_PRELOAD: /tmp/evil.so
+        """, [(4, "ollama.env.LD_PRELOAD: LD_PRELOAD is never allowed: the dynamic loader reads it")],
+        id="ollama-env-ld-preload-always-denied"),
+    # Under daemon.policy.
+    pytest.param("""\
+        profile: cpu-only
+        daemon:
+          policy:
+            models_root: /usr
+        ollama:
+          models_dir: /
+        models:
+          - name: a
+            gguf: /etc/shadow
+        """, [(6, "ollama.models_dir: / is outside daemon.policy.models_root /usr"),
+              (9, "models[0].gguf: /etc/shadow is outside daemon.policy.models_root /usr")],
+        id="policy-host-files-outside-models-root"),
+    pytest.param("""\
+        profile: cpu-only
+        daemon:
+          policy: {}
+        ollama:
+          image: evil/ollama:latest
+        models:
+          - name: a
+            gguf: m.gguf
+            image: alpine:3
+        """, [(5, "ollama.image: image 'evil/ollama:latest' is not in daemon.policy.allowed_images"),
+              (9, "models[0].image: image 'alpine:3' is not in daemon.policy.allowed_images")],
+        id="policy-foreign-images"),
+    pytest.param("""\
+        profile: cpu-only
+        daemon:
+          policy:
+            allowed_images: [ollama/ollama]
+        models:
+          - name: a
+            gguf: m.gguf
+        """, [(4, "daemon.policy.allowed_images: profile cpu-only's llamacpp image 'localllm/llama-server:0.3.36-cpu', "
+                  "which models[0] would run, is not in daemon.policy.allowed_images")],
+        id="policy-profile-default-image-not-allowed"),
+    pytest.param("""\
+        daemon:
+          policy: {}
+        ollama:
+          env:
+            OLLAMA_KV_CACHE_TYPE: q8_0
+            OLLAMA_ORIGINS: "*"
+        models:
+          - name: a
+            gguf: m.gguf
+            extra_args: [--threads, "2", --temp, "-0.5", --chat-template-file, /etc/passwd]
+        """, [(6, "ollama.env.OLLAMA_ORIGINS: OLLAMA_ORIGINS is not in daemon.policy.allowed_ollama_env"),
+              (10, "models[0].extra_args[4]: '--chat-template-file' is not in daemon.policy.allowed_extra_args")],
+        id="policy-default-allow-lists"),
+    pytest.param("""\
+        daemon:
+          policy:
+            allowed_images: ["ghcr.io/ggml-org/llama*"]
+            models_root: models
+            allowed_extra_args: [--threads, --host]
+            allowed_ollama_env: [OLLAMA_DEBUG, LD_*]
+            colour: blue
+        """, [(3, "daemon.policy.allowed_images: 'ghcr.io/ggml-org/llama*': an image reference, or one ending in"),
+              (4, "daemon.policy.models_root: 'models' must be an absolute path"),
+              (5, "daemon.policy.allowed_extra_args: '--host' is never allowed: it would expose the server"),
+              (6, "daemon.policy.allowed_ollama_env: 'LD_*' is never allowed: the dynamic loader reads it"),
+              (7, "daemon.policy.colour: unknown key")], id="policy-itself-invalid"),
 ]
 
 

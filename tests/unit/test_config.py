@@ -69,6 +69,7 @@ def test_defaults(config_file):
     assert config.daemon.state_dir == Path("/var/lib/localllm")
     assert config.daemon.socket_path == Path("/var/lib/localllm/control.sock")
     assert (config.daemon.default_ttl, config.daemon.startup_timeout, config.daemon.stop_grace) == (1800.0, 120.0, 10.0)
+    assert config.daemon.policy is None  # no policy: only the always-denied rules (supervisor/policy.py)
 
 
 def test_daemon_settings_as_written(config_file, tmp_path):

@@ -15,9 +15,20 @@ from supervisor.containers import (
     LABEL_OWNER,
     LABEL_PORT,
     BindMount,
+    Confinement,
     ContainerSpec,
     container_name,
+    memory_limit_for,
+    readable_by,
 )
+
+
+def changed_fields(confinement: Confinement | None) -> list[str]:
+    if confinement is None:
+        return []
+    return [f.name for f in dataclasses.fields(Confinement)
+            if getattr(confinement, f.name) != getattr(Confinement(), f.name)]
+
 
 DOCKER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 
@@ -53,7 +64,14 @@ def test_config_hash_is_stable_for_equal_specs():
     {"environment": (("A", "1"),)},
     {"gpu_device_ids": ()},
     {"gpu_device_ids": ("0",)},
-], ids=lambda c: next(iter(c)))
+    {"confinement": Confinement(user="65534:65534")},
+    {"confinement": Confinement(pids_limit=256)},
+    {"confinement": Confinement(memory_limit=1 << 30)},
+    {"confinement": Confinement(tmpfs=(("/tmp", "size=64m"),))},
+    {"confinement": Confinement(read_only_root=False)},
+    {"confinement": Confinement(cap_drop=())},
+    {"confinement": Confinement(security_opt=())},
+], ids=lambda c: "-".join([next(iter(c)), *changed_fields(c.get("confinement"))]))
 def test_config_hash_changes_with_what_shapes_the_container(changes):
     assert dataclasses.replace(BASE, **changes).config_hash() != BASE.config_hash()
 
@@ -125,3 +143,44 @@ def test_container_names_differ_for_names_that_slug_the_same():
 
 def test_container_names_differ_by_owner():
     assert container_name("lab-1", "tiny") != container_name("lab-2", "tiny")
+
+
+def test_every_container_is_confined_unless_its_backend_says_otherwise():
+    # what a backend does not name still holds: no capabilities, no privilege gain, a read-only root
+    assert BASE.confinement == Confinement()
+    assert (BASE.confinement.cap_drop, BASE.confinement.security_opt, BASE.confinement.read_only_root) == (
+        ("ALL",), ("no-new-privileges",), True)
+
+
+def test_a_container_made_before_confinement_is_not_adopted():
+    # the hash of an unconfined container differs, so an upgrade recreates what ran with full privileges
+    unconfined = dataclasses.replace(BASE, confinement=Confinement(cap_drop=(), security_opt=(),
+                                                                   read_only_root=False))
+    assert unconfined.config_hash() != BASE.config_hash()
+
+
+@pytest.mark.parametrize("need, limit", [
+    (0, 256 << 20),
+    (1 << 30, (1 << 30) + (256 << 20) + (256 << 20)),
+    (4 << 30, 5 * (1 << 30) + (256 << 20)),
+])
+def test_memory_limit_is_the_need_a_quarter_more_and_256_mib(need, limit):
+    assert memory_limit_for(need) == limit
+
+
+@pytest.mark.parametrize("mode, owner, readable", [
+    (0o644, (0, 0), True),          # the usual model file
+    (0o640, (0, 0), False),         # group root: not nobody's
+    (0o600, (0, 0), False),
+    (0o604, (0, 0), True),
+    (0o400, (65534, 0), True),      # its own
+    (0o044, (65534, 0), False),     # its own, without the owner's bit: the others' bit does not count
+    (0o040, (1000, 65534), True),   # its group
+    (0o004, (1000, 65534), False),  # its group, without the group's bit
+])
+def test_readable_by_follows_the_permission_bits(mode, owner, readable):
+    assert readable_by("65534:65534", mode, *owner) is readable
+
+
+def test_readable_by_a_user_without_a_group_uses_the_uid_as_gid():
+    assert readable_by("1000", 0o040, 0, 1000)

@@ -8,7 +8,7 @@ import pytest
 
 from supervisor.backends import backend_for, llamacpp
 from supervisor.config import DaemonSettings, ModelEntry
-from supervisor.containers import BindMount, container_name
+from supervisor.containers import BindMount, container_name, memory_limit_for
 from supervisor.estimate import LaunchSettings
 from supervisor.placement import Device
 from supervisor.profiles import load_profiles
@@ -166,3 +166,33 @@ def test_a_models_own_parallel_slots_reach_the_command_and_the_estimate(tmp_path
     assert llamacpp.launch_settings(entry, CPU).parallel == 4
     command = llamacpp.container_spec(entry, CPU, DaemonSettings(), 28100).command
     assert command[command.index("--parallel") + 1] == "4"
+
+
+@pytest.mark.parametrize("profile, device", [(CPU, None), (GPU, GPU0)], ids=["cpu", "gpu"])
+def test_the_server_runs_with_least_privilege(tmp_path, profile, device):
+    confinement = llamacpp.container_spec(entry(tmp_path), profile, DaemonSettings(), 28100, device).confinement
+    assert confinement.cap_drop == ("ALL",)  # a port above 1024 and a mounted file need no capability
+    assert confinement.security_opt == ("no-new-privileges",)
+    assert confinement.read_only_root
+    assert dict(confinement.tmpfs) == {"/tmp": "rw,noexec,nosuid,nodev,size=64m,mode=1777"}
+    assert confinement.user == "65534:65534"  # by number: the CPU image has no /etc/passwd
+    assert confinement.pids_limit == llamacpp.PIDS_LIMIT == 2048
+    assert confinement.memory_limit is None  # no need given: no limit
+
+
+def test_a_cpu_profile_limits_memory_to_the_need_with_a_margin(tmp_path):
+    need = 3 << 30
+    spec = llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), 28100, memory_need=need)
+    assert spec.confinement.memory_limit == memory_limit_for(need) == int(need * 1.25) + (256 << 20)
+    unlimited = llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), 28100)
+    assert spec.config_hash() != unlimited.config_hash()  # a new limit recreates the container
+    assert llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), 28100,
+                                   memory_need=need + 1).config_hash() != spec.config_hash()
+
+
+def test_a_gpu_profile_gets_no_memory_limit_and_keeps_only_its_device_request(tmp_path):
+    spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28100, GPU0, memory_need=3 << 30)
+    assert spec.confinement.memory_limit is None
+    assert spec.gpu_device_ids == (GPU0.uuid,)
+    assert spec.confinement == llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), 28100,
+                                                       GPU0).confinement

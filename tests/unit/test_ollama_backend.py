@@ -29,17 +29,43 @@ def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     spec = ollama.server_spec(config(num_parallel=2, flash_attention=True, env={"OLLAMA_DEBUG": "1"}),
                               PROFILES["cpu-only"], 28111)
     assert spec.command == ("serve",) and spec.image == "ollama/ollama" and spec.port == 28111
-    assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111", "OLLAMA_MODELS": "/root/.ollama/models",
+    assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111",
+                                      "OLLAMA_MODELS": "/home/ollama/.ollama/models", "HOME": "/home/ollama",
                                       "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
                                       "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_CONTEXT_LENGTH": "4096",
                                       "OLLAMA_MAX_LOADED_MODELS": "64", "OLLAMA_DEBUG": "1"}
     [mount] = spec.mounts
-    assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/root/.ollama", False)
+    assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/home/ollama/.ollama", False)
     assert spec.gpu_device_ids is None and spec.device == "cpu"
     assert spec.labels()["io.localllm.model"] == "_ollama" and spec.labels()["team"] == "a"
 
 
 GPU1 = Device("gpu1", 20 * 2**30, index=1, uuid="GPU-5b1e")
+
+
+def test_server_spec_is_confined_and_runs_as_the_stores_owner_when_named():
+    spec = ollama.server_spec(config(), PROFILES["cpu-only"], 28111, store_owner=(998, 997))
+    confinement = spec.confinement
+    assert confinement.cap_drop == ("ALL",) and confinement.security_opt == ("no-new-privileges",)
+    assert confinement.read_only_root and confinement.user == "998:997"
+    assert dict(confinement.tmpfs)["/tmp"].startswith("rw,noexec,")  # runners may write temporary files
+    assert confinement.pids_limit == ollama.PIDS_LIMIT == 4096
+    assert confinement.memory_limit is None  # what it holds changes with every load
+    as_root = ollama.server_spec(config(), PROFILES["cpu-only"], 28111)
+    assert as_root.confinement.user is None and as_root.confinement.cap_drop == ("ALL",)
+    assert as_root.config_hash() != spec.config_hash()  # a new store owner recreates the server
+
+
+def test_home_follows_the_store_whatever_the_env_says():
+    spec = ollama.server_spec(config(env={"HOME": "/root"}), PROFILES["cpu-only"], 28111)
+    assert dict(spec.environment)["HOME"] == ollama.HOME
+
+
+def test_server_spec_on_a_gpu_profile_keeps_the_confinement():
+    spec = ollama.server_spec(config(device="gpu1"), PROFILES["gpu-2x24g"], 28111, GPU1, store_owner=(998, 997))
+    assert spec.gpu_device_ids == ("GPU-5b1e",)
+    assert spec.confinement == ollama.server_spec(config(), PROFILES["cpu-only"], 28111,
+                                                  store_owner=(998, 997)).confinement
 
 
 def test_server_spec_on_a_gpu_profile_sees_only_its_device_by_uuid_and_gets_the_profiles_image():
@@ -185,4 +211,4 @@ def test_tags_and_ps_entries():
     assert find_loaded(loaded, "nope") is None
     assert memory_in_use(loaded["qwen:1b"], on_gpu=False) == 900
     assert memory_in_use(loaded["qwen:1b"], on_gpu=True) is None  # 0 on the GPU: unknown, not free
-    assert Path(ollama.STORE) == Path("/root/.ollama")
+    assert Path(ollama.STORE) == Path(ollama.HOME) / ".ollama"  # Ollama keeps its key in $HOME/.ollama
