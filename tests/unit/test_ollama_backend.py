@@ -56,9 +56,11 @@ def test_server_spec_is_confined_and_runs_as_the_stores_owner_when_named():
     assert as_root.config_hash() != spec.config_hash()  # a new store owner recreates the server
 
 
-def test_home_follows_the_store_whatever_the_env_says():
-    spec = ollama.server_spec(config(env={"HOME": "/root"}), PROFILES["cpu-only"], 28111)
+def test_home_follows_the_store_and_the_config_may_not_set_it():
+    spec = ollama.server_spec(config(), PROFILES["cpu-only"], 28111)
     assert dict(spec.environment)["HOME"] == ollama.HOME
+    with pytest.raises(ValueError, match="HOME: set by localllm"):
+        config(env={"HOME": "/root"})
 
 
 def test_server_spec_on_a_gpu_profile_keeps_the_confinement():
