@@ -97,20 +97,22 @@ def test_gate_deadline_is_a_failure_with_the_last_answer(engine, models_dir):
     assert our_containers(engine, spec.owner) == []
 
 
+async def run_once(spec) -> None:
+    """Run ``spec`` with a runtime of its own, closed afterwards."""
+    runtime = DockerRuntime()
+    await runtime.connect()
+    try:
+        await runtime.run(spec)
+    finally:
+        await runtime.close()
+
+
 def test_missing_image_names_the_command_that_builds_it(engine, models_dir):
     spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", llamacpp="localllm/llama-server:0.0.0-cpu")
 
-    async def scenario():
-        runtime = DockerRuntime()
-        await runtime.connect()
-        try:
-            await runtime.run(spec)
-        finally:
-            await runtime.close()
-
     with pytest.raises(ImageNotFound, match=r"image 'localllm/llama-server:0.0.0-cpu' not found.*"
                                             r"localllmctl image build --version 0.0.0"):
-        asyncio.run(scenario())
+        asyncio.run(run_once(spec))
 
 
 def test_unreachable_engine_is_named(tmp_path):
@@ -135,15 +137,7 @@ def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engi
     private.chmod(0o600)
     spec = spec_for(tmp_path, "private.gguf", f"rt{RUN_ID}")
 
-    async def scenario():
-        runtime = DockerRuntime()
-        await runtime.connect()
-        try:
-            await runtime.run(spec)
-        finally:
-            await runtime.close()
-
     with pytest.raises(ModelStartFailed, match=rf"{private} is not readable by the container's user 65534:65534 "
                                                rf"\(mode 0600.*chmod o\+r {private}"):
-        asyncio.run(scenario())
+        asyncio.run(run_once(spec))
     assert our_containers(engine, spec.owner) == []
