@@ -51,6 +51,8 @@ def test_a_llamacpp_container_is_confined_and_still_serves(start_daemon, engine)
     assert_confined(host)
     assert host["PidsLimit"] == llamacpp.PIDS_LIMIT
     assert config["User"] == "65534:65534"  # not root
+    need = daemon.model("tiny")["memory"]["estimate"]["total"]  # a CPU profile: limited to its estimated need
+    assert host["Memory"] == host["MemorySwap"] == memory_limit_for(need)
     answer = daemon.chat("tiny")
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] is not None
