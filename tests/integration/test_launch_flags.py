@@ -7,9 +7,13 @@ serving from the CPU with ``/health`` answering 200.
 
 from __future__ import annotations
 
+import re
+
 from supervisor.backends import llamacpp
-from supervisor.config import DaemonSettings, ModelEntry
+from supervisor.config import LLAMA_FLAGS_SET_BY_LOCALLLM, DaemonSettings, ModelEntry
+from supervisor.images import LLAMA_CPP_PYTHON_VERSION, cache_root
 from supervisor.placement import Device
+from supervisor.policy import ALWAYS_DENIED_FLAGS, DEFAULT_EXTRA_ARGS
 from supervisor.profiles import load_profiles
 
 from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, poll_for
@@ -53,3 +57,16 @@ def test_every_pinned_flag_is_known_to_the_server(engine, models_dir):
     code, log = run_to_exit(engine, models_dir, ["--model", "/models/tiny.gguf", *flags, "--help"])
     assert code == 0, log
     assert "error" not in log.lower().split("usage")[0]
+
+
+def test_every_flag_the_config_and_the_policy_name_is_one_the_vendored_llama_server_knows():
+    # The sources the test bed's image was built from (scripts/dev.sh setup unpacks them): a renamed flag
+    # in a new llama.cpp would silently stop being refused or allowed.
+    arg_cpp = (cache_root() / "llama-server" / LLAMA_CPP_PYTHON_VERSION
+               / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp" / "common" / "arg.cpp")
+    assert arg_cpp.is_file(), f"{arg_cpp} is missing: run `bash scripts/dev.sh setup` (it builds the image from it)"
+    known = set(re.findall(r'"(--?[A-Za-z][A-Za-z0-9.-]*)"', arg_cpp.read_text(encoding="utf-8", errors="replace")))
+    assert set(ALWAYS_DENIED_FLAGS) - known == set()
+    assert set(DEFAULT_EXTRA_ARGS) - known == set()
+    assert set(LLAMA_FLAGS_SET_BY_LOCALLLM) - known == set()
+    assert not set(DEFAULT_EXTRA_ARGS) & set(ALWAYS_DENIED_FLAGS)
