@@ -34,6 +34,21 @@ def host_config(engine, container) -> tuple[dict, dict]:
     return inspected["HostConfig"], inspected["Config"]
 
 
+async def while_ready(spec, health_url: str, body):
+    """Run ``spec`` without the daemon, wait for ``health_url``, return ``await body(info)``, then remove it."""
+    runtime = DockerRuntime()
+    await runtime.connect()
+    info = await runtime.run(spec)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_until_ready(runtime, session, model=spec.model, container_id=info.id, url=health_url,
+                                   deadline=30)
+        return await body(info)
+    finally:
+        await runtime.stop_and_remove(info.id, 0)
+        await runtime.close()
+
+
 def assert_confined(host: dict) -> None:
     assert host["CapDrop"] == ["ALL"] and not host.get("CapAdd")
     assert any(opt in ("no-new-privileges", "no-new-privileges:true") for opt in host["SecurityOpt"] or [])
@@ -64,20 +79,8 @@ def test_a_llamacpp_container_gets_the_memory_limit_of_its_need(engine, models_d
     spec = llamacpp.container_spec(entry, CPU, DaemonSettings(instance=f"hd{RUN_ID}", labels={TEST_RUN_LABEL: RUN_ID}),
                                    free_tcp_port(), memory_need=need)
 
-    async def scenario():
-        runtime = DockerRuntime()
-        await runtime.connect()
-        info = await runtime.run(spec)
-        try:
-            async with aiohttp.ClientSession() as session:
-                await wait_until_ready(runtime, session, model=spec.model, container_id=info.id,
-                                       url=llamacpp.base_url(spec.port) + llamacpp.readiness_path, deadline=30)
-            return host_config(engine, info.id)[0]
-        finally:
-            await runtime.stop_and_remove(info.id, 0)
-            await runtime.close()
-
-    host = asyncio.run(scenario())
+    host, _ = asyncio.run(while_ready(spec, llamacpp.base_url(spec.port) + llamacpp.readiness_path,
+                                      lambda info: asyncio.to_thread(host_config, engine, info.id)))
     assert host["Memory"] == host["MemorySwap"] == memory_limit_for(need)  # no swap beyond the limit
     assert our_containers(engine, spec.owner) == []
 
@@ -117,22 +120,12 @@ def test_the_ollama_server_runs_as_the_owner_of_a_store_root_cannot_write(engine
     spec = ollama.server_spec(config, CPU, free_tcp_port(), store_owner=(4242, 4242))
     url = ollama.base_url(spec.port)
 
-    async def scenario():
-        runtime = DockerRuntime()
-        await runtime.connect()
-        info = await runtime.run(spec)
-        try:
-            async with aiohttp.ClientSession() as session:
-                await wait_until_ready(runtime, session, model=spec.model, container_id=info.id,
-                                       url=url + ollama.readiness_path, deadline=30)
-            pulled = await asyncio.to_thread(requests.post, f"{url}/api/pull",
-                                             json={"model": "tiny-a:1b", "stream": False}, timeout=30)
-            return pulled, host_config(engine, info.id)
-        finally:
-            await runtime.stop_and_remove(info.id, 0)
-            await runtime.close()
+    async def pull_then_inspect(info):
+        pulled = await asyncio.to_thread(requests.post, f"{url}/api/pull",
+                                         json={"model": "tiny-a:1b", "stream": False}, timeout=30)
+        return pulled, host_config(engine, info.id)
 
-    pulled, (host, container_config) = asyncio.run(scenario())
+    pulled, (host, container_config) = asyncio.run(while_ready(spec, url + ollama.readiness_path, pull_then_inspect))
     assert pulled.status_code == 200, pulled.text
     assert_confined(host)
     assert container_config["User"] == "4242:4242"
