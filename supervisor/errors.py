@@ -227,6 +227,23 @@ class InvalidToken(LocalllmError):
     http_status = 401
 
 
+class Forbidden(LocalllmError):
+    """The caller is known, but its role does not allow this action; ``needed`` names the role that does."""
+
+    code = "forbidden"
+    http_status = 403
+    openai_type = "permission_error"
+
+    def __init__(self, message: str, needed: str):
+        super().__init__(message)
+        self.needed = needed
+
+    def to_json(self) -> dict:
+        body = super().to_json()
+        body["error"]["needed_role"] = self.needed
+        return body
+
+
 class InvalidApiKey(LocalllmError):
     code = "invalid_api_key"
     http_status = 401
