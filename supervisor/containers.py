@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 LABEL_OWNER = "io.localllm.owner"
 LABEL_MODEL = "io.localllm.model"
 LABEL_CONFIG_HASH = "io.localllm.config-hash"
-LABEL_PORT = "io.localllm.port"
+LABEL_ENDPOINT = "io.localllm.endpoint"
 LABEL_BACKEND = "io.localllm.backend"
 LABEL_DEVICE = "io.localllm.device"
 
@@ -32,6 +32,49 @@ class BindMount:
     source: str
     target: str
     read_only: bool = True
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a model server listens, reachable by localllm alone where the server allows it.
+
+    ``socket``: a UNIX socket in a directory of its own (``<state_dir>/servers/<socket>/``, mode 0700 under
+    a 0700 parent), the container without any network: no port to squat, nothing another local user can
+    connect to. ``port``: 127.0.0.1 on the host network, for a server that cannot use a socket (Ollama).
+    """
+
+    socket: str | None = None  # the socket directory's name (hex), which is also the URL's host
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.socket is None) == (self.port is None):
+            raise ValueError("an endpoint is a socket or a port, not both or neither")
+        if self.socket is not None and not re.fullmatch(r"[0-9a-f]{8,32}", self.socket):
+            raise ValueError(f"socket name '{self.socket}' is not 8-32 hex digits")
+
+    @property
+    def url(self) -> str:
+        """The base URL; a socket's host is resolved by ``upstream.ServerConnector``, never by DNS."""
+        return f"http://{self.socket}{SOCKET_HOST_SUFFIX}" if self.socket else f"http://127.0.0.1:{self.port}"
+
+    def label(self) -> str:
+        return f"unix:{self.socket}" if self.socket else f"tcp:{self.port}"
+
+    @classmethod
+    def from_label(cls, text: str) -> Endpoint:
+        """The endpoint a container's label names; ValueError when it names none."""
+        kind, _, value = text.partition(":")
+        if kind == "unix":
+            return cls(socket=value)
+        if kind == "tcp" and value.isdigit():
+            return cls(port=int(value))
+        raise ValueError(f"'{text}' is not unix:<name> or tcp:<port>")
+
+    def __str__(self) -> str:
+        return f"socket {self.socket}" if self.socket else f"port {self.port}"
+
+
+SOCKET_HOST_SUFFIX = ".sock.localllm"  # a host that no DNS would answer: a socket's URL cannot leak to TCP
 
 
 @dataclass(frozen=True)
@@ -86,7 +129,7 @@ class ContainerSpec:
     name: str
     image: str
     command: tuple[str, ...]
-    port: int
+    endpoint: Endpoint
     model: str
     backend: str
     owner: str
@@ -96,6 +139,7 @@ class ContainerSpec:
     device: str = "cpu"  # the budget device it is placed on: cpu, gpu0, gpu1...
     extra_labels: tuple[tuple[str, str], ...] = field(default=())
     confinement: Confinement = Confinement()
+    network: str = "none"  # Docker's network mode: "none" (a socket endpoint) or "host" (a loopback port)
 
     def config_hash(self) -> str:
         shaping = {
@@ -105,6 +149,7 @@ class ContainerSpec:
             "environment": sorted(self.environment),
             "gpus": None if self.gpu_device_ids is None else list(self.gpu_device_ids),
             "confinement": asdict(self.confinement),
+            "network": self.network,
         }
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
@@ -115,7 +160,7 @@ class ContainerSpec:
             LABEL_OWNER: self.owner,
             LABEL_MODEL: self.model,
             LABEL_BACKEND: self.backend,
-            LABEL_PORT: str(self.port),
+            LABEL_ENDPOINT: self.endpoint.label(),
             LABEL_DEVICE: self.device,
             LABEL_CONFIG_HASH: self.config_hash(),
         }

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 import yaml
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -44,6 +43,7 @@ from .rollout import Rollout
 from .scheduler import Phase
 from .sdnotify import Notifier, ping_watchdog, watchdog_interval
 from .sizing import size_catalog
+from .upstream import open_session, servers_dir
 
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
 OPEN_FILES = 65536  # the open files limit localllmd raises itself to (up to the hard limit)
@@ -209,11 +209,7 @@ class Daemon:
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
         runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await runtime.connect()
-        session = aiohttp.ClientSession(
-            # llama-server drops idle keep-alive connections after 5 s: never reuse one that old
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=4),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
-        )
+        session = open_session(servers_dir(self.settings.state_dir))
         gpu = GpuWatch(nvml) if nvml is not None else None
         readings = await gpu.readings() if gpu is not None else None
         learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if gpu is not None else None

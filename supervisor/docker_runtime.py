@@ -174,7 +174,7 @@ class DockerRuntime:
             command=list(spec.command),
             name=spec.name,
             labels=spec.labels(),
-            network_mode="host",
+            network_mode=spec.network,
             mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
             environment=dict(spec.environment),
             detach=True,

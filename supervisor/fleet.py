@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import time
 from collections import Counter
@@ -29,10 +30,11 @@ from .config import Config, DaemonSettings, ModelEntry
 from .containers import (
     LABEL_CONFIG_HASH,
     LABEL_DEVICE,
+    LABEL_ENDPOINT,
     LABEL_MODEL,
     LABEL_OWNER,
-    LABEL_PORT,
     ContainerSpec,
+    Endpoint,
 )
 from .docker_runtime import DockerRuntime
 from .errors import (
@@ -51,6 +53,7 @@ from .gpu_watch import GpuWatch, Usage, memory_released
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
+from .listeners import claim
 from .ollama_api import (
     context_from_show,
     embedding_only,
@@ -59,7 +62,7 @@ from .ollama_api import (
     memory_in_use,
     offload_of,
 )
-from .ollama_host import OllamaHost
+from .ollama_host import OllamaHost, server_uid
 from .placement import Device, devices_for, free_ports
 from .policy import escapes
 from .profiles import Profile
@@ -76,6 +79,7 @@ from .scheduler import (
     Stop,
 )
 from .sizing import Sizing, size_model
+from .upstream import make_socket_dir, server_user, servers_dir, sweep_socket_dirs
 
 MEMORY_POLL = 0.25  # seconds between looks at a stopped model's GPU processes...
 MEMORY_WAIT = 10.0  # ...and how long they get to go before a memory_wait warning
@@ -113,7 +117,7 @@ class Instance:
     @property
     def base_url(self) -> str:
         assert self.spec is not None, "base_url of a model without a container"
-        return backend_for(self.entry.backend).base_url(self.spec.port)
+        return self.spec.endpoint.url
 
     @property
     def in_ollama(self) -> bool:
@@ -168,7 +172,7 @@ class Fleet:
         self._wakeup: asyncio.TimerHandle | None = None
         self._wakeup_at = 0.0
         self._users: Counter[str] = Counter()  # requests in flight per container id
-        self._launching: dict[int, str] = {}  # ports of containers a config change is starting
+        self._launching: dict[Endpoint, str] = {}  # endpoints of containers a config change is starting
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
@@ -234,7 +238,7 @@ class Fleet:
             "device": slot.device,
             "container": instance.container_id[:12] if instance.container_id else None,
             "config_hash": instance.spec.config_hash() if instance.spec else None,
-            "port": instance.spec.port if instance.spec else None,
+            "port": instance.spec.endpoint.port if instance.spec else None,
             "preload": instance.entry.preload,
             "pinned": instance.entry.pinned,
             "ttl": slot.ttl,
@@ -508,15 +512,15 @@ class Fleet:
         return {i.name: i.spec for i in self.instances.values()
                 if self.phase(i) is Phase.READY and i.spec is not None and i.container_id}
 
-    def spec_for(self, entry: ModelEntry, port: int, device_id: str | None, config: Config | None = None):
+    def spec_for(self, entry: ModelEntry, endpoint: Endpoint, device_id: str | None, config: Config | None = None):
         """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
         config = config or self.config
         if entry.backend == "ollama":
-            return ollama.model_spec(entry, self.ollama.server_spec(config, port, entry.name), device_id)
+            return ollama.model_spec(entry, self.ollama.server_spec(config, endpoint.port, entry.name), device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
         try:
-            return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, port, device,
-                                                             self._memory_need(entry))
+            return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, endpoint, device,
+                                                             self._memory_need(entry), server_user())
         except ValueError as exc:  # no such GPU here: say so rather than run it on every GPU
             raise ModelStartFailed(entry.name, str(exc)) from None
 
@@ -556,16 +560,16 @@ class Fleet:
             raise ShuttingDown("localllmd is shutting down")
         if entry.backend == "ollama":
             return await self._launch_in_ollama(entry, device_id, need, config)
-        port: int | None = None
+        endpoint: Endpoint | None = None
         container_id: str | None = None
         try:
             self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
             backend = backend_for(entry.backend)
-            port = self._allocate_port(entry.name)
-            spec = self.spec_for(entry, port, device_id)
             if not entry.gguf.is_file():
                 raise ModelStartFailed(entry.name, f"model file {entry.gguf} does not exist")
-            self._launching[port] = entry.name
+            endpoint = self._new_socket(entry.name)
+            self._launching[endpoint] = entry.name
+            spec = self.spec_for(entry, endpoint, device_id)
             creating = asyncio.ensure_future(self.runtime.run(spec))
             try:
                 container_id = (await asyncio.shield(creating)).id
@@ -575,7 +579,7 @@ class Fleet:
                 raise
             self._protected.add(container_id)
             await wait_until_ready(self.runtime, self.session, model=entry.name, container_id=container_id,
-                                   url=backend.base_url(port) + backend.readiness_path,
+                                   url=endpoint.url + backend.readiness_path,
                                    deadline=entry.startup_timeout or self.settings.startup_timeout)
             return spec, container_id
         except BaseException:
@@ -586,8 +590,8 @@ class Fleet:
                     await self.runtime.stop_and_remove(container_id, 0)
             raise
         finally:
-            if port is not None:
-                self._launching.pop(port, None)
+            if endpoint is not None:
+                self._launching.pop(endpoint, None)
 
     async def _launch_in_ollama(self, entry: ModelEntry, device_id: str | None, need: int,
                                 config: Config | None) -> tuple[ollama.ModelSpec, str]:
@@ -745,16 +749,21 @@ class Fleet:
         if not info.running:
             return f"not running ({info.status})"
         try:
-            port = int(info.labels.get(LABEL_PORT, ""))
+            port = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, "")).port
         except ValueError:
-            return "its port label is unreadable"
+            return "its endpoint label is unreadable"
+        if port is None:
+            return "its endpoint is not a port"
         try:
             spec = self.ollama.server_spec(self.config, port)
         except LocalllmError as exc:
             return exc.message
         if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
             return "its config changed (config hash differs)"
-        if await probe(self.session, ollama.base_url(port) + ollama.readiness_path, timeout=2.0) != 200:
+        listening, problem = await asyncio.to_thread(claim, port, info.id, server_uid(spec))
+        if problem or not listening:
+            return problem or f"nothing listens on its port {port}"
+        if await probe(self.session, spec.endpoint.url + ollama.readiness_path, timeout=2.0) != 200:
             return "its server is not healthy"
         self.ollama.adopt(spec, info.id)
         logger.info("adopted the running Ollama server {} on port {}", info.name, port)
@@ -799,24 +808,24 @@ class Fleet:
             return "a second container for the same model"
         device = next((d for d in self.scheduler.devices if d.id == info.labels.get(LABEL_DEVICE)), None)
         try:
-            port = int(info.labels.get(LABEL_PORT, ""))
+            endpoint = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, ""))
         except ValueError:
-            return "its port label is unreadable"
+            return "its endpoint label is unreadable"
         if device is None:
             return "its config changed (its device is not one of this host's now)"
         backend = backend_for(instance.entry.backend)
         try:
-            spec = self.spec_for(instance.entry, port, device.id)
+            spec = self.spec_for(instance.entry, endpoint, device.id)
         except LocalllmError as exc:
             return exc.message
         if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
             return "its config changed (config hash differs)"
-        if await probe(self.session, backend.base_url(port) + backend.readiness_path, timeout=2.0) != 200:
+        if await probe(self.session, endpoint.url + backend.readiness_path, timeout=2.0) != 200:
             return "its server is not healthy"
         if not self.scheduler.adopt(instance.name, device.id, time.monotonic()):
             return "it does not fit the memory budget"
         instance.spec, instance.container_id, instance.ready_at = spec, info.id, time.time()
-        logger.bind(model=instance.name).info("adopted running container {} on port {}", info.name, port)
+        logger.bind(model=instance.name).info("adopted running container {} ({})", info.name, endpoint)
         self.events.publish("adopt", f"adopted running container {info.name}", instance.name,
                             container=info.id[:12])
         self._publish_phases()
@@ -1018,12 +1027,12 @@ class Fleet:
             raise ModelStartFailed(name, f"model file {entry.gguf} does not exist")
         self._check_models_root(entry)
         backend = backend_for(entry.backend)
-        port = self._allocate_port(name)
-        instance.spec = self.spec_for(entry, port, self.scheduler.slots[name].device)
+        endpoint = self._new_socket(name)
+        instance.spec = self.spec_for(entry, endpoint, self.scheduler.slots[name].device)
         info = await self._create_container(instance, instance.spec)
-        logger.bind(model=name).info("container {} started on port {}", info.name, port)
+        logger.bind(model=name).info("container {} started ({})", info.name, endpoint)
         await wait_until_ready(self.runtime, self.session, model=name, container_id=info.id,
-                               url=backend.base_url(port) + backend.readiness_path,
+                               url=endpoint.url + backend.readiness_path,
                                deadline=entry.startup_timeout or self.settings.startup_timeout)
         await self._check_on_gpu(instance)
 
@@ -1357,10 +1366,25 @@ class Fleet:
             logger.bind(model=instance.name).error("could not remove its container ({}); the shutdown sweep "
                                                    "or the next start removes it", exc.message)
 
+    def _new_socket(self, model: str) -> Endpoint:
+        """A fresh socket endpoint and its private directory; directories no server uses any more are removed."""
+        endpoint = Endpoint(socket=secrets.token_hex(8))
+        servers = servers_dir(self.settings.state_dir)
+        in_use = {e.socket for e in self._launching} | {
+            i.spec.endpoint.socket for i in self.instances.values() if i.spec is not None}
+        try:
+            sweep_socket_dirs(servers, in_use)
+            make_socket_dir(servers, endpoint, server_user())
+        except OSError as exc:
+            raise ModelStartFailed(model, f"cannot make the directory for its socket in {servers}: "
+                                          f"{exc.strerror or exc}") from None
+        return endpoint
+
     def _allocate_port(self, model: str) -> int:
-        taken = {i.spec.port for i in self.instances.values() if i.spec is not None} | set(self._launching)
+        """A free loopback port in ``daemon.port_range`` for the Ollama server (the one server on TCP)."""
+        taken = set()
         if self.ollama.spec is not None:
-            taken.add(self.ollama.spec.port)
+            taken.add(self.ollama.spec.endpoint.port)
         for port in free_ports(self.settings.port_range, taken):
             if _port_is_free(port):
                 return port

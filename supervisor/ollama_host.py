@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +24,12 @@ from .containers import ContainerSpec
 from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed
 from .health import wait_until_ready
+from .listeners import claim
 from .ollama_api import OllamaApi
 from .placement import Device
 from .profiles import Profile
+
+LISTENER_POLL = 0.02
 
 
 class OllamaHost:
@@ -44,13 +48,13 @@ class OllamaHost:
 
     def api(self, model: str) -> OllamaApi:
         assert self.spec is not None, "the Ollama server is not running"
-        return OllamaApi(self.session, ollama.base_url(self.spec.port), model)
+        return OllamaApi(self.session, self.spec.endpoint.url, model)
 
     async def ensure(self, config: Config, model: str) -> tuple[ContainerSpec, str]:
         """The running server for ``config``: the current one if its spec still matches and it runs, else a new one."""
         async with self._lock:
             if self.container_id is not None and self.spec is not None:
-                wanted = self.server_spec(config, self.spec.port, model)
+                wanted = self.server_spec(config, self.spec.endpoint.port, model)
                 info = await self.runtime.inspect(self.container_id)
                 if wanted.config_hash() == self.spec.config_hash() and info is not None and info.running:
                     return self.spec, self.container_id
@@ -78,11 +82,12 @@ class OllamaHost:
         except BaseException:
             self.spec = None
             raise
-        logger.info("Ollama server {} started on port {}", spec.name, spec.port)
+        logger.info("Ollama server {} started on port {}", spec.name, spec.endpoint.port)
         try:
+            deadline = config.ollama.startup_timeout
+            await wait_for_own_listener(self.runtime, spec, self.container_id, model, deadline)
             await wait_until_ready(self.runtime, self.session, model=model, container_id=self.container_id,
-                                   url=ollama.base_url(spec.port) + ollama.readiness_path,
-                                   deadline=config.ollama.startup_timeout)
+                                   url=spec.endpoint.url + ollama.readiness_path, deadline=deadline)
         except BaseException as exc:
             if isinstance(exc, ModelStartFailed):
                 exc.message = f"the Ollama server did not start: {exc.message}"
@@ -119,6 +124,32 @@ class OllamaHost:
             await self.discard(0)
         except LocalllmError as exc:
             logger.error("could not remove the Ollama server ({}); the shutdown sweep removes it", exc.message)
+
+
+async def wait_for_own_listener(runtime: DockerRuntime, spec: ContainerSpec, container_id: str, model: str,
+                                deadline: float) -> None:
+    """Return once the container listens on its port; fail if another program holds the port.
+
+    Nothing, not even a health probe, is sent to the port before this (``listeners.py``). A container that
+    exits or a deadline that passes are left for the readiness gate that follows to report.
+    """
+    port, uid = spec.endpoint.port, server_uid(spec)
+    started = time.monotonic()
+    while time.monotonic() - started < deadline:
+        listening, problem = await asyncio.to_thread(claim, port, container_id, uid)
+        if problem:
+            raise ModelStartFailed(model, f"{problem}; nothing was sent to it")
+        if listening:
+            return
+        info = await runtime.inspect(container_id)
+        if info is None or info.exited:
+            return
+        await asyncio.sleep(LISTENER_POLL)
+
+
+def server_uid(spec: ContainerSpec) -> int:
+    """The uid a container's processes run as: its user's, or root's for the image's own (our images: root)."""
+    return int(spec.confinement.user.partition(":")[0]) if spec.confinement.user else 0
 
 
 def store_owner(store: Path) -> tuple[int, int] | None:

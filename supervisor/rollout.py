@@ -91,7 +91,7 @@ class Rollout:
         """The change plan for ``config`` against what runs now, and the wanted config hash of each running model."""
         fleet = self.fleet
         running = fleet.ready_specs()
-        wanted = {e.name: fleet.spec_for(e, running[e.name].port, running[e.name].device, config).config_hash()
+        wanted = {e.name: fleet.spec_for(e, running[e.name].endpoint, running[e.name].device, config).config_hash()
                   for e in config.models if e.name in running}
         plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
             e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))

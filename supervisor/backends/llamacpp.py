@@ -1,7 +1,12 @@
 """llama.cpp's ``llama-server``: how to run it in a container and reach it.
 
-The server binds 127.0.0.1 on the host network; ``/health`` answers 503
-while the model loads and 200 once it can serve.
+The server listens on a UNIX socket (``--host /run/llama/llama.sock``: a host
+ending in ``.sock`` is a socket to llama-server) in a directory bind-mounted
+from ``<state_dir>/servers/<name>/``, and its container has no network at
+all; ``upstream.py`` says who can reach the socket. ``/health`` answers 503
+while the model loads and 200 once it can serve. The web UI and ``/slots``
+are off: the UI is not routed by the proxy anyway, and ``/slots`` shows every
+slot's prompt, which is other users' text.
 """
 
 from __future__ import annotations
@@ -10,17 +15,20 @@ import re
 from pathlib import Path
 
 from ..config import DaemonSettings, ModelEntry
-from ..containers import BindMount, Confinement, ContainerSpec, container_name, memory_limit_for
+from ..containers import BindMount, Confinement, ContainerSpec, Endpoint, container_name, memory_limit_for
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
+from ..upstream import servers_dir
 
 NAME = "llamacpp"
 MODEL_DIR = "/models"
 readiness_path = "/health"
-# nobody:nogroup by number: our CPU image is FROM scratch (no /etc/passwd), and no image needs a name.
-# The model file must be readable by it: world-readable (0644, the usual mode) does.
-USER = "65534:65534"
+SOCKET_DIR = "/run/llama"  # in the container: the socket's directory, mounted from <state_dir>/servers/<name>
+SOCKET = f"{SOCKET_DIR}/llama.sock"  # upstream.SOCKET_NAME on the host side
+# The server's user by number (our CPU image is FROM scratch: no /etc/passwd, and no image needs a name):
+# the daemon's own, or nobody for a root daemon (upstream.server_user). The model file must be readable
+# by it: world-readable (0644, the usual mode) does.
 # Threads count against the pids limit, and llama-server dies (std::terminate) when it cannot start
 # one. It runs a compute thread per core, an HTTP pool of max(parallel + 4, cores - 1) threads, and
 # up to 1024 more HTTP threads under a burst of connections (tools/server/server-http.cpp), plus the
@@ -29,10 +37,6 @@ PIDS_LIMIT = 2048
 # llama-server writes nothing outside its mounts (no temporary files in tools/server or common); a
 # small /tmp is there for libraries that expect one. noexec: nothing is ever run from it.
 TMPFS = (("/tmp", "rw,noexec,nosuid,nodev,size=64m,mode=1777"),)
-
-
-def base_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
 
 
 def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
@@ -51,9 +55,11 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
     )
 
 
-def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, port: int,
-                   device: Device | None = None, memory_need: int | None = None) -> ContainerSpec:
-    """Pure: the container that serves ``model`` on ``port`` under ``profile``, pinned to ``device``'s GPU.
+def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, endpoint: Endpoint,
+                   device: Device | None = None, memory_need: int | None = None,
+                   user: tuple[int, int] = (65534, 65534)) -> ContainerSpec:
+    """Pure: the container that serves ``model`` on ``endpoint``'s socket under ``profile``, pinned to
+    ``device``'s GPU, running as ``user`` (uid, gid).
 
     ``memory_need`` (bytes, the sizing's figure) limits the container's RAM on a CPU profile, with a
     margin (``memory_limit_for``). A GPU profile gets no RAM limit: its need is the GPU's memory, and
@@ -64,33 +70,37 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
     command = [
         "--model", in_container,
         "--alias", model.name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
+        "--host", SOCKET,
+        "--no-webui",
+        "--no-slots",
         *launch_flags(launch),
     ]
     if profile.has_gpus:
         command += gpu_flags(launch)
     command += model.extra_args
     return ContainerSpec(
-        name=f"{container_name(settings.instance, model.name)}-{port}",  # unique: old and new may overlap
+        name=f"{container_name(settings.instance, model.name)}-{endpoint.socket[:8]}",  # old and new may overlap
         image=model.image or profile.defaults.images.llamacpp,
         command=tuple(command),
-        port=port,
+        endpoint=endpoint,
         model=model.name,
         backend=NAME,
         owner=settings.instance,
-        mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),),
+        mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),
+                BindMount(source=str(servers_dir(settings.state_dir) / endpoint.socket), target=SOCKET_DIR,
+                          read_only=False)),
         gpu_device_ids=_gpu_ids(profile, device),
         device=device.id if device else "cpu",  # a GPU profile without a device was refused above
         extra_labels=tuple(sorted(settings.labels.items())),
-        confinement=confinement(profile, memory_need),
+        confinement=confinement(profile, memory_need, user),
+        network="none",
     )
 
 
-def confinement(profile: Profile, memory_need: int | None) -> Confinement:
-    """Least privilege for llama-server: no capabilities, read-only root, nobody, bounded pids and RAM."""
+def confinement(profile: Profile, memory_need: int | None, user: tuple[int, int]) -> Confinement:
+    """Least privilege for llama-server: no capabilities, read-only root, not root, bounded pids and RAM."""
     limit = memory_limit_for(memory_need) if memory_need is not None and not profile.has_gpus else None
-    return Confinement(user=USER, pids_limit=PIDS_LIMIT, memory_limit=limit, tmpfs=TMPFS)
+    return Confinement(user=f"{user[0]}:{user[1]}", pids_limit=PIDS_LIMIT, memory_limit=limit, tmpfs=TMPFS)
 
 
 def launch_flags(launch: LaunchSettings) -> list[str]:

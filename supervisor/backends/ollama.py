@@ -1,6 +1,7 @@
 """Ollama: one server container holds every ``backend: ollama`` model; models load and unload through its API.
 
-The server binds 127.0.0.1 on the host network (``OLLAMA_HOST``), keeps its
+The server binds 127.0.0.1 on the host network (``OLLAMA_HOST``: Ollama listens
+on TCP only, has no API key, and pulls need the network), keeps its
 store in a host directory (``ollama.models_dir``) and sees exactly one GPU of a
 GPU profile (``ollama.device``, default gpu0): every Ollama model is charged to
 that device, so Ollama's own placement and eviction cannot spread them where
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ModelEntry, OllamaSettings
-from ..containers import BindMount, Confinement, ContainerSpec, container_name
+from ..containers import BindMount, Confinement, ContainerSpec, Endpoint, container_name
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
@@ -41,10 +42,6 @@ PIDS_LIMIT = 4096
 # Runners may write temporary files; releases that still unpacked runners into /tmp ran them from
 # there, which noexec forbids: the images we run keep their runners in /usr/lib/ollama.
 TMPFS = (("/tmp", "rw,noexec,nosuid,nodev,size=1g,mode=1777"),)
-
-
-def base_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
 
 
 def context_of(config: Config, profile: Profile) -> int:
@@ -97,7 +94,7 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         name=f"{container_name(daemon.instance, 'ollama')}-{port}",
         image=settings.image or profile.defaults.images.ollama,
         command=("serve",),
-        port=port,
+        endpoint=Endpoint(port=port),
         model=SERVER_LABEL,
         backend=NAME,
         owner=daemon.instance,
@@ -108,6 +105,7 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         extra_labels=tuple(sorted(daemon.labels.items())),
         confinement=Confinement(user=None if store_owner is None else f"{store_owner[0]}:{store_owner[1]}",
                                 pids_limit=PIDS_LIMIT, tmpfs=TMPFS),
+        network="host",  # pulls need the network, and Ollama listens on TCP only
     )
 
 
@@ -121,8 +119,8 @@ class ModelSpec:
     device: str
 
     @property
-    def port(self) -> int:
-        return self.server.port
+    def endpoint(self) -> Endpoint:
+        return self.server.endpoint
 
     def config_hash(self) -> str:
         identity = f"{self.server.config_hash()}|{self.tag}|{self.context}"

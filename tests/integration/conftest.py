@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,9 +28,10 @@ import pytest
 import requests
 import yaml
 
-from supervisor.containers import LABEL_OWNER
+from supervisor.containers import LABEL_OWNER, Endpoint
 from supervisor.images import cpu_image_tag
 from supervisor.tinygguf import write_tiny_model
+from supervisor.upstream import make_socket_dir, server_user, servers_dir
 
 RUN_ID = uuid.uuid4().hex[:8]
 INSTANCE_NUMBERS = itertools.count()  # every daemon of the run gets its own instance name
@@ -57,6 +59,19 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def socket_endpoint(state_dir: Path) -> Endpoint:
+    """A socket endpoint with its private directory under ``state_dir``, as the daemon makes one."""
+    endpoint = Endpoint(socket=secrets.token_hex(8))
+    make_socket_dir(servers_dir(state_dir), endpoint, server_user())
+    return endpoint
+
+
+@pytest.fixture(scope="session")
+def server_state(tmp_path_factory) -> Path:
+    """A state directory short enough for sockets, for servers a test runs without the daemon."""
+    return tmp_path_factory.mktemp("st")
 
 
 def executable(name: str) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from pathlib import Path
 
-import aiohttp
 import pytest
 import requests
 
@@ -21,8 +21,9 @@ from supervisor.containers import memory_limit_for
 from supervisor.docker_runtime import DockerRuntime
 from supervisor.health import wait_until_ready
 from supervisor.profiles import load_profiles
+from supervisor.upstream import open_session, server_user, servers_dir
 
-from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, our_containers
+from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, our_containers, socket_endpoint
 from .ollama_standin import ensure_standin_image
 
 CPU = load_profiles()["cpu-only"]
@@ -34,13 +35,15 @@ def host_config(engine, container) -> tuple[dict, dict]:
     return inspected["HostConfig"], inspected["Config"]
 
 
-async def while_ready(spec, health_url: str, body):
-    """Run ``spec`` without the daemon, wait for ``health_url``, return ``await body(info)``, then remove it."""
+async def while_ready(spec, health_url: str, body, servers: Path | None = None):
+    """Run ``spec`` without the daemon, wait for ``health_url``, return ``await body(info)``, then remove it.
+
+    ``servers``: the directory of socket directories, for a server on a socket."""
     runtime = DockerRuntime()
     await runtime.connect()
     info = await runtime.run(spec)
     try:
-        async with aiohttp.ClientSession() as session:
+        async with open_session(servers or Path("/nonexistent")) as session:
             await wait_until_ready(runtime, session, model=spec.model, container_id=info.id, url=health_url,
                                    deadline=30)
         return await body(info)
@@ -60,12 +63,13 @@ def assert_confined(host: dict) -> None:
 
 def test_a_llamacpp_container_is_confined_and_still_serves(start_daemon, engine):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
-    assert daemon.model("tiny")["state"] == "ready"
+    assert daemon.model("tiny")["state"] == "ready", daemon.model("tiny")["error"]
     [container] = our_containers(engine, daemon.instance)
     host, config = host_config(engine, container)
     assert_confined(host)
     assert host["PidsLimit"] == llamacpp.PIDS_LIMIT
-    assert config["User"] == "65534:65534"  # not root
+    assert config["User"] == "65534:65534"  # not root (the tests' daemon is root: its servers run as nobody)
+    assert host["NetworkMode"] == "none"
     need = daemon.model("tiny")["memory"]["estimate"]["total"]  # a CPU profile: limited to its estimated need
     assert host["Memory"] == host["MemorySwap"] == memory_limit_for(need)
     answer = daemon.chat("tiny")
@@ -73,14 +77,16 @@ def test_a_llamacpp_container_is_confined_and_still_serves(start_daemon, engine)
     assert answer.json()["choices"][0]["message"]["content"] is not None
 
 
-def test_a_llamacpp_container_gets_the_memory_limit_of_its_need(engine, models_dir):
+def test_a_llamacpp_container_gets_the_memory_limit_of_its_need(engine, models_dir, server_state):
     need = 128 << 20
     entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256)
-    spec = llamacpp.container_spec(entry, CPU, DaemonSettings(instance=f"hd{RUN_ID}", labels={TEST_RUN_LABEL: RUN_ID}),
-                                   free_tcp_port(), memory_need=need)
+    settings = DaemonSettings(instance=f"hd{RUN_ID}", labels={TEST_RUN_LABEL: RUN_ID}, state_dir=server_state)
+    spec = llamacpp.container_spec(entry, CPU, settings, socket_endpoint(server_state), memory_need=need,
+                                   user=server_user())
 
-    host, _ = asyncio.run(while_ready(spec, llamacpp.base_url(spec.port) + llamacpp.readiness_path,
-                                      lambda info: asyncio.to_thread(host_config, engine, info.id)))
+    host, _ = asyncio.run(while_ready(spec, spec.endpoint.url + llamacpp.readiness_path,
+                                      lambda info: asyncio.to_thread(host_config, engine, info.id),
+                                      servers_dir(server_state)))
     assert host["Memory"] == host["MemorySwap"] == memory_limit_for(need)  # no swap beyond the limit
     assert our_containers(engine, spec.owner) == []
 
@@ -118,7 +124,7 @@ def test_the_ollama_server_runs_as_the_owner_of_a_store_root_cannot_write(engine
                    "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.1"}},
     })
     spec = ollama.server_spec(config, CPU, free_tcp_port(), store_owner=(4242, 4242))
-    url = ollama.base_url(spec.port)
+    url = spec.endpoint.url
 
     async def pull_then_inspect(info):
         pulled = await asyncio.to_thread(requests.post, f"{url}/api/pull",

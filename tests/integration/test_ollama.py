@@ -70,7 +70,7 @@ def ollama_ps(daemon, engine) -> list[str]:
 
 def ollama_ps_sizes(daemon, engine) -> dict[str, int]:
     """What the server itself says is loaded (``/api/ps``), with each model's size."""
-    port = server_of(engine, daemon).labels["io.localllm.port"]
+    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
     models = requests.get(f"http://127.0.0.1:{port}/api/ps", timeout=10).json()["models"]
     return {m["name"]: m["size"] for m in models}
 
@@ -217,7 +217,7 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
     # Ollama evicts idle models by its own rules, and a runner can die: the daemon polls /api/ps each tick.
     daemon = with_ollama([ollama_model("chat-a", TAG_A)])
     assert ctl(daemon, "load", "chat-a").returncode == 0
-    port = server_of(engine, daemon).labels["io.localllm.port"]
+    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
     behind_our_back = requests.post(f"http://127.0.0.1:{port}/api/generate",
                                     json={"model": TAG_A, "prompt": "", "keep_alive": 0, "stream": False}, timeout=10)
     assert behind_our_back.status_code == 200
@@ -235,7 +235,7 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
 
 def standin_stats(daemon, engine) -> dict:
     """The stand-in's own counters (GET /standin/stats; real Ollama has no such route)."""
-    port = server_of(engine, daemon).labels["io.localllm.port"]
+    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
     return requests.get(f"http://127.0.0.1:{port}/standin/stats", timeout=10).json()
 
 
@@ -311,7 +311,7 @@ def test_models_started_at_once_are_all_measured(with_ollama, engine):
 def test_a_tag_that_differs_only_in_case_is_found_without_a_pull_and_adopted_after_a_crash(with_ollama, engine):
     daemon = with_ollama([{"name": "upper", "backend": "ollama", "tag": TAG_A.upper(), "pull": False}])
     assert ctl(daemon, "load", "upper").returncode != 0  # the server starts, but has no such model yet
-    port = server_of(engine, daemon).labels["io.localllm.port"]
+    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
     pulled = requests.post(f"http://127.0.0.1:{port}/api/pull", json={"model": TAG_A, "stream": False}, timeout=30)
     assert pulled.status_code == 200
     done = ctl(daemon, "load", "upper")  # Ollama has it by another spelling: no pull (off here anyway)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
-import aiohttp
 import pytest
 
 from supervisor.backends import llamacpp
@@ -14,28 +14,34 @@ from supervisor.docker_runtime import DockerRuntime
 from supervisor.errors import DockerUnavailable, ImageNotFound, ModelStartFailed
 from supervisor.health import wait_until_ready
 from supervisor.profiles import load_profiles
+from supervisor.upstream import open_session, server_user
 
-from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, our_containers
+from .conftest import RUN_ID, TEST_RUN_LABEL, our_containers, socket_endpoint
 
 
-def spec_for(models_dir, gguf: str, instance: str, **profile_changes):
+def spec_for(models_dir, gguf: str, instance: str, state_dir: Path, **profile_changes):
     profile = load_profiles()["cpu-only"]
     if profile_changes:
         images = profile.defaults.images.model_copy(update=profile_changes)
         profile = profile.model_copy(update={"defaults": profile.defaults.model_copy(update={"images": images})})
-    settings = DaemonSettings(instance=instance, labels={TEST_RUN_LABEL: RUN_ID})
+    settings = DaemonSettings(instance=instance, labels={TEST_RUN_LABEL: RUN_ID}, state_dir=state_dir)
     entry = ModelEntry(name=gguf.removesuffix(".gguf"), gguf=models_dir / gguf, context_size=256)
-    return llamacpp.container_spec(entry, profile, settings, free_tcp_port())
+    return llamacpp.container_spec(entry, profile, settings, socket_endpoint(state_dir), user=server_user())
+
+
+def servers_dir_of(spec) -> Path:
+    """The directory of the servers' socket directories: the parent of the one mounted for ``spec``."""
+    return Path(next(m.source for m in spec.mounts if m.target == llamacpp.SOCKET_DIR)).parent
 
 
 async def start_and_gate(spec, deadline: float) -> tuple[DockerRuntime, str, float]:
     runtime = DockerRuntime()
     await runtime.connect()
     info = await runtime.run(spec)
-    async with aiohttp.ClientSession() as session:
+    async with open_session(servers_dir_of(spec)) as session:
         try:
             took = await wait_until_ready(runtime, session, model=spec.model, container_id=info.id,
-                                          url=llamacpp.base_url(spec.port) + llamacpp.readiness_path,
+                                          url=spec.endpoint.url + llamacpp.readiness_path,
                                           deadline=deadline)
         except BaseException:
             await runtime.stop_and_remove(info.id, 0)
@@ -44,8 +50,8 @@ async def start_and_gate(spec, deadline: float) -> tuple[DockerRuntime, str, flo
     return runtime, info.id, took
 
 
-def test_run_gate_and_stop_a_real_llama_server(engine, models_dir):
-    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+def test_run_gate_and_stop_a_real_llama_server(engine, models_dir, server_state):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state)
 
     async def scenario():
         runtime, container_id, took = await start_and_gate(spec, deadline=30)
@@ -62,10 +68,10 @@ def test_run_gate_and_stop_a_real_llama_server(engine, models_dir):
     assert our_containers(engine, spec.owner) == []
 
 
-def test_the_images_own_health_check_is_disabled(engine, models_dir):
+def test_the_images_own_health_check_is_disabled(engine, models_dir, server_state):
     # The llama.cpp images declare a check on port 8080, where our servers never listen: without this
     # Docker marks every container unhealthy.
-    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state)
 
     async def scenario():
         runtime, container_id, _ = await start_and_gate(spec, deadline=30)
@@ -77,8 +83,8 @@ def test_the_images_own_health_check_is_disabled(engine, models_dir):
     assert asyncio.run(scenario())["Healthcheck"] == {"Test": ["NONE"]}
 
 
-def test_gate_reports_exit_code_and_log_tail(engine, models_dir):
-    spec = spec_for(models_dir, "broken.gguf", f"rt{RUN_ID}")
+def test_gate_reports_exit_code_and_log_tail(engine, models_dir, server_state):
+    spec = spec_for(models_dir, "broken.gguf", f"rt{RUN_ID}", server_state)
     with pytest.raises(ModelStartFailed) as caught:
         asyncio.run(start_and_gate(spec, deadline=30))
     assert caught.value.container_exit_code == 1
@@ -86,10 +92,10 @@ def test_gate_reports_exit_code_and_log_tail(engine, models_dir):
     assert our_containers(engine, spec.owner) == []
 
 
-def test_gate_deadline_is_a_failure_with_the_last_answer(engine, models_dir):
-    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}")
+def test_gate_deadline_is_a_failure_with_the_last_answer(engine, models_dir, server_state):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state)
     # The server listens elsewhere than the gate probes: alive, never ready.
-    spec = dataclasses.replace(spec, command=spec.command + ("--port", str(free_tcp_port())))
+    spec = dataclasses.replace(spec, command=spec.command + ("--host", "127.0.0.1"))
     with pytest.raises(ModelStartFailed) as caught:
         asyncio.run(start_and_gate(spec, deadline=1.0))
     assert caught.value.reason == "not ready within 1s (last health check: no answer)"
@@ -107,8 +113,9 @@ async def run_once(spec) -> None:
         await runtime.close()
 
 
-def test_missing_image_names_the_command_that_builds_it(engine, models_dir):
-    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", llamacpp="localllm/llama-server:0.0.0-cpu")
+def test_missing_image_names_the_command_that_builds_it(engine, models_dir, server_state):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state,
+                    llamacpp="localllm/llama-server:0.0.0-cpu")
 
     with pytest.raises(ImageNotFound, match=r"image 'localllm/llama-server:0.0.0-cpu' not found.*"
                                             r"localllmctl image build --version 0.0.0"):
@@ -129,13 +136,14 @@ def test_unreachable_engine_is_named(tmp_path):
         asyncio.run(scenario())
 
 
-def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engine, models_dir, tmp_path):
+def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engine, models_dir, tmp_path,
+                                                                          server_state):
     # llama-server runs as nobody: a 0600 file would make it exit with "Permission denied" on the path
     # inside the container; the runtime names the host's file and the fix instead.
     private = tmp_path / "private.gguf"
     private.write_bytes((models_dir / "tiny.gguf").read_bytes())
     private.chmod(0o600)
-    spec = spec_for(tmp_path, "private.gguf", f"rt{RUN_ID}")
+    spec = spec_for(tmp_path, "private.gguf", f"rt{RUN_ID}", server_state)
 
     with pytest.raises(ModelStartFailed, match=rf"{private} is not readable by the container's user 65534:65534 "
                                                rf"\(mode 0600.*chmod o\+r {private}"):

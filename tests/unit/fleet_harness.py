@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from supervisor.backends import llamacpp
 from supervisor.config import Config, ModelEntry
 from supervisor.docker_runtime import ContainerInfo
 from supervisor.estimate import LaunchSettings
@@ -29,6 +30,7 @@ from supervisor.learned import LearnedSizes
 from supervisor.nvml import GpuProcess
 from supervisor.profiles import Profile
 from supervisor.sizing import Sizing
+from supervisor.upstream import SOCKET_NAME
 
 GIB = 1024**3
 _pids = itertools.count(40_000)
@@ -47,7 +49,7 @@ async def _healthy(request: web.Request) -> web.Response:
 
 @dataclass
 class RecordingFakeRuntime:
-    """Records every call; its containers are loopback HTTP servers that answer /health with 200."""
+    """Records every call; its containers are HTTP servers on their sockets that answer /health with 200."""
 
     calls: list[tuple] = field(default_factory=list)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
@@ -58,7 +60,7 @@ class RecordingFakeRuntime:
         app.router.add_get("/health", _healthy)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", spec.port).start()
+        await web.UnixSite(runner, socket_path(spec)).start()
         info = ContainerInfo(secrets.token_hex(32), spec.name, "running", None, False, spec.labels())
         self.containers[info.id] = FakeContainer(info, [next(_pids)], runner)
         return info
@@ -89,6 +91,12 @@ class RecordingFakeRuntime:
 
     def removed(self) -> list[str]:
         return [cid for call, cid in self.calls if call == "stop_and_remove"]
+
+
+def socket_path(spec) -> str:
+    """Where the server of ``spec`` listens: the socket in the directory mounted for it."""
+    mount = next(m for m in spec.mounts if m.target == llamacpp.SOCKET_DIR)
+    return str(Path(mount.source) / SOCKET_NAME)
 
 
 @dataclass

@@ -11,12 +11,13 @@ from supervisor.containers import (
     LABEL_BACKEND,
     LABEL_CONFIG_HASH,
     LABEL_DEVICE,
+    LABEL_ENDPOINT,
     LABEL_MODEL,
     LABEL_OWNER,
-    LABEL_PORT,
     BindMount,
     Confinement,
     ContainerSpec,
+    Endpoint,
     container_name,
     memory_limit_for,
     readable_by,
@@ -35,8 +36,8 @@ DOCKER_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 BASE = ContainerSpec(
     name="localllm-localllmd-tiny-abc123",
     image="localllm/llama-server:0.3.36-cpu",
-    command=("--model", "/models/tiny.gguf", "--port", "28100"),
-    port=28100,
+    command=("--model", "/models/tiny.gguf", "--host", "/run/llama/llama.sock"),
+    endpoint=Endpoint(socket="0123456789abcdef"),
     model="tiny",
     backend="llamacpp",
     owner="localllmd",
@@ -56,8 +57,8 @@ def test_config_hash_is_stable_for_equal_specs():
 
 @pytest.mark.parametrize("changes", [
     {"image": "ghcr.io/ggml-org/llama.cpp:server-cuda"},
-    {"command": ("--model", "/models/tiny.gguf", "--port", "28101")},
-    {"command": ("--port", "28100", "--model", "/models/tiny.gguf")},
+    {"command": ("--model", "/models/tiny.gguf", "--host", "/run/llama/other.sock")},
+    {"command": ("--host", "/run/llama/llama.sock", "--model", "/models/tiny.gguf")},
     {"mounts": (BindMount("/srv/models/other.gguf", "/models/tiny.gguf"),)},
     {"mounts": (BindMount("/srv/models/tiny.gguf", "/models/tiny.gguf", read_only=False),)},
     {"mounts": ()},
@@ -71,6 +72,7 @@ def test_config_hash_is_stable_for_equal_specs():
     {"confinement": Confinement(read_only_root=False)},
     {"confinement": Confinement(cap_drop=())},
     {"confinement": Confinement(security_opt=())},
+    {"network": "host"},
 ], ids=lambda c: "-".join([next(iter(c)), *changed_fields(c.get("confinement"))]))
 def test_config_hash_changes_with_what_shapes_the_container(changes):
     assert dataclasses.replace(BASE, **changes).config_hash() != BASE.config_hash()
@@ -91,7 +93,7 @@ def test_a_gpu_by_uuid_and_by_index_hash_differently():
     {"name": "localllm-other-tiny-abc123"},
     {"owner": "other"},
     {"model": "tiny-renamed"},
-    {"port": 28199},
+    {"endpoint": Endpoint(socket="fedcba9876543210")},  # its directory is in the mounts, which count
     {"backend": "other"},
     {"extra_labels": (("team", "ops"), ("env", "prod"))},
     {"environment": (("B", "2"), ("A", "1"))},  # order of the environment does not matter
@@ -106,18 +108,40 @@ def test_labels():
         LABEL_OWNER: "localllmd",
         LABEL_MODEL: "tiny",
         LABEL_BACKEND: "llamacpp",
-        LABEL_PORT: "28100",
+        LABEL_ENDPOINT: "unix:0123456789abcdef",
         LABEL_DEVICE: "cpu",
         LABEL_CONFIG_HASH: BASE.config_hash(),
     }
-    assert (LABEL_OWNER, LABEL_MODEL, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_BACKEND) == (
-        "io.localllm.owner", "io.localllm.model", "io.localllm.config-hash", "io.localllm.port", "io.localllm.backend")
+    assert (LABEL_OWNER, LABEL_MODEL, LABEL_CONFIG_HASH, LABEL_ENDPOINT, LABEL_BACKEND) == (
+        "io.localllm.owner", "io.localllm.model", "io.localllm.config-hash", "io.localllm.endpoint",
+        "io.localllm.backend")
 
 
 def test_extra_labels_cannot_override_ours():
-    spec = dataclasses.replace(BASE, extra_labels=((LABEL_OWNER, "intruder"), (LABEL_PORT, "1")))
+    spec = dataclasses.replace(BASE, extra_labels=((LABEL_OWNER, "intruder"), (LABEL_ENDPOINT, "tcp:1")))
     labels = spec.labels()
-    assert (labels[LABEL_OWNER], labels[LABEL_PORT]) == ("localllmd", "28100")
+    assert (labels[LABEL_OWNER], labels[LABEL_ENDPOINT]) == ("localllmd", "unix:0123456789abcdef")
+
+
+@pytest.mark.parametrize("endpoint, label, url", [
+    (Endpoint(socket="0123456789abcdef"), "unix:0123456789abcdef", "http://0123456789abcdef.sock.localllm"),
+    (Endpoint(port=28100), "tcp:28100", "http://127.0.0.1:28100"),
+], ids=["socket", "port"])
+def test_an_endpoint_reads_back_from_its_label_and_has_its_url(endpoint, label, url):
+    assert (endpoint.label(), endpoint.url, Endpoint.from_label(label)) == (label, url, endpoint)
+
+
+@pytest.mark.parametrize("label", ["", "tcp:", "tcp:x", "unix:", "unix:../../etc", "unix:ABCDEF0123456789",
+                                   "udp:53", "28100"])
+def test_an_unreadable_endpoint_label_is_a_value_error(label):
+    with pytest.raises(ValueError):
+        Endpoint.from_label(label)
+
+
+@pytest.mark.parametrize("fields", [{}, {"socket": "0123456789abcdef", "port": 1}])
+def test_an_endpoint_is_a_socket_or_a_port(fields):
+    with pytest.raises(ValueError, match="a socket or a port"):
+        Endpoint(**fields)
 
 
 @pytest.mark.parametrize("model, slug", [

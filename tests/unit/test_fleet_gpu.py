@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
-import aiohttp
 import pytest
 
 from supervisor import fleet as fleet_module
@@ -17,6 +17,7 @@ from supervisor.learned import LearnedSizes
 from supervisor.nvml import Nvml
 from supervisor.profiles import load_profiles
 from supervisor.scheduler import Phase
+from supervisor.upstream import open_session, servers_dir
 
 from .fake_nvml import FakeDevice, FakeNvml
 from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading
@@ -25,10 +26,10 @@ PROFILES = load_profiles()
 ONE_GPU, TWO_GPUS = PROFILES["gpu-1x24g"], PROFILES["gpu-2x24g"]
 
 
-def scenario(body):
-    """Run ``body(session)`` on a fresh loop with an aiohttp session, as the daemon has one."""
+def scenario(body, state_dir: Path):
+    """Run ``body(session)`` on a fresh loop with the daemon's kind of session (sockets under ``state_dir``)."""
     async def run():
-        async with aiohttp.ClientSession() as session:
+        async with open_session(servers_dir(state_dir)) as session:
             return await body(session)
     return asyncio.run(run())
 
@@ -70,7 +71,7 @@ def test_a_gpu_model_whose_process_never_shows_up_in_nvml_fails_as_running_on_th
         assert "load_failed" in kinds(bus)
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_ready_model_is_measured_every_tick_and_its_peak_is_learned_at_once(tmp_path):
@@ -92,7 +93,7 @@ def test_a_ready_model_is_measured_every_tick_and_its_peak_is_learned_at_once(tm
         assert fleet.describe(instance)["memory"]["peak"] == 5 * GIB
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_learned_size_comes_down_after_three_runs_that_served_and_peaked_lower(tmp_path, monkeypatch):
@@ -116,7 +117,7 @@ def test_a_learned_size_comes_down_after_three_runs_that_served_and_peaked_lower
         assert fleet.scheduler.slots["m"].need == 6 * GIB
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_stop_waits_until_the_containers_own_processes_have_left_the_gpu(tmp_path):
@@ -135,7 +136,7 @@ def test_a_stop_waits_until_the_containers_own_processes_have_left_the_gpu(tmp_p
         assert "memory_wait" not in kinds(bus)
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_wait_that_times_out_is_a_warning_event_with_the_numbers(tmp_path, monkeypatch):
@@ -153,7 +154,7 @@ def test_a_wait_that_times_out_is_a_warning_event_with_the_numbers(tmp_path, mon
         assert fleet.phase(fleet.instances["m"]) is Phase.STOPPED
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_crashed_container_whose_processes_are_gone_is_not_waited_for(tmp_path, monkeypatch):
@@ -172,7 +173,7 @@ def test_a_crashed_container_whose_processes_are_gone_is_not_waited_for(tmp_path
         assert loop.time() - began < 2.0 and "memory_wait" not in kinds(bus)
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_need_no_empty_device_can_give_is_refused_at_once_with_the_numbers(tmp_path):
@@ -190,7 +191,7 @@ def test_a_need_no_empty_device_can_give_is_refused_at_once_with_the_numbers(tmp
         assert runtime.calls == []
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path):
@@ -213,7 +214,7 @@ def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path)
         assert events_of(bus, "device")[-1].message == "gpu0 is usable again"
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
 
 
 @pytest.mark.parametrize("error", [FakeNvml.NVML_ERROR_NOT_SUPPORTED, FakeNvml.NVML_ERROR_GPU_IS_LOST],
@@ -238,5 +239,5 @@ def test_one_gpu_failing_its_nvml_queries_is_marked_and_the_other_serves(tmp_pat
         assert fake.calls["nvmlInit"] == 1  # one session, however often it is read
         await fleet.shutdown()
 
-    scenario(body)
+    scenario(body, tmp_path)
     nvml.close()

@@ -8,6 +8,7 @@ import pytest
 
 from supervisor.backends import ollama
 from supervisor.config import Config, ModelEntry, OllamaSettings, normal_tag
+from supervisor.containers import Endpoint
 from supervisor.errors import ConfigError
 from supervisor.learned import learned_key
 from supervisor.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
@@ -28,7 +29,8 @@ def config(**ollama) -> Config:
 def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     spec = ollama.server_spec(config(num_parallel=2, flash_attention=True, env={"OLLAMA_DEBUG": "1"}),
                               PROFILES["cpu-only"], 28111)
-    assert spec.command == ("serve",) and spec.image == "ollama/ollama" and spec.port == 28111
+    assert spec.command == ("serve",) and spec.image == "ollama/ollama"
+    assert (spec.endpoint, spec.network) == (Endpoint(port=28111), "host")  # pulls need the network
     assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111",
                                       "OLLAMA_MODELS": "/home/ollama/.ollama/models", "HOME": "/home/ollama",
                                       "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
@@ -103,7 +105,7 @@ def test_model_hash_changes_with_the_server_and_the_tag():
                                   ollama.server_spec(config(context_size=2048), profile, 28111), None)
     assert base.config_hash() == same.config_hash()
     assert len({base.config_hash(), other_server.config_hash(), other_tag.config_hash()}) == 3
-    assert (base.port, base.device, base.tag, base.context) == (28111, "cpu", "qwen:1b", 2048)
+    assert (base.endpoint.port, base.device, base.tag, base.context) == (28111, "cpu", "qwen:1b", 2048)
 
 
 @pytest.mark.parametrize("entry, problem", [
