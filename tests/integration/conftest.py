@@ -8,6 +8,7 @@ scripts/dev.sh test`` sets them up); if not, the tests fail and say how.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import docker
 import pytest
 import requests
@@ -31,7 +33,7 @@ import yaml
 from supervisor.containers import LABEL_OWNER, Endpoint
 from supervisor.images import cpu_image_tag
 from supervisor.tinygguf import write_tiny_model
-from supervisor.upstream import make_socket_dir, server_user, servers_dir
+from supervisor.upstream import make_socket_dir, open_session, server_user, servers_dir
 
 RUN_ID = uuid.uuid4().hex[:8]
 INSTANCE_NUMBERS = itertools.count()  # every daemon of the run gets its own instance name
@@ -211,6 +213,20 @@ def start_daemon(engine, models_dir, tmp_path):
         for container in our_containers(engine, daemon.instance):
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+
+
+def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str):
+    """``GET path`` of ``model``'s own server, on its socket (the way only the daemon can): the parsed JSON."""
+    [container] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == model]
+    endpoint = Endpoint.from_label(container.labels["io.localllm.endpoint"])
+
+    async def get():
+        async with open_session(servers_dir(Path(daemon.config["daemon"]["state_dir"]))) as session:
+            async with session.get(endpoint.url + path, timeout=aiohttp.ClientTimeout(total=5)) as answer:
+                assert answer.status == 200, await answer.text()
+                return await answer.json()
+
+    return asyncio.run(get())
 
 
 def our_containers(engine: docker.DockerClient, instance: str) -> list:

@@ -11,7 +11,7 @@ import time
 import requests
 import yaml
 
-from .conftest import assert_invariants, executable, our_containers, poll_for
+from .conftest import assert_invariants, executable, free_tcp_port, our_containers, poll_for
 
 LONG = {"stream": True, "max_tokens": 1500, "ignore_eos": True, "messages": [{"role": "user", "content": "count"}]}
 
@@ -136,10 +136,10 @@ def test_when_last_good_cannot_come_back_the_daemon_is_degraded_and_does_not_loo
     status = json.loads(ctl(daemon, "status", "--json").stdout)
     assert "could not be brought back" in status["daemon"]["degraded"]
     assert "DEGRADED:" in ctl(daemon, "status").stdout
-    starts = daemon.log().count(" started on port ")
+    starts = daemon.log().count(" started (socket ")
     time.sleep(3)
     assert our_containers(engine, daemon.instance) == []
-    assert daemon.log().count(" started on port ") == starts  # nothing restarts it on its own
+    assert daemon.log().count(" started (socket ") == starts  # nothing restarts it on its own
 
 
 def one_model_budget(tmp_path, models_dir) -> dict:
@@ -258,4 +258,37 @@ def test_without_room_for_both_the_old_container_stops_first_and_the_change_stil
     [new] = our_containers(engine, daemon.instance)
     assert new.id != old.id and "--threads" in new.attrs["Args"]
     assert daemon.chat("tiny").status_code == 200
+    assert_invariants(daemon, engine)
+
+
+API_KEY = "proxy-key-0123456789abcdef0123456789abcdef"
+CONTROL_TOKEN = "control-token-0123456789abcdef0123456789"
+
+
+def test_stored_generations_hold_no_secret_and_a_rollback_gets_them_back(start_daemon, engine, tmp_path):
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], api_keys=[API_KEY],
+                          control_listen=f"127.0.0.1:{free_tcp_port()}", control_token=CONTROL_TOKEN)
+    config = yaml.safe_load(daemon.config_path.read_text())
+    model(config, "tiny").update(context_size=512)
+    changed = tmp_path / "c512.yaml"  # the daemon section last: the diff shows all of it
+    changed.write_text(yaml.safe_dump({k: config[k] for k in sorted(config, key=lambda k: k == "daemon")},
+                                      sort_keys=False))
+    preview = ctl(daemon, "apply", str(changed))
+    assert preview.returncode == 0, preview.stderr
+    assert '   api_keys:\n   - "<redacted>"\n' in preview.stderr, preview.stderr
+    assert API_KEY not in preview.stderr and CONTROL_TOKEN not in preview.stderr  # the diff a viewer may ask for
+    done = ctl(daemon, "rollback", "1")
+    assert done.returncode == 0, done.stderr  # the daemon section, secrets included, is the running one's
+    assert [g["status"] for g in history(daemon)] == ["good", "good", "good"]
+    directory = daemon.socket.parent / "generations"
+    stored = {p.relative_to(directory): p for p in directory.rglob("*") if p.is_file()}
+    assert {p.stat().st_mode & 0o777 for p in stored.values()} == {0o600}
+    kept_apart = {name for name, p in stored.items() if API_KEY in p.read_text() or CONTROL_TOKEN in p.read_text()}
+    assert {str(name) for name in kept_apart} == {"secrets/000001.json", "secrets/000002.json",
+                                                  "secrets/000003.json"}
+    assert daemon.chat("tiny").status_code == 401
+    answer = requests.post(f"{daemon.proxy_url}/chat/completions", timeout=60,
+                           headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200
     assert_invariants(daemon, engine)

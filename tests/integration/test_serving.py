@@ -42,9 +42,10 @@ def test_preload_then_chat_non_streaming_and_streaming(start_daemon, engine):
 
     [container] = our_containers(engine, daemon.instance)
     assert container.labels["io.localllm.model"] == "tiny"
-    assert container.attrs["HostConfig"]["NetworkMode"] == "host"
-    [mount] = container.attrs["Mounts"]
-    assert mount["RW"] is False and mount["Destination"] == "/models/tiny.gguf"
+    assert container.attrs["HostConfig"]["NetworkMode"] == "none"  # it listens on a socket only
+    model, sockets = sorted(container.attrs["Mounts"], key=lambda m: m["Destination"])
+    assert model["RW"] is False and model["Destination"] == "/models/tiny.gguf"
+    assert sockets["RW"] is True and sockets["Destination"] == "/run/llama"
 
 
 def test_request_for_a_stopped_model_starts_it_then_answers(start_daemon, engine):
@@ -66,7 +67,7 @@ def test_concurrent_requests_share_one_start(start_daemon, engine):
         responses = list(pool.map(lambda _: daemon.chat("tiny"), range(8)))
     assert [r.status_code for r in responses] == [200] * 8
     assert len(our_containers(engine, daemon.instance)) == 1
-    assert daemon.log().count("container localllm-") == 1 and daemon.log().count(" started on port ") == 1
+    assert daemon.log().count("container localllm-") == 1 and daemon.log().count(" started (socket ") == 1
 
 
 def test_unknown_model_gets_404_with_an_openai_error_object(start_daemon):

@@ -3,7 +3,7 @@ as an error, never as a short answer that passes for a complete one.
 
 Ollama does that when its runner fails mid-generation; llama-server never cuts a stream cleanly, so the
 truncating upstream here is a test image run as a llama.cpp model's ``image``: a small server that takes
-llama-server's arguments (``--port``), answers ``/health``, and streams llama-server's own chunk shapes
+llama-server's arguments (``--host``, its socket), answers ``/health``, and streams llama-server's own chunk shapes
 (captured from the pinned build), then either finishes as llama-server does or ends the body after two
 tokens. Everything else is real: the daemon, its container on the engine, the proxy's routing. A real
 llama-server model beside it checks that complete streams pass through untouched.
@@ -30,10 +30,10 @@ KEY_LABEL = "io.localllm.truncating-upstream-key"
 CUT = "please cut"  # a prompt ending in this makes the server end its body after two tokens
 
 SERVER = r'''
-import json, sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import json, socketserver, sys, time
+from http.server import BaseHTTPRequestHandler
 
-PORT = int(sys.argv[sys.argv.index("--port") + 1])
+SOCKET = sys.argv[sys.argv.index("--host") + 1]  # a UNIX socket, as localllm runs llama-server
 ALIAS = sys.argv[sys.argv.index("--alias") + 1]
 
 
@@ -82,6 +82,9 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
+    def log_message(self, *args):
+        pass
+
     def answer(self, status, data):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -90,7 +93,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+Server(SOCKET, Handler).serve_forever()
 '''
 DOCKERFILE = """\
 FROM {base}
