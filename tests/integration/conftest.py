@@ -167,7 +167,8 @@ def start_daemon(engine, models_dir, tmp_path):
         instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
         base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
-        state_dir = Path(daemon_settings.pop("state_dir", tmp_path / f"{instance}-{len(started)}"))
+        # per instance: a daemon started again as the same instance finds its state (and its sockets) again
+        state_dir = Path(daemon_settings.pop("state_dir", tmp_path / instance))
         config = {
             "profile": "cpu-only",
             "daemon": {
