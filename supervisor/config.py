@@ -7,6 +7,7 @@ immutable ``Config`` or raises one ``ConfigError`` listing every problem as
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from pathlib import Path
@@ -130,7 +131,7 @@ class Listen(Strict):
     port: int = Field(ge=1, le=65535)
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def _parse_listen(value: object) -> object:
@@ -159,6 +160,39 @@ class Liveness(Strict):
     failure_threshold: int = Field(default=3, ge=1)
 
 
+MIN_API_KEY = 32  # characters: `openssl rand -hex 32` gives 64
+
+
+class ProxyLimits(Strict):
+    """The proxy's network edge: deadlines and caps, so that slow or greedy clients hold neither its connections
+    nor its memory (README: Security model)."""
+
+    header_timeout: Seconds = Field(default=10.0, gt=0)  # a request's line and headers, from the connection's
+    # opening or the request's first byte
+    body_timeout: Seconds = Field(default=60.0, gt=0)  # a request's body, once its headers are in
+    keep_alive: Seconds = Field(default=5.0, gt=0)  # an idle connection between requests
+    max_connections: int = Field(default=4096, ge=1, le=30000)  # open connections, all proxy listeners together
+    max_body: Bytes = Field(default=64 * 2**20, gt=0)  # one request body (images travel base64-encoded in chats)
+    body_budget: Bytes = Field(default=256 * 2**20, gt=0)  # the bodies of all requests in flight together
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> ProxyLimits:
+        if self.body_budget < self.max_body:
+            raise ValueError(f"body_budget ({self.body_budget} bytes) is smaller than max_body ({self.max_body} "
+                             "bytes): a body of max_body could never be accepted")
+        return self
+
+
+class RequestFields(Strict):
+    """What the proxy changes in a request before it forwards it (README: Security model)."""
+
+    # id_slot lets a client pick another user's slot and time its prompt cache; cache_prompt goes with it
+    drop: list[Annotated[str, Field(min_length=1)]] = ["id_slot", "cache_prompt"]
+    # n_predict, max_tokens and max_completion_tokens above it (or -1) are cut to it, and a request with none
+    # gets max_tokens: it; default: the model's context size
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class DaemonSettings(Strict):
     instance: str = Field(default="localllmd", pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
     proxy_listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=8081)], min_length=1)
@@ -178,7 +212,13 @@ class DaemonSettings(Strict):
     restart: RestartPolicy = RestartPolicy()
     liveness: Liveness = Liveness()
     log_level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    api_keys: list[Annotated[str, Field(min_length=8)]] = []  # when set, proxy clients must send one as a Bearer token
+    api_keys: list[Annotated[str, Field(min_length=MIN_API_KEY)]] = []  # when set, proxy clients must send one
+    # as a Bearer token; a proxy_listen beyond loopback needs them, unless allow_anonymous
+    allow_anonymous: bool = False
+    allowed_hosts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._:\[\]-]+$")]] = []  # Host headers the proxy
+    # answers (names or addresses, any port); empty: any
+    proxy_limits: ProxyLimits = ProxyLimits()
+    request_fields: RequestFields = RequestFields()
     docker_url: str | None = None
     policy: Policy | None = None  # what a config may ask of the host; only a restart changes it
 
@@ -288,7 +328,7 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None,
     path = Path(path)
     config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent}, text=text)
     policy = (running or config).daemon.policy
-    found = (check_ports(config) + cross_check(config, check_files) + check_profile(config)
+    found = (check_ports(config) + check_exposure(config) + cross_check(config, check_files) + check_profile(config)
              + policy_problems(config, policy, known_profiles(config) if policy else {}, check_files))
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:
@@ -313,6 +353,28 @@ def check_ports(config: Config) -> list[tuple[tuple, str]]:
         problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
                                                        "port: the control API needs a port of its own"))
     return problems
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``; any other name counts as reachable from elsewhere (no DNS here)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: Config) -> list[tuple[tuple, str]]:
+    """A proxy that other hosts can reach needs API keys, unless anonymous access is asked for in so many words."""
+    daemon = config.daemon
+    if daemon.api_keys or daemon.allow_anonymous:
+        return []
+    return [(("daemon", "proxy_listen", index),
+             f"{listen} is not a loopback address, and daemon.api_keys is empty: anyone who can reach it could "
+             f"use every model. Set daemon.api_keys (each at least {MIN_API_KEY} characters, e.g. from "
+             "`openssl rand -hex 32`), listen on 127.0.0.1, or set daemon.allow_anonymous: true")
+            for index, listen in enumerate(daemon.proxy_listen) if not is_loopback(listen.host)]
 
 
 def check_profile(config: Config) -> list[tuple[tuple, str]]:

@@ -29,6 +29,7 @@ from . import __version__
 from .config import Config, load_config
 from .control import DaemonFacts, create_control_app
 from .docker_runtime import DockerRuntime
+from .edge import Edge, EdgeSite
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .events import EventBus
 from .fleet import Fleet
@@ -243,7 +244,7 @@ class Daemon:
                 proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
                 started_at=time.time(),
             )
-            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings.api_keys, metrics)))
+            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings, metrics)))
             runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events,
                                                                               metrics=metrics)))
             if self.settings.control_listen is not None:
@@ -283,12 +284,14 @@ class Daemon:
         logger.info("localllmd stopped cleanly")
 
     async def _serve_proxy(self, app: web.Application) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE,
-                               handler_cancellation=True)  # a client that leaves cancels its request
+        """The proxy's listeners, with the deadlines and the connection cap of ``daemon.proxy_limits`` (edge.py);
+        a client that leaves cancels its request."""
+        edge = Edge(self.settings.proxy_limits)
+        runner = edge.runner(app, shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         for listen in self.settings.proxy_listen:
             try:
-                await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+                await EdgeSite(runner, edge, listen.host, listen.port).start()
             except OSError as exc:
                 await runner.cleanup()
                 raise CannotListen(f"cannot listen on {listen} (daemon.proxy_listen): {exc.strerror or exc}") from None

@@ -3,6 +3,12 @@
 Every error carries a stable machine-readable ``code``, the HTTP status the
 proxy and control API answer with, and the exit status ``localllmctl`` and
 ``localllmd`` use. This is the only place those mappings live.
+
+Each class also says whether its message may reach a client of the proxy as it
+is (``client_safe``): messages that can carry what a container printed, host
+paths, the Docker socket or internal addresses may not. The proxy tells its
+clients the class's ``summary()`` and an error id instead (web_errors.py); the
+control API and the log keep the whole message.
 """
 
 from __future__ import annotations
@@ -21,10 +27,15 @@ class LocalllmError(Exception):
     http_status = 500
     exit_code = EXIT_FAILURE
     openai_type = "server_error"
+    client_safe = False  # may a proxy client read the message as it is? (no: it gets summary() and an error id)
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    def summary(self) -> str:
+        """What a proxy client is told when it may not see the message: what failed, in a few words."""
+        return "internal error"
 
     def to_json(self) -> dict:
         """OpenAI-style error object; the control API uses the same shape."""
@@ -52,12 +63,18 @@ class ConfigError(LocalllmError):
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"invalid config {source}:\n{lines}")
 
+    def summary(self) -> str:
+        return "invalid config"
+
 
 class BadRequest(LocalllmError):
+    """What the client sent is wrong; the message says what, of the request alone."""
+
     code = "bad_request"
     http_status = 400
     exit_code = EXIT_BAD_INPUT
     openai_type = "invalid_request_error"
+    client_safe = True
 
 
 class UnknownModel(LocalllmError):
@@ -65,6 +82,7 @@ class UnknownModel(LocalllmError):
     http_status = 404
     exit_code = EXIT_BAD_INPUT
     openai_type = "invalid_request_error"
+    client_safe = True  # it lists the catalog's names, which GET /v1/models shows anyway
 
     def __init__(self, name: str, known: list[str]):
         self.name = name
@@ -82,10 +100,16 @@ class DockerUnavailable(LocalllmError):
     http_status = 503
     exit_code = EXIT_UNREACHABLE
 
+    def summary(self) -> str:
+        return "the container engine is unavailable"
+
 
 class ImageNotFound(LocalllmError):
     code = "image_not_found"
     http_status = 503
+
+    def summary(self) -> str:
+        return "a container image is missing"
 
 
 class DockerFailure(LocalllmError):
@@ -93,6 +117,9 @@ class DockerFailure(LocalllmError):
 
     code = "docker_error"
     http_status = 502
+
+    def summary(self) -> str:
+        return "the container engine failed an operation"
 
 
 class ModelStartFailed(LocalllmError):
@@ -108,6 +135,9 @@ class ModelStartFailed(LocalllmError):
         self.log_tail = log_tail
         super().__init__(f"model '{model}' failed to start: " + describe_exit(reason, exit_code, log_tail))
 
+    def summary(self) -> str:
+        return f"model '{self.model}' failed to start"
+
 
 def describe_exit(reason: str, exit_code: int | None, log_tail: str) -> str:
     """``reason (exit code N)`` followed by the container's last log lines, if any."""
@@ -116,15 +146,27 @@ def describe_exit(reason: str, exit_code: int | None, log_tail: str) -> str:
 
 
 class UpstreamFailed(LocalllmError):
-    """The model's server could not be reached or broke off mid-request."""
+    """The model's server could not be reached or broke off mid-request.
+
+    ``public``: what a proxy client may be told of it (the message without the transport's or the
+    container's details); without it, a generic summary.
+    """
 
     code = "upstream_failed"
     http_status = 502
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public
+
+    def summary(self) -> str:
+        return self.public or "the model's server failed while serving the request"
 
 
 class ShuttingDown(LocalllmError):
     code = "shutting_down"
     http_status = 503
+    client_safe = True
 
 
 class ControlUnreachable(LocalllmError):
@@ -145,12 +187,14 @@ class ModelTooLarge(LocalllmError):
 
     code = "model_too_large"
     http_status = 503
+    client_safe = True  # sizes and budgets in MiB: what the client needs to see the refusal is final
 
 
 class Overloaded(LocalllmError):
     """Too many requests are waiting, or one waited too long; ``retry_after`` is in seconds."""
 
     http_status = 503
+    client_safe = True  # counts and limits of our own queues
 
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
@@ -166,9 +210,24 @@ class QueueTimeout(Overloaded):
 
 
 class UpstreamBusy(Overloaded):
-    """The model's server itself refused the request as busy (Ollama past ``OLLAMA_MAX_QUEUE``)."""
+    """The model's server itself refused the request as busy (Ollama past ``OLLAMA_MAX_QUEUE``).
+
+    Its message quotes the server's answer to this request, as the proxy passes any other answer on.
+    """
 
     code = "upstream_busy"
+
+
+class BodyBudgetExceeded(Overloaded):
+    """The request bodies being received already fill ``daemon.proxy_limits.body_budget``."""
+
+    code = "body_budget_exceeded"
+
+
+class TooManyConnections(Overloaded):
+    """The proxy holds ``daemon.proxy_limits.max_connections`` connections, all of them busy."""
+
+    code = "too_many_connections"
 
 
 class ModelGaveUp(LocalllmError):
@@ -176,6 +235,9 @@ class ModelGaveUp(LocalllmError):
 
     code = "model_failed"
     http_status = 503
+
+    def summary(self) -> str:
+        return "the model failed too many times in a row and is not restarted until an operator acts"
 
 
 class StateWriteFailed(LocalllmError):
@@ -248,6 +310,53 @@ class InvalidApiKey(LocalllmError):
     code = "invalid_api_key"
     http_status = 401
     openai_type = "invalid_request_error"
+    client_safe = True
+
+
+class EdgeRefusal(LocalllmError):
+    """The proxy's network edge refuses a request for its form (README: Security model); the client's fault."""
+
+    openai_type = "invalid_request_error"
+    client_safe = True
+
+
+class UnsupportedMediaType(EdgeRefusal):
+    """A JSON route's body must say ``Content-Type: application/json``: a web page can send text/plain to a
+    loopback address across origins without asking first, and application/json it cannot."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class LengthRequired(EdgeRefusal):
+    """A body must say its size (Content-Length) before it is read: that is what the body budget counts."""
+
+    code = "length_required"
+    http_status = 411
+
+
+class RequestTooLarge(EdgeRefusal):
+    code = "request_too_large"
+    http_status = 413
+
+
+class RequestTimeout(EdgeRefusal):
+    """The request's head or body did not arrive within its deadline (daemon.proxy_limits)."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class HeadTooLarge(EdgeRefusal):
+    code = "request_header_too_large"
+    http_status = 431
+
+
+class HostNotAllowed(EdgeRefusal):
+    """The request's Host is not in ``daemon.allowed_hosts`` (a page on another name, DNS-rebound to us)."""
+
+    code = "host_not_allowed"
+    http_status = 421
 
 
 # Codes of errors that did not come from our hierarchy (aiohttp's routing), as the web layer names them.

@@ -10,6 +10,9 @@ profile: {profile}  # {reason}
 
 daemon:
   proxy_listen: 127.0.0.1:8081      # OpenAI-compatible endpoint: http://127.0.0.1:8081/v1
+  # Beyond loopback (e.g. 172.17.0.1:8081 for LibreChat in Docker) the proxy needs keys, each of 32+
+  # characters: make one with `openssl rand -hex 32`. Clients send "Authorization: Bearer <key>".
+  # api_keys: []
   port_range: 28100-28199           # one port per model container, bound on 127.0.0.1
   state_dir: {state_dir}  # control socket: {state_dir}/control.sock
   socket_group: localllm            # members may use localllmctl (socket mode 0660)

@@ -1,10 +1,13 @@
 """The OpenAI-compatible proxy: routes each request by its ``model`` to that model's server.
 
-Bodies are forwarded byte for byte; streamed answers are passed through chunk
-by chunk as they arrive, never buffered. A stream that breaks off, or that ends
-without saying how it ended, gets an error event at its end rather than
-passing for a complete answer. A model in the catalog that is not running is
-started first. Control operations are never reachable from here.
+Bodies are forwarded byte for byte unless ``daemon.request_fields`` changes a
+field (intake.py decides; only then is the body written anew); streamed answers
+are passed through chunk by chunk as they arrive, never buffered. A stream that
+breaks off, or that ends without saying how it ended, gets an error event at its
+end rather than passing for a complete answer. A model in the catalog that is
+not running is started first. Control operations are never reachable from here.
+Clients see only the errors that are theirs to see (web_errors.py); what reaches
+the connections before a request does is edge.py's.
 """
 
 from __future__ import annotations
@@ -20,26 +23,32 @@ import aiohttp
 from aiohttp import web
 from loguru import logger
 
+from .config import DaemonSettings
 from .errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamBusy, UpstreamFailed
 from .fleet import Fleet, Instance, Reservation
+from .intake import Intake, allowed_hosts_middleware, encode_object, parse_object, planned_fields
 from .metrics import Metrics
 from .scheduler import RETRY_AFTER
-from .web_errors import error_middleware, read_json_object
+from .web_errors import MODEL_KEY, proxy_error_middleware, public_error
 
 FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FORWARDED_HEADERS = ("Content-Type", "Accept")
-MAX_BODY = 64 * 1024 * 1024  # images travel base64-encoded inside chat requests
 KEEPALIVE_SECONDS = 5.0
 FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
 # The status a stream that ended in an error event is counted under in the metrics (its headers said 200).
 ERROR_STATUS = web.ResponseKey("localllm_error_status", int)
 
 
-def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, api_keys: list[str],
+def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings,
                      metrics: Metrics | None = None) -> web.Application:
-    middlewares = [error_middleware] + ([require_api_key(api_keys)] if api_keys else [])
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
-    proxy = Proxy(fleet, session, metrics)
+    middlewares = [proxy_error_middleware]
+    if settings.allowed_hosts:
+        middlewares.append(allowed_hosts_middleware(settings.allowed_hosts))
+    if settings.api_keys:
+        middlewares.append(require_api_key(settings.api_keys))
+    # intake.py refuses larger bodies before reading them; aiohttp's own limit stays as a backstop
+    app = web.Application(middlewares=middlewares, client_max_size=settings.proxy_limits.max_body + 1)
+    proxy = Proxy(fleet, session, settings, metrics)
     app.router.add_get("/v1/models", proxy.list_models)
     app.router.add_get("/v1/models/{model:.+}", proxy.get_model)
     for path in FORWARDED_PATHS:
@@ -68,10 +77,13 @@ def require_api_key(keys: list[str]):
 
 
 class Proxy:
-    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, metrics: Metrics | None = None):
+    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings,
+                 metrics: Metrics | None = None):
         self.fleet = fleet
         self.session = session
         self.metrics = metrics
+        self.intake = Intake(settings.proxy_limits)
+        self.fields = settings.request_fields
         self.created = int(time.time())
 
     def _model_object(self, name: str) -> dict:
@@ -100,27 +112,12 @@ class Proxy:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Route by ``model``; counted in the metrics by catalog name, endpoint and status (499: client left)."""
-        started, model, status = time.monotonic(), None, 500
+        started, status = time.monotonic(), 500
         try:
-            body, payload = await read_json_object(request)
-            model = payload.get("model")
-            if not isinstance(model, str) or not model:
-                raise BadRequest("field 'model' is required and must be a string naming a catalog model")
-            reservation = self.fleet.reserve(model)
-            model = reservation.instance.name
-            if reservation.instance.in_ollama:  # Ollama knows the model by its tag
-                body = json.dumps({**payload, "model": reservation.instance.upstream_model}).encode()
-            stream = payload.get("stream") is True
-            try:
-                if stream and not reservation.granted.done():
-                    response = await self._stream_after_load(request, reservation, body)
-                else:
-                    await reservation.granted
-                    response = await self._relay(request, reservation.instance, body, stream)
-                status = response.get(ERROR_STATUS, response.status)
-                return response
-            finally:
-                self.fleet.release(reservation)
+            async with self.intake.body_of(request) as body:
+                response = await self._route(request, body)
+            status = response.get(ERROR_STATUS, response.status)
+            return response
         except LocalllmError as exc:
             status = exc.http_status
             raise
@@ -129,8 +126,30 @@ class Proxy:
             raise
         finally:
             if self.metrics is not None:
-                self.metrics.observe_request(model if isinstance(model, str) else "", request.path.removeprefix("/v1/"),
-                                             status, time.monotonic() - started)
+                self.metrics.observe_request(request.get(MODEL_KEY, ""), request.path.removeprefix("/v1/"), status,
+                                             time.monotonic() - started)
+
+    async def _route(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        payload = await parse_object(body)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("field 'model' is required and must be a string naming a catalog model")
+        instance = self.fleet.resolve(model)  # an unknown model: 404; a bad field: 400, before any model starts
+        request[MODEL_KEY] = instance.name
+        changed = planned_fields(payload, request.path, self.fields, instance.sizing.launch.context)
+        if instance.in_ollama:  # Ollama knows the model by its tag
+            changed = {**(changed or payload), "model": instance.upstream_model}
+        if changed is not None:
+            body = await encode_object(changed, len(body))
+        reservation = self.fleet.reserve(model)
+        request[MODEL_KEY] = reservation.instance.name
+        try:
+            if payload.get("stream") is True and not reservation.granted.done():
+                return await self._stream_after_load(request, reservation, body)
+            await reservation.granted
+            return await self._relay(request, reservation.instance, body, payload.get("stream") is True)
+        finally:
+            self.fleet.release(reservation)
 
     async def _relay(self, request: web.Request, instance: Instance, body: bytes,
                      stream: bool) -> web.StreamResponse:
@@ -152,7 +171,7 @@ class Proxy:
             raise
         except aiohttp.ClientError as exc:
             self.fleet.note_upstream_failure(instance)
-            raise UpstreamFailed(f"model '{instance.name}' did not answer: {exc}") from None
+            raise _upstream_failed(instance, "did not answer", exc) from None
 
     async def _stream_after_load(self, request: web.Request, reservation: Reservation,
                                  body: bytes) -> web.StreamResponse:
@@ -172,9 +191,10 @@ class Proxy:
                 async with self._post_upstream(request, base_url, body, stream=True) as upstream:
                     if upstream.status == 503 and instance.in_ollama:
                         raise await _busy(instance, upstream)
-                    if upstream.status != 200:
+                    if upstream.status != 200:  # its own answer to the request, as _relay passes it on
                         detail = (await upstream.read()).decode(errors="replace")[:2000]
-                        raise UpstreamFailed(f"model '{instance.name}' answered HTTP {upstream.status}: {detail}")
+                        text = f"model '{instance.name}' answered HTTP {upstream.status}: {detail}"
+                        raise UpstreamFailed(text, public=text)
                     watched = "event-stream" in upstream.headers.get("Content-Type", "")
                     return await self._copy_stream(upstream, response, instance, watch_end=watched)
         except ConnectionResetError:
@@ -182,9 +202,9 @@ class Proxy:
             return response
         except aiohttp.ClientError as exc:
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' did not answer: {exc}"))
+            await _write_error_event(response, _upstream_failed(instance, "did not answer", exc), instance.name)
         except LocalllmError as exc:
-            await _write_error_event(response, exc)
+            await _write_error_event(response, exc, instance.name)
         return response
 
     def _post_upstream(self, request: web.Request, base_url: str, body: bytes, stream: bool):
@@ -227,15 +247,15 @@ class Proxy:
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, UpstreamFailed(f"model '{instance.name}' broke off the stream: {exc}"),
+            await _write_error_event(response, _upstream_failed(instance, "broke off the stream", exc), instance.name,
                                      after_partial_event=ending.mid_event)
             return response
         if watch_end and not ending.complete:
             logger.bind(model=instance.name).warning("upstream ended its stream without [DONE] or a finish reason")
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, UpstreamFailed(
-                f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"),
-                after_partial_event=ending.mid_event)
+            text = f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"
+            await _write_error_event(response, UpstreamFailed(text, public=text), instance.name,
+                                     after_partial_event=ending.mid_event)
             return response
         await response.write_eof()
         return response
@@ -296,18 +316,25 @@ def _sse_headers(content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _write_error_event(response: web.StreamResponse, error: LocalllmError,
+async def _write_error_event(response: web.StreamResponse, error: LocalllmError, model: str,
                              after_partial_event: bool = False) -> None:
     """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end.
 
     After a partial event, blank lines end that one first, so the error is an event of its own. The
-    metrics count the request under the error's status, not the 200 its headers carried.
+    metrics count the request under the error's status, not the 200 its headers carried. The client
+    sees what it may see of the error (web_errors.public_error).
     """
     response[ERROR_STATUS] = error.http_status
     separator = b"\n\n" if after_partial_event else b""
     with contextlib.suppress(ConnectionResetError):
-        await response.write(separator + b"data: " + json.dumps(error.to_json()).encode() + b"\n\n")
+        await response.write(separator + b"data: " + json.dumps(public_error(error, model)).encode() + b"\n\n")
         await response.write_eof()
+
+
+def _upstream_failed(instance: Instance, what: str, exc: Exception) -> UpstreamFailed:
+    """The transport's words (addresses, socket paths) go to the log; the client learns what happened."""
+    public = f"model '{instance.name}' {what}"
+    return UpstreamFailed(f"{public}: {exc}", public=public)
 
 
 async def _busy(instance: Instance, upstream: aiohttp.ClientResponse) -> UpstreamBusy:

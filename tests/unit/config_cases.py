@@ -299,6 +299,53 @@ BAD_CONFIGS = [
               (5, "daemon.policy.allowed_extra_args: '--host' is never allowed: it would expose the server"),
               (6, "daemon.policy.allowed_ollama_env: 'LD_*' is never allowed: the dynamic loader reads it"),
               (7, "daemon.policy.colour: unknown key")], id="policy-itself-invalid"),
+    pytest.param("""\
+        daemon:
+          proxy_listen: 0.0.0.0:8081
+        """, [(2, "daemon.proxy_listen[0]: 0.0.0.0:8081 is not a loopback address, and daemon.api_keys is empty: "
+                  "anyone who can reach it could use every model. Set daemon.api_keys (each at least 32 characters, "
+                  "e.g. from `openssl rand -hex 32`), listen on 127.0.0.1, or set daemon.allow_anonymous: true")],
+        id="proxy-beyond-loopback-without-keys"),
+    pytest.param("""\
+        daemon:
+          proxy_listen:
+            - 127.0.0.1:8081
+            - "[::]:8082"
+            - llm.example.com:8083
+        """, [(4, "daemon.proxy_listen[1]: [::]:8082 is not a loopback address"),
+              (5, "daemon.proxy_listen[2]: llm.example.com:8083 is not a loopback address")],
+        id="proxy-listens-beyond-loopback-without-keys"),
+    pytest.param("""\
+        daemon:
+          proxy_listen: 0.0.0.0:8081
+          api_keys: [sk-local-123456]
+        """, [(3, "daemon.api_keys[0]: String should have at least 32 characters")], id="api-key-too-short"),
+    pytest.param("""\
+        daemon:
+          allowed_hosts: ["http://llm.example.com/"]
+          proxy_limits:
+            header_timeout: 0
+            keep_alive: soon
+            max_connections: 0
+            max_body: 1GiB
+            body_budget: 512MiB
+          request_fields:
+            max_tokens: -1
+            drop: [""]
+        """, [(2, "daemon.allowed_hosts[0]: String should match pattern"),
+              (4, "daemon.proxy_limits.header_timeout: Input should be greater than 0"),
+              (5, "daemon.proxy_limits.keep_alive: 'soon' is not a duration"),
+              (6, "daemon.proxy_limits.max_connections: Input should be greater than or equal to 1"),
+              (10, "daemon.request_fields.max_tokens: Input should be greater than or equal to 1"),
+              (11, "daemon.request_fields.drop[0]: String should have at least 1 character")],
+        id="edge-settings-invalid"),
+    pytest.param("""\
+        daemon:
+          proxy_limits:
+            max_body: 1GiB
+            body_budget: 512MiB
+        """, [({2, 3}, "daemon.proxy_limits: body_budget (536870912 bytes) is smaller than max_body (1073741824 "
+                       "bytes): a body of max_body could never be accepted")], id="body-budget-below-max-body"),
 ]
 
 

@@ -11,6 +11,8 @@ from supervisor.errors import EXIT_BAD_INPUT, ConfigError
 
 from .config_cases import BAD_CONFIGS, find_problem
 
+KEY = "3f2a9c1d0b7e4a5f8c6d2e1b0a9f8e7d"  # 32 characters, as daemon.api_keys asks
+
 
 @pytest.mark.parametrize("text, expected", BAD_CONFIGS)
 def test_bad_config_raises_config_error_naming_line_field_and_reason(config_file, text, expected):
@@ -70,6 +72,12 @@ def test_defaults(config_file):
     assert config.daemon.socket_path == Path("/var/lib/localllm/control.sock")
     assert (config.daemon.default_ttl, config.daemon.startup_timeout, config.daemon.stop_grace) == (1800.0, 120.0, 10.0)
     assert config.daemon.policy is None  # no policy: only the always-denied rules (supervisor/policy.py)
+    assert (config.daemon.api_keys, config.daemon.allow_anonymous, config.daemon.allowed_hosts) == ([], False, [])
+    limits = config.daemon.proxy_limits
+    assert (limits.header_timeout, limits.body_timeout, limits.keep_alive) == (10.0, 60.0, 5.0)
+    assert (limits.max_connections, limits.max_body, limits.body_budget) == (4096, 64 * 2**20, 256 * 2**20)
+    assert config.daemon.request_fields.drop == ["id_slot", "cache_prompt"]
+    assert config.daemon.request_fields.max_tokens is None  # the model's context size
 
 
 def test_daemon_settings_as_written(config_file, tmp_path):
@@ -78,6 +86,7 @@ def test_daemon_settings_as_written(config_file, tmp_path):
         daemon:
           instance: lab-1
           proxy_listen: ["0.0.0.0:9000", "[::1]:9001"]
+          api_keys: [{KEY}]
           port_range: 30000-30010
           state_dir: {tmp_path}/state
           labels: {{team: ml}}
@@ -86,6 +95,8 @@ def test_daemon_settings_as_written(config_file, tmp_path):
     assert config.profile == "gpu-1x24g"
     assert daemon.instance == "lab-1"
     assert daemon.proxy_listen == [Listen(host="0.0.0.0", port=9000), Listen(host="::1", port=9001)]
+    assert [str(listen) for listen in daemon.proxy_listen] == ["0.0.0.0:9000", "[::1]:9001"]
+    assert daemon.api_keys == [KEY]
     assert daemon.port_range == (30000, 30010)
     assert daemon.socket_path == tmp_path / "state" / "control.sock"
     assert daemon.labels == {"team": "ml"}
@@ -155,3 +166,31 @@ def test_the_shipped_example_config_is_valid_apart_from_its_model_file():
     assert config.profile == "auto"
     assert config.daemon.startup_timeout == 600.0
     assert [m.name for m in config.models] == ["llama-3.1-8b"]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8081", "127.0.0.2:8081", "[::1]:8081", "localhost:8081",
+                                    "LOCALHOST:8081"])
+def test_a_loopback_proxy_needs_no_keys(config_file, listen):
+    assert load_config(config_file(f"daemon:\n  proxy_listen: '{listen}'\n")).daemon.api_keys == []
+
+
+@pytest.mark.parametrize("extra", [f"api_keys: [{KEY}]", "allow_anonymous: true"])
+def test_a_proxy_beyond_loopback_needs_keys_or_anonymous_access_said_in_so_many_words(config_file, extra):
+    config = load_config(config_file(f"daemon:\n  proxy_listen: ['0.0.0.0:8081', '192.168.1.5:8081']\n  {extra}\n"))
+    assert [listen.host for listen in config.daemon.proxy_listen] == ["0.0.0.0", "192.168.1.5"]
+
+
+def test_edge_settings_as_written(config_file):
+    config = load_config(config_file("""\
+        daemon:
+          allowed_hosts: [llm.example.com, "[::1]", 127.0.0.1]
+          proxy_limits: {header_timeout: 2s, body_timeout: 30s, keep_alive: 1s, max_connections: 100,
+                         max_body: 1MiB, body_budget: 1MiB}
+          request_fields: {drop: [id_slot], max_tokens: 512}
+        """))
+    daemon = config.daemon
+    assert daemon.allowed_hosts == ["llm.example.com", "[::1]", "127.0.0.1"]
+    limits = daemon.proxy_limits
+    assert (limits.header_timeout, limits.body_timeout, limits.keep_alive, limits.max_connections) == (2, 30, 1, 100)
+    assert limits.max_body == limits.body_budget == 2**20
+    assert (daemon.request_fields.drop, daemon.request_fields.max_tokens) == (["id_slot"], 512)

@@ -13,6 +13,8 @@ from supervisor.config import Config
 from supervisor.errors import BadRequest
 from supervisor.librechat import librechat_block
 
+KEY = "sk-local-0123456789abcdef0123456789abcdef"  # daemon.api_keys need 32 characters or more
+
 
 def config(**daemon) -> Config:
     return Config.model_validate({"daemon": daemon, "models": [{"name": "llama3", "gguf": "/m/a.gguf"},
@@ -20,10 +22,10 @@ def config(**daemon) -> Config:
 
 
 def test_the_block_points_librechat_at_the_proxy_with_the_settings_it_needs():
-    [endpoint] = librechat_block(config(proxy_listen="0.0.0.0:8081", api_keys=["sk-local-123456"]),
+    [endpoint] = librechat_block(config(proxy_listen="0.0.0.0:8081", api_keys=[KEY]),
                                  "localllm", "host.docker.internal")["endpoints"]["custom"]
     assert endpoint == {
-        "name": "localllm", "apiKey": "sk-local-123456", "baseURL": "http://host.docker.internal:8081/v1",
+        "name": "localllm", "apiKey": KEY, "baseURL": "http://host.docker.internal:8081/v1",
         "models": {"default": ["llama3", "qwen"], "fetch": True}, "titleConvo": True,
         "titleModel": "current_model", "modelDisplayLabel": "localllm"}
 
@@ -41,7 +43,7 @@ def test_a_name_starting_with_ollama_is_refused(name):
 
 def test_the_cli_prints_yaml_that_parses(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("daemon: {proxy_listen: '0.0.0.0:9000'}\nmodels:\n  - {name: m, gguf: x.gguf}\n")
+    path.write_text(f"daemon: {{proxy_listen: '0.0.0.0:9000', api_keys: [{KEY}]}}\nmodels:\n  - {{name: m, gguf: x.gguf}}\n")
     done = subprocess.run([str(Path(sys.executable).parent / "localllmctl"), "--config", str(path), "librechat"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
