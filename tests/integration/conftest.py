@@ -216,18 +216,24 @@ def start_daemon(engine, models_dir, tmp_path):
                 container.remove(force=True)
 
 
-def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str):
-    """``GET path`` of ``model``'s own server, on its socket (the way only the daemon can): the parsed JSON."""
+def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str,
+               body: dict | None = None) -> bytes:
+    """``GET path`` (``POST`` with a JSON ``body``) of ``model``'s own server, on its socket, the way only the
+    daemon can reach it: the raw answer, which must be 200."""
     [container] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == model]
     endpoint = Endpoint.from_label(container.labels["io.localllm.endpoint"])
 
-    async def get():
+    async def call():
         async with open_session(servers_dir(Path(daemon.config["daemon"]["state_dir"]))) as session:
-            async with session.get(endpoint.url + path, timeout=aiohttp.ClientTimeout(total=5)) as answer:
-                assert answer.status == 200, await answer.text()
-                return await answer.json()
+            limit = aiohttp.ClientTimeout(total=60)
+            request = session.post(endpoint.url + path, json=body, timeout=limit) if body is not None else \
+                session.get(endpoint.url + path, timeout=limit)
+            async with request as answer:
+                raw = await answer.read()
+                assert answer.status == 200, raw
+                return raw
 
-    return asyncio.run(get())
+    return asyncio.run(call())
 
 
 def our_containers(engine: docker.DockerClient, instance: str) -> list:

@@ -127,7 +127,7 @@ def test_missing_model_without_pull_is_a_clear_error(with_ollama):
     daemon = with_ollama([{"name": "nopull", "backend": "ollama", "tag": TAG_B}])
     answer = daemon.chat("nopull")
     assert answer.status_code == 503
-    assert f"the Ollama server has no '{TAG_B}', and pull is off" in answer.json()["error"]["message"]
+    assert f"the Ollama server has no '{TAG_B}', and pull is off" in daemon.model("nopull")["error"]
 
 
 def test_swap_between_an_ollama_model_and_a_llamacpp_model_in_one_budget(with_ollama, engine, models_dir, tmp_path):

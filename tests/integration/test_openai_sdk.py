@@ -22,11 +22,12 @@ import requests
 from supervisor import tinygguf
 from supervisor.tinygguf import SPECIAL_TOKENS, write_tiny_model
 
-from .conftest import poll_for
+from .conftest import ask_server, poll_for
 
 HI = [{"role": "user", "content": "hi"}]
 GREEDY = {"temperature": 0, "seed": 7}
 NO_CACHE = {"cache_prompt": False}  # llama-server: evaluate the whole prompt each time, so results repeat exactly
+KEEP_CACHE_FIELD = {"request_fields": {"drop": ["id_slot"]}}  # the proxy drops cache_prompt by default
 
 # A chat template in the style of Llama 3.x: a tool call is a bare JSON object {"name": ..., "arguments": ...}.
 # llama-server (--jinja is on by default in this build) derives a tool-call parser and grammar from it.
@@ -130,15 +131,15 @@ def assemble_tool_calls(deltas) -> dict[int, dict]:
     return calls
 
 
-def test_streaming_through_the_sdk_assembles_the_same_answer_as_a_plain_call(start_daemon):
+def test_streaming_through_the_sdk_assembles_the_same_answer_as_a_plain_call(start_daemon, engine):
     daemon = start_daemon([{"name": "tiny", "aliases": ["tiny-chat"], "gguf": "tiny.gguf", "preload": True}])
     request = {"messages": HI, "max_tokens": 12, **GREEDY}
     extra = {**NO_CACHE, "ignore_eos": True}
     with client_for(daemon) as client:
         reply = client.chat.completions.create(model="tiny-chat", **request, extra_body=extra)
         chunks = list(client.chat.completions.create(model="tiny-chat", stream=True, **request, extra_body=extra))
-    direct = raw_stream(f"http://127.0.0.1:{daemon.model('tiny')['port']}/v1/chat/completions",
-                        {"model": "tiny", **request, **extra})
+    direct = ask_server(engine, daemon, "tiny", "/v1/chat/completions",
+                        {"model": "tiny", **request, **extra, "stream": True})
     direct_content = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
                              for e in sse_events(direct) if e != b"[DONE]")
 
@@ -178,13 +179,12 @@ def test_include_usage_adds_a_final_chunk_with_usage_and_no_choices(start_daemon
     assert len({c.id for c in chunks}) == 1
 
 
-def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_model):
-    daemon = start_daemon([{"name": "tools", "gguf": str(tool_model), "context_size": 1024, "preload": True}])
+def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_model, engine):
+    daemon = start_daemon([{"name": "tools", "gguf": str(tool_model), "context_size": 1024, "preload": True}],
+                          **KEEP_CACHE_FIELD)
     body = {"model": "tools", **TOOL_REQUEST, **NO_CACHE}
-    direct_url = f"http://127.0.0.1:{daemon.model('tools')['port']}/v1/chat/completions"
-
     # Raw bytes: the proxy's stream is llama-server's own, event for event, byte for byte.
-    direct = raw_stream(direct_url, body)
+    direct = ask_server(engine, daemon, "tools", "/v1/chat/completions", {**body, "stream": True})
     proxied = raw_stream(f"{daemon.proxy_url}/chat/completions", body)
     assert normalized(proxied) == normalized(direct)
     events = [json.loads(e) for e in sse_events(direct) if e != b"[DONE]"]
@@ -214,12 +214,13 @@ def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_
     assert whole.id
 
 
-def test_closing_the_sdk_stream_stops_the_generation_in_llama_server(start_daemon, long_model):
-    daemon = start_daemon([{"name": "long", "gguf": str(long_model), "context_size": 16384, "preload": True}])
-    port = daemon.model("long")["port"]
+def test_closing_the_sdk_stream_stops_the_generation_in_llama_server(start_daemon, long_model, engine):
+    # --slots: llama-server's slot view (off by default: it shows prompts), on the server's socket only
+    daemon = start_daemon([{"name": "long", "gguf": str(long_model), "context_size": 16384, "preload": True,
+                            "extra_args": ["--slots"]}])
 
     def slot() -> dict:
-        [only] = requests.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()  # the profile runs one slot
+        [only] = json.loads(ask_server(engine, daemon, "long", "/slots"))  # the profile runs one slot
         return only
 
     def decoded(state: dict) -> int:

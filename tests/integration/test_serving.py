@@ -83,7 +83,8 @@ def test_unknown_model_gets_404_with_an_openai_error_object(start_daemon):
 
 def test_bad_requests_get_400(start_daemon):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf"}])
-    not_json = requests.post(f"{daemon.proxy_url}/chat/completions", data=b"{nope", timeout=10)
+    not_json = requests.post(f"{daemon.proxy_url}/chat/completions", data=b"{nope", timeout=10,
+                             headers={"Content-Type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "bad_request"
     no_model = requests.post(f"{daemon.proxy_url}/chat/completions", json={"messages": []}, timeout=10)
     assert no_model.status_code == 400 and "model" in no_model.json()["error"]["message"]
@@ -97,12 +98,11 @@ def test_server_that_exits_gives_the_log_tail_while_others_keep_serving(start_da
     response = daemon.chat("broken")
     assert response.status_code == 503
     error = response.json()["error"]
-    assert error["code"] == "model_start_failed"
-    assert "server exited during startup (exit code" in error["message"]
-    assert "last log lines" in error["message"] and "gguf" in error["message"].lower()
+    assert error["code"] == "model_start_failed" and "(error id " in error["message"]  # the client: no details
 
-    status = daemon.model("broken")
-    assert status["state"] == "failed" and "exit code" in status["error"]
+    status = daemon.model("broken")  # the operator: the exit code and the server's last words
+    assert status["state"] == "failed" and "server exited during startup (exit code" in status["error"]
+    assert "last log lines" in status["error"] and "gguf" in status["error"].lower()
     assert daemon.chat("tiny").status_code == 200
     assert [c.labels["io.localllm.model"] for c in our_containers(engine, daemon.instance)] == ["tiny"]
 
@@ -114,8 +114,8 @@ def test_model_file_removed_after_start_is_a_clear_error(start_daemon, models_di
                            {"name": "doomed", "gguf": str(doomed)}])
     doomed.unlink()
     response = daemon.chat("doomed")
-    assert response.status_code == 503
-    assert f"model file {doomed} does not exist" in response.json()["error"]["message"]
+    assert response.status_code == 503 and str(doomed) not in response.json()["error"]["message"]
+    assert f"model file {doomed} does not exist" in daemon.model("doomed")["error"]
     assert daemon.chat("tiny").status_code == 200
 
 

@@ -41,7 +41,7 @@ def test_chunks_arrive_while_the_model_is_still_generating(daemon):
 
 def test_client_disconnect_stops_generation_upstream(daemon, engine):
     def slot_busy() -> bool:
-        return any(slot.get("is_processing") for slot in ask_server(engine, daemon, "slow", "/slots"))
+        return any(slot.get("is_processing") for slot in json.loads(ask_server(engine, daemon, "slow", "/slots")))
 
     response = requests.post(f"{daemon.proxy_url}/chat/completions",
                              json={"model": "slow", **LONG_GENERATION, "max_tokens": 5000}, stream=True, timeout=120)
