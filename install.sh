@@ -8,9 +8,12 @@
 #   /opt/localllm/src                    the copy of the sources it was built from
 #   /usr/local/bin/localllmctl, localllmd  links into the venv
 #   /etc/localllm/config.yaml            written once by `localllmctl config init` (mode 0640, group localllm)
-#   /var/lib/localllm                    the daemon's state (mode 0750, owner localllm)
+#   /var/lib/localllm                    the daemon's state and control sockets (mode 0751, owner localllm:
+#                                        others may reach a socket by its name, and list nothing)
 #   /etc/systemd/system/localllm.service enabled when systemd runs
 #   system user and group "localllm"; the user is also in group "docker"
+#   system groups "localllm-operators" and "localllm-viewers", given the operator and viewer control sockets
+#   by the config that `localllmctl config init` writes; the user localllm is in both, to hand them out
 set -euo pipefail
 
 PREFIX=${LOCALLLM_PREFIX:-/opt/localllm}
@@ -19,7 +22,8 @@ UNIT_DIR=${LOCALLLM_UNIT_DIR:-/etc/systemd/system}
 BIN_DIR=${LOCALLLM_BIN_DIR:-/usr/local/bin}
 PYTHON=${LOCALLLM_PYTHON:-python3}
 STATE_DIR=/var/lib/localllm   # the unit's StateDirectory=localllm
-ACCOUNT=localllm              # the unit's User= and Group=
+ACCOUNT=localllm              # the unit's User= and Group=; its group is the admin socket's
+ROLE_GROUPS=(localllm-operators localllm-viewers)  # the operator and viewer sockets' groups (config init)
 VENV=$PREFIX/venv
 CONFIG=$ETC/config.yaml
 UNIT=$UNIT_DIR/localllm.service
@@ -31,11 +35,12 @@ usage: sudo bash install.sh [--wheels DIR]
        sudo bash install.sh --uninstall [--purge]
 
 Install localllm from this checkout (again: upgrade in place):
-  - system group and user "$ACCOUNT" (the user also in group "docker", made if missing);
+  - system group and user "$ACCOUNT" (the user also in group "docker", made if missing), and the
+    groups ${ROLE_GROUPS[*]} of the operator and viewer control sockets;
   - the package in an isolated venv $VENV, linked as $BIN_DIR/localllmctl and localllmd;
   - $CONFIG, written once by \`localllmctl config init\` with the detected hardware
     profile (mode 0640, group $ACCOUNT); an existing file is never overwritten;
-  - the state directory $STATE_DIR (mode 0750, owner $ACCOUNT);
+  - the state directory $STATE_DIR (mode 0751, owner $ACCOUNT: the control sockets are in it);
   - $UNIT, enabled (not started) when systemd runs.
 
 options:
@@ -44,7 +49,7 @@ options:
                  setuptools (the build backend), e.g. from \`pip wheel -w DIR . setuptools\`
   --uninstall    stop and disable the service, remove the unit, the links and $PREFIX;
                  keep $CONFIG, $STATE_DIR, the user and group, and the models
-  --purge        with --uninstall: also remove $ETC, $STATE_DIR and the user and group
+  --purge        with --uninstall: also remove $ETC, $STATE_DIR, the user and the groups
   -h, --help     this help
 
 environment (for packaging and tests; the defaults are the real paths):
@@ -93,18 +98,27 @@ install_accounts() {
     say "creating the system group docker (Docker's packages use it for the engine's socket)"
     groupadd --system docker
   fi
-  if ! getent group "$ACCOUNT" >/dev/null; then
-    say "creating the system group $ACCOUNT"
-    groupadd --system "$ACCOUNT"
-  fi
+  local group
+  for group in "$ACCOUNT" "${ROLE_GROUPS[@]}"; do
+    if ! getent group "$group" >/dev/null; then
+      say "creating the system group $group"
+      groupadd --system "$group"
+    fi
+  done
+  # The daemon gives each role's socket to that role's group: it must be a member of them.
+  local groups=docker
+  for group in "${ROLE_GROUPS[@]}"; do groups+=",$group"; done
   if ! id "$ACCOUNT" >/dev/null 2>&1; then
-    say "creating the system user $ACCOUNT (groups $ACCOUNT, docker)"
-    useradd --system --gid "$ACCOUNT" --groups docker --home-dir "$STATE_DIR" --no-create-home \
+    say "creating the system user $ACCOUNT (groups $ACCOUNT, $groups)"
+    useradd --system --gid "$ACCOUNT" --groups "$groups" --home-dir "$STATE_DIR" --no-create-home \
       --shell /usr/sbin/nologin --comment "localllm daemon" "$ACCOUNT"
-  elif ! id -nG "$ACCOUNT" | tr ' ' '\n' | grep -qx docker; then
-    say "adding the user $ACCOUNT to the group docker"
-    usermod -a -G docker "$ACCOUNT"
   else
+    for group in docker "${ROLE_GROUPS[@]}"; do
+      if ! id -nG "$ACCOUNT" | tr ' ' '\n' | grep -qx "$group"; then
+        say "adding the user $ACCOUNT to the group $group"
+        usermod -a -G "$group" "$ACCOUNT"
+      fi
+    done
     say "the user $ACCOUNT exists (groups: $(id -nG "$ACCOUNT"))"
   fi
 }
@@ -203,8 +217,9 @@ do_install() {
   install_accounts
   install_venv "$src"
   install_config
+  # 0751: members of the role groups reach their sockets in it by name; they list and read nothing else.
   say "making the state directory $STATE_DIR"
-  install -d -m 0750 -o "$ACCOUNT" -g "$ACCOUNT" "$STATE_DIR"
+  install -d -m 0751 -o "$ACCOUNT" -g "$ACCOUNT" "$STATE_DIR"
   install_unit "$src"
   say "done. Next:"
   echo "    edit the model catalog:  sudoedit $CONFIG"
@@ -215,10 +230,13 @@ do_install() {
     echo "    systemd is not running here; start the daemon by hand:"
     echo "        runuser -u $ACCOUNT -- $VENV/bin/localllmd --config $CONFIG"
   fi
-  echo "    to use localllmctl without sudo, join the group $ACCOUNT: usermod -a -G $ACCOUNT ${SUDO_USER:-USER}"
-  echo "    WARNING: the group $ACCOUNT can use the control socket, and the control API drives Docker: a member"
-  echo "    can apply a config that runs any local image or mounts host files. Treat it like the docker group"
-  echo "    (root on this host); set daemon.policy to limit images, model paths and arguments. README: Security model."
+  echo "    to use localllmctl without sudo, join the group of the role you need (then log in again):"
+  echo "        viewer   (status, models, events, metrics, history):  usermod -a -G localllm-viewers ${SUDO_USER:-USER}"
+  echo "        operator (also load and unload models):               usermod -a -G localllm-operators ${SUDO_USER:-USER}"
+  echo "        admin    (also apply, rollback and logs):             usermod -a -G $ACCOUNT ${SUDO_USER:-USER}"
+  echo "    WARNING: the group $ACCOUNT is admin on the control API, which drives Docker: a member can apply a"
+  echo "    config that runs any local image or mounts host files. Treat it like the docker group (root on this"
+  echo "    host); set daemon.policy to limit images, model paths and arguments. README: Security model."
 }
 
 do_uninstall() {
@@ -263,10 +281,13 @@ do_uninstall() {
       say "removing the user $ACCOUNT"
       userdel "$ACCOUNT" || die "userdel $ACCOUNT failed: is a process of $ACCOUNT (localllmd) still running?"
     fi
-    if getent group "$ACCOUNT" >/dev/null; then
-      say "removing the group $ACCOUNT"
-      groupdel "$ACCOUNT"
-    fi
+    local group
+    for group in "$ACCOUNT" "${ROLE_GROUPS[@]}"; do
+      if getent group "$group" >/dev/null; then
+        say "removing the group $group"
+        groupdel "$group"
+      fi
+    done
     say "purged (the group docker and your models are left as they are)"
   else
     [ -e "$CONFIG" ] && kept+=("$CONFIG")

@@ -7,7 +7,6 @@ immutable ``Config`` or raises one ``ConfigError`` listing every problem as
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from .access import ControlTls, ControlToken, RoleSockets, Token, control_problems, is_loopback
 from .errors import ConfigError
 from .policy import Policy, flag_of, policy_problems
 from .profiles import Profile, load_profiles
@@ -28,7 +28,7 @@ UNQUANTIZED = {"f32", "f16", "bf16"}
 LLAMA_FLAGS_SET_BY_LOCALLLM = {
     **dict.fromkeys(("-m", "--model"), "gguf"),
     **dict.fromkeys(("-a", "--alias"), "name"),
-    **dict.fromkeys(("--host", "--port"), "daemon.port_range (servers bind 127.0.0.1)"),
+    **dict.fromkeys(("--host", "--port"), "nothing (llama-server listens on a socket only localllm reaches)"),
     **dict.fromkeys(("-c", "--ctx-size"), "context_size"),
     **dict.fromkeys(("-np", "--parallel"), "parallel"),
     **dict.fromkeys(("-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified"), "nothing yet (localllm pins it off)"),
@@ -196,10 +196,13 @@ class RequestFields(Strict):
 class DaemonSettings(Strict):
     instance: str = Field(default="localllmd", pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=40)
     proxy_listen: list[Listen] = Field(default_factory=lambda: [Listen(host="127.0.0.1", port=8081)], min_length=1)
-    control_socket: Path | None = None
-    socket_group: str | None = None  # group (name or gid) given the control socket; it is made mode 0660
-    control_listen: Listen | None = None  # optional TCP control API; needs control_token
-    control_token: str | None = Field(default=None, min_length=16)  # Bearer token for control_listen
+    control_socket: Path | None = None  # the admin socket; default: <state_dir>/control.sock
+    socket_group: str | None = None  # group (name or gid) given the admin socket; it is made mode 0660
+    role_sockets: RoleSockets = {}  # sockets of the viewer and operator roles (access.py)
+    control_listen: Listen | None = None  # optional TCP control API; needs control_tokens or control_token
+    control_token: Token | None = None  # one admin Bearer token for control_listen (32+ characters)
+    control_tokens: list[ControlToken] = []  # Bearer tokens for control_listen, each with its role
+    control_tls: ControlTls | None = None  # cert and key: control_listen serves https (needed off loopback)
     port_range: tuple[int, int] = (28100, 28199)
     state_dir: Path = Path("/var/lib/localllm")
     labels: dict[str, str] = {}
@@ -232,13 +235,6 @@ class DaemonSettings(Strict):
     @classmethod
     def _control_listen(cls, value: object) -> object:
         return _parse_listen(value) if value is not None else None
-
-    @model_validator(mode="after")
-    def _tcp_control_needs_token(self) -> DaemonSettings:
-        if self.control_listen is not None and self.control_token is None:
-            raise ValueError("control_listen needs control_token: the TCP control API always asks for a Bearer "
-                             "token (generate one with: openssl rand -hex 24)")
-        return self
 
     @field_validator("port_range", mode="before")
     @classmethod
@@ -328,7 +324,8 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None,
     path = Path(path)
     config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent}, text=text)
     policy = (running or config).daemon.policy
-    found = (check_ports(config) + check_exposure(config) + cross_check(config, check_files) + check_profile(config)
+    found = (check_ports(config) + check_exposure(config) + control_problems(config.daemon, check_files)
+             + cross_check(config, check_files) + check_profile(config)
              + policy_problems(config, policy, known_profiles(config) if policy else {}, check_files))
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:
@@ -353,16 +350,6 @@ def check_ports(config: Config) -> list[tuple[tuple, str]]:
         problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
                                                        "port: the control API needs a port of its own"))
     return problems
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or ``localhost``; any other name counts as reachable from elsewhere (no DNS here)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_exposure(config: Config) -> list[tuple[tuple, str]]:

@@ -1,26 +1,46 @@
 """The control API: the daemon's status, its models, operator actions, config changes, events and logs.
 
-It listens on a unix socket (mode 0660, group ``daemon.socket_group``) and,
-optionally, on TCP (``daemon.control_listen``), where every request needs
-``Authorization: Bearer <daemon.control_token>``. The proxy never exposes
-these routes. The API describes itself at ``GET /openapi.json``.
+Each route needs a role (``ROUTES``; see access.py): viewer, operator or admin. It is
+served on one unix socket per role (the admin one: ``daemon.control_socket``, mode 0660,
+group ``daemon.socket_group``) and, optionally, on TCP (``daemon.control_listen``), where
+every request needs ``Authorization: Bearer <token>`` and the token gives the role. The
+proxy never exposes these routes. The API describes itself at ``GET /openapi.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
+import grp
 import json
 import os
+import socket
+import ssl
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+from loguru import logger
 
 from . import __version__
+from .access import (
+    ROUTE_ROLES,
+    ControlTls,
+    Gate,
+    Listener,
+    Role,
+    SocketListener,
+    TcpListener,
+    gate_for,
+    unreachable_by_role,
+    ways_to_roles,
+    who_may_use,
+)
 from .control_openapi import openapi_document
-from .errors import BadRequest, Conflict, InvalidToken, LocalllmError
+from .errors import BadRequest, CannotListen, Conflict, LocalllmError
 from .events import EventBus
 from .fleet import Fleet
 from .rollout import Rollout
@@ -29,6 +49,22 @@ from .web_errors import error_middleware, read_json_object
 
 SSE_KEEPALIVE = 15.0  # seconds between comment lines on an idle event stream
 MAX_LIMIT = 1000
+ROUTES = (  # method, path, ControlApi method; each one's role is in access.ROUTE_ROLES
+    ("GET", "/openapi.json", "openapi"),
+    ("GET", "/health", "health"),
+    ("GET", "/status", "status"),
+    ("GET", "/models", "models"),
+    ("GET", "/models/{name}", "model"),
+    ("POST", "/models/{name}/load", "load"),
+    ("POST", "/models/{name}/unload", "unload"),
+    ("GET", "/models/{name}/logs", "logs"),
+    ("GET", "/models/{name}/memory", "memory"),
+    ("GET", "/events", "events"),
+    ("POST", "/validate", "validate"),
+    ("POST", "/apply", "apply"),
+    ("GET", "/history", "history"),
+    ("POST", "/rollback", "rollback"),
+)
 
 
 @dataclass(frozen=True)
@@ -44,46 +80,18 @@ class DaemonFacts:
 
 
 def create_control_app(fleet: Fleet, facts: DaemonFacts, rollout: Rollout, events: EventBus,
-                       token: str | None = None, metrics=None) -> web.Application:
-    middlewares = [error_middleware] + ([require_token(token)] if token else [])
-    app = web.Application(middlewares=middlewares, client_max_size=16 * 1024 * 1024)
+                       gate: Gate | None = None, metrics=None) -> web.Application:
+    """The control API for one listener; ``gate`` tells each caller's role (default: admin, for in-process use)."""
+    gate = gate or Gate(Role.ADMIN)
     api = ControlApi(fleet, facts, rollout, events)
-    routes = [
-        ("GET", "/openapi.json", api.openapi),
-        ("GET", "/health", api.health),
-        ("GET", "/status", api.status),
-        ("GET", "/models", api.models),
-        ("GET", "/models/{name}", api.model),
-        ("POST", "/models/{name}/load", api.load),
-        ("POST", "/models/{name}/unload", api.unload),
-        ("GET", "/models/{name}/logs", api.logs),
-        ("GET", "/models/{name}/memory", api.memory),
-        ("GET", "/events", api.events),
-        ("POST", "/validate", api.validate),
-        ("POST", "/apply", api.apply),
-        ("GET", "/history", api.history),
-        ("POST", "/rollback", api.rollback),
-    ]
+    routes = [(method, path, getattr(api, name)) for method, path, name in ROUTES]
     if metrics is not None:
         routes.append(("GET", "/metrics", metrics.handler))
+    app = web.Application(middlewares=[error_middleware, gate.middleware(ROUTE_ROLES)],
+                          client_max_size=16 * 1024 * 1024)
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     return app
-
-
-def require_token(token: str):
-    """TCP control: every request must carry ``Authorization: Bearer <token>``."""
-    expected = token.encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler) -> web.StreamResponse:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise InvalidToken("missing or wrong token: the TCP control API needs 'Authorization: Bearer "
-                               "<daemon.control_token>'")
-        return await handler(request)
-
-    return check
 
 
 class ControlApi:
@@ -274,3 +282,105 @@ def daemon_status(facts: DaemonFacts) -> dict:
         "started_at": facts.started_at,
         "uptime_seconds": round(time.time() - facts.started_at, 3),
     }
+
+
+# -- the listeners ------------------------------------------------------------------------
+
+
+async def open_control(plan: list[Listener], app_for: Callable[[Gate], web.Application],
+                       grace: float) -> list[web.AppRunner]:
+    """Serve the control API on each listener of ``plan`` (access.plan_listeners), each with the app ``app_for``
+    makes for its gate; raise CannotListen, with none left open."""
+    ways = ways_to_roles(plan)
+    runners: list[web.AppRunner] = []
+    try:
+        for listener in plan:
+            runner = web.AppRunner(app_for(gate_for(listener, ways)), access_log=None, shutdown_timeout=grace,
+                                   handler_cancellation=True)
+            await runner.setup()
+            runners.append(runner)
+            if isinstance(listener, SocketListener):
+                await _serve_socket(runner, listener)
+            else:
+                await _serve_tcp(runner, listener)
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
+    return runners
+
+
+def remove_sockets(plan: list[Listener]) -> None:
+    """At shutdown: the socket files of ``plan``; anything else found at a socket's path is not ours to remove."""
+    for listener in plan:
+        if isinstance(listener, SocketListener):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(listener.path.lstat().st_mode):
+                    listener.path.unlink()
+
+
+def group_id(group: str, setting: str) -> int:
+    """A group name, or a number, as a gid."""
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise CannotListen(f"{setting}: there is no group '{group}' on this host "
+                           "(create it, or remove the setting)") from None
+
+
+async def _serve_socket(runner: web.AppRunner, listener: SocketListener) -> None:
+    """Bound, given its group and mode, and only then listening: no one connects before the mode is right."""
+    path = listener.path
+    gid = group_id(listener.group, listener.group_setting) if listener.group else -1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
+            raise CannotListen(f"cannot serve the {listener.role} control socket on {path}: something else is "
+                               "there (not a socket); move it, or choose another path")
+        path.unlink(missing_ok=True)  # a socket left by a daemon that died
+        sock.bind(str(path))
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise CannotListen(f"{listener.group_setting}: localllmd cannot give {path} to group {listener.group}: "
+                               "its user must be a member of that group (install.sh adds it to the role "
+                               "groups), or run as root") from None
+        os.chmod(path, listener.mode)
+        sock.listen(128)
+        await web.SockSite(runner, sock).start()
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(f"cannot serve the {listener.role} control socket on {path}: {exc.strerror or exc}") \
+            from None
+    except BaseException:
+        sock.close()
+        raise
+    problem = unreachable_by_role(path, gid, listener.mode)
+    if problem:
+        logger.warning("{} control socket: {}", listener.role, problem)
+    logger.info("serving the control API ({}) on {}, mode {:04o}, {}", listener.role, path, listener.mode,
+                who_may_use(listener))
+
+
+def tls_context(tls: ControlTls) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CannotListen(f"daemon.control_tls: cannot load the certificate {tls.cert} with the key {tls.key}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    return context
+
+
+async def _serve_tcp(runner: web.AppRunner, listener: TcpListener) -> None:
+    context = tls_context(listener.tls) if listener.tls is not None else None
+    try:
+        await web.TCPSite(runner, listener.host, listener.port, reuse_address=True, ssl_context=context).start()
+    except OSError as exc:
+        raise CannotListen(f"cannot listen on {listener} (daemon.control_listen): {exc.strerror or exc}") from None
+    roles = ", ".join(f"{sum(r == role for _, r in listener.tokens)} {role}" for role in Role
+                      if any(r == role for _, r in listener.tokens))
+    logger.info("serving the control API on {}://{} (Bearer tokens: {})", "https" if context else "http", listener,
+                roles)

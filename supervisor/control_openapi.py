@@ -1,7 +1,8 @@
 """The control API's OpenAPI 3.0 document, served at ``GET /openapi.json``.
 
 Written by hand, next to nothing else: a unit test checks that it names exactly
-the routes the app serves, and schemathesis checks the app against it.
+the routes the app serves, and schemathesis checks the app against it. Each
+operation's role (``x-localllm-role``) comes from ``access.ROUTE_ROLES``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from functools import cache
 
 from . import __version__
+from .access import ROUTE_ROLES, Role
 from .errors import error_codes
 
 JSON = "application/json"
@@ -128,10 +130,19 @@ def openapi_document() -> dict:
         "/metrics": {"get": _operation("Prometheus metrics", {"200": _ok("text exposition format", {"type": "string"},
                                                                          "text/plain")})},
     }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            role = ROUTE_ROLES[(method.upper(), path)]
+            operation["x-localllm-role"] = str(role)
+            if role is not Role.VIEWER:
+                operation["responses"]["403"] = _error(f"the caller's role is below {role} (forbidden; the body "
+                                                       "names needed_role and how to get it)")
     return {
         "openapi": "3.0.3",
         "info": {"title": "localllmd control API", "version": __version__,
-                 "description": "On the unix socket without auth; on TCP (daemon.control_listen) with a Bearer token."},
+                 "description": "Each operation needs a role (x-localllm-role): viewer, operator or admin, each with "
+                                "all the one before it has. On the unix sockets the socket gives the role (one per "
+                                "role); on TCP (daemon.control_listen) the Bearer token does."},
         "servers": [{"url": "/"}],
         "paths": paths,
         "security": [{"bearer": []}, {}],
@@ -151,6 +162,8 @@ def openapi_document() -> dict:
                     "state": {"type": "string", "enum": ["stopped", "starting", "ready", "stopping", "failed"]},
                     "container": {"type": "string", "nullable": True},
                     "port": {"type": "integer", "nullable": True},
+                    "endpoint": {"type": "string", "nullable": True,
+                                 "description": "unix:<name> (a socket only localllm reaches) or tcp:<port>"},
                     "in_flight": {"type": "integer"}, "waiting": {"type": "integer"},
                     "last_used": {"type": "number", "nullable": True},
                     "memory": {"type": "object"}, "error": {"type": "string", "nullable": True}}},

@@ -22,6 +22,7 @@ from . import __version__
 from .config import load_config
 from .ctl_client import ControlClient, RemoteError, Target
 from .ctl_render import (
+    endpoint_phrase,
     render_estimate,
     render_event,
     render_history,
@@ -30,10 +31,10 @@ from .ctl_render import (
     render_report,
     render_status,
 )
+from .ctl_target import add_target_options, find_target
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadRequest, LocalllmError
 from .estimate import CACHE_TYPE_BYTES
 
-DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
 DEFAULT_CONFIG = Path("/etc/localllm/config.yaml")
 
 
@@ -57,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localllmctl", description="Operate localllmd.",
                                      epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker unreachable")
     parser.add_argument("--version", action="version", version=f"localllmctl {__version__}")
-    parser.add_argument("--socket", type=Path, help="control socket (default: $LOCALLLM_SOCKET, the config's, or "
-                                                    f"{DEFAULT_SOCKET})")
-    parser.add_argument("--url", help="TCP control API, e.g. http://127.0.0.1:8090 (default: $LOCALLLM_URL); "
-                                      "the token comes from $LOCALLLM_TOKEN")
+    add_target_options(parser)
     parser.add_argument("--config", type=Path, help="daemon config file: finds the control socket, the catalog")
     commands = parser.add_subparsers(metavar="COMMAND")
 
@@ -189,7 +187,7 @@ def check_health(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/load", {"model": args.model}))
     print(json.dumps(model, indent=2) if args.json else
-          f"{model['name']} is ready on port {model['port']} (container {model['container']}, "
+          f"{model['name']} is ready {endpoint_phrase(model)} (container {model['container']}, "
           f"loaded in {model['load_seconds'] or 0:.2f}s)")
     return EXIT_OK
 
@@ -476,16 +474,9 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
 
 
 def target(args: argparse.Namespace) -> Target:
-    url = args.url or os.environ.get("LOCALLLM_URL")
-    if url:
-        return Target(url=url, token=os.environ.get("LOCALLLM_TOKEN"))
-    if args.socket:
-        return Target(socket=args.socket)
-    if os.environ.get("LOCALLLM_SOCKET"):
-        return Target(socket=Path(os.environ["LOCALLLM_SOCKET"]))
-    if args.config:
-        return Target(socket=load_config(args.config, check_files=False).daemon.socket_path)
-    return Target(socket=DEFAULT_SOCKET)
+    needs_config = args.config and not (args.url or args.socket or os.environ.get("LOCALLLM_URL")
+                                        or os.environ.get("LOCALLLM_SOCKET"))
+    return find_target(args, load_config(args.config, check_files=False).daemon if needs_config else None)
 
 
 def quote(name: str) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import ssl
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,14 +30,27 @@ class RemoteError(LocalllmError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where the daemon's control API is: a unix socket, or a TCP URL with its token."""
+    """Where the daemon's control API is: a unix socket (and its role, when known), or a TCP URL with its token."""
 
     socket: Path | None = None
     url: str | None = None
     token: str | None = None
+    role: str | None = None
+    cacert: Path | None = None  # https: the CA (or the certificate) to trust instead of the system's CAs
 
     def __str__(self) -> str:
-        return self.url or str(self.socket)
+        if self.url:
+            return self.url
+        return f"{self.socket} (the {self.role} socket)" if self.role else str(self.socket)
+
+    def tls(self) -> ssl.SSLContext | None:
+        if not (self.url or "").startswith("https:"):
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ControlUnreachable(f"cannot use the CA certificate {self.cacert}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
 
 
 class ControlClient:
@@ -44,7 +60,9 @@ class ControlClient:
     @asynccontextmanager
     async def _session(self):
         if self.target.url:
-            connector, base = aiohttp.TCPConnector(), self.target.url.rstrip("/")
+            context = self.target.tls()
+            connector = aiohttp.TCPConnector(ssl=context) if context else aiohttp.TCPConnector()
+            base = self.target.url.rstrip("/")
         else:
             connector, base = aiohttp.UnixConnector(path=str(self.target.socket)), "http://localllmd"
         headers = {"Authorization": f"Bearer {self.target.token}"} if self.target.token else {}
@@ -52,7 +70,14 @@ class ControlClient:
             async with aiohttp.ClientSession(base, connector=connector, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as session:
                 yield session
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise ControlUnreachable(f"localllmd's certificate on {self.target} is not trusted: "
+                                     f"{exc.certificate_error}; give the CA that signed it (or the certificate "
+                                     "itself) with --cacert FILE or $LOCALLLM_CACERT") from None
         except (aiohttp.ClientConnectionError, FileNotFoundError, PermissionError) as exc:
+            if self.target.socket and isinstance(getattr(exc, "os_error", exc), PermissionError):
+                raise ControlUnreachable(f"you may not use the control socket {self.target}: "
+                                         f"{who_may_use(self.target.socket)}") from None
             raise ControlUnreachable(f"localllmd is not reachable on {self.target}: {exc}") from None
 
     async def request(self, method: str, route: str, body: dict | None = None,
@@ -61,7 +86,7 @@ class ControlClient:
         async with self._session() as session:
             async with session.request(method, route, json=body, params=params) as response:
                 answer = await response.json(content_type=None)
-                _raise_for_error(response.status, answer)
+                self._raise_for_error(response.status, answer)
                 return answer
 
     async def get(self, route: str, params: dict | None = None) -> dict:
@@ -72,7 +97,7 @@ class ControlClient:
         async with self._session() as session:
             async with session.get(route, params=params) as response:
                 if response.status >= 400:
-                    _raise_for_error(response.status, await response.json(content_type=None))
+                    self._raise_for_error(response.status, await response.json(content_type=None))
                 async for raw in response.content:
                     yield raw.decode(errors="replace").rstrip("\n")
 
@@ -84,7 +109,7 @@ class ControlClient:
         async with self._session() as session:
             async with session.get("/events", params=params) as response:
                 if response.status >= 400:
-                    _raise_for_error(response.status, await response.json(content_type=None))
+                    self._raise_for_error(response.status, await response.json(content_type=None))
                 if on_open is not None:
                     on_open()
                 kind = ""
@@ -99,9 +124,29 @@ class ControlClient:
                         yield data
 
 
-def _raise_for_error(status: int, answer: object) -> None:
-    if status < 400:
-        return
-    error = answer.get("error", {}) if isinstance(answer, dict) else {}
-    raise RemoteError(error.get("message", f"HTTP {status}"), error.get("code", ""),
-                      answer if isinstance(answer, dict) else None)
+    def _raise_for_error(self, status: int, answer: object) -> None:
+        if status < 400:
+            return
+        error = answer.get("error", {}) if isinstance(answer, dict) else {}
+        message = error.get("message", f"HTTP {status}")
+        if error.get("code") == "forbidden":  # the daemon said which role and how to get it; say what we used
+            how = "its token ($LOCALLLM_TOKEN)" if self.target.url else "--role, --socket or --url"
+            message += f"\nlocalllmctl used {self.target}; choose another with {how}"
+        raise RemoteError(message, error.get("code", ""), answer if isinstance(answer, dict) else None)
+
+
+def who_may_use(path: Path) -> str:
+    """Who may open a socket, as its mode and group say: what a user refused at connect() is told."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot even look at it ({exc.strerror}): a directory above it is closed to you"
+    try:
+        group = grp.getgrgid(info.st_gid).gr_name
+    except KeyError:
+        group = str(info.st_gid)
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o020:
+        return f"it is mode {mode:04o}: only its owner (uid {info.st_uid}) may"
+    return (f"it is mode {mode:04o}, group {group}: join that group (sudo usermod -a -G {group} $USER, then log in "
+            "again), or use another role's socket (--role viewer, --role operator)")

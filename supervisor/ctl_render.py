@@ -32,7 +32,7 @@ def render_status(status: dict) -> str:
             f"proxy {', '.join(daemon['proxy'])}\n")
     if daemon.get("degraded"):
         head += f"DEGRADED: {daemon['degraded']}\n"
-    rows = [["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "PORT", "CONTAINER", "IN-FLIGHT", "WAITING",
+    rows = [["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "ENDPOINT", "CONTAINER", "IN-FLIGHT", "WAITING",
              "LAST USED", "FLAGS"]]
     now = time.time()
     for model in status["models"]:
@@ -41,7 +41,7 @@ def render_status(status: dict) -> str:
         flags = ",".join([f for f in ("preload", "pinned") if model[f]] + offload)
         last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
         rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
-                     format_mib(memory.get("measured")), str(model["port"] or "-"), model["container"] or "-",
+                     format_mib(memory.get("measured")), where(model), model["container"] or "-",
                      str(model["in_flight"]), str(model.get("waiting", 0)), last, flags or "-"])
     errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
     errors += [f"  device {d['id']}{' (' + d['uuid'] + ')' if d.get('uuid') else ''} is unusable: {d['problem']}"
@@ -106,6 +106,17 @@ def render_event(event: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(event["time"])) + f".{int(event['time'] * 1000) % 1000:03d}"
     who = event["model"] or "-"
     return f"{when}  {event['kind']:<14} {who:<20} {event['message']}"
+
+
+def where(model: dict) -> str:
+    """A model's endpoint in a few letters: ``socket`` (llama.cpp: a UNIX socket only localllm reaches) or its port."""
+    endpoint = model.get("endpoint") or ""
+    return "socket" if endpoint.startswith("unix:") else endpoint.removeprefix("tcp:") or "-"
+
+
+def endpoint_phrase(model: dict) -> str:
+    shown = where(model)
+    return "on its socket" if shown == "socket" else f"on port {shown}"
 
 
 def render_report(report: dict) -> str:

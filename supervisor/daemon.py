@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
-import grp
 import os
 import resource
 import shutil
@@ -26,8 +25,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from . import __version__
+from .access import plan_listeners
 from .config import Config, load_config
-from .control import DaemonFacts, create_control_app
+from .control import DaemonFacts, create_control_app, open_control, remove_sockets
 from .docker_runtime import DockerRuntime
 from .edge import Edge, EdgeSite
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
@@ -178,15 +178,6 @@ def hold_lock(path: Path):
         yield
 
 
-def socket_gid(group: str) -> int:
-    """``daemon.socket_group`` as a gid: a group name, or a number."""
-    try:
-        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise CannotListen(f"daemon.socket_group: there is no group '{group}' on this host "
-                           "(create it, or remove the setting)") from None
-
-
 class Daemon:
     def __init__(self, config: Config, config_path: Path | None):
         self.config = config
@@ -234,6 +225,12 @@ class Daemon:
         store = GenerationStore(self.settings.state_dir / "generations")
         if store.problem:
             logger.warning("{}", store.problem)
+        try:
+            moved = store.move_secrets_out()  # generations an older localllm stored whole
+            if moved:
+                logger.info("moved the secrets of stored generations {} out of their configs", moved)
+        except (LocalllmError, OSError) as exc:
+            logger.warning("cannot move the secrets out of the stored generations: {}", getattr(exc, "message", exc))
         self.rollout, self.fleet = Rollout(fleet, store), fleet
         runners: list[web.AppRunner] = []
         try:
@@ -245,11 +242,8 @@ class Daemon:
                 started_at=time.time(),
             )
             runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings, metrics)))
-            runners.append(await self._serve_control(create_control_app(fleet, facts, self.rollout, events,
-                                                                              metrics=metrics)))
-            if self.settings.control_listen is not None:
-                runners.append(await self._serve_tcp_control(create_control_app(
-                    fleet, facts, self.rollout, events, token=self.settings.control_token, metrics=metrics)))
+            runners += await open_control(plan_listeners(self.settings), lambda gate: create_control_app(
+                fleet, facts, self.rollout, events, gate, metrics=metrics), SHUTDOWN_GRACE)
             self._install_signal_handlers()
             ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
             ticker.start()
@@ -279,7 +273,7 @@ class Daemon:
             await runtime.close()
             if gpu is not None:
                 gpu.close()
-            self.settings.socket_path.unlink(missing_ok=True)
+            remove_sockets(plan_listeners(self.settings))
         self.notifier.close()
         logger.info("localllmd stopped cleanly")
 
@@ -297,42 +291,14 @@ class Daemon:
                 raise CannotListen(f"cannot listen on {listen} (daemon.proxy_listen): {exc.strerror or exc}") from None
         return runner
 
-    async def _serve_control(self, app: web.Application) -> web.AppRunner:
-        """The unix socket: mode 0660, owned by ``daemon.socket_group`` when set."""
-        path, group = self.settings.socket_path, self.settings.socket_group
-        gid = socket_gid(group) if group else -1
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, handler_cancellation=True)
-        await runner.setup()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.unlink(missing_ok=True)
-            await web.UnixSite(runner, str(path)).start()
-            os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
-        except OSError as exc:
-            await runner.cleanup()
-            raise CannotListen(f"cannot serve the control API on {path}: {exc.strerror or exc}") from None
-        return runner
-
-    async def _serve_tcp_control(self, app: web.Application) -> web.AppRunner:
-        listen = self.settings.control_listen
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE, handler_cancellation=True)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise CannotListen(f"cannot listen on {listen} (daemon.control_listen): {exc.strerror or exc}") from None
-        logger.info("serving the control API on tcp {} (Bearer token required)", listen)
-        return runner
-
     async def _start_first_generation(self, fleet: Fleet, store: GenerationStore, wanted: list[str]) -> None:
         """Record the config we started with; it becomes last-good once its preloaded models are ready."""
         generation = None
         try:
             text = (self.config_path.read_text() if self.config_path
                     else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-            generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {})
+            generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {},
+                                      self.config_path)
         except (LocalllmError, OSError) as exc:
             logger.error("cannot record the startup generation: {}", getattr(exc, "message", exc))
         await fleet.start_models(wanted)

@@ -239,6 +239,7 @@ class Fleet:
             "container": instance.container_id[:12] if instance.container_id else None,
             "config_hash": instance.spec.config_hash() if instance.spec else None,
             "port": instance.spec.endpoint.port if instance.spec else None,
+            "endpoint": instance.spec.endpoint.label() if instance.spec else None,
             "preload": instance.entry.preload,
             "pinned": instance.entry.pinned,
             "ttl": slot.ttl,

@@ -13,9 +13,12 @@ daemon:
   # Beyond loopback (e.g. 172.17.0.1:8081 for LibreChat in Docker) the proxy needs keys, each of 32+
   # characters: make one with `openssl rand -hex 32`. Clients send "Authorization: Bearer <key>".
   # api_keys: []
-  port_range: 28100-28199           # one port per model container, bound on 127.0.0.1
+  port_range: 28100-28199           # the Ollama server's port, bound on 127.0.0.1 (llama.cpp: sockets)
   state_dir: {state_dir}  # control socket: {state_dir}/control.sock
-  socket_group: localllm            # members may use localllmctl (socket mode 0660)
+  socket_group: localllm            # admin: apply, rollback, logs, and all below (root on this host)
+  role_sockets:                     # control sockets that give less (README: Security model)
+    operator: {{group: localllm-operators}}   # load and unload, and all a viewer does
+    viewer: {{group: localllm-viewers}}       # status, models, events, metrics, history
   startup_timeout: 10m              # how long a model may take to load
   default_ttl: 30m                  # unload a model idle this long (0: never)
 

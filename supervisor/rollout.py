@@ -26,7 +26,7 @@ from loguru import logger
 from .config import Config, load_config
 from .errors import ApplyFailed, ApplyRefused, ConfigError, Conflict, LocalllmError, ShuttingDown
 from .fleet import Fleet
-from .generations import GenerationStore, plan_change
+from .generations import GenerationStore, plan_change, split_secrets
 from .scheduler import Phase
 from .sizing import size_catalog
 
@@ -55,12 +55,12 @@ class Rollout:
                 config = load_config(path, text=text, running=self.fleet.config)
                 self._refuse_restart_only_changes(config)
             except (ConfigError, ApplyRefused) as exc:
-                number = self.store.record(text, source, {}).number
+                number = self.store.record(text, source, {}, path).number
                 self.store.mark(number, "invalid", exc.message)
                 self._event(number, "invalid", exc.message)
                 logger.bind(generation=number).error("generation {} refused: {}", number, exc.message)
                 raise
-            return await self._apply(config, text, source)
+            return await self._apply(config, text, source, path)
 
     async def cancel(self) -> None:
         """Shutdown: stop the apply under way (it reverts what it can) and wait for it."""
@@ -74,7 +74,9 @@ class Rollout:
         return self._lock.locked()
 
     async def preview(self, text: str, source: str, path: Path) -> dict:
-        """What applying ``text`` would do, without doing it: validation, the plan and the text's diff."""
+        """What applying ``text`` would do, without doing it: validation, the plan and the text's diff.
+
+        The diff is of the texts as stored, secrets redacted: a viewer may validate, and must not read them."""
         config = load_config(path, text=text, running=self.fleet.config)
         self._refuse_restart_only_changes(config)
         active = self.store.active
@@ -82,7 +84,8 @@ class Rollout:
             before = self.store.text_of(active) if active is not None else ""
         except OSError:
             before = ""
-        diff = difflib.unified_diff(before.splitlines(keepends=True), text.splitlines(keepends=True),
+        after = split_secrets(text)[0]
+        diff = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
                                     f"generation {active} (active)", source)
         return {"valid": True, "profile": config.profile, "models": len(config.models),
                 "plan": asdict(self._plan(config)[0]), "diff": "".join(diff)}
@@ -108,8 +111,13 @@ class Rollout:
             number = earlier[-1].number
         if self.store.get(number) is None:
             raise ApplyRefused(f"there is no generation {number} (see: localllmctl history)")
-        return await self.apply(self.store.text_of(number), f"rollback to generation {number}",
-                                self.store.directory / f"{number:06d}.yaml", rollback_to=number)
+        try:
+            text = self.store.config_text(number)  # secrets included, as it was applied
+        except (OSError, ValueError) as exc:
+            raise ApplyRefused(f"generation {number} cannot be read back: {getattr(exc, 'strerror', None) or exc}") \
+                from None
+        path = self.store.get(number).path or self.store.directory / f"{number:06d}.yaml"  # relative paths' base
+        return await self.apply(text, f"rollback to generation {number}", Path(path), rollback_to=number)
 
     def _event(self, number: int, status: str, message: str, model: str | None = None, **data) -> None:
         self.fleet.events.publish("apply", f"generation {number}: {message}", model, generation=number,
@@ -131,7 +139,7 @@ class Rollout:
             raise ApplyRefused(f"the new config changes {', '.join(changed)}, which only a restart of localllmd "
                                "applies; apply changes to the model catalog, or restart the daemon")
 
-    async def _apply(self, config: Config, text: str, source: str) -> dict:
+    async def _apply(self, config: Config, text: str, source: str, path: Path) -> dict:
         fleet = self.fleet
         sizings = await asyncio.to_thread(size_catalog, config, fleet.profile, fleet.learned)
         plan, running, wanted = self._plan(config)
@@ -147,7 +155,7 @@ class Rollout:
         moving = [n for n in in_ollama if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
         if hold_ollama and moving:
             raise Conflict(f"{', '.join(moving)} is starting or stopping in the Ollama server; try again in a moment")
-        generation = self.store.record(text, source, wanted)
+        generation = self.store.record(text, source, wanted, path)
         report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
         log = logger.bind(generation=generation.number)
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import executable, free_tcp_port, poll_for
 
-TOKEN = "test-token-0123456789abcdef"
+TOKEN = "test-token-0123456789abcdef0123456789abcdef"
 TINY = {"name": "tiny", "gguf": "tiny.gguf"}
 # A server that never answers its health check (it serves under another path): its start hangs until the timeout.
 HANGING = {"name": "hang", "gguf": "tiny2.gguf", "extra_args": ["--api-prefix", "/elsewhere"], "startup_timeout": 8}

@@ -42,7 +42,7 @@ def test_load_shows_progress_then_unload_stops_it(start_daemon, engine):
     daemon = start_daemon(TWO)
     done = ctl(daemon, "load", "small")  # an alias
     out = ok(done)
-    assert out.startswith("tiny is ready on port ")
+    assert out.startswith("tiny is ready on its socket ")
     progress = [line.split()[1:3] for line in done.stderr.splitlines()]
     assert ["state", "tiny"] in progress and ["load", "tiny"] in progress, done.stderr
     assert daemon.model("tiny")["state"] == "ready"
@@ -203,12 +203,12 @@ def test_config_validate_init_and_profiles(tmp_path):
 
 
 def test_estimate_and_librechat_from_the_daemons_config(start_daemon):
-    daemon = start_daemon(TWO, api_keys=["sk-local-123456"])
+    daemon = start_daemon(TWO, api_keys=["sk-local-0123456789abcdef0123456789abcdef"])
     estimate = json.loads(ok(ctl(daemon, "--config", str(daemon.config_path), "estimate", "small", "--json")))
     assert estimate["model"] == "tiny" and estimate["total"] > estimate["weights"] > 0
     block = yaml.safe_load(ok(ctl(daemon, "--config", str(daemon.config_path), "librechat")))
     endpoint = block["endpoints"]["custom"][0]
-    assert endpoint["apiKey"] == "sk-local-123456" and endpoint["models"]["fetch"] is True
+    assert endpoint["apiKey"] == "sk-local-0123456789abcdef0123456789abcdef" and endpoint["models"]["fetch"] is True
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

@@ -292,3 +292,15 @@ def test_stored_generations_hold_no_secret_and_a_rollback_gets_them_back(start_d
                            json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200
     assert_invariants(daemon, engine)
+
+
+def test_a_rollback_reads_relative_paths_against_the_file_the_generation_came_from(start_daemon, tmp_path):
+    (tmp_path / "extra-profiles").mkdir()
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf"}], top={"profiles_dir": "extra-profiles"})
+    for name, context in (("c320.yaml", 320), ("c384.yaml", 384)):
+        changed = write_config(daemon, tmp_path, name, lambda c, n=context: model(c, "tiny").update(context_size=n))
+        assert ctl(daemon, "apply", changed).returncode == 0
+    done = ctl(daemon, "rollback", "2")  # not from the generations' directory, where extra-profiles is not
+    assert done.returncode == 0, done.stderr
+    assert [g["status"] for g in history(daemon)][1:] == ["good", "good", "good"]
+    assert history(daemon)[-1]["path"] == str(tmp_path / "c320.yaml")

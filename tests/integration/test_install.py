@@ -150,6 +150,7 @@ FACTS = f"""
 # fact NAME COMMAND prints "NAME: [EXIT] OUTPUT", the output's whitespace collapsed to single spaces.
 fact() {{ out=$(eval "$2" 2>&1); rc=$?; printf '%s: [%s] %s\\n' "$1" "$rc" "$(echo $out)"; }}
 fact groups 'getent group localllm docker | cut -d: -f1'
+fact role_groups 'getent group localllm-operators localllm-viewers | cut -d: -f1'
 fact home_shell 'getent passwd localllm | cut -d: -f6,7'
 fact member_of 'id -nG localllm'
 fact localllmd '{VENV}/bin/localllmd --version'
@@ -168,8 +169,9 @@ fact unit_mode 'stat -c "%a %U %G" /etc/systemd/system/localllm.service'
 
 INSTALLED = {
     "groups": "[0] localllm docker",
+    "role_groups": "[0] localllm-operators localllm-viewers",  # the role sockets' groups in the config written
     "home_shell": "[0] /var/lib/localllm:/usr/sbin/nologin",
-    "member_of": "[0] localllm docker",
+    "member_of": "[0] localllm docker localllm-operators localllm-viewers",  # it gives the role sockets their groups
     "localllmd": "[0] localllmd 0.1.0",
     "localllmctl_on_path": "[0] localllmctl 0.1.0",  # through the link in /usr/local/bin
     "links": f"[0] {VENV}/bin/localllmctl {VENV}/bin/localllmd",
@@ -179,7 +181,7 @@ INSTALLED = {
     "profile": "[0] profile: cpu-only",  # no GPU on this host
     "validate": f"[0] {CONFIG}: valid (0 models, profile cpu-only)",
     "daemon_reads_config": "[0] ",
-    "state_mode": "[0] 750 localllm localllm",
+    "state_mode": "[0] 751 localllm localllm",  # the role groups reach their sockets in it
     "unit_same": "[0] ",
     "unit_mode": "[0] 644 root root",
 }
@@ -223,7 +225,7 @@ def test_install_twice_then_uninstall_then_purge(box):
         assert not box.ok(f"[ -e {gone} ] || [ -L {gone} ]"), f"{gone} is still there\n{box.log()}"
     assert box.sh(f"sha256sum {CONFIG}") == edited
     box.sh("[ -f /var/lib/localllm/learned-sizes.json ]")
-    assert stat(box, "/var/lib/localllm") == "750 localllm localllm"
+    assert stat(box, "/var/lib/localllm") == "751 localllm localllm"
     assert box.sh("id -u localllm") == uid
 
     with timed("uninstall --purge"):
@@ -233,6 +235,8 @@ def test_install_twice_then_uninstall_then_purge(box):
         assert not box.ok(f"[ -e {gone} ]"), f"{gone} is still there\n{box.log()}"
     box.sh("getent passwd localllm", expect=2)
     box.sh("getent group localllm", expect=2)
+    box.sh("getent group localllm-viewers", expect=2)
+    box.sh("getent group localllm-operators", expect=2)
     box.sh("getent group docker")  # not ours to remove: Docker's packages use it
     # Nothing left to remove: a no-op that still succeeds.
     assert "nothing at /opt/localllm" in box.sh(f"{INSTALL} --uninstall --purge")

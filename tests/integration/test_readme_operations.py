@@ -87,7 +87,7 @@ def check_output(command: str, output: str) -> None:
     elif command.endswith("/metrics"):
         assert 'localllm_model_state{model="llama3",state="ready"} 1.0' in output
     elif command.startswith("localllmctl load"):
-        assert " is ready on port " in output
+        assert " is ready on its socket " in output
     elif command.startswith("localllmctl unload"):
         assert output.endswith(" is stopped\n")
     elif command.startswith("localllmctl rollback"):

@@ -125,7 +125,7 @@ BAD_CONFIGS = [
     pytest.param("""\
         daemon:
           control_listen: 127.0.0.1:28160
-          control_token: 0123456789abcdef
+          control_token: 0123456789abcdef0123456789abcdef
           port_range: 28100-28199
         """, [({1, 4}, "port_range 28100-28199 clashes with control_listen 127.0.0.1:28160")],
         id="control-listen-in-port-range"),
@@ -133,17 +133,79 @@ BAD_CONFIGS = [
         daemon:
           proxy_listen: 127.0.0.1:8081
           control_listen: 127.0.0.1:8081
-          control_token: 0123456789abcdef
+          control_token: 0123456789abcdef0123456789abcdef
         """, [(3, "control_listen 127.0.0.1:8081 uses a proxy_listen port")], id="control-listen-on-proxy-port"),
     pytest.param("""\
         daemon:
           control_listen: 127.0.0.1:8090
-        """, [(1, "daemon: control_listen needs control_token")], id="control-listen-without-token"),
+        """, [(2, "daemon.control_listen: control_listen needs control_tokens (or control_token, an admin token)")],
+        id="control-listen-without-token"),
     pytest.param("""\
         daemon:
           control_listen: 127.0.0.1:8090
           control_token: short
-        """, [(3, "daemon.control_token: String should have at least 16 characters")], id="control-token-too-short"),
+        """, [(3, "daemon.control_token: a control token needs at least 32 characters, this one has 5 (make one "
+                  "with: openssl rand -hex 32)")], id="control-token-too-short"),
+    pytest.param("""\
+        daemon:
+          control_listen: 127.0.0.1:8090
+          control_tokens:
+            - {token: 0123456789abcdef, role: viewer}
+        """, [(4, "daemon.control_tokens[0].token: a control token needs at least 32 characters, this one has 16")],
+        id="control-token-of-the-old-length"),
+    pytest.param("""\
+        daemon:
+          control_listen: 127.0.0.1:8090
+          control_tokens:
+            - {token: 0123456789abcdef0123456789abcdef, role: root}
+        """, [(4, "daemon.control_tokens[0].role: Input should be 'viewer', 'operator' or 'admin'")],
+        id="control-token-unknown-role"),
+    pytest.param("""\
+        daemon:
+          control_listen: 0.0.0.0:8090
+          control_token: 0123456789abcdef0123456789abcdef
+        """, [(2, "daemon.control_listen: control_listen 0.0.0.0:8090 is not a loopback address: it needs control_tls "
+                  "(cert and key)")], id="control-listen-off-loopback-without-tls"),
+    pytest.param("""\
+        daemon:
+          control_listen: 10.0.0.5:8090
+          control_token: 0123456789abcdef0123456789abcdef
+          control_tls: {cert: missing-cert.pem, key: missing-key.pem}
+        """, [(4, "daemon.control_tls.cert: cannot read {dir}/missing-cert.pem: No such file or directory"),
+              (4, "daemon.control_tls.key: cannot read {dir}/missing-key.pem: No such file or directory")],
+        id="control-tls-files-missing"),
+    pytest.param("""\
+        daemon:
+          api_keys: [0123456789abcdef0123456789abcdef]
+          control_listen: 127.0.0.1:8090
+          control_token: 0123456789abcdef0123456789abcdef
+          control_tokens:
+            - {token: 0123456789abcdef0123456789abcdef, role: viewer}
+        """, [(4, "daemon.control_token: this token is also one of daemon.api_keys"),
+              (6, "daemon.control_tokens[0].token: the same token as daemon.control_token: each token gives one role"),
+              (6, "daemon.control_tokens[0].token: this token is also one of daemon.api_keys")],
+        id="control-tokens-shared"),
+    pytest.param("""\
+        daemon:
+          state_dir: /srv/llm
+          role_sockets:
+            viewer: {path: /srv/llm/control.sock, mode: "0666"}
+            operator: {}
+        """, [(5, "daemon.role_sockets.operator: a socket of mode 0660 needs 'group'")],
+        id="role-socket-without-group"),
+    pytest.param("""\
+        daemon:
+          state_dir: /srv/llm
+          role_sockets:
+            viewer: {path: /srv/llm/control.sock, mode: "0666"}
+        """, [(4, "daemon.role_sockets.viewer.path: /srv/llm/control.sock is also the admin socket")],
+        id="role-socket-on-the-admin-socket"),
+    pytest.param("""\
+        daemon:
+          role_sockets:
+            admin: {group: wheel}
+        """, [(2, "daemon.role_sockets: the admin socket is daemon.control_socket, with group daemon.socket_group")],
+        id="role-socket-for-admin"),
     pytest.param("""\
         daemon:
           port_range: 30000-29000

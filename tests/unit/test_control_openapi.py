@@ -1,7 +1,9 @@
-"""The control API's OpenAPI document names exactly the routes the app serves, and its error codes are complete."""
+"""The control API's OpenAPI document names exactly the routes the app serves, with their roles, and its error
+codes are complete."""
 
 from __future__ import annotations
 
+from supervisor.access import ROUTE_ROLES, Role
 from supervisor.control import create_control_app
 from supervisor.control_openapi import openapi_document
 from supervisor.errors import LocalllmError, error_codes
@@ -38,3 +40,13 @@ def test_error_code_enum_lists_every_code_of_the_hierarchy():
     assert enum == error_codes()
     assert {"conflict", "model_busy", "model_not_running", "invalid_token", "model_not_found"} <= set(enum)
     assert {cls.code for cls in LocalllmError.__subclasses__()} <= set(enum)
+
+
+def test_every_operation_names_its_role_and_the_refusal_above_viewer():
+    for path, operations in openapi_document()["paths"].items():
+        for method, operation in operations.items():
+            role = ROUTE_ROLES[(method.upper(), path)]
+            assert operation["x-localllm-role"] == role, (method, path)
+            assert ("403" in operation["responses"]) is (role is not Role.VIEWER), (method, path)
+    assert openapi_document()["paths"]["/apply"]["post"]["x-localllm-role"] == "admin"
+    assert openapi_document()["paths"]["/models/{name}/load"]["post"]["x-localllm-role"] == "operator"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,7 +96,7 @@ def model(name, **changes):
 
 def test_render_status_table_and_errors():
     status = {"daemon": DAEMON, "models": [
-        model("qwen2.5-7b", state="ready", port=28100, container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True,
+        model("qwen2.5-7b", state="ready", endpoint="unix:0123456789abcdef", container="3f2a9c1b7d4e", in_flight=2, preload=True, pinned=True,
               device="gpu0", waiting=3, memory={"need": 5_500 * 2**20, "measured": 5_200 * 2**20}),
         model("tiny"),
         model("broken", state="failed", error="model 'broken' failed to start: exited (exit code 1)"),
@@ -103,16 +104,16 @@ def test_render_status_table_and_errors():
     lines = render_status(status).splitlines()
     assert lines[:3] == ["localllmd 0.1.0  instance localllmd  profile cpu-only  up 2h03m  docker 27.3.1",
                          "proxy http://127.0.0.1:8081/v1, http://[::1]:8081/v1", ""]
-    assert lines[3].split() == ["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "PORT", "CONTAINER", "IN-FLIGHT",
+    assert lines[3].split() == ["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "ENDPOINT", "CONTAINER", "IN-FLIGHT",
                                 "WAITING", "LAST", "USED", "FLAGS"]
     assert set(lines[4]) == {"─"}
-    assert lines[5].split() == ["qwen2.5-7b", "ready", "gpu0", "5.4G", "5.1G", "28100", "3f2a9c1b7d4e", "2", "3", "-",
+    assert lines[5].split() == ["qwen2.5-7b", "ready", "gpu0", "5.4G", "5.1G", "socket", "3f2a9c1b7d4e", "2", "3", "-",
                                 "preload,pinned"]
     assert lines[6].split() == ["tiny", "stopped", "-", "1.5M", "-", "-", "-", "0", "0", "-", "-"]
     assert lines[7].split()[:2] == ["broken", "failed"]
     assert lines[8:] == ["", "errors:", "  broken: model 'broken' failed to start: exited (exit code 1)"]
-    columns = [lines[3].index(word) for word in ("STATE", "PORT", "FLAGS")]
-    assert [lines[5].index(cell) for cell in ("ready", "28100", "preload")] == columns  # aligned
+    columns = [lines[3].index(word) for word in ("STATE", "ENDPOINT", "FLAGS")]
+    assert [lines[5].index(cell) for cell in ("ready", "socket", "preload")] == columns  # aligned
 
 
 def test_render_status_names_an_unusable_device_among_the_errors():
@@ -168,3 +169,26 @@ def test_config_validate_json_reports_problems_and_exits_2(config_file):
     done = localllmctl("config", "validate", "--json", good)
     assert (done.returncode, json.loads(done.stdout)) == (0, {"file": str(good), "valid": True, "models": [],
                                                               "profile": "cpu-only"})
+
+
+def test_the_target_follows_the_flags_and_the_environment(monkeypatch, tmp_path):
+    from supervisor.ctl import build_parser, target
+
+    for name in ("LOCALLLM_URL", "LOCALLLM_SOCKET", "LOCALLLM_TOKEN", "LOCALLLM_CACERT"):
+        monkeypatch.delenv(name, raising=False)
+    parse = build_parser().parse_args
+    chosen = target(parse(["--socket", str(tmp_path / "control.sock"), "status"]))
+    assert (chosen.socket, chosen.role) == (tmp_path / "control.sock", None)  # exactly that socket
+    chosen = target(parse(["--socket", str(tmp_path / "control.sock"), "--role", "viewer", "status"]))
+    assert (chosen.socket, chosen.role) == (tmp_path / "control-viewer.sock", "viewer")
+    chosen = target(parse(["--role", "operator", "status"]))
+    assert chosen.socket == Path("/var/lib/localllm/control-operator.sock")
+    monkeypatch.setenv("LOCALLLM_TOKEN", "t" * 40)
+    monkeypatch.setenv("LOCALLLM_CACERT", str(tmp_path / "ca.pem"))
+    chosen = target(parse(["--url", "https://host:8443", "status"]))
+    assert (chosen.url, chosen.token, chosen.cacert, chosen.socket) == ("https://host:8443", "t" * 40,
+                                                                         tmp_path / "ca.pem", None)
+    assert str(chosen) == "https://host:8443"
+    assert target(parse(["--url", "https://h", "--cacert", "/etc/ca.pem", "status"])).cacert == Path("/etc/ca.pem")
+    with pytest.raises(SystemExit):
+        parse(["--role", "root", "status"])

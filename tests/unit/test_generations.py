@@ -1,20 +1,27 @@
-"""supervisor.generations: the pure change plan and the on-disk generation store."""
+"""supervisor.generations: the pure change plan, secrets kept apart, and the on-disk generation store."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import string
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from supervisor.generations import (
     KEEP,
+    NOT_STORED,
     ChangePlan,
     GenerationStore,
     StateWriteFailed,
     plan_change,
+    restore_secrets,
+    split_secrets,
 )
 
 
@@ -201,17 +208,149 @@ def test_failed_mark_leaves_disk_state_whole(tmp_path):
     assert [g.number for g in reloaded.generations if not (tmp_path / f"{g.number:06d}.yaml").exists()] == []
 
 
-def test_stored_generations_are_readable_by_the_daemon_alone_whatever_the_umask(tmp_path):
+SECRET_CONFIG = """\
+# the daemon's config
+daemon:
+  instance: x  # comments stay
+  api_keys: [key-one-0123456789, "key-two-0123456789"]
+  control_token: admin-token-0123456789abcdef0123456789
+  control_tokens:
+    - {token: viewer-token-0123456789abcdef0123456789, role: viewer}
+    - token: 'operator-token-0123456789abcdef01234567'
+      role: operator
+models: []
+"""
+SECRETS = ["key-one-0123456789", "key-two-0123456789", "admin-token-0123456789abcdef0123456789",
+           "viewer-token-0123456789abcdef0123456789", "operator-token-0123456789abcdef01234567"]
+
+
+def files_under(directory):
+    return {str(p.relative_to(directory)): p for p in directory.rglob("*") if p.is_file()}
+
+
+def test_stored_generations_hold_no_secret_and_are_the_daemons_alone_whatever_the_umask(tmp_path):
     old = os.umask(0o022)  # a shell's usual umask would leave them world-readable
     try:
         store = GenerationStore(tmp_path / "generations")
-        store.record("daemon:\n  api_keys: [secret-key-0123456789]\n", "startup", {})
+        store.record(SECRET_CONFIG, "startup", {})
+        store.record("daemon:\n  api_keys: [secret-key-0123456789]\n", "apply", {})
+        store.record("models: []\n", "apply", {})  # nothing secret: no secrets file
     finally:
         os.umask(old)
-    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "generations").iterdir()}
-    assert modes == {"000001.yaml": 0o600, "index.json": 0o600}
+    directory = tmp_path / "generations"
+    files = files_under(directory)
+    assert {name: stat.S_IMODE(p.stat().st_mode) for name, p in files.items()} == {
+        "000001.yaml": 0o600, "000002.yaml": 0o600, "000003.yaml": 0o600, "index.json": 0o600,
+        "secrets/000001.json": 0o600, "secrets/000002.json": 0o600}
+    assert stat.S_IMODE((directory / "secrets").stat().st_mode) == 0o700
+    for name in ("000001.yaml", "000002.yaml", "000003.yaml", "index.json"):
+        text = files[name].read_text()
+        assert not [secret for secret in [*SECRETS, "secret-key-0123456789"] if secret in text], name
+    assert store.text_of(1) == SECRET_CONFIG.replace("key-one-0123456789", '"<redacted>"').replace(
+        '"key-two-0123456789"', '"<redacted>"').replace("admin-token-0123456789abcdef0123456789", '"<redacted>"').replace(
+        "viewer-token-0123456789abcdef0123456789", '"<redacted>"').replace(
+        "'operator-token-0123456789abcdef01234567'", '"<redacted>"')
+    again = GenerationStore(directory)
+    assert [again.config_text(n) for n in (1, 2, 3)] == [
+        SECRET_CONFIG, "daemon:\n  api_keys: [secret-key-0123456789]\n", "models: []\n"]
+    assert [g["secrets"] for g in again.as_list()] == [True, True, False]
+
+
+def test_a_generations_secrets_go_with_it(tmp_path):
+    store = GenerationStore(tmp_path)
+    for n in range(1, KEEP + 3):
+        store.record(f"daemon:\n  api_keys: [key-{n:04d}-abcdef]\n", "s", {})
+        store.mark(n, "good" if n == 1 else "failed")
+    kept = [g.number for g in store.generations]
+    assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == [f"{n:06d}.json" for n in kept]
+    assert store.config_text(1) == "daemon:\n  api_keys: [key-0001-abcdef]\n"
+
+
+def test_a_failed_record_leaves_no_secrets_behind(tmp_path):
+    store = GenerationStore(tmp_path)
+    (tmp_path / "index.json").mkdir()
+    with pytest.raises(StateWriteFailed):
+        store.record(SECRET_CONFIG, "s", {})
+    assert (store.generations, list((tmp_path / "secrets").iterdir()), yaml_names(tmp_path)) == ([], [], [])
+
+
+def test_missing_or_foreign_secrets_are_an_error_not_a_config_without_them(tmp_path):
+    store = GenerationStore(tmp_path)
+    store.record(SECRET_CONFIG, "s", {})
+    (tmp_path / "secrets" / "000001.json").write_text(json.dumps({"daemon.api_keys[0]": "x"}))
+    with pytest.raises(ValueError, match="the stored secrets do not fit the stored text"):
+        store.config_text(1)
+    (tmp_path / "secrets" / "000001.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        store.config_text(1)
+
+
+def test_generations_stored_whole_by_an_older_version_have_their_secrets_moved_out(tmp_path):
+    (tmp_path / "000001.yaml").write_text(SECRET_CONFIG)
+    (tmp_path / "000002.yaml").write_text("models: []\n")
+    (tmp_path / "000007.yaml").write_text(SECRET_CONFIG)  # left from an index set aside
+    index = {"active": 1, "last_good": 1, "generations": [
+        {"number": n, "created_at": 1.0, "source": "s", "status": "good", "hashes": {}, "reason": ""} for n in (1, 2)]}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    store = GenerationStore(tmp_path)
+    assert store.move_secrets_out() == [1, 7]
+    assert store.move_secrets_out() == []
+    for name, path in files_under(tmp_path).items():
+        assert not [s for s in SECRETS if s in path.read_text()] or name.startswith("secrets/"), name
+    assert GenerationStore(tmp_path).config_text(1) == SECRET_CONFIG
+
+
+@pytest.mark.parametrize("text", [
+    SECRET_CONFIG,
+    "daemon:\n  labels: {k: &t anchored-secret-123}\n  control_token: *t\n",  # the anchor is where the value is
+    "base: &b\n  api_keys: [merged-secret-123]\ndaemon:\n  <<: *b\n  instance: x\n",
+    "daemon:\n  api_keys:\n    - |\n      block-secret-123\n    - >-\n      folded-secret-123\n  instance: x\n",
+    "daemon: {api_keys: [flow-secret-123], control_token: \"quoted-secret-123\"}\n",
+    "daemon:\n  api_keys: [dup-one-secret-123]\n  api_keys: [dup-two-secret-123]\n",  # invalid, but recorded
+    "daemon:\n  api_keys: !!binary c2VjcmV0LWJ5dGVz\n",
+])
+def test_split_and_restore_give_back_the_text_and_leave_no_secret(text):
+    redacted, secrets = split_secrets(text)
+    assert secrets
+    assert not [v for v in secrets.values() if v.strip("'\"") in redacted]
+    assert "secret-123" not in redacted and "c2VjcmV0LWJ5dGVz" not in redacted
+    back = restore_secrets(redacted, secrets)
+    assert yaml.safe_load(back) == yaml.safe_load(text)
+    assert back == text or "dup-one" in text  # exact, but for duplicate keys (dumped without comments)
+
+
+@pytest.mark.parametrize("text, stored", [
+    ("models: []\n", "models: []\n"), ("second\n", "second\n"), ("daemon:\n  control_token:\n", None),
+    ("daemon:\n  api_keys: []\n  instance: x\n", None),
+    ("daemon: [\n  api_keys: [half-a-secret-123\n", NOT_STORED),  # not YAML: nothing of it is kept
+])
+def test_texts_without_secrets_are_stored_as_they_are(text, stored):
+    assert split_secrets(text) == (stored or text, {})
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.text(alphabet=string.ascii_letters + string.digits + "-_.~+/=", min_size=8, max_size=40),
+                     max_size=4),
+       token=st.one_of(st.none(), st.text(alphabet=string.printable.strip(), min_size=32, max_size=64)),
+       style=st.sampled_from([False, True, None]))
+def test_any_secrets_in_any_style_round_trip(keys, token, style):
+    keys = [f"k3y{key}" for key in keys]
+    daemon = {"instance": "x", "api_keys": keys, "control_tokens": [{"token": token, "role": "viewer"}] if token else []}
+    text = "# header\n" + yaml.safe_dump({"daemon": daemon, "models": []}, default_flow_style=style)
+    redacted, secrets = split_secrets(text)
+    assert restore_secrets(redacted, secrets) == text
+    assert not [key for key in keys if key in redacted]
+    assert token is None or token not in redacted or token in "# header"
 
 
 def test_the_unit_sets_a_private_umask_and_a_memory_ceiling():
     unit = (Path(__file__).resolve().parents[2] / "systemd" / "localllm.service").read_text()
     assert "\nUMask=0077\n" in unit and "\nMemoryMax=" in unit
+
+
+def test_a_generation_remembers_the_file_it_was_read_from(tmp_path):
+    store = GenerationStore(tmp_path / "generations")
+    store.record("models: []\n", "apply", {}, tmp_path / "etc" / ".." / "config.yaml")
+    store.record("models: []\n", "sighup", {})
+    assert [g.path for g in GenerationStore(tmp_path / "generations").generations] == [str(tmp_path / "config.yaml"),
+                                                                                       ""]
