@@ -203,7 +203,7 @@ class DaemonSettings(Strict):
     control_token: Token | None = None  # one admin Bearer token for control_listen (32+ characters)
     control_tokens: list[ControlToken] = []  # Bearer tokens for control_listen, each with its role
     control_tls: ControlTls | None = None  # cert and key: control_listen serves https (needed off loopback)
-    port_range: tuple[int, int] = (28100, 28199)
+    port_range: object = None  # no longer used (every server listens on a socket); accepted so older configs load
     state_dir: Path = Path("/var/lib/localllm")
     labels: dict[str, str] = {}
     default_ttl: Seconds = Field(default=1800.0, ge=0)
@@ -235,23 +235,6 @@ class DaemonSettings(Strict):
     @classmethod
     def _control_listen(cls, value: object) -> object:
         return _parse_listen(value) if value is not None else None
-
-    @field_validator("port_range", mode="before")
-    @classmethod
-    def _range_text(cls, value: object) -> object:
-        if isinstance(value, str) and "-" in value:
-            low, _, high = value.partition("-")
-            if low.strip().isdigit() and high.strip().isdigit():
-                return (int(low), int(high))
-        return value
-
-    @field_validator("port_range")
-    @classmethod
-    def _range_sane(cls, value: tuple[int, int]) -> tuple[int, int]:
-        low, high = value
-        if not 1024 <= low <= high <= 65535:
-            raise ValueError(f"port range {low}-{high} must satisfy 1024 <= low <= high <= 65535")
-        return value
 
     @property
     def socket_path(self) -> Path:
@@ -334,18 +317,8 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None,
 
 
 def check_ports(config: Config) -> list[tuple[tuple, str]]:
-    """Container ports must stay clear of the proxy's and the control API's own."""
-    daemon = config.daemon
-    low, high = daemon.port_range
-    listeners = [("proxy_listen", listen) for listen in daemon.proxy_listen]
-    if daemon.control_listen is not None:
-        listeners.append(("control_listen", daemon.control_listen))
-    problems = [
-        (("daemon", "port_range"), f"port_range {low}-{high} clashes with {field} {listen}: "
-                                   "containers would compete with it for that port")
-        for field, listen in listeners
-        if low <= listen.port <= high
-    ]
+    """The control API needs a port of its own."""
+    daemon, problems = config.daemon, []
     if daemon.control_listen is not None and daemon.control_listen.port in {lst.port for lst in daemon.proxy_listen}:
         problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
                                                        "port: the control API needs a port of its own"))

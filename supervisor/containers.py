@@ -36,11 +36,11 @@ class BindMount:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a model server listens, reachable by localllm alone where the server allows it.
+    """Where a model server listens, reachable by localllm alone.
 
     ``socket``: a UNIX socket in a directory of its own (``<state_dir>/servers/<socket>/``, mode 0700 under
-    a 0700 parent), the container without any network: no port to squat, nothing another local user can
-    connect to. ``port``: 127.0.0.1 on the host network, for a server that cannot use a socket (Ollama).
+    a 0700 parent): no port to squat, nothing another local user can connect to. Every server we run has
+    one (Ollama's through its relay). ``port``: a TCP port on 127.0.0.1, for a server elsewhere.
     """
 
     socket: str | None = None  # the socket directory's name (hex), which is also the URL's host
@@ -81,8 +81,8 @@ SOCKET_HOST_SUFFIX = ".sock.localllm"  # a host that no DNS would answer: a sock
 class Confinement:
     """What a container may do besides serving: least privilege, as the backend asks for it.
 
-    The defaults hold for every container: a model server binds a port above 1024 on loopback and
-    reads its mounts, which needs no capability; nothing in it should gain privileges (setuid
+    The defaults hold for every container: a model server listens on a socket in its mounted
+    directory and reads its mounts, which needs no capability; nothing in it should gain privileges (setuid
     binaries); it writes nothing outside its mounts and ``tmpfs``.
     """
 
@@ -139,7 +139,8 @@ class ContainerSpec:
     device: str = "cpu"  # the budget device it is placed on: cpu, gpu0, gpu1...
     extra_labels: tuple[tuple[str, str], ...] = field(default=())
     confinement: Confinement = Confinement()
-    network: str = "none"  # Docker's network mode: "none" (a socket endpoint) or "host" (a loopback port)
+    network: str = "none"  # Docker's network mode: "none", "host", or the name of a network of ours
+    entrypoint: tuple[str, ...] | None = None  # None: the image's own
 
     def config_hash(self) -> str:
         shaping = {
@@ -150,6 +151,7 @@ class ContainerSpec:
             "gpus": None if self.gpu_device_ids is None else list(self.gpu_device_ids),
             "confinement": asdict(self.confinement),
             "network": self.network,
+            "entrypoint": None if self.entrypoint is None else list(self.entrypoint),
         }
         canonical = json.dumps(shaping, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

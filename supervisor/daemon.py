@@ -199,6 +199,9 @@ class Daemon:
             nvml.close()
             nvml = None
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
+        if self.settings.port_range is not None:
+            logger.warning("daemon.port_range is no longer used: every model server listens on a UNIX socket "
+                           "only localllm can reach; remove it from the config")
         runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await runtime.connect()
         session = open_session(servers_dir(self.settings.state_dir))

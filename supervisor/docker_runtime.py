@@ -174,7 +174,9 @@ class DockerRuntime:
             command=list(spec.command),
             name=spec.name,
             labels=spec.labels(),
-            network_mode=spec.network,
+            network_mode=spec.network if spec.network in ("none", "host") else None,
+            network=None if spec.network in ("none", "host") else self._network(spec),
+            entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
             mounts=[Mount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts],
             environment=dict(spec.environment),
             detach=True,
@@ -202,6 +204,18 @@ class DockerRuntime:
             container.remove(force=True)
             raise
         return _info(container)  # as created: the gate watches what happens next
+
+    def _network(self, spec: ContainerSpec) -> str:
+        """The bridge network ``spec.network``, created (labelled ours) when it does not exist yet."""
+        try:
+            self.client.networks.get(spec.network)
+        except docker.errors.NotFound:
+            try:
+                self.client.networks.create(spec.network, driver="bridge", labels={LABEL_OWNER: spec.owner})
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # made meanwhile by another start: as good
+                    raise
+        return spec.network
 
     def _remove_stale(self, spec: ContainerSpec) -> None:
         stale = self.client.containers.get(spec.name)

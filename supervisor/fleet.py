@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -53,7 +52,6 @@ from .gpu_watch import GpuWatch, Usage, memory_released
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
-from .listeners import claim
 from .ollama_api import (
     context_from_show,
     embedding_only,
@@ -62,8 +60,8 @@ from .ollama_api import (
     memory_in_use,
     offload_of,
 )
-from .ollama_host import OllamaHost, server_uid
-from .placement import Device, devices_for, free_ports
+from .ollama_host import OllamaHost
+from .placement import Device, devices_for
 from .policy import escapes
 from .profiles import Profile
 from .scheduler import (
@@ -176,7 +174,7 @@ class Fleet:
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
-        self.ollama = OllamaHost(runtime, session, profile, self._allocate_port, self.settings.stop_grace,
+        self.ollama = OllamaHost(runtime, session, profile, self._new_socket, self.settings.stop_grace,
                                  self._ollama_device)
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
         self._pull_reported: dict[str, tuple[str, float]] = {}  # model -> last pull status published, and when
@@ -517,7 +515,7 @@ class Fleet:
         """The spec ``entry`` runs with under ``config`` (default: the live one): a container, or an Ollama model."""
         config = config or self.config
         if entry.backend == "ollama":
-            return ollama.model_spec(entry, self.ollama.server_spec(config, endpoint.port, entry.name), device_id)
+            return ollama.model_spec(entry, self.ollama.server_spec(config, endpoint, entry.name), device_id)
         device = next((d for d in self.scheduler.devices if d.id == device_id), None)
         try:
             return backend_for(entry.backend).container_spec(entry, self.profile, self.settings, endpoint, device,
@@ -750,24 +748,21 @@ class Fleet:
         if not info.running:
             return f"not running ({info.status})"
         try:
-            port = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, "")).port
+            endpoint = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, ""))
         except ValueError:
-            return "its endpoint label is unreadable"
-        if port is None:
-            return "its endpoint is not a port"
+            return "its endpoint label is unreadable (made by an older localllm)"
+        if endpoint.socket is None:
+            return "its config changed (it listens on a port, not a socket)"
         try:
-            spec = self.ollama.server_spec(self.config, port)
+            spec = self.ollama.server_spec(self.config, endpoint)
         except LocalllmError as exc:
             return exc.message
         if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
             return "its config changed (config hash differs)"
-        listening, problem = await asyncio.to_thread(claim, port, info.id, server_uid(spec))
-        if problem or not listening:
-            return problem or f"nothing listens on its port {port}"
-        if await probe(self.session, spec.endpoint.url + ollama.readiness_path, timeout=2.0) != 200:
+        if await probe(self.session, endpoint.url + ollama.readiness_path, timeout=2.0) != 200:
             return "its server is not healthy"
         self.ollama.adopt(spec, info.id)
-        logger.info("adopted the running Ollama server {} on port {}", info.name, port)
+        logger.info("adopted the running Ollama server {} ({})", info.name, endpoint)
         self.events.publish("adopt", f"adopted the running Ollama server {info.name}", None,
                             container=info.id[:12])
         try:
@@ -811,7 +806,9 @@ class Fleet:
         try:
             endpoint = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, ""))
         except ValueError:
-            return "its endpoint label is unreadable"
+            return "its endpoint label is unreadable (made by an older localllm)"
+        if endpoint.socket is None:
+            return "its config changed (it listens on a port, not a socket)"
         if device is None:
             return "its config changed (its device is not one of this host's now)"
         backend = backend_for(instance.entry.backend)
@@ -1367,37 +1364,19 @@ class Fleet:
             logger.bind(model=instance.name).error("could not remove its container ({}); the shutdown sweep "
                                                    "or the next start removes it", exc.message)
 
-    def _new_socket(self, model: str) -> Endpoint:
-        """A fresh socket endpoint and its private directory; directories no server uses any more are removed."""
+    def _new_socket(self, model: str, user: tuple[int, int] | None = None) -> Endpoint:
+        """A fresh socket endpoint and its private directory for a server running as ``user`` (default: the
+        llama.cpp servers' user); directories no server uses any more are removed."""
         endpoint = Endpoint(socket=secrets.token_hex(8))
         servers = servers_dir(self.settings.state_dir)
         in_use = {e.socket for e in self._launching} | {
             i.spec.endpoint.socket for i in self.instances.values() if i.spec is not None}
+        if self.ollama.spec is not None:
+            in_use.add(self.ollama.spec.endpoint.socket)
         try:
             sweep_socket_dirs(servers, in_use)
-            make_socket_dir(servers, endpoint, server_user())
+            make_socket_dir(servers, endpoint, user or server_user())
         except OSError as exc:
             raise ModelStartFailed(model, f"cannot make the directory for its socket in {servers}: "
                                           f"{exc.strerror or exc}") from None
         return endpoint
-
-    def _allocate_port(self, model: str) -> int:
-        """A free loopback port in ``daemon.port_range`` for the Ollama server (the one server on TCP)."""
-        taken = set()
-        if self.ollama.spec is not None:
-            taken.add(self.ollama.spec.endpoint.port)
-        for port in free_ports(self.settings.port_range, taken):
-            if _port_is_free(port):
-                return port
-        low, high = self.settings.port_range
-        raise ModelStartFailed(model, f"no free port left in port_range {low}-{high}")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe_socket:
-        probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe_socket.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -13,7 +13,6 @@ daemon:
   # Beyond loopback (e.g. 172.17.0.1:8081 for LibreChat in Docker) the proxy needs keys, each of 32+
   # characters: make one with `openssl rand -hex 32`. Clients send "Authorization: Bearer <key>".
   # api_keys: []
-  port_range: 28100-28199           # the Ollama server's port, bound on 127.0.0.1 (llama.cpp: sockets)
   state_dir: {state_dir}  # control socket: {state_dir}/control.sock
   socket_group: localllm            # admin: apply, rollback, logs, and all below (root on this host)
   role_sockets:                     # control sockets that give less (README: Security model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,26 +19,23 @@ from loguru import logger
 
 from .backends import ollama
 from .config import Config
-from .containers import ContainerSpec
+from .containers import ContainerSpec, Endpoint
 from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed
 from .health import wait_until_ready
-from .listeners import claim
 from .ollama_api import OllamaApi
 from .placement import Device
 from .profiles import Profile
 
-LISTENER_POLL = 0.02
-
 
 class OllamaHost:
     def __init__(self, runtime: DockerRuntime, session: aiohttp.ClientSession, profile: Profile,
-                 allocate_port: Callable[[str], int], stop_grace: float,
+                 new_socket: Callable[[str, tuple[int, int]], Endpoint], stop_grace: float,
                  device_of: Callable[[Config, str], Device | None]):
         self.runtime = runtime
         self.session = session
         self.profile = profile
-        self.allocate_port = allocate_port
+        self.new_socket = new_socket  # (model, the server's uid and gid): a fresh socket endpoint
         self.stop_grace = stop_grace
         self.device_of = device_of  # the GPU the server sees for a config (ollama.device), None on the CPU
         self.spec: ContainerSpec | None = None
@@ -54,7 +50,7 @@ class OllamaHost:
         """The running server for ``config``: the current one if its spec still matches and it runs, else a new one."""
         async with self._lock:
             if self.container_id is not None and self.spec is not None:
-                wanted = self.server_spec(config, self.spec.endpoint.port, model)
+                wanted = self.server_spec(config, self.spec.endpoint, model)
                 info = await self.runtime.inspect(self.container_id)
                 if wanted.config_hash() == self.spec.config_hash() and info is not None and info.running:
                     return self.spec, self.container_id
@@ -69,7 +65,8 @@ class OllamaHost:
         except OSError as exc:
             raise ModelStartFailed(model, f"cannot create the Ollama store {config.ollama_store}: "
                                           f"{exc.strerror or exc}") from None
-        spec = self.server_spec(config, self.allocate_port(model), model)
+        owner = store_owner(Path(config.ollama_store)) or (0, 0)  # the relay makes the socket as the server's user
+        spec = self.server_spec(config, self.new_socket(model, owner), model)
         self.spec = spec
         creating = asyncio.ensure_future(self.runtime.run(spec))
         try:
@@ -82,12 +79,11 @@ class OllamaHost:
         except BaseException:
             self.spec = None
             raise
-        logger.info("Ollama server {} started on port {}", spec.name, spec.endpoint.port)
+        logger.info("Ollama server {} started ({})", spec.name, spec.endpoint)
         try:
-            deadline = config.ollama.startup_timeout
-            await wait_for_own_listener(self.runtime, spec, self.container_id, model, deadline)
             await wait_until_ready(self.runtime, self.session, model=model, container_id=self.container_id,
-                                   url=spec.endpoint.url + ollama.readiness_path, deadline=deadline)
+                                   url=spec.endpoint.url + ollama.readiness_path,
+                                   deadline=config.ollama.startup_timeout)
         except BaseException as exc:
             if isinstance(exc, ModelStartFailed):
                 exc.message = f"the Ollama server did not start: {exc.message}"
@@ -95,9 +91,9 @@ class OllamaHost:
             raise
         return spec, self.container_id
 
-    def server_spec(self, config: Config, port: int, model: str = "ollama") -> ContainerSpec:
-        """The server for ``config`` on ``port``: on its GPU, as the owner of its store."""
-        return ollama.server_spec(config, self.profile, port, self.device_of(config, model),
+    def server_spec(self, config: Config, endpoint: Endpoint, model: str = "ollama") -> ContainerSpec:
+        """The server for ``config`` on ``endpoint``: on its GPU, as the owner of its store."""
+        return ollama.server_spec(config, self.profile, endpoint, self.device_of(config, model),
                                   store_owner(Path(config.ollama_store)))
 
     def adopt(self, spec: ContainerSpec, container_id: str) -> None:
@@ -124,32 +120,6 @@ class OllamaHost:
             await self.discard(0)
         except LocalllmError as exc:
             logger.error("could not remove the Ollama server ({}); the shutdown sweep removes it", exc.message)
-
-
-async def wait_for_own_listener(runtime: DockerRuntime, spec: ContainerSpec, container_id: str, model: str,
-                                deadline: float) -> None:
-    """Return once the container listens on its port; fail if another program holds the port.
-
-    Nothing, not even a health probe, is sent to the port before this (``listeners.py``). A container that
-    exits or a deadline that passes are left for the readiness gate that follows to report.
-    """
-    port, uid = spec.endpoint.port, server_uid(spec)
-    started = time.monotonic()
-    while time.monotonic() - started < deadline:
-        listening, problem = await asyncio.to_thread(claim, port, container_id, uid)
-        if problem:
-            raise ModelStartFailed(model, f"{problem}; nothing was sent to it")
-        if listening:
-            return
-        info = await runtime.inspect(container_id)
-        if info is None or info.exited:
-            return
-        await asyncio.sleep(LISTENER_POLL)
-
-
-def server_uid(spec: ContainerSpec) -> int:
-    """The uid a container's processes run as: its user's, or root's for the image's own (our images: root)."""
-    return int(spec.confinement.user.partition(":")[0]) if spec.confinement.user else 0
 
 
 def store_owner(store: Path) -> tuple[int, int] | None:

@@ -7,7 +7,7 @@ never overfills a device and never evicts a busy, pinned or loading model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,12 +94,6 @@ def devices_for(profile: Profile, readings: list[GpuReading] | None) -> list[Dev
                 for r in readings]
     return [Device(f"gpu{i}", max(0, int(g.vram_gib * gib) - reserve), None, i)
             for i, g in enumerate(profile.hardware.gpus)]
-
-
-def free_ports(port_range: tuple[int, int], taken: Set[int]) -> Iterable[int]:
-    """Ports of the range not already given to one of our containers, lowest first."""
-    low, high = port_range
-    return (port for port in range(low, high + 1) if port not in taken)
 
 
 def free_on(device: Device, residents: Sequence[Resident]) -> int:

@@ -1,14 +1,15 @@
 """How localllm reaches its model servers: one HTTP client session for sockets and ports alike.
 
-A llama.cpp server listens on a UNIX socket in a directory of its own under
-``<state_dir>/servers/`` and has no network. The directory tree is the lock:
+Every model server listens on a UNIX socket in a directory of its own under
+``<state_dir>/servers/`` (llama-server itself, with no network; Ollama through its
+relay, ``backends/ollama_relay.py``). The directory tree is the lock:
 ``servers/`` is 0700 and the daemon's, and each server's directory is 0700 and
 belongs to the user the server runs as (the daemon's own, or nobody when the
 daemon is root, which can reach any file). No other local user can even look
 up the socket's path, so none can connect, squat or impersonate it.
 
 The socket's URL is ``http://<name>.sock.localllm/...``: ``ServerConnector``
-sends a host of that shape to ``servers/<name>/llama.sock`` and everything
+sends a host of that shape to ``servers/<name>/http.sock`` and everything
 else over TCP, so the proxy, the health gate and liveness need not know which
 kind of endpoint a server has.
 """
@@ -26,7 +27,7 @@ from aiohttp.helpers import ceil_timeout
 
 from .containers import SOCKET_HOST_SUFFIX, Endpoint
 
-SOCKET_NAME = "llama.sock"
+SOCKET_NAME = "http.sock"  # in every server's socket directory
 NOBODY = (65534, 65534)
 
 
@@ -43,7 +44,7 @@ def server_user() -> tuple[int, int]:
 class ServerConnector(aiohttp.TCPConnector):
     """TCP, except for hosts ending in ``.sock.localllm``: those are sockets under ``servers_dir``.
 
-    The sockets are reached through a descriptor of ``servers_dir`` (``/proc/self/fd/N/<name>/llama.sock``),
+    The sockets are reached through a descriptor of ``servers_dir`` (``/proc/self/fd/N/<name>/http.sock``),
     so that a long state directory cannot make their paths longer than the 107 bytes the kernel allows.
     """
 
@@ -91,7 +92,9 @@ def make_socket_dir(servers_dir: Path, endpoint: Endpoint, user: tuple[int, int]
     """A fresh, empty directory for ``endpoint``'s socket, only ``user`` (the server's) may enter.
 
     ``servers_dir`` is made 0700 for the daemon; a stale directory of the same name is replaced (the
-    server could not bind a socket path that exists).
+    server could not bind a socket path that exists). A daemon that may not give the directory away (not
+    root, and the server another user: an Ollama store of someone else's) leaves it open to all, 0777:
+    ``servers_dir`` above it still lets no one else in, and the relay makes its socket 0666.
     """
     servers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(servers_dir, 0o700)  # an older, looser mode is tightened
@@ -99,7 +102,10 @@ def make_socket_dir(servers_dir: Path, endpoint: Endpoint, user: tuple[int, int]
     remove_socket_dir(servers_dir, endpoint)
     path.mkdir(mode=0o700)
     if (os.geteuid(), os.getegid()) != user:
-        os.chown(path, *user)
+        try:
+            os.chown(path, *user)
+        except PermissionError:
+            os.chmod(path, 0o777)
     return path
 
 

@@ -1,6 +1,6 @@
 """llama.cpp's ``llama-server``: how to run it in a container and reach it.
 
-The server listens on a UNIX socket (``--host /run/llama/llama.sock``: a host
+The server listens on a UNIX socket (``--host /run/llama/http.sock``: a host
 ending in ``.sock`` is a socket to llama-server) in a directory bind-mounted
 from ``<state_dir>/servers/<name>/``, and its container has no network at
 all; ``upstream.py`` says who can reach the socket. ``/health`` answers 503
@@ -19,13 +19,13 @@ from ..containers import BindMount, Confinement, ContainerSpec, Endpoint, contai
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
-from ..upstream import servers_dir
+from ..upstream import SOCKET_NAME, servers_dir
 
 NAME = "llamacpp"
 MODEL_DIR = "/models"
 readiness_path = "/health"
 SOCKET_DIR = "/run/llama"  # in the container: the socket's directory, mounted from <state_dir>/servers/<name>
-SOCKET = f"{SOCKET_DIR}/llama.sock"  # upstream.SOCKET_NAME on the host side
+SOCKET = f"{SOCKET_DIR}/{SOCKET_NAME}"
 # The server's user by number (our CPU image is FROM scratch: no /etc/passwd, and no image needs a name):
 # the daemon's own, or nobody for a root daemon (upstream.server_user). The model file must be readable
 # by it: world-readable (0644, the usual mode) does.

@@ -1,7 +1,9 @@
 """Ollama: one server container holds every ``backend: ollama`` model; models load and unload through its API.
 
-The server binds 127.0.0.1 on the host network (``OLLAMA_HOST``: Ollama listens
-on TCP only, has no API key, and pulls need the network), keeps its
+The server runs on a bridge network of localllm's (pulls need the network),
+listening on 127.0.0.1 in its own network namespace, and localllm reaches it
+through a relay on a UNIX socket (``ollama_relay``): Ollama has no API key and
+listens on TCP only, so nothing else on the host may reach it. It keeps its
 store in a host directory (``ollama.models_dir``) and sees exactly one GPU of a
 GPU profile (``ollama.device``, default gpu0): every Ollama model is charged to
 that device, so Ollama's own placement and eviction cannot spread them where
@@ -29,6 +31,8 @@ from ..containers import BindMount, Confinement, ContainerSpec, Endpoint, contai
 from ..estimate import LaunchSettings
 from ..placement import Device
 from ..profiles import Profile
+from ..upstream import SOCKET_NAME, servers_dir
+from . import ollama_relay
 
 NAME = "ollama"
 SERVER_LABEL = "_ollama"  # the model label of the server container; catalog names cannot start with "_"
@@ -66,9 +70,10 @@ def launch_settings(settings: OllamaSettings, profile: Profile) -> LaunchSetting
                           flash_attention=settings.flash_attention)
 
 
-def server_spec(config: Config, profile: Profile, port: int, device: Device | None = None,
+def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: Device | None = None,
                 store_owner: tuple[int, int] | None = None) -> ContainerSpec:
-    """Pure: the Ollama server container for ``config``'s ``ollama:`` section on ``port``, seeing ``device`` only.
+    """Pure: the Ollama server container for ``config``'s ``ollama:`` section, reached on ``endpoint``'s socket
+    through its relay, seeing ``device`` only.
 
     A GPU profile needs the device: a server that saw every GPU would place and evict by its own rules.
     ``store_owner`` (uid, gid of the store directory) is the user the server runs as; None keeps the
@@ -80,7 +85,7 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         raise ValueError(f"the Ollama server needs its GPU {wanted} (ollama.device), which this host does not have")
     settings, daemon = config.ollama, config.daemon
     environment = {
-        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_HOST": f"127.0.0.1:{ollama_relay.SERVER_PORT}",  # in its own network namespace
         "OLLAMA_MODELS": f"{STORE}/models",
         "OLLAMA_KEEP_ALIVE": settings.keep_alive,
         "OLLAMA_NUM_PARALLEL": str(settings.num_parallel),
@@ -91,22 +96,30 @@ def server_spec(config: Config, profile: Profile, port: int, device: Device | No
         "HOME": HOME,  # last: the key's place follows the store's mount, whatever ollama.env says
     }
     return ContainerSpec(
-        name=f"{container_name(daemon.instance, 'ollama')}-{port}",
+        name=f"{container_name(daemon.instance, 'ollama')}-{endpoint.socket[:8]}",
         image=settings.image or profile.defaults.images.ollama,
         command=("serve",),
-        endpoint=Endpoint(port=port),
+        entrypoint=ollama_relay.entrypoint(SOCKET_NAME),
+        endpoint=endpoint,
         model=SERVER_LABEL,
         backend=NAME,
         owner=daemon.instance,
-        mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),),
+        mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),
+                BindMount(source=str(servers_dir(daemon.state_dir) / endpoint.socket), target=ollama_relay.SOCKET_DIR,
+                          read_only=False)),
         environment=tuple(sorted(environment.items())),
         gpu_device_ids=(device.gpu_request,) if device is not None and device.gpu_request else None,
         device=wanted,
         extra_labels=tuple(sorted(daemon.labels.items())),
         confinement=Confinement(user=None if store_owner is None else f"{store_owner[0]}:{store_owner[1]}",
                                 pids_limit=PIDS_LIMIT, tmpfs=TMPFS),
-        network="host",  # pulls need the network, and Ollama listens on TCP only
+        network=network_name(daemon.instance),  # its own namespace; pulls need the network
     )
+
+
+def network_name(instance: str) -> str:
+    """The bridge network of the daemon's Ollama server: its own network namespace, with a way out for pulls."""
+    return f"localllm-{instance}"
 
 
 @dataclass(frozen=True)

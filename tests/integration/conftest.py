@@ -63,10 +63,11 @@ def free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def socket_endpoint(state_dir: Path) -> Endpoint:
-    """A socket endpoint with its private directory under ``state_dir``, as the daemon makes one."""
+def socket_endpoint(state_dir: Path, user: tuple[int, int] | None = None) -> Endpoint:
+    """A socket endpoint with its private directory under ``state_dir`` for a server running as ``user``
+    (default: llama-server's), as the daemon makes one."""
     endpoint = Endpoint(socket=secrets.token_hex(8))
-    make_socket_dir(servers_dir(state_dir), endpoint, server_user())
+    make_socket_dir(servers_dir(state_dir), endpoint, user or server_user())
     return endpoint
 
 
@@ -166,7 +167,6 @@ def start_daemon(engine, models_dir, tmp_path):
               **daemon_settings) -> DaemonProcess:
         instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
-        base = 30000 + (int(RUN_ID, 16) % 50) * 40 + len(started) * 10
         # per instance: a daemon started again as the same instance finds its state (and its sockets) again
         state_dir = Path(daemon_settings.pop("state_dir", tmp_path / instance))
         config = {
@@ -174,7 +174,6 @@ def start_daemon(engine, models_dir, tmp_path):
             "daemon": {
                 "instance": instance,
                 "proxy_listen": f"127.0.0.1:{proxy_port}",
-                "port_range": [base, base + 9],
                 "state_dir": str(state_dir),
                 "labels": {TEST_RUN_LABEL: RUN_ID},
                 "startup_timeout": 30,

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-import requests
 
 from supervisor.backends import llamacpp, ollama
 from supervisor.config import Config, DaemonSettings, ModelEntry
@@ -23,7 +22,7 @@ from supervisor.health import wait_until_ready
 from supervisor.profiles import load_profiles
 from supervisor.upstream import open_session, server_user, servers_dir
 
-from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, our_containers, socket_endpoint
+from .conftest import RUN_ID, TEST_RUN_LABEL, our_containers, socket_endpoint
 from .ollama_standin import ensure_standin_image
 
 CPU = load_profiles()["cpu-only"]
@@ -123,16 +122,17 @@ def test_the_ollama_server_runs_as_the_owner_of_a_store_root_cannot_write(engine
         "ollama": {"image": standin, "models_dir": str(store),
                    "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.1"}},
     })
-    spec = ollama.server_spec(config, CPU, free_tcp_port(), store_owner=(4242, 4242))
+    spec = ollama.server_spec(config, CPU, socket_endpoint(tmp_path, (4242, 4242)), store_owner=(4242, 4242))
     url = spec.endpoint.url
 
     async def pull_then_inspect(info):
-        pulled = await asyncio.to_thread(requests.post, f"{url}/api/pull",
-                                         json={"model": "tiny-a:1b", "stream": False}, timeout=30)
-        return pulled, host_config(engine, info.id)
+        async with open_session(servers_dir(tmp_path)) as session:
+            async with session.post(f"{url}/api/pull", json={"model": "tiny-a:1b", "stream": False}) as pulled:
+                return pulled.status, await pulled.text(), host_config(engine, info.id)
 
-    pulled, (host, container_config) = asyncio.run(while_ready(spec, url + ollama.readiness_path, pull_then_inspect))
-    assert pulled.status_code == 200, pulled.text
+    status, text, (host, container_config) = asyncio.run(while_ready(spec, url + ollama.readiness_path,
+                                                                     pull_then_inspect, servers_dir(tmp_path)))
+    assert status == 200, text
     assert_confined(host)
     assert container_config["User"] == "4242:4242"
     written = [path for path in store.rglob("*") if path.is_file()]

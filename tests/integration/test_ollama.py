@@ -21,7 +21,7 @@ import requests
 import yaml
 from openai import OpenAI
 
-from .conftest import assert_invariants, executable, our_containers, poll_for
+from .conftest import ask_server, assert_invariants, executable, our_containers, poll_for
 from .ollama_standin import ensure_standin_image
 
 REAL_IMAGE = os.environ.get("LOCALLLM_OLLAMA_IMAGE")
@@ -59,6 +59,9 @@ def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+SERVER = "_ollama"  # the model label of the Ollama server's container
+
+
 def server_of(engine, daemon):
     [server] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == "_ollama"]
     return server
@@ -70,8 +73,7 @@ def ollama_ps(daemon, engine) -> list[str]:
 
 def ollama_ps_sizes(daemon, engine) -> dict[str, int]:
     """What the server itself says is loaded (``/api/ps``), with each model's size."""
-    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
-    models = requests.get(f"http://127.0.0.1:{port}/api/ps", timeout=10).json()["models"]
+    models = json.loads(ask_server(engine, daemon, SERVER, "/api/ps"))["models"]
     return {m["name"]: m["size"] for m in models}
 
 
@@ -217,10 +219,8 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
     # Ollama evicts idle models by its own rules, and a runner can die: the daemon polls /api/ps each tick.
     daemon = with_ollama([ollama_model("chat-a", TAG_A)])
     assert ctl(daemon, "load", "chat-a").returncode == 0
-    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
-    behind_our_back = requests.post(f"http://127.0.0.1:{port}/api/generate",
-                                    json={"model": TAG_A, "prompt": "", "keep_alive": 0, "stream": False}, timeout=10)
-    assert behind_our_back.status_code == 200
+    ask_server(engine, daemon, SERVER, "/api/generate",  # behind our back: the raw API, on its socket
+               {"model": TAG_A, "prompt": "", "keep_alive": 0, "stream": False})
     daemon.wait_state("chat-a", "stopped", timeout=10)
     events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
     [evicted] = [e for e in events if e["kind"] == "evict" and e["model"] == "chat-a"]
@@ -235,8 +235,7 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
 
 def standin_stats(daemon, engine) -> dict:
     """The stand-in's own counters (GET /standin/stats; real Ollama has no such route)."""
-    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
-    return requests.get(f"http://127.0.0.1:{port}/standin/stats", timeout=10).json()
+    return json.loads(ask_server(engine, daemon, SERVER, "/standin/stats"))
 
 
 def events_of(daemon, kind: str) -> list[dict]:
@@ -311,9 +310,7 @@ def test_models_started_at_once_are_all_measured(with_ollama, engine):
 def test_a_tag_that_differs_only_in_case_is_found_without_a_pull_and_adopted_after_a_crash(with_ollama, engine):
     daemon = with_ollama([{"name": "upper", "backend": "ollama", "tag": TAG_A.upper(), "pull": False}])
     assert ctl(daemon, "load", "upper").returncode != 0  # the server starts, but has no such model yet
-    port = server_of(engine, daemon).labels["io.localllm.endpoint"].removeprefix("tcp:")
-    pulled = requests.post(f"http://127.0.0.1:{port}/api/pull", json={"model": TAG_A, "stream": False}, timeout=30)
-    assert pulled.status_code == 200
+    ask_server(engine, daemon, SERVER, "/api/pull", {"model": TAG_A, "stream": False})
     done = ctl(daemon, "load", "upper")  # Ollama has it by another spelling: no pull (off here anyway)
     assert done.returncode == 0, done.stderr
     assert standin_stats(daemon, engine)["pulls"] == 1  # only ours

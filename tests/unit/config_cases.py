@@ -118,19 +118,6 @@ BAD_CONFIGS = [
         """, [(3, "models[0].gguf: model file {dir} is not a file")], id="model-file-is-directory"),
     pytest.param("""\
         daemon:
-          instance: test
-          proxy_listen: 127.0.0.1:28150
-          port_range: 28100-28199
-        """, [({1, 4}, "port_range 28100-28199 clashes with proxy_listen 127.0.0.1:28150")], id="port-range-clash"),
-    pytest.param("""\
-        daemon:
-          control_listen: 127.0.0.1:28160
-          control_token: 0123456789abcdef0123456789abcdef
-          port_range: 28100-28199
-        """, [({1, 4}, "port_range 28100-28199 clashes with control_listen 127.0.0.1:28160")],
-        id="control-listen-in-port-range"),
-    pytest.param("""\
-        daemon:
           proxy_listen: 127.0.0.1:8081
           control_listen: 127.0.0.1:8081
           control_token: 0123456789abcdef0123456789abcdef
@@ -206,16 +193,6 @@ BAD_CONFIGS = [
             admin: {group: wheel}
         """, [(2, "daemon.role_sockets: the admin socket is daemon.control_socket, with group daemon.socket_group")],
         id="role-socket-for-admin"),
-    pytest.param("""\
-        daemon:
-          port_range: 30000-29000
-        """, [(2, "daemon.port_range: port range 30000-29000 must satisfy 1024 <= low <= high <= 65535")],
-        id="port-range-low-above-high"),
-    pytest.param("""\
-        daemon:
-          port_range: [30000, 29000]
-        """, [(2, "daemon.port_range: port range 30000-29000 must satisfy 1024 <= low <= high <= 65535")],
-        id="port-range-list-low-above-high"),
     pytest.param("""\
         profile: cpu-only
         models: []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import secrets
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,17 +129,6 @@ def gpu_reading(index: int, total: int = 24 * GIB, free: int | None = None, prob
     return GpuReading(index, "fake", total, total - free, free, uuid=f"GPU-{index}")
 
 
-def free_port_range(size: int = 20) -> tuple[int, int]:
-    """A run of loopback ports nobody listens on, for the fleet's containers."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            low = probe.getsockname()[1]
-        if 1024 <= low <= 65535 - size:
-            return low, low + size - 1
-    raise RuntimeError("no free port range")
-
-
 def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, gpus: FakeGpuSession,
               needs: dict[str, int], learned: LearnedSizes | None = None,
               runtime: RecordingFakeRuntime | None = None) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
@@ -151,9 +139,8 @@ def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, 
         path = tmp_path / f"{name}.gguf"
         path.write_bytes(b"GGUF")
         models.append(ModelEntry(name=name, gguf=path, ttl=0))
-    low, high = free_port_range()
     config = Config(profile=profile.name, models=models,
-                    daemon={"instance": "unit", "state_dir": str(tmp_path), "port_range": f"{low}-{high}",
+                    daemon={"instance": "unit", "state_dir": str(tmp_path),
                             "stop_grace": 0, "min_residency": 0, "startup_timeout": 5})
     launch = LaunchSettings(context=4096, on_gpu=True)
     sizings = {n: Sizing(launch, None, None, f"key-{n}", "test", need) for n, need in needs.items()}

@@ -66,7 +66,6 @@ def test_defaults(config_file):
     assert config.models == []
     assert config.daemon.proxy_listen == [Listen(host="127.0.0.1", port=8081)]
     assert [str(listen) for listen in config.daemon.proxy_listen] == ["127.0.0.1:8081"]
-    assert config.daemon.port_range == (28100, 28199)
     assert config.daemon.instance == "localllmd"
     assert config.daemon.state_dir == Path("/var/lib/localllm")
     assert config.daemon.socket_path == Path("/var/lib/localllm/control.sock")
@@ -97,7 +96,7 @@ def test_daemon_settings_as_written(config_file, tmp_path):
     assert daemon.proxy_listen == [Listen(host="0.0.0.0", port=9000), Listen(host="::1", port=9001)]
     assert [str(listen) for listen in daemon.proxy_listen] == ["0.0.0.0:9000", "[::1]:9001"]
     assert daemon.api_keys == [KEY]
-    assert daemon.port_range == (30000, 30010)
+    assert daemon.port_range == "30000-30010"  # no longer used; older configs still load
     assert daemon.socket_path == tmp_path / "state" / "control.sock"
     assert daemon.labels == {"team": "ml"}
 

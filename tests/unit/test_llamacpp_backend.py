@@ -35,7 +35,7 @@ def test_cpu_profile_spec(tmp_path):
     settings = DaemonSettings(instance="lab", labels={"team": "ml", "env": "dev"})
     spec = llamacpp.container_spec(entry(tmp_path), CPU, settings, SOCKET)
     assert spec.command == (
-        "--model", "/models/tiny.gguf", "--alias", "tiny", "--host", "/run/llama/llama.sock", "--no-webui",
+        "--model", "/models/tiny.gguf", "--alias", "tiny", "--host", "/run/llama/http.sock", "--no-webui",
         "--no-slots", *PINNED_CPU,
     )
     assert spec.gpu_device_ids is None
@@ -133,7 +133,7 @@ def test_model_context_size_overrides_the_profile(tmp_path, profile, context_siz
 def test_the_server_listens_on_its_socket_only_with_no_network_no_web_ui_and_no_slots(tmp_path, profile, device):
     settings = DaemonSettings(state_dir=tmp_path / "state")
     spec = llamacpp.container_spec(entry(tmp_path), profile, settings, SOCKET, device)
-    assert (flag(spec.command, "--host"), "--port" in spec.command, spec.network) == ("/run/llama/llama.sock", False,
+    assert (flag(spec.command, "--host"), "--port" in spec.command, spec.network) == ("/run/llama/http.sock", False,
                                                                                       "none")
     assert {"--no-webui", "--no-slots"} <= set(spec.command)
     socket_dir = next(m for m in spec.mounts if m.target == llamacpp.SOCKET_DIR)

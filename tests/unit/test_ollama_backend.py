@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import ollama
+from supervisor.backends import ollama, ollama_relay
 from supervisor.config import Config, ModelEntry, OllamaSettings, normal_tag
 from supervisor.containers import Endpoint
 from supervisor.errors import ConfigError
@@ -28,54 +28,61 @@ def config(**ollama) -> Config:
 
 def test_server_spec_carries_the_environment_the_store_and_no_gpu_on_cpu():
     spec = ollama.server_spec(config(num_parallel=2, flash_attention=True, env={"OLLAMA_DEBUG": "1"}),
-                              PROFILES["cpu-only"], 28111)
+                              PROFILES["cpu-only"], SOCKET)
     assert spec.command == ("serve",) and spec.image == "ollama/ollama"
-    assert (spec.endpoint, spec.network) == (Endpoint(port=28111), "host")  # pulls need the network
-    assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:28111",
+    # its own network namespace (a bridge network: pulls), listening on loopback there; reached through the relay
+    assert (spec.endpoint, spec.network) == (SOCKET, "localllm-t")
+    assert spec.entrypoint == ollama_relay.entrypoint("http.sock")
+    assert spec.entrypoint[:2] == ("perl", "-e") and spec.entrypoint[3:] == (
+        "--", "/run/localllm/http.sock", "11434", "/bin/ollama")
+    assert dict(spec.environment) == {"OLLAMA_HOST": "127.0.0.1:11434",
                                       "OLLAMA_MODELS": "/home/ollama/.ollama/models", "HOME": "/home/ollama",
                                       "OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_NUM_PARALLEL": "2",
                                       "OLLAMA_FLASH_ATTENTION": "1", "OLLAMA_CONTEXT_LENGTH": "4096",
                                       "OLLAMA_MAX_LOADED_MODELS": "64", "OLLAMA_DEBUG": "1"}
-    [mount] = spec.mounts
-    assert (mount.source, mount.target, mount.read_only) == ("/var/lib/x/ollama", "/home/ollama/.ollama", False)
+    store, sockets = spec.mounts
+    assert (store.source, store.target, store.read_only) == ("/var/lib/x/ollama", "/home/ollama/.ollama", False)
+    assert (sockets.source, sockets.target, sockets.read_only) == (f"/var/lib/x/servers/{SOCKET.socket}",
+                                                                   "/run/localllm", False)
     assert spec.gpu_device_ids is None and spec.device == "cpu"
     assert spec.labels()["io.localllm.model"] == "_ollama" and spec.labels()["team"] == "a"
 
 
+SOCKET = Endpoint(socket="00112233aabbccdd")
 GPU1 = Device("gpu1", 20 * 2**30, index=1, uuid="GPU-5b1e")
 
 
 def test_server_spec_is_confined_and_runs_as_the_stores_owner_when_named():
-    spec = ollama.server_spec(config(), PROFILES["cpu-only"], 28111, store_owner=(998, 997))
+    spec = ollama.server_spec(config(), PROFILES["cpu-only"], SOCKET, store_owner=(998, 997))
     confinement = spec.confinement
     assert confinement.cap_drop == ("ALL",) and confinement.security_opt == ("no-new-privileges",)
     assert confinement.read_only_root and confinement.user == "998:997"
     assert dict(confinement.tmpfs)["/tmp"].startswith("rw,noexec,")  # runners may write temporary files
     assert confinement.pids_limit == ollama.PIDS_LIMIT == 4096
     assert confinement.memory_limit is None  # what it holds changes with every load
-    as_root = ollama.server_spec(config(), PROFILES["cpu-only"], 28111)
+    as_root = ollama.server_spec(config(), PROFILES["cpu-only"], SOCKET)
     assert as_root.confinement.user is None and as_root.confinement.cap_drop == ("ALL",)
     assert as_root.config_hash() != spec.config_hash()  # a new store owner recreates the server
 
 
 def test_home_follows_the_store_and_the_config_may_not_set_it():
-    spec = ollama.server_spec(config(), PROFILES["cpu-only"], 28111)
+    spec = ollama.server_spec(config(), PROFILES["cpu-only"], SOCKET)
     assert dict(spec.environment)["HOME"] == ollama.HOME
     with pytest.raises(ValueError, match="HOME: set by localllm"):
         config(env={"HOME": "/root"})
 
 
 def test_server_spec_on_a_gpu_profile_keeps_the_confinement():
-    spec = ollama.server_spec(config(device="gpu1"), PROFILES["gpu-2x24g"], 28111, GPU1, store_owner=(998, 997))
+    spec = ollama.server_spec(config(device="gpu1"), PROFILES["gpu-2x24g"], SOCKET, GPU1, store_owner=(998, 997))
     assert spec.gpu_device_ids == ("GPU-5b1e",)
-    assert spec.confinement == ollama.server_spec(config(), PROFILES["cpu-only"], 28111,
+    assert spec.confinement == ollama.server_spec(config(), PROFILES["cpu-only"], SOCKET,
                                                   store_owner=(998, 997)).confinement
 
 
 def test_server_spec_on_a_gpu_profile_sees_only_its_device_by_uuid_and_gets_the_profiles_image():
-    spec = ollama.server_spec(config(image="my/ollama:1", device="gpu1"), PROFILES["gpu-2x24g"], 28111, GPU1)
+    spec = ollama.server_spec(config(image="my/ollama:1", device="gpu1"), PROFILES["gpu-2x24g"], SOCKET, GPU1)
     assert spec.gpu_device_ids == ("GPU-5b1e",) and spec.image == "my/ollama:1" and spec.device == "gpu1"
-    by_index = ollama.server_spec(config(), PROFILES["gpu-2x24g"], 28111, Device("gpu0", 2**30, index=0))
+    by_index = ollama.server_spec(config(), PROFILES["gpu-2x24g"], SOCKET, Device("gpu0", 2**30, index=0))
     assert by_index.gpu_device_ids == ("0",) and by_index.device == "gpu0"
 
 
@@ -86,7 +93,7 @@ def test_server_spec_on_a_gpu_profile_sees_only_its_device_by_uuid_and_gets_the_
 ])
 def test_server_spec_on_a_gpu_profile_without_its_device_is_an_error(settings, device):
     with pytest.raises(ValueError, match="the Ollama server needs its GPU"):
-        ollama.server_spec(config(**settings), PROFILES["gpu-2x24g"], 28111, device)
+        ollama.server_spec(config(**settings), PROFILES["gpu-2x24g"], SOCKET, device)
 
 
 def test_ollama_models_are_sized_with_the_servers_parallel_slots_and_flash_attention():
@@ -98,14 +105,14 @@ def test_ollama_models_are_sized_with_the_servers_parallel_slots_and_flash_atten
 def test_model_hash_changes_with_the_server_and_the_tag():
     profile = PROFILES["cpu-only"]
     entry = ModelEntry(name="q", backend="ollama", tag="qwen:1b")
-    base = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, 28111), None)
-    same = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, 28111), None)
-    other_server = ollama.model_spec(entry, ollama.server_spec(config(num_parallel=4), profile, 28111), None)
+    base = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, SOCKET), None)
+    same = ollama.model_spec(entry, ollama.server_spec(config(context_size=2048), profile, SOCKET), None)
+    other_server = ollama.model_spec(entry, ollama.server_spec(config(num_parallel=4), profile, SOCKET), None)
     other_tag = ollama.model_spec(entry.model_copy(update={"tag": "qwen:7b"}),
-                                  ollama.server_spec(config(context_size=2048), profile, 28111), None)
+                                  ollama.server_spec(config(context_size=2048), profile, SOCKET), None)
     assert base.config_hash() == same.config_hash()
     assert len({base.config_hash(), other_server.config_hash(), other_tag.config_hash()}) == 3
-    assert (base.endpoint.port, base.device, base.tag, base.context) == (28111, "cpu", "qwen:1b", 2048)
+    assert (base.endpoint, base.device, base.tag, base.context) == (SOCKET, "cpu", "qwen:1b", 2048)
 
 
 @pytest.mark.parametrize("entry, problem", [

@@ -2,10 +2,12 @@
 
 ``ensure_standin_image(client)`` returns :data:`STANDIN_IMAGE`, built ``FROM`` the local Debian
 python base image (``tests/integration/base_image.py``) with ``server.py`` copied in. Like
-Ollama's image it runs ``serve`` by default and listens on ``OLLAMA_HOST=0.0.0.0:11434`` unless
-told otherwise. The image carries a label with a key of ``server.py`` and the base image, so a
-changed server (or a rebuilt base) rebuilds it; otherwise it is reused as it is. No network is
-needed: the build has no ``RUN`` step and never pulls.
+Ollama's image its entrypoint is ``/bin/ollama`` (here a two-line launcher of ``server.py``), it
+runs ``serve`` by default and listens on ``OLLAMA_HOST=0.0.0.0:11434`` unless told otherwise, and
+it carries Perl (Debian's ``perl-base``, as Ubuntu's under Ollama's image), which localllm's relay
+needs. The image carries a label with a key of ``server.py`` and the base image, so a changed server
+(or a rebuilt base) rebuilds it; otherwise it is reused as it is. No network is needed: the build
+never pulls, and its one ``RUN`` writes the launcher.
 
 What the stand-in does, and which behaviour of Ollama's source each setting (``OLLAMA_*`` and
 ``STANDIN_*`` environment variables) mirrors, is in ``server.py``'s docstrings; its own
@@ -32,9 +34,10 @@ SERVER = Path(__file__).with_name("server.py")
 DOCKERFILE = """\
 FROM {base}
 COPY server.py /standin/server.py
+RUN printf '#!/bin/sh\\nexec python3 /standin/server.py "$@"\\n' > /bin/ollama && chmod 755 /bin/ollama
 ENV OLLAMA_HOST=0.0.0.0:11434 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 11434
-ENTRYPOINT ["python3", "/standin/server.py"]
+ENTRYPOINT ["/bin/ollama"]
 CMD ["serve"]
 """
 

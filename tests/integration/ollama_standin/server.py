@@ -55,8 +55,6 @@ Environment (real Ollama's names where it has one):
     STANDIN_CAP_CONTEXT       "1" (default): num_ctx is capped at the model's training context, as Ollama
     STANDIN_STREAM_FAIL_AFTER N: the runner dies after N generated tokens of every answer (unset: never)
     STANDIN_FAIL_START        "1": print an error and exit 1 at start
-    STANDIN_BIND_DELAY        seconds to wait before binding OLLAMA_HOST, default 0 (a slow start: the window
-                              in which another program can take the port)
 
 A loaded model's ``size`` in /api/ps is the model's size plus its KV cache for ``num_ctx * num_parallel``
 tokens: ``block_count * head_count_kv * (key_length + value_length) * context * 2`` bytes (f16), where
@@ -1694,7 +1692,6 @@ def main(argv: list[str]) -> int:
         load_seconds=settings["load_seconds"], token_seconds=settings["token_seconds"], gpu=settings["gpu"],
         vram_bytes=settings["vram_bytes"], unload_seconds=settings["unload_seconds"],
         stream_fail_after=settings["stream_fail_after"])
-    time.sleep(float(os.environ.get("STANDIN_BIND_DELAY", "0") or 0))
     try:
         server = StandinServer((host, port), settings, store, registry)
     except OSError as exc:
