@@ -31,6 +31,7 @@ ensure_tools() {
   command -v systemd-analyze >/dev/null || missing+=(systemd)  # the unit file is verified by a test
   command -v debootstrap >/dev/null || missing+=(debootstrap)  # the Debian base image of test_install.py
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  command -v openssl >/dev/null || missing+=(openssl)  # the self-signed certificate of the TLS control tests
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
 

@@ -210,8 +210,9 @@ class DockerRuntime:
         try:
             self.client.networks.get(spec.network)
         except docker.errors.NotFound:
+            labels = {**dict(spec.extra_labels), LABEL_OWNER: spec.owner}
             try:
-                self.client.networks.create(spec.network, driver="bridge", labels={LABEL_OWNER: spec.owner})
+                self.client.networks.create(spec.network, driver="bridge", labels=labels)
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # made meanwhile by another start: as good
                     raise
@@ -223,6 +224,21 @@ class DockerRuntime:
             raise DockerFailure(
                 f"a container named {spec.name} exists and is not ours; remove it or rename the instance")
         stale.remove(force=True)
+
+    async def remove_networks(self, owner: str) -> None:
+        """Remove the networks ``owner`` made that no container uses any more (each takes one of the engine's
+        few address pools). One still in use, or gone meanwhile, is left alone."""
+
+        def remove() -> None:
+            for network in self.client.networks.list(filters={"label": f"{LABEL_OWNER}={owner}"}):
+                try:
+                    network.reload()
+                    if not network.containers:
+                        network.remove()
+                except docker.errors.APIError:  # in use after all (a start raced us), or already gone
+                    continue
+
+        await self._run(f"remove the networks of {owner}", remove)
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container's current state, or None when it no longer exists."""

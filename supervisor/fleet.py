@@ -918,6 +918,7 @@ class Fleet:
         self._protected.clear()  # at shutdown everything of ours goes
         try:
             await self.remove_leftovers()
+            await self.runtime.remove_networks(self.settings.instance)
         except LocalllmError as exc:
             logger.error("final sweep for leftover containers failed: {}", exc.message)
         if self._wakeup is not None:

@@ -112,6 +112,8 @@ class OllamaHost:
             return
         await self.runtime.stop_and_remove(container_id, self.stop_grace if grace is None else grace)
         logger.info("Ollama server {} stopped and removed", container_id[:12])
+        if self.spec is not None:
+            await self.runtime.remove_networks(self.spec.owner)  # its network, once nothing uses it
         if self.container_id == container_id:
             self.spec, self.container_id = None, None
 

@@ -98,6 +98,9 @@ def engine() -> docker.DockerClient:
                                             ignore_removed=True):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
+    for network in client.networks.list(filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"}):
+        with contextlib.suppress(docker.errors.APIError):
+            network.remove()
     client.close()
 
 
@@ -213,6 +216,9 @@ def start_daemon(engine, models_dir, tmp_path):
         for container in our_containers(engine, daemon.instance):
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+        for network in engine.networks.list(filters={"label": f"{LABEL_OWNER}={daemon.instance}"}):
+            with contextlib.suppress(docker.errors.APIError):  # the engine holds at most ~30 bridge networks
+                network.remove()
 
 
 def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str,

@@ -6,11 +6,9 @@ from __future__ import annotations
 import grp
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -38,14 +36,6 @@ else:
     print(s.recv(100).split(b"\\r\\n")[0].decode())
 """
 
-
-@pytest.fixture
-def open_dir():
-    """A state directory anyone may traverse, so only the socket's own mode decides who gets in."""
-    path = Path(tempfile.mkdtemp(prefix="localllm-perm-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def connect_as(socket_path: Path, *groups: str) -> str:

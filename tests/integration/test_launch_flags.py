@@ -11,12 +11,13 @@ import re
 
 from supervisor.backends import llamacpp
 from supervisor.config import LLAMA_FLAGS_SET_BY_LOCALLLM, DaemonSettings, ModelEntry
+from supervisor.containers import Endpoint
 from supervisor.images import LLAMA_CPP_PYTHON_VERSION, cache_root
 from supervisor.placement import Device
 from supervisor.policy import ALWAYS_DENIED_FLAGS, DEFAULT_EXTRA_ARGS
 from supervisor.profiles import load_profiles
 
-from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, poll_for
+from .conftest import RUN_ID, TEST_RUN_LABEL, poll_for
 
 CPU_IMAGE = "localllm/llama-server:0.3.36-cpu"
 
@@ -38,7 +39,7 @@ def test_a_gpu_command_exits_on_a_server_without_cuda(engine, models_dir):
     # its CUDA backend is not there, so CUDA0 is unknown and it exits, rather than serving on the CPU.
     gpu = load_profiles()["gpu-1x24g"]
     entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256)
-    spec = llamacpp.container_spec(entry, gpu, DaemonSettings(), free_tcp_port(),
+    spec = llamacpp.container_spec(entry, gpu, DaemonSettings(), Endpoint(socket="0123456789abcdef"),
                                    Device(id="gpu0", budget=1 << 30, index=0, uuid="GPU-0"))
     assert spec.command[-4:] == ("--n-gpu-layers", "999", "--device", "CUDA0")
     code, log = run_to_exit(engine, models_dir, spec.command)

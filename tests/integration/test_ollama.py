@@ -125,6 +125,15 @@ def test_unload_and_load_go_through_the_api_and_the_server_stays(with_ollama, en
     assert sorted(ollama_ps(daemon, engine)) == sorted([TAG_A, TAG_B])
 
 
+def test_sigterm_removes_the_server_and_its_network(with_ollama, engine):
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)])
+    [network] = engine.networks.list(filters={"label": f"io.localllm.owner={daemon.instance}"})
+    assert network.name == f"localllm-{daemon.instance}"  # the server's own namespace, not the host's
+    assert daemon.terminate() == 0
+    assert our_containers(engine, daemon.instance) == []
+    assert engine.networks.list(filters={"label": f"io.localllm.owner={daemon.instance}"}) == []
+
+
 def test_missing_model_without_pull_is_a_clear_error(with_ollama):
     daemon = with_ollama([{"name": "nopull", "backend": "ollama", "tag": TAG_B}])
     answer = daemon.chat("nopull")

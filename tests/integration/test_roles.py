@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -64,14 +63,6 @@ def request_as(path: Path, method: str, route: str, *groups: str) -> str:
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
-
-@pytest.fixture
-def open_dir():
-    """A directory anyone may search, so only each socket's own mode and group decide who gets in."""
-    path = Path(tempfile.mkdtemp(prefix="localllm-roles-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -84,6 +84,9 @@ class RecordingFakeRuntime:
     async def ping(self) -> None:
         return None
 
+    async def remove_networks(self, owner: str) -> None:
+        self.calls.append(("remove_networks", owner))
+
     def container_of(self, pid: int) -> str | None:
         """What /proc/<pid>/cgroup would name."""
         return next((cid for cid, c in self.containers.items() if pid in c.pids), None)

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
-import shutil
 import socket
 import ssl
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import aiohttp
@@ -184,14 +182,6 @@ def test_tcp_tokens_give_their_roles():
 
 # -- unix sockets: mode, group, refusals -----------------------------------------------------
 
-
-@pytest.fixture
-def open_dir():
-    """A directory every user may search (pytest's own are 0700): only what is made in it decides."""
-    path = Path(tempfile.mkdtemp(prefix="localllm-access-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def my_group() -> tuple[str, int]:
