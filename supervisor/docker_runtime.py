@@ -16,7 +16,6 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, Mount
 
+from .container_runtime import ContainerInfo
 from .containers import LABEL_OWNER, ContainerSpec, readable_by
 from .errors import DockerFailure, DockerUnavailable, ImageNotFound, ModelStartFailed
 from .images import how_to_get
@@ -32,26 +32,10 @@ from .images import how_to_get
 ENGINE_HINT = "start it with: dockerd --bridge=none --iptables=false &  (or: systemctl start docker)"
 
 
-@dataclass(frozen=True)
-class ContainerInfo:
-    id: str
-    name: str
-    status: str  # created, running, paused, restarting, exited, dead
-    exit_code: int | None
-    oom_killed: bool
-    labels: dict[str, str]
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-    @property
-    def exited(self) -> bool:
-        return self.status in ("exited", "dead")
-
-
 class DockerRuntime:
-    """Async facade over one Docker client. Create it, then ``await connect()``."""
+    """The ``ContainerRuntime`` of a local Docker engine: an async facade over one Docker client.
+
+    Create it, then ``await connect()``."""
 
     def __init__(self, base_url: str | None = None, workers: int = 8):
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
@@ -163,9 +147,20 @@ class DockerRuntime:
     # -- containers -------------------------------------------------------
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
-        """Create and start the container for ``spec``; replaces a stale one of ours by the same name."""
+        """Create and start the container for ``spec``; replaces a stale one of ours by the same name.
+
+        Cancelled while the engine works, it waits for the engine's answer and removes what was made: the
+        engine finishes a create whatever happens to our side, and nobody else would know the container.
+        """
         await self.require_image(spec.image)
-        return await self._run(f"start container {spec.name}", self._create_and_start, spec)
+        creating = asyncio.ensure_future(self._run(f"start container {spec.name}", self._create_and_start, spec))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                made = await creating
+                await self.stop_and_remove(made.id, 0)
+            raise
 
     def _create_and_start(self, spec: ContainerSpec) -> ContainerInfo:
         _check_mounts_readable(spec)

@@ -26,6 +26,7 @@ from loguru import logger
 
 from .backends import backend_for, ollama
 from .config import Config, DaemonSettings, ModelEntry
+from .container_runtime import ContainerRuntime
 from .containers import (
     LABEL_CONFIG_HASH,
     LABEL_DEVICE,
@@ -35,7 +36,6 @@ from .containers import (
     ContainerSpec,
     Endpoint,
 )
-from .docker_runtime import DockerRuntime
 from .errors import (
     Conflict,
     LocalllmError,
@@ -145,7 +145,7 @@ def limits_for(settings: DaemonSettings) -> Limits:
 
 
 class Fleet:
-    def __init__(self, config: Config, profile: Profile, runtime: DockerRuntime, session: aiohttp.ClientSession,
+    def __init__(self, config: Config, profile: Profile, runtime: ContainerRuntime, session: aiohttp.ClientSession,
                  sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
                  gpu_readings: list[GpuReading] | None = None, events: EventBus | None = None,
                  gpu: GpuWatch | None = None):
@@ -569,13 +569,7 @@ class Fleet:
             endpoint = self._new_socket(entry.name)
             self._launching[endpoint] = entry.name
             spec = self.spec_for(entry, endpoint, device_id)
-            creating = asyncio.ensure_future(self.runtime.run(spec))
-            try:
-                container_id = (await asyncio.shield(creating)).id
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    container_id = (await creating).id  # wait for the engine's answer, then clean up below
-                raise
+            container_id = (await self.runtime.run(spec)).id
             self._protected.add(container_id)
             await wait_until_ready(self.runtime, self.session, model=entry.name, container_id=container_id,
                                    url=endpoint.url + backend.readiness_path,
@@ -1322,14 +1316,8 @@ class Fleet:
         return next((d for d in self.scheduler.devices if d.id == device_id), None)
 
     async def _create_container(self, instance: Instance, spec: ContainerSpec):
-        """Create and start; a cancellation waits for the engine's answer so the container is never lost."""
-        creating = asyncio.ensure_future(self.runtime.run(spec))
-        try:
-            info = await asyncio.shield(creating)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                instance.container_id = (await creating).id
-            raise
+        """Create and start (a cancelled start leaves no container: the runtime removes it)."""
+        info = await self.runtime.run(spec)
         instance.container_id = info.id
         return info
 

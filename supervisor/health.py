@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 
-from .docker_runtime import DockerRuntime
+from .container_runtime import ContainerRuntime
 from .errors import ModelStartFailed
 
 LOG_TAIL_LINES = 30
@@ -32,7 +32,7 @@ async def probe(session: aiohttp.ClientSession, url: str, timeout: float) -> int
 
 
 async def wait_until_ready(
-    runtime: DockerRuntime,
+    runtime: ContainerRuntime,
     session: aiohttp.ClientSession,
     *,
     model: str,
@@ -62,7 +62,7 @@ async def wait_until_ready(
         poll = min(MAX_POLL, poll * 1.2)
 
 
-async def _raise_if_exited(runtime: DockerRuntime, model: str, container_id: str) -> None:
+async def _raise_if_exited(runtime: ContainerRuntime, model: str, container_id: str) -> None:
     info = await runtime.inspect(container_id)
     if info is not None and not info.exited:
         return

@@ -10,7 +10,6 @@ rollout takes its models offline first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from loguru import logger
 
 from .backends import ollama
 from .config import Config
+from .container_runtime import ContainerRuntime
 from .containers import ContainerSpec, Endpoint
-from .docker_runtime import DockerRuntime
 from .errors import LocalllmError, ModelStartFailed
 from .health import wait_until_ready
 from .ollama_api import OllamaApi
@@ -29,7 +28,7 @@ from .profiles import Profile
 
 
 class OllamaHost:
-    def __init__(self, runtime: DockerRuntime, session: aiohttp.ClientSession, profile: Profile,
+    def __init__(self, runtime: ContainerRuntime, session: aiohttp.ClientSession, profile: Profile,
                  new_socket: Callable[[str, tuple[int, int]], Endpoint], stop_grace: float,
                  device_of: Callable[[Config, str], Device | None]):
         self.runtime = runtime
@@ -68,15 +67,9 @@ class OllamaHost:
         owner = store_owner(Path(config.ollama_store)) or (0, 0)  # the relay makes the socket as the server's user
         spec = self.server_spec(config, self.new_socket(model, owner), model)
         self.spec = spec
-        creating = asyncio.ensure_future(self.runtime.run(spec))
         try:
-            self.container_id = (await asyncio.shield(creating)).id
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                self.container_id = (await creating).id
-            await self._discard_quietly()
-            raise
-        except BaseException:
+            self.container_id = (await self.runtime.run(spec)).id
+        except BaseException:  # cancelled too: the runtime removed what it made
             self.spec = None
             raise
         logger.info("Ollama server {} started ({})", spec.name, spec.endpoint)

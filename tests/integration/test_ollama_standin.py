@@ -173,7 +173,7 @@ def test_pull_streams_progress_and_writes_the_store(standin):
     assert PULL_SECONDS * 0.8 <= took < PULL_SECONDS + 3
     manifest = standin.store / "models" / "manifests" / "registry.ollama.ai" / "library" / "tiny-a" / "1b"
     assert json.loads(manifest.read_text())["schemaVersion"] == 2
-    assert '"/api/pull"' in standin.logs()
+    poll_for(lambda: '"/api/pull"' in standin.logs(), 5, "the request's log line (written once the answer is sent)")
 
 
 def test_tags_and_v1_models_list_what_the_store_holds(standin):

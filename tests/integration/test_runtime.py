@@ -113,6 +113,26 @@ async def run_once(spec) -> None:
         await runtime.close()
 
 
+def test_a_start_cancelled_while_the_engine_creates_leaves_no_container(engine, models_dir, server_state):
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state)
+
+    async def scenario():
+        runtime = DockerRuntime()
+        await runtime.connect()
+        try:
+            starting = asyncio.create_task(runtime.run(spec))
+            while not await asyncio.to_thread(our_containers, engine, spec.owner):  # the engine has made it
+                await asyncio.sleep(0.001)
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+        finally:
+            await runtime.close()
+
+    asyncio.run(scenario())
+    assert our_containers(engine, spec.owner) == []  # removed by the runtime, not left for a sweep
+
+
 def test_missing_image_names_the_command_that_builds_it(engine, models_dir, server_state):
     spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state,
                     llamacpp="localllm/llama-server:0.0.0-cpu")

@@ -70,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
+        self.echo_close()
         self.end_headers()
         for event in events:
             self.chunk(b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
@@ -85,10 +86,16 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def echo_close(self):
+        # As llama-server (cpp-httplib) and Go's net/http do: a request that asks to close is answered so
+        if self.headers.get("Connection", "").lower() == "close":
+            self.send_header("Connection", "close")
+
     def answer(self, status, data):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self.echo_close()
         self.end_headers()
         self.wfile.write(data)
 

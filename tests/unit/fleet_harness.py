@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from supervisor.backends import llamacpp
 from supervisor.config import Config, ModelEntry
-from supervisor.docker_runtime import ContainerInfo
+from supervisor.container_runtime import ContainerInfo
 from supervisor.estimate import LaunchSettings
 from supervisor.events import EventBus
 from supervisor.fleet import Fleet
@@ -77,6 +78,10 @@ class RecordingFakeRuntime:
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         return ""
+
+    async def logs_stream(self, container_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
+        self.calls.append(("logs_stream", container_id))
+        yield b""
 
     async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
         return [c.info for c in self.containers.values()]
