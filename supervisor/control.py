@@ -4,7 +4,8 @@ Each route needs a role (``ROUTES``; see access.py): viewer, operator or admin. 
 served on one unix socket per role (the admin one: ``daemon.control_socket``, mode 0660,
 group ``daemon.socket_group``) and, optionally, on TCP (``daemon.control_listen``), where
 every request needs ``Authorization: Bearer <token>`` and the token gives the role. The
-proxy never exposes these routes. The API describes itself at ``GET /openapi.json``.
+proxy never exposes these routes. The API describes itself at ``GET /openapi.json``; its answers go out through
+their models (control_models.py), from which that document's schemas are generated.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .access import (
     ways_to_roles,
     who_may_use,
 )
+from .control_models import Answer, ApplyReport, Health, History, Model, ModelList, Preview, Status
 from .control_openapi import openapi_document
 from .errors import BadRequest, CannotListen, Conflict, LocalllmError
 from .events import EventBus
@@ -117,29 +119,29 @@ class ControlApi:
                 problems.append(f"model {name} failed: {fleet.instances[name].error or slot.error}")
         body = {"status": "unhealthy" if problems else "ok", "problems": problems, "pid": os.getpid(),
                 "version": __version__, "uptime_seconds": round(time.time() - self.facts.started_at, 3)}
-        return web.json_response(body, status=503 if problems else 200)
+        return answer(Health, body, status=503 if problems else 200)
 
     async def status(self, request: web.Request) -> web.Response:
         daemon = {**daemon_status(self.facts), "degraded": self.fleet.degraded,
                   "generation": self.rollout.store.active, "last_good": self.rollout.store.last_good,
                   "last_event_id": self.bus.last_id}
-        return web.json_response({"daemon": daemon, "devices": self.fleet.devices(), "models": self.fleet.snapshot()})
+        return answer(Status, {"daemon": daemon, "devices": self.fleet.devices(), "models": self.fleet.snapshot()})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"models": self.fleet.snapshot()})
+        return answer(ModelList, {"models": self.fleet.snapshot()})
 
     async def model(self, request: web.Request) -> web.Response:
-        return web.json_response(self.fleet.describe(self.fleet.resolve(request.match_info["name"])))
+        return answer(Model, self.fleet.describe(self.fleet.resolve(request.match_info["name"])))
 
     async def load(self, request: web.Request) -> web.Response:
         self._refuse_during_config_change()
         instance = await finish_even_if_client_leaves(self.fleet.load(request.match_info["name"]))
-        return web.json_response(self.fleet.describe(instance))
+        return answer(Model, self.fleet.describe(instance))
 
     async def unload(self, request: web.Request) -> web.Response:
         self._refuse_during_config_change()
         instance = await finish_even_if_client_leaves(self.fleet.unload(request.match_info["name"]))
-        return web.json_response(self.fleet.describe(instance))
+        return answer(Model, self.fleet.describe(instance))
 
     def _refuse_during_config_change(self) -> None:
         if self.rollout.busy:
@@ -210,21 +212,29 @@ class ControlApi:
 
     async def validate(self, request: web.Request) -> web.Response:
         text, source = await config_body(request)
-        return web.json_response(await self.rollout.preview(text, source, Path(source)))
+        return answer(Preview, await self.rollout.preview(text, source, Path(source)))
 
     async def apply(self, request: web.Request) -> web.Response:
         text, source = await config_body(request)
-        return web.json_response(await finish_even_if_client_leaves(self.rollout.apply(text, source, Path(source))))
+        report = await finish_even_if_client_leaves(self.rollout.apply(text, source, Path(source)))
+        return answer(ApplyReport, report)
 
     async def history(self, request: web.Request) -> web.Response:
-        return web.json_response({"generations": self.rollout.store.as_list()})
+        return answer(History, {"generations": self.rollout.store.as_list()})
 
     async def rollback(self, request: web.Request) -> web.Response:
         _, body = await read_json_object(request)
         number = body.get("generation")
         if number is not None and (not isinstance(number, int) or isinstance(number, bool)):
             raise BadRequest("'generation' must be a generation number or null")
-        return web.json_response(await finish_even_if_client_leaves(self.rollout.rollback(number)))
+        return answer(ApplyReport, await finish_even_if_client_leaves(self.rollout.rollback(number)))
+
+
+def answer(model: type[Answer], data: object, status: int = 200) -> web.Response:
+    """``data`` sent as its model serializes it, checked on the way: a key the model lacks, or one missing, is a
+    ValidationError (a bug, answered with 500 and logged), never a document that says other than what is served."""
+    body = model.model_validate(data).model_dump_json(exclude_unset=True)
+    return web.Response(text=body, status=status, content_type="application/json")
 
 
 async def finish_even_if_client_leaves(coroutine):

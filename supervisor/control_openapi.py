@@ -1,8 +1,9 @@
 """The control API's OpenAPI 3.0 document, served at ``GET /openapi.json``.
 
-Written by hand, next to nothing else: a unit test checks that it names exactly
-the routes the app serves, and schemathesis checks the app against it. Each
-operation's role (``x-localllm-role``) comes from ``access.ROUTE_ROLES``.
+The paths are written here; the schemas of the answers are generated from their pydantic models
+(control_models.py), which the handlers send their answers through. A unit test checks that the document
+names exactly the routes the app serves and is valid OpenAPI 3.0, and schemathesis checks the app against it.
+Each operation's role (``x-localllm-role``) comes from ``access.ROUTE_ROLES``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from functools import cache
 
 from . import __version__
 from .access import ROUTE_ROLES, Role
-from .errors import error_codes
+from .control_models import component_schemas
 
 JSON = "application/json"
 
@@ -20,8 +21,12 @@ def _ok(description: str, schema: dict | None = None, media: str = JSON) -> dict
     return {"description": description, "content": {media: {"schema": schema or {"type": "object"}}}}
 
 
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 def _error(description: str) -> dict:
-    return {"description": description, "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
 
 
 def _query(name: str, schema: dict, description: str) -> dict:
@@ -35,12 +40,6 @@ CONFIG_BODY = {"required": True, "content": {JSON: {"schema": {
     "type": "object", "required": ["config", "source"],
     "properties": {"config": {"type": "string", "description": "the config file's text"},
                    "source": {"type": "string", "description": "its absolute path (relative model paths)"}}}}}}
-DEVICE = {"type": "object", "required": ["id", "uuid", "budget", "measured_free", "problem"], "properties": {
-    "id": {"type": "string", "description": "cpu, gpu0, gpu1..."},
-    "uuid": {"type": "string", "nullable": True, "description": "the GPU's UUID, when NVML gave one"},
-    "budget": {"type": "integer", "description": "bytes models may use: total minus reserved minus the reserve"},
-    "measured_free": {"type": "integer", "nullable": True, "description": "free bytes minus the reserve, last read"},
-    "problem": {"type": "string", "nullable": True, "description": "why the device cannot be used, if so"}}}
 COMMON = {"401": _error("TCP only: missing or wrong Bearer token (invalid_token)"),
           "500": _error("a bug: see the daemon's log")}
 
@@ -56,19 +55,15 @@ def _operation(summary: str, responses: dict, parameters: list | None = None, bo
 
 @cache
 def openapi_document() -> dict:
-    model = {"$ref": "#/components/schemas/Model"}
+    model = _ref("Model")
     paths = {
         "/openapi.json": {"get": _operation("this document", {"200": _ok("OpenAPI 3.0 document")})},
         "/health": {"get": _operation("the daemon's own health", {
-            "200": _ok("healthy", {"$ref": "#/components/schemas/Health"}),
+            "200": _ok("healthy", _ref("Health")),
             "503": _ok("unhealthy: engine unreachable, degraded, a device unusable, or a model failed",
-                       {"$ref": "#/components/schemas/Health"})})},
-        "/status": {"get": _operation("the daemon and every model", {"200": _ok("status", {
-            "type": "object", "required": ["daemon", "devices", "models"],
-            "properties": {"daemon": {"type": "object"}, "devices": {"type": "array", "items": DEVICE},
-                           "models": {"type": "array", "items": model}}})})},
-        "/models": {"get": _operation("every model of the catalog", {"200": _ok("models", {
-            "type": "object", "required": ["models"], "properties": {"models": {"type": "array", "items": model}}})})},
+                       _ref("Health"))})},
+        "/status": {"get": _operation("the daemon and every model", {"200": _ok("status", _ref("Status"))})},
+        "/models": {"get": _operation("every model of the catalog", {"200": _ok("models", _ref("ModelList"))})},
         "/models/{name}": {"get": _operation("one model", {"200": _ok("the model", model),
                                                            "404": _error("no such model (model_not_found)")},
                                              [MODEL_NAME])},
@@ -108,21 +103,22 @@ def openapi_document() -> dict:
              _query("model", {"type": "string"}, "only this model's events")])},
         "/validate": {"post": _operation(
             "check a config and show what applying it would change", {
-                "200": _ok("valid; the plan and a unified diff against the active generation"),
+                "200": _ok("valid; the plan and a unified diff against the active generation", _ref("Preview")),
                 "400": _error("invalid config (invalid_config, with FILE:LINE problems) or body (bad_request)"),
                 "409": _error("changes only a restart applies (apply_refused)")}, body=CONFIG_BODY)},
         "/apply": {"post": _operation(
             "apply a config: a new generation, health-gated, reverted on failure", {
-                "200": _ok("the generation is live and last-good"),
+                "200": _ok("the generation is live and last-good", _ref("ApplyReport")),
                 "400": _error("invalid config or body"),
                 "409": _error("another apply runs (conflict), or it needs a restart (apply_refused)"),
                 "422": _error("it failed its health gate and was reverted (apply_failed, with the report)"),
                 "503": _error("shutting down"), "507": _error("the state directory cannot be written")},
             body=CONFIG_BODY)},
-        "/history": {"get": _operation("the recorded generations, oldest first", {"200": _ok("generations")})},
+        "/history": {"get": _operation("the recorded generations, oldest first",
+                                       {"200": _ok("generations", _ref("History"))})},
         "/rollback": {"post": _operation(
             "apply a recorded generation again (default: the last good one before the active one)", {
-                "200": _ok("rolled back"), "400": _error("bad body"),
+                "200": _ok("rolled back", _ref("ApplyReport")), "400": _error("bad body"),
                 "409": _error("no such generation, or another apply runs"),
                 "422": _error("it failed its health gate and was reverted")},
             body={"required": True, "content": {JSON: {"schema": {"type": "object", "properties": {
@@ -148,25 +144,6 @@ def openapi_document() -> dict:
         "security": [{"bearer": []}, {}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["message", "code"],
-                    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                                   "param": {"nullable": True},
-                                   "code": {"type": "string", "enum": error_codes()}}}}},
-                "Health": {"type": "object", "required": ["status", "problems"], "properties": {
-                    "status": {"type": "string", "enum": ["ok", "unhealthy"]},
-                    "problems": {"type": "array", "items": {"type": "string"}}}},
-                "Model": {"type": "object", "required": ["name", "state", "in_flight"], "properties": {
-                    "name": {"type": "string"}, "aliases": {"type": "array", "items": {"type": "string"}},
-                    "state": {"type": "string", "enum": ["stopped", "starting", "ready", "stopping", "failed"]},
-                    "container": {"type": "string", "nullable": True},
-                    "port": {"type": "integer", "nullable": True},
-                    "endpoint": {"type": "string", "nullable": True,
-                                 "description": "unix:<name> (a socket only localllm reaches) or tcp:<port>"},
-                    "in_flight": {"type": "integer"}, "waiting": {"type": "integer"},
-                    "last_used": {"type": "number", "nullable": True},
-                    "memory": {"type": "object"}, "error": {"type": "string", "nullable": True}}},
-            },
+            "schemas": component_schemas(),
         },
     }
