@@ -13,6 +13,8 @@ control API and the log keep the whole message.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Exit statuses, documented in the README.
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -139,6 +141,42 @@ class ModelStartFailed(LocalllmError):
         return f"model '{self.model}' failed to start"
 
 
+class ModelFileUnreadable(LocalllmError):
+    """A model's GGUF file cannot be read: missing, cut short, not GGUF, or with implausible counts.
+
+    The catalog names a file that is not what it should be: the operator's input, not a client's request.
+    """
+
+    code = "model_file_unreadable"
+    http_status = 503  # the model cannot be served as its file stands, as with model_too_large
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"cannot read GGUF file {path}: {reason}")
+
+    def summary(self) -> str:
+        return "the model's file cannot be read"
+
+
+class OllamaFailure(LocalllmError):
+    """The Ollama server did not answer a call of its API (a list, a show, an unload), or answered it with an error.
+
+    A load or pull that fails is a ModelStartFailed: that is a start. ``model``: the catalog name it was for.
+    """
+
+    code = "ollama_error"
+    http_status = 502
+
+    def __init__(self, model: str, message: str):
+        self.model = model
+        super().__init__(message)
+
+    def summary(self) -> str:
+        return "the Ollama server failed an operation"
+
+
 def describe_exit(reason: str, exit_code: int | None, log_tail: str) -> str:
     """``reason (exit code N)`` followed by the container's last log lines, if any."""
     text = reason if exit_code is None else f"{reason} (exit code {exit_code})"
@@ -164,6 +202,8 @@ class UpstreamFailed(LocalllmError):
 
 
 class ShuttingDown(LocalllmError):
+    """The daemon is stopping: nothing new starts."""
+
     code = "shutting_down"
     http_status = 503
     client_safe = True
@@ -265,6 +305,12 @@ class ModelBusy(LocalllmError):
     http_status = 409
 
 
+class ModelStayedBusy(ModelBusy):
+    """A config change waited as long as it may for the model's requests to end and its server to stop."""
+
+    code = "model_stayed_busy"
+
+
 class ModelNotRunning(LocalllmError):
     code = "model_not_running"
     http_status = 409
@@ -361,6 +407,19 @@ class HostNotAllowed(EdgeRefusal):
 
 # Codes of errors that did not come from our hierarchy (aiohttp's routing), as the web layer names them.
 HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+class RemoteError(LocalllmError):
+    """localllmctl's side: an error the daemon answered with, and its stable ``code``; bad input on our side exits 2,
+    anything else 1."""
+
+    BAD_INPUT = {ConfigError.code, BadRequest.code, ApplyRefused.code, UnknownModel.code, HTTP_ERROR_CODES[404]}
+
+    def __init__(self, message: str, code: str, body: dict | None = None):
+        super().__init__(message)
+        self.code = code
+        self.body = body or {}
+        self.exit_code = EXIT_BAD_INPUT if code in self.BAD_INPUT else EXIT_FAILURE
 
 
 def error_codes() -> list[str]:

@@ -5,23 +5,7 @@ The fleet and the rollout publish; the control API streams events as SSE
 listen synchronously. Publishing never blocks: a subscriber that falls too
 far behind is told so and dropped, the daemon never waits for it.
 
-Event kinds (stable; documented in the README):
-  state          a model's phase changed          data: from, to ("removed": left the catalog)
-  load           a model became ready             data: seconds, container
-  load_failed    a start failed                   data: error
-  evict          stopped to make room (a swap)    data: reason
-  unload         stopped: idle, operator, config  data: reason, cause
-  crash          died or hung while serving       data: reason
-  restart        started after a failure          data: failures (consecutive)
-  health_failure a liveness probe failed          data: failures, seen
-  adopt          a running container was adopted  data: container
-  apply          a config generation's progress   data: generation, status, ...
-  rollback       a rollback was asked for         data: generation
-  pull           an Ollama model is being pulled  data: status, total, completed
-  device         a GPU became unusable, or usable again   data: device, uuid, problem (None: usable)
-  memory_wait    a stopped model's GPU memory did not come back in time   data: device, held, still_held,
-                 expected, seconds
-  partial_offload  Ollama put part of a model on the CPU  data: size_vram, size
+Event kinds are ``EventKind``'s members (stable; documented in the README, with their data).
 """
 
 from __future__ import annotations
@@ -31,18 +15,48 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from loguru import logger
 
+from .stop_cause import StopCause
+
 KEEP = 1000  # events kept for late subscribers (Last-Event-ID) and `localllmctl events`
 SUBSCRIBER_BACKLOG = 1000  # events a slow subscriber may lag behind before it is dropped
+
+
+class EventKind(StrEnum):
+    """What happened; each kind's ``data`` keys are stable."""
+
+    STATE = "state"  # a model's phase changed; from, to ("removed": left the catalog)
+    LOAD = "load"  # a model became ready; seconds, container
+    LOAD_FAILED = "load_failed"  # a start failed; error
+    EVICT = "evict"  # stopped to make room (a swap), or evicted by Ollama on its own; reason, cause
+    UNLOAD = "unload"  # stopped: idle, operator, config; reason, cause
+    CRASH = "crash"  # died or hung while serving; reason
+    RESTART = "restart"  # started after a failure; failures (consecutive)
+    HEALTH_FAILURE = "health_failure"  # a liveness probe failed; failures, seen
+    ADOPT = "adopt"  # a running container was adopted; container
+    APPLY = "apply"  # a config generation's progress; generation, status, ...
+    ROLLBACK = "rollback"  # a rollback was asked for; generation
+    PULL = "pull"  # an Ollama model is being pulled; status, total, completed
+    DEVICE = "device"  # a GPU became unusable, or usable again; device, uuid, problem (None: usable)
+    MEMORY_WAIT = "memory_wait"  # a stopped model's GPU memory was not back in time; device, held, still_held,
+    #                              expected, seconds
+    PARTIAL_OFFLOAD = "partial_offload"  # Ollama put part of a model on the CPU; size_vram, size
+
+
+def stop_event_kind(cause: StopCause) -> EventKind:
+    """The kind a stop is published as: a crash, an eviction (ours or the server's own), else an unload."""
+    return {StopCause.CRASH: EventKind.CRASH, StopCause.EVICT: EventKind.EVICT,
+            StopCause.SERVER: EventKind.EVICT}.get(cause, EventKind.UNLOAD)
 
 
 @dataclass(frozen=True)
 class Event:
     id: int
     time: float  # wall clock
-    kind: str
+    kind: EventKind
     model: str | None
     message: str
     data: dict = field(default_factory=dict)
@@ -92,7 +106,7 @@ class EventBus:
         self._subscribers: list[Subscription] = []
         self._listeners: list[Callable[[Event], None]] = []
 
-    def publish(self, kind: str, message: str, model: str | None = None, **data) -> Event:
+    def publish(self, kind: EventKind, message: str, model: str | None = None, **data) -> Event:
         event = Event(self._next_id, time.time(), kind, model, message, data)
         self._next_id += 1
         self._recent.append(event)

@@ -20,6 +20,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import yaml
@@ -32,16 +33,29 @@ PLACEHOLDER = "<redacted>"
 NOT_STORED = "# localllm did not store this text: it is not valid YAML, so its secrets could not be told apart\n"
 
 
+class GenerationStatus(StrEnum):
+    """A generation's outcome, as ``localllmctl history`` and ``GET /history`` show it."""
+
+    PENDING = "pending"  # being applied (or the daemon stopped before it was decided)
+    GOOD = "good"  # live; it became last-good
+    FAILED = "failed"  # failed its health gate and was reverted to last-good (or a preload failed at startup)
+    INVALID = "invalid"  # refused before anything changed: invalid, or it needs a restart
+
+
 @dataclass
 class Generation:
     number: int
     created_at: float
     source: str  # where the config came from: a path, "sighup", "rollback to N"
-    status: str  # pending, good, failed, reverted
+    status: GenerationStatus
     hashes: dict[str, str] = field(default_factory=dict)  # model -> config hash of its wanted container
     reason: str = ""
     secrets: bool = False  # its secrets are in secrets/<number>.json
     path: str = ""  # the file it was read from: relative paths in it are relative to that file's directory
+
+    def __post_init__(self) -> None:
+        with contextlib.suppress(ValueError):  # a status another version wrote stays as it was written
+            self.status = GenerationStatus(self.status)
 
 
 @dataclass(frozen=True)
@@ -215,7 +229,7 @@ class GenerationStore:
         on_disk = [int(p.stem) for p in self.directory.glob("[0-9]*.yaml") if p.stem.isdigit()]
         number = max([g.number for g in self.generations] + on_disk, default=0) + 1  # never overwrite a file
         redacted, secrets = split_secrets(text)
-        generation = Generation(number, time.time(), source, "pending", hashes, secrets=bool(secrets),
+        generation = Generation(number, time.time(), source, GenerationStatus.PENDING, hashes, secrets=bool(secrets),
                                 path=str(path.resolve()) if path else "")
         try:
             if secrets:
@@ -230,13 +244,14 @@ class GenerationStore:
             raise
         return generation
 
-    def mark(self, number: int, status: str, reason: str = "") -> None:
+    def mark(self, number: int, status: GenerationStatus, reason: str = "") -> None:
         """Record an outcome; if the index cannot be written, memory and disk stay as they were."""
         generation = self.get(number)
         assert generation is not None, f"no generation {number}"
+        status = GenerationStatus(status)  # a misspelt status fails here, not in every later reader
         before = (generation.status, generation.reason, self.active, self.last_good, list(self.generations))
         generation.status, generation.reason = status, reason
-        if status == "good":
+        if status is GenerationStatus.GOOD:
             self.active = self.last_good = number
         pruned = self._prune()
         try:

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadRequest
+from .errors import ModelFileUnreadable
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
@@ -53,10 +53,11 @@ SWA_EVERY = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
 
 def read_gguf_facts(path: Path) -> GgufFacts:
+    """What the estimator needs of the file at ``path``; ModelFileUnreadable when it cannot be read as GGUF."""
     try:
         fields, tensors = read_header(path)
     except (OSError, ValueError, struct.error) as exc:  # truncated, foreign, or not there
-        raise BadRequest(f"cannot read GGUF file {path}: {exc}") from None
+        raise ModelFileUnreadable(path, str(exc)) from None
     arch = fields.get("general.architecture", "llama")
 
     def key(name: str, default=None):
@@ -64,8 +65,7 @@ def read_gguf_facts(path: Path) -> GgufFacts:
 
     blocks = int(key("block_count", 0))
     if not 0 <= blocks <= MAX_BLOCKS:  # a crafted file must not make every start allocate gigabytes
-        raise BadRequest(f"cannot read GGUF file {path}: block_count {blocks} is not plausible "
-                         f"(at most {MAX_BLOCKS})")
+        raise ModelFileUnreadable(path, f"block_count {blocks} is not plausible (at most {MAX_BLOCKS})")
     embedding = int(key("embedding_length", 0))
     heads = _first(key("attention.head_count", 1))
     kv_heads = key("attention.head_count_kv", heads)

@@ -18,21 +18,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from . import __version__
-from .events import Event, EventBus
+from .events import Event, EventBus, EventKind
 from .fleet import Fleet
+from .generations import GenerationStatus
 from .scheduler import Phase
+from .stop_cause import StopCause
 
 UNKNOWN = "_unknown"  # catalog names start with a letter or digit, so this one never clashes
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-APPLY_RESULTS = ("good", "failed", "invalid")  # an apply's final statuses (the others are progress)
-UNLOAD_CAUSES = ("unload", "idle")  # evictions and crashes have events of their own
+# an apply's final statuses (the others are its progress, rollout.ApplyStep)
+APPLY_RESULTS = (GenerationStatus.GOOD, GenerationStatus.FAILED, GenerationStatus.INVALID)
+UNLOAD_CAUSES = (StopCause.UNLOAD, StopCause.IDLE)  # evictions and crashes have events of their own
 PER_MODEL_EVENTS = {
-    "evict": ("evictions", "Models stopped to make room for another (swaps)"),
-    "restart": ("restarts", "Models started again after a failure"),
-    "crash": ("crashes", "Models whose server died or hung while serving"),
-    "health_failure": ("health_failures", "Failed liveness probes"),
+    EventKind.EVICT: ("evictions", "Models stopped to make room for another (swaps)"),
+    EventKind.RESTART: ("restarts", "Models started again after a failure"),
+    EventKind.CRASH: ("crashes", "Models whose server died or hung while serving"),
+    EventKind.HEALTH_FAILURE: ("health_failures", "Failed liveness probes"),
 }
 
 
@@ -76,21 +79,21 @@ class Metrics:
 
     def _count(self, event: Event) -> None:
         model, data = self._model(event.model), event.data
-        if event.kind == "load":
+        if event.kind == EventKind.LOAD:
             self.loads.labels(model, "ok").inc()
             self.load_seconds.labels(model).observe(float(data["seconds"]))
-        elif event.kind == "load_failed":
+        elif event.kind == EventKind.LOAD_FAILED:
             self.loads.labels(model, "failed").inc()
         elif event.kind in self.per_model:
             self.per_model[event.kind].labels(model).inc()
-        elif event.kind == "unload":
+        elif event.kind == EventKind.UNLOAD:
             cause = data.get("cause")
             self.unloads.labels(model, cause if cause in UNLOAD_CAUSES else "other").inc()
-        elif event.kind == "rollback":
+        elif event.kind == EventKind.ROLLBACK:
             self.rollbacks.labels("operator").inc()
-        elif event.kind == "apply" and data.get("status") in APPLY_RESULTS:
+        elif event.kind == EventKind.APPLY and data.get("status") in APPLY_RESULTS:
             self.applies.labels(data["status"]).inc()
-            if data["status"] == "failed":
+            if data["status"] == GenerationStatus.FAILED:
                 self.rollbacks.labels("revert").inc()
 
     def observe_request(self, model: str, endpoint: str, status: int, seconds: float) -> None:

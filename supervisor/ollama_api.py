@@ -5,6 +5,9 @@ A load is ``/api/generate`` with an empty prompt and ``keep_alive: -1``, or ``/a
 embedding model (which cannot generate). An unload is ``keep_alive: 0``, which Ollama only queues: the model is
 gone when ``/api/ps`` stops listing it (``wait_gone``). Memory is ``/api/ps``. File names in comments are
 Ollama's source (server/routes.go, server/sched.go, fs/ggml/ggml.go, types/model/name.go).
+
+A call Ollama does not answer, or answers with an error, raises OllamaFailure; a load or pull that fails is the
+model's start failing, ModelStartFailed; a 503 is Ollama's full queue, QueueFull.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 import aiohttp
 
 from .config import same_tag
-from .errors import ModelStartFailed, QueueFull
+from .errors import ModelStartFailed, OllamaFailure, QueueFull
 
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)  # a load may read a large file
 QUICK_SECONDS = 10.0  # unloads, lists: a server that takes longer is hung
@@ -54,7 +57,7 @@ class OllamaApi:
             async with self.session.post(self.base_url + path, json=body, timeout=timeout) as response:
                 status, retry_after, text = response.status, response.headers.get("Retry-After"), await response.text()
         except TRANSPORT_ERRORS as exc:
-            raise ModelStartFailed(self.model, f"Ollama {path} did not answer: {exc!r}") from None
+            raise OllamaFailure(self.model, f"Ollama {path} did not answer: {exc!r}") from None
         try:
             answer = json.loads(text)
         except ValueError:
@@ -67,9 +70,9 @@ class OllamaApi:
 
     def _checked(self, path: str, status: int, answer: object) -> dict:
         if not isinstance(answer, dict):
-            raise ModelStartFailed(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
+            raise OllamaFailure(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
         if status >= 400 or "error" in answer:
-            raise ModelStartFailed(self.model, f"Ollama {path}: {answer.get('error', f'HTTP {status}')}")
+            raise OllamaFailure(self.model, f"Ollama {path}: {answer.get('error', f'HTTP {status}')}")
         return answer
 
     async def _post(self, path: str, body: dict, timeout: aiohttp.ClientTimeout = TIMEOUT) -> dict:
@@ -79,12 +82,12 @@ class OllamaApi:
         try:
             async with self.session.get(self.base_url + path, timeout=timeout) as response:
                 if response.status >= 400:
-                    raise ModelStartFailed(self.model, f"Ollama {path}: HTTP {response.status}")
+                    raise OllamaFailure(self.model, f"Ollama {path}: HTTP {response.status}")
                 answer = await response.json(content_type=None)
         except TRANSPORT_ERRORS as exc:
-            raise ModelStartFailed(self.model, f"Ollama {path} did not answer: {exc!r}") from None
+            raise OllamaFailure(self.model, f"Ollama {path} did not answer: {exc!r}") from None
         if not isinstance(answer, dict):
-            raise ModelStartFailed(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
+            raise OllamaFailure(self.model, f"Ollama {path}: unexpected answer {str(answer)[:200]}")
         return answer
 
     async def has(self, tag: str) -> bool:
@@ -124,14 +127,18 @@ class OllamaApi:
         does for ``/v1`` requests, which never send one (a differing num_ctx makes Ollama reload the model).
         An embedding model answers ``/api/generate`` with 400 "does not support generate"; ``/api/embed``
         with no input loads it and answers with no embeddings, computing nothing (routes.go EmbedHandler).
+        Raises ModelStartFailed when Ollama refuses it or does not answer, QueueFull when Ollama's queue is full.
         """
         body: dict = {"model": tag, "keep_alive": -1}
         if context is not None:
             body["options"] = {"num_ctx": context}
-        if embedding:
-            await self._post("/api/embed", body)
-        else:
-            await self._post("/api/generate", {**body, "prompt": "", "stream": False})
+        try:
+            if embedding:
+                await self._post("/api/embed", body)
+            else:
+                await self._post("/api/generate", {**body, "prompt": "", "stream": False})
+        except OllamaFailure as exc:
+            raise ModelStartFailed(self.model, exc.message) from None
 
     async def unload(self, tag: str, timeout: float = QUICK_SECONDS) -> None:
         """Ask Ollama to unload ``tag``; it only queues that (routes.go: expireRunner): see ``wait_gone``.
@@ -151,7 +158,7 @@ class OllamaApi:
 
         The runner stops after its in-flight requests, and Ollama then waits up to 5 s for the memory to
         come back (sched.go), so the memory is free only then. The pause grows from 0.1 s to 0.5 s.
-        Raises ModelStartFailed when Ollama does not answer at all.
+        Raises OllamaFailure when Ollama does not answer at all.
         """
         loop = asyncio.get_running_loop()
         deadline, pause = loop.time() + timeout, 0.1

@@ -18,19 +18,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from loguru import logger
 
-from .config import Config, load_config
+from .config import Config, ModelEntry, load_config
+from .containers import ContainerSpec
 from .errors import ApplyFailed, ApplyRefused, ConfigError, Conflict, LocalllmError, ShuttingDown
+from .events import EventKind
 from .fleet import Fleet
-from .generations import GenerationStore, plan_change, split_secrets
+from .generations import ChangePlan, GenerationStatus, GenerationStore, plan_change, split_secrets
 from .scheduler import Phase
-from .sizing import size_catalog
+from .sizing import Sizing, size_catalog
 
 DRAIN_PATIENCE = 120.0  # seconds a replaced container may finish its requests
+
+
+class ApplyStep(StrEnum):
+    """An ``apply`` event's ``status`` while the change is under way; it ends with a ``GenerationStatus``."""
+
+    APPLYING = "applying"  # the plan is made and the generation recorded
+    STOPPING_OLD = "stopping_old"  # a model's old version stops first (no room for both, or Ollama)
+    LAUNCHING = "launching"  # a model's new version starts
+    HEALTHY = "healthy"  # a model's new version passed its health gate
+
+
+@dataclass(frozen=True)
+class SwitchRequest:
+    """One config change, as planned: what ``_switch`` starts, commits, or reverts."""
+
+    number: int  # the generation
+    config: Config
+    sizings: dict[str, Sizing]  # every model of ``config``
+    plan: ChangePlan
+    running: dict[str, ContainerSpec]  # the ready models' specs before the change
+    entries: dict[str, ModelEntry]  # ``config``'s models by name
+    reloading: tuple[str, ...]  # Ollama models to replace: all offline before the first launch
+    report: dict  # what the answer carries so far (generation, source, plan)
 
 
 class Rollout:
@@ -49,15 +75,15 @@ class Rollout:
         async with self._lock:
             self._task = asyncio.current_task()
             if rollback_to is not None:
-                self.fleet.events.publish("rollback", f"rolling back to generation {rollback_to}",
+                self.fleet.events.publish(EventKind.ROLLBACK, f"rolling back to generation {rollback_to}",
                                           generation=rollback_to)
             try:
                 config = load_config(path, text=text, running=self.fleet.config)
                 self._refuse_restart_only_changes(config)
             except (ConfigError, ApplyRefused) as exc:
                 number = self.store.record(text, source, {}, path).number
-                self.store.mark(number, "invalid", exc.message)
-                self._event(number, "invalid", exc.message)
+                self.store.mark(number, GenerationStatus.INVALID, exc.message)
+                self._event(number, GenerationStatus.INVALID, exc.message)
                 logger.bind(generation=number).error("generation {} refused: {}", number, exc.message)
                 raise
             return await self._apply(config, text, source, path)
@@ -105,7 +131,8 @@ class Rollout:
         if self._lock.locked():
             raise Conflict("another apply or rollback is in progress; try again when it is done")
         if number is None:
-            earlier = [g for g in self.store.generations if g.status == "good" and g.number != self.store.active]
+            earlier = [g for g in self.store.generations
+                       if g.status == GenerationStatus.GOOD and g.number != self.store.active]
             if not earlier:
                 raise ApplyRefused("there is no earlier good generation to roll back to")
             number = earlier[-1].number
@@ -119,8 +146,9 @@ class Rollout:
         path = self.store.get(number).path or self.store.directory / f"{number:06d}.yaml"  # relative paths' base
         return await self.apply(text, f"rollback to generation {number}", Path(path), rollback_to=number)
 
-    def _event(self, number: int, status: str, message: str, model: str | None = None, **data) -> None:
-        self.fleet.events.publish("apply", f"generation {number}: {message}", model, generation=number,
+    def _event(self, number: int, status: ApplyStep | GenerationStatus, message: str, model: str | None = None,
+               **data) -> None:
+        self.fleet.events.publish(EventKind.APPLY, f"generation {number}: {message}", model, generation=number,
                                   status=status, **data)
 
     def _refuse_restart_only_changes(self, config: Config) -> None:
@@ -160,64 +188,67 @@ class Rollout:
         log = logger.bind(generation=generation.number)
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
                  list(plan.remove) or "-", list(plan.add) or "-")
-        self._event(generation.number, "applying", f"from {source}", plan=asdict(plan))
+        self._event(generation.number, ApplyStep.APPLYING, f"from {source}", plan=asdict(plan))
         held = in_ollama if hold_ollama else []  # no Ollama model starts on the old server meanwhile
         for name in held:
             fleet.scheduler.slots[name].held = True
+        request = SwitchRequest(generation.number, config, sizings, plan, running, entries, tuple(reloading), report)
         offline: list[str] = []  # models stopped for the change
         try:
-            return await self._switch(config, sizings, plan, running, entries, offline, generation.number, report,
-                                      reloading)
+            return await self._switch(request, offline)
         finally:
             for name in held:
                 if name not in offline:  # those are attached, or released by the revert
                     fleet.release_hold(name)
 
-    async def _switch(self, config: Config, sizings: dict, plan, running: dict, entries: dict, offline: list[str],
-                      number: int, report: dict, reloading: list[str]) -> dict:
-        """Start the new versions (beside the old ones where there is room), then commit, or revert."""
-        fleet, switched = self.fleet, {}
+    async def _switch(self, request: SwitchRequest, offline: list[str]) -> dict:
+        """Start the new versions (beside the old ones where there is room), then commit, or revert.
+
+        ``offline`` gets each model stopped for the change as it goes, so that the caller can tell them apart.
+        """
+        fleet, number, switched = self.fleet, request.number, {}
         log = logger.bind(generation=number)
         try:
-            for name in reloading:  # all of them before the first launch: a new server replaces the old one
+            for name in request.reloading:  # all of them before the first launch: a new server replaces the old one
                 await self._take_offline(number, name, "Ollama holds one instance of a model", offline)
-            for name in plan.replace:
-                device, need = running[name].device, sizings[name].need
+            for name in request.plan.replace:
+                device, need = request.running[name].device, request.sizings[name].need
                 if name not in offline and fleet.room_on(device) < need:
                     await self._take_offline(number, name, "no room for both", offline)
-                self._event(number, "launching", f"{name}: starting its new version", name)
-                switched[name] = await fleet.launch(entries[name], device, need, config)
+                self._event(number, ApplyStep.LAUNCHING, f"{name}: starting its new version", name)
+                switched[name] = await fleet.launch(request.entries[name], device, need, request.config)
                 log.info("{}: new version passed its health gate", name)
-                self._event(number, "healthy", f"{name}: new version passed its health gate", name)
+                self._event(number, ApplyStep.HEALTHY, f"{name}: new version passed its health gate", name)
         except LocalllmError as exc:
-            return await self._revert(number, switched, offline, running, exc, report)
+            return await self._revert(request, switched, offline, exc)
         except BaseException as exc:  # cancelled (shutdown) or a bug: put things back, then let it go on
             error = LocalllmError(f"interrupted: {exc!r}")
             with contextlib.suppress(ApplyFailed):
-                await asyncio.shield(self._revert(number, switched, offline, running, error, report))
+                await asyncio.shield(self._revert(request, switched, offline, error))
             raise
-        retire = fleet.commit(config, sizings, {n: v for n, v in switched.items() if n not in offline})
+        retire = fleet.commit(request.config, request.sizings,
+                              {n: v for n, v in switched.items() if n not in offline})
         for name in offline:
             fleet.attach(name, *switched[name])
         for name, container_id, entry in retire:
             fleet.retire(name, container_id, DRAIN_PATIENCE, entry)
-        self.store.mark(number, "good")
+        self.store.mark(number, GenerationStatus.GOOD)
         fleet.degraded = None
         log.info("generation {} is live and is now last-good", number)
-        self._event(number, "good", "live and now last-good")
-        return {**report, "status": "good"}
+        self._event(number, GenerationStatus.GOOD, "live and now last-good")
+        return {**request.report, "status": GenerationStatus.GOOD}
 
     async def _take_offline(self, number: int, name: str, why: str, offline: list[str]) -> None:
         logger.bind(generation=number).info("{}: {}, stopping the old one first", name, why)
-        self._event(number, "stopping_old", f"{name}: {why}, stopping the old one first", name)
+        self._event(number, ApplyStep.STOPPING_OLD, f"{name}: {why}, stopping the old one first", name)
         offline.append(name)  # before waiting: a revert must release it whatever happens
         await self.fleet.take_offline(name, DRAIN_PATIENCE)
 
-    async def _revert(self, number: int, switched: dict, offline: list[str], running: dict,
-                      error: LocalllmError, report: dict) -> dict:
-        """Remove what the change started and bring back what it stopped; whatever fails is reported as
-        degraded, and no model stays held."""
-        fleet = self.fleet
+    async def _revert(self, request: SwitchRequest, switched: dict, offline: list[str],
+                      error: LocalllmError) -> dict:
+        """Remove what the change started (``switched``) and bring back what it stopped (``offline``); whatever
+        fails is reported as degraded, and no model stays held."""
+        fleet, number, running = self.fleet, request.number, request.running
         log = logger.bind(generation=number)
         log.error("generation {} failed its health gate: {}; reverting to last-good", number, error.message)
         lost = []
@@ -239,12 +270,12 @@ class Rollout:
                 lost.append(f"{name}: {getattr(exc, 'message', None) or repr(exc)}")
         reason = f"health gate failed: {error.message}"
         with contextlib.suppress(LocalllmError):
-            self.store.mark(number, "failed", reason)
+            self.store.mark(number, GenerationStatus.FAILED, reason)
         if lost:
             fleet.degraded = (f"generation {number} failed and its last-good spec could not be brought back for "
                               + "; ".join(lost) + "; not retrying on its own: apply a config that works")
             log.error("degraded: {}", fleet.degraded)
-        report = {**report, "status": "failed", "reason": reason, "degraded": fleet.degraded}
-        self._event(number, "failed", f"reverted to last-good: {reason}", degraded=fleet.degraded)
+        report = {**request.report, "status": GenerationStatus.FAILED, "reason": reason, "degraded": fleet.degraded}
+        self._event(number, GenerationStatus.FAILED, f"reverted to last-good: {reason}", degraded=fleet.degraded)
         raise ApplyFailed(f"generation {number} failed and was reverted to last-good: {reason}"
                           + (f"; DEGRADED: {fleet.degraded}" if lost else ""), report)

@@ -15,7 +15,7 @@ from loguru import logger
 from .backends import ollama
 from .backends.llamacpp import launch_settings
 from .config import Config, ModelEntry, OllamaSettings
-from .errors import BadRequest
+from .errors import ModelFileUnreadable
 from .estimate import Estimate, LaunchSettings, estimate
 from .gguf_meta import read_gguf_facts
 from .learned import LearnedSizes, learned_key
@@ -59,7 +59,7 @@ def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None
         estimated = estimate(facts, launch)
     except Exception as exc:  # an odd header must not stop the daemon: admit with the file size
         fallback = entry.gguf.stat().st_size if entry.gguf.is_file() else 0
-        problem = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
+        problem = exc.message if isinstance(exc, ModelFileUnreadable) else f"{type(exc).__name__}: {exc}"
         return Sizing(launch, None, None, None, problem, fallback, entry.memory)
     return Sizing(launch, estimated, learned.get(key) if learned else None, key, declared=entry.memory)
 

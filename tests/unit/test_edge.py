@@ -409,6 +409,7 @@ CLIENT_SAFE = {
     "ModelNotRunning": False, "ApplyFailed": False, "InvalidToken": False, "Forbidden": False,
     "InvalidApiKey": True, "EdgeRefusal": True, "UnsupportedMediaType": True, "LengthRequired": True,
     "RequestTooLarge": True, "RequestTimeout": True, "HeadTooLarge": True, "HostNotAllowed": True,
+    "ModelFileUnreadable": False, "OllamaFailure": False, "ModelStayedBusy": False, "RemoteError": False,
 }
 
 
@@ -429,6 +430,8 @@ def instance_of(cls: type[LocalllmError], secret: str) -> LocalllmError:
         "ConfigError": lambda: cls(secret, ["x"]), "UnknownModel": lambda: cls(secret, []),
         "ModelStartFailed": lambda: cls("llama", "server exited", 1, secret),
         "ApplyFailed": lambda: cls(secret, {"detail": secret}), "Forbidden": lambda: cls(secret, "admin"),
+        "ModelFileUnreadable": lambda: cls(secret, "not a GGUF file"), "OllamaFailure": lambda: cls("llama", secret),
+        "RemoteError": lambda: cls(secret, "conflict"),
     }
     if name := next((n for n in special if cls.__name__ == n), None):
         return special[name]()

@@ -17,6 +17,7 @@ from supervisor.generations import (
     KEEP,
     NOT_STORED,
     ChangePlan,
+    GenerationStatus,
     GenerationStore,
     StateWriteFailed,
     plan_change,
@@ -86,6 +87,43 @@ def test_record_mark_and_reload(tmp_path):
     assert [(g["number"], g["status"], g["reason"], g["active"], g["last_good"]) for g in again.as_list()] == [
         (1, "good", "", True, True), (2, "failed", "boom", False, False)]
     assert again.record("third\n", "rollback to 1", {}).number == 3
+
+
+def test_generation_statuses_are_the_strings_history_has_always_shown():
+    assert [str(status) for status in GenerationStatus] == ["pending", "good", "failed", "invalid"]
+    assert GenerationStatus.GOOD == "good" and json.dumps(GenerationStatus.FAILED) == '"failed"'
+
+
+def test_statuses_are_stored_and_read_back_as_the_same_json(tmp_path):
+    d = tmp_path / "generations"
+    store = GenerationStore(d)
+    store.record("a\n", "startup", {})
+    store.mark(1, GenerationStatus.GOOD)
+    store.record("b\n", "sighup", {})
+    store.mark(2, GenerationStatus.INVALID, "bad")
+    index = json.loads((d / "index.json").read_text())
+    assert [g["status"] for g in index["generations"]] == ["good", "invalid"]
+    again = GenerationStore(d)
+    assert [g.status for g in again.generations] == [GenerationStatus.GOOD, GenerationStatus.INVALID]
+    assert all(type(g.status) is GenerationStatus for g in again.generations)
+    assert json.dumps(again.as_list()) == json.dumps(store.as_list())
+
+
+def test_a_misspelt_status_is_refused_and_changes_nothing(tmp_path):
+    store = GenerationStore(tmp_path / "generations")
+    store.record("a\n", "startup", {})
+    with pytest.raises(ValueError):
+        store.mark(1, "godo")
+    assert (store.get(1).status, store.active) == (GenerationStatus.PENDING, None)
+
+
+def test_a_status_another_version_wrote_is_kept_as_written(tmp_path):
+    d = tmp_path / "generations"
+    d.mkdir()
+    (d / "index.json").write_text(json.dumps({"active": None, "last_good": None, "generations": [
+        {"number": 1, "created_at": 0.0, "source": "x", "status": "superseded"}]}))
+    store = GenerationStore(d)
+    assert store.problem is None and store.get(1).status == "superseded"
 
 
 def test_as_list_flags_active_and_last_good_separately(tmp_path):

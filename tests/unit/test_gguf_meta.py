@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from supervisor.errors import BadRequest
+from supervisor.errors import EXIT_BAD_INPUT, BadRequest, ModelFileUnreadable
 from supervisor.gguf_meta import _swa_layers, read_gguf_facts, read_header
 from supervisor.tinygguf import WORDS, write_tiny_model
 
@@ -143,29 +143,42 @@ TINY_HEADER = b"GGUF"
     TINY_HEADER,                          # the magic alone, cut short
     TINY_HEADER + b"\x03\x00\x00\x00",   # magic and version, no counts
 ], ids=["text", "empty", "zeros", "magic-only", "magic-and-version"])
-def test_not_a_gguf_file_is_a_bad_request_naming_it(tmp_path, content):
+def test_not_a_gguf_file_is_an_unreadable_model_file_naming_it(tmp_path, content):
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(ModelFileUnreadable) as caught:
         read_gguf_facts(path)
-    assert str(path) in caught.value.message
+    assert str(path) in caught.value.message and caught.value.path == path
 
 
 @pytest.mark.parametrize("keep", [24, 100, 5000])
-def test_truncated_model_is_a_bad_request_naming_it(tmp_path, keep):
+def test_truncated_model_is_an_unreadable_model_file_naming_it(tmp_path, keep):
     whole = write_tiny_model(tmp_path / "whole.gguf").read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(whole[:keep])
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(ModelFileUnreadable) as caught:
         read_gguf_facts(path)
     assert str(path) in caught.value.message
 
 
-def test_missing_file_is_a_bad_request_naming_it(tmp_path):
+def test_missing_file_is_an_unreadable_model_file_naming_it(tmp_path):
     path = tmp_path / "absent.gguf"
-    with pytest.raises(BadRequest) as caught:
+    with pytest.raises(ModelFileUnreadable) as caught:
         read_gguf_facts(path)
     assert str(path) in caught.value.message
+
+
+def test_an_unreadable_model_file_is_the_operators_input_not_a_bad_request(tmp_path):
+    """The catalog names the file: a client's request is not at fault, and a proxy client is not told the path."""
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"not GGUF")
+    with pytest.raises(ModelFileUnreadable) as caught:
+        read_gguf_facts(path)
+    error = caught.value
+    assert not isinstance(error, BadRequest)
+    assert (error.code, error.http_status, error.exit_code, error.client_safe) == (
+        "model_file_unreadable", 503, EXIT_BAD_INPUT, False)
+    assert error.message == f"cannot read GGUF file {path}: not a GGUF file (no GGUF magic)"
 
 
 def test_the_header_reader_agrees_with_the_gguf_package_on_every_field_and_tensor(tmp_path):
@@ -224,7 +237,7 @@ def test_a_crafted_header_is_refused_at_once_without_allocating(tmp_path, conten
     path = tmp_path / "crafted.gguf"
     path.write_bytes(content)
     started = time.monotonic()
-    with pytest.raises(BadRequest) as refused:
+    with pytest.raises(ModelFileUnreadable) as refused:
         read_gguf_facts(path)
     assert time.monotonic() - started < 1.0
     assert problem in refused.value.message and str(path) in refused.value.message
@@ -238,6 +251,6 @@ def test_an_absurd_block_count_is_a_sizing_problem_within_a_second(tmp_path):
     data[at:at + 4] = struct.pack("<I", 2**31)
     path.write_bytes(bytes(data))
     started = time.monotonic()
-    with pytest.raises(BadRequest, match="block_count 2147483648 is not plausible"):
+    with pytest.raises(ModelFileUnreadable, match="block_count 2147483648 is not plausible"):
         read_gguf_facts(path)
     assert time.monotonic() - started < 1.0

@@ -12,13 +12,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor import __version__
 from supervisor.config import Config, ModelEntry
 from supervisor.estimate import LaunchSettings
-from supervisor.events import EventBus
+from supervisor.events import EventBus, EventKind
 from supervisor.fleet import Fleet
+from supervisor.generations import GenerationStatus
 from supervisor.metrics import Metrics
 from supervisor.placement import Device
 from supervisor.profiles import load_profiles
+from supervisor.rollout import ApplyStep
 from supervisor.scheduler import Phase
 from supervisor.sizing import Sizing
+from supervisor.stop_cause import StopCause
 
 GIB = 1024**3
 NEEDS = {"alpha": 4 * GIB, "beta": 6 * GIB, "gamma": 1 * GIB}
@@ -121,6 +124,20 @@ def test_config_applies_and_rollbacks(metrics, bus):
     assert value(metrics, "localllm_rollbacks_total", trigger="operator") == 1
     assert value(metrics, "localllm_rollbacks_total", trigger="revert") == 1
 
+
+
+def test_events_published_with_enum_members_are_counted_and_labelled_as_with_strings(metrics, bus):
+    bus.publish(EventKind.UNLOAD, "idle", "alpha", reason="idle for 300s", cause=StopCause.IDLE)
+    bus.publish(EventKind.UNLOAD, "gone", "alpha", reason="Ollama evicted it", cause=StopCause.SERVER)
+    bus.publish(EventKind.EVICT, "evicted", "alpha", reason="evicted", cause=StopCause.EVICT)
+    for status in (ApplyStep.APPLYING, GenerationStatus.GOOD, GenerationStatus.FAILED):
+        bus.publish(EventKind.APPLY, f"generation 3: {status}", generation=3, status=status)
+    assert value(metrics, "localllm_model_unloads_total", model="alpha", cause="idle") == 1
+    assert value(metrics, "localllm_model_unloads_total", model="alpha", cause="other") == 1
+    assert value(metrics, "localllm_model_evictions_total", model="alpha") == 1
+    assert value(metrics, "localllm_config_applies_total", status="good") == 1
+    assert value(metrics, "localllm_rollbacks_total", trigger="revert") == 1
+    assert names_with(metrics, "localllm_config_applies_total", "status") == {"good", "failed", "invalid"}
 
 def test_requests_are_counted_and_timed(metrics):
     metrics.observe_request("alpha", CHAT, 200, 0.003)

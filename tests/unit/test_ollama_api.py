@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from supervisor.errors import ModelStartFailed, QueueFull
+from supervisor.errors import ModelStartFailed, OllamaFailure, QueueFull
 from supervisor.ollama_api import (
     PULL_SILENCE,
     OllamaApi,
@@ -113,10 +113,13 @@ def test_unload_sends_keep_alive_zero_and_takes_a_404_as_nothing_to_unload():
     assert fake.bodies("/api/generate") == [{"model": "gone:1b", "prompt": "", "keep_alive": 0, "stream": False}]
 
 
-def test_unload_refused_otherwise_is_an_error():
+def test_unload_refused_otherwise_is_an_ollama_failure_not_a_failed_start():
     fake = FakeOllama(api_generate=answer({"error": "boom"}, status=500))
-    with pytest.raises(ModelStartFailed, match="boom"):
+    with pytest.raises(OllamaFailure, match="boom") as caught:
         run(fake, lambda api: api.unload("tiny:1b"))
+    assert not isinstance(caught.value, ModelStartFailed)
+    assert (caught.value.code, caught.value.http_status, caught.value.model) == ("ollama_error", 502, "m")
+    assert caught.value.message == "Ollama /api/generate: boom"
 
 
 def test_the_unload_of_a_model_still_loading_waits_as_long_as_it_is_told():
@@ -128,7 +131,7 @@ def test_the_unload_of_a_model_still_loading_waits_as_long_as_it_is_told():
         return web.json_response({"done": True, "done_reason": "unload"})
 
     async def scenario(api):
-        with pytest.raises(ModelStartFailed, match="did not answer"):
+        with pytest.raises(OllamaFailure, match="did not answer"):
             await api.unload("tiny:1b", timeout=0.2)
         asyncio.get_running_loop().call_later(0.3, release.set)
         await api.unload("tiny:1b", timeout=5)
@@ -191,7 +194,7 @@ def test_loaded_waits_out_a_load_elsewhere_for_as_long_as_it_is_told():
     release = asyncio.Event()
 
     async def scenario(api):
-        with pytest.raises(ModelStartFailed, match="did not answer"):
+        with pytest.raises(OllamaFailure, match="did not answer"):
             await api.loaded(timeout=0.2)
         asyncio.get_running_loop().call_later(0.3, release.set)
         return await api.loaded()  # the default outlasts a load
@@ -244,6 +247,47 @@ def test_has_matches_names_as_ollama_does():
                                                  "myhost:5000/team/x:1")]
 
     assert run(fake, scenario) == [True, False, True]
+
+
+@pytest.mark.parametrize("call, handlers, problem", [
+    (lambda api: api.has("tiny:1b"), {"api_tags": answer({"error": "boom"}, status=500)}, "/api/tags: HTTP 500"),
+    (lambda api: api.has("tiny:1b"), {"api_tags": answer([1, 2])}, "/api/tags: unexpected answer"),
+    (lambda api: api.loaded(), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
+    (lambda api: api.wait_gone("tiny:1b", 5), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
+    (lambda api: api.show("tiny:1b"), {"api_show": answer({"error": "model 'tiny:1b' not found"}, status=404)},
+     "/api/show: model 'tiny:1b' not found"),
+], ids=["tags", "tags-not-an-object", "ps", "wait-gone", "show"])
+def test_a_list_or_show_that_fails_is_an_ollama_failure_not_a_failed_start(call, handlers, problem):
+    with pytest.raises(OllamaFailure, match=problem) as caught:
+        run(FakeOllama(**handlers), call)
+    assert not isinstance(caught.value, ModelStartFailed)
+
+
+def test_a_call_ollama_does_not_answer_is_an_ollama_failure():
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            api = OllamaApi(session, "http://127.0.0.1:9", "m")  # discard: nothing listens
+            with pytest.raises(OllamaFailure, match="/api/ps did not answer"):
+                await api.loaded(timeout=2)
+            with pytest.raises(OllamaFailure, match="/api/generate did not answer"):
+                await api.unload("tiny:1b", timeout=2)
+            with pytest.raises(ModelStartFailed, match="failed to start: Ollama /api/generate did not answer"):
+                await api.load("tiny:1b", 4096)  # a load is a start
+
+    asyncio.run(main())
+
+
+def test_a_load_that_fails_stays_a_start_failure_with_its_message():
+    fake = FakeOllama(api_generate=answer({"error": "out of memory"}, status=500))
+    with pytest.raises(ModelStartFailed) as caught:
+        run(fake, lambda api: api.load("tiny:1b", 4096))
+    assert caught.value.message == "model 'm' failed to start: Ollama /api/generate: out of memory"
+
+
+def test_a_pull_ollama_refuses_is_a_start_failure():
+    fake = FakeOllama(api_pull=answer({"error": "pull model manifest: file does not exist"}, status=500))
+    with pytest.raises(ModelStartFailed, match="could not pull 'nope:1b'"):
+        run(fake, lambda api: api.pull("nope:1b", lambda line: None))
 
 
 # -- /api/show
