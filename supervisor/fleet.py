@@ -24,11 +24,11 @@ from pathlib import Path
 import aiohttp
 from loguru import logger
 
+from . import adoption
 from .backends import backend_for, ollama
 from .config import Config, DaemonSettings, ModelEntry
-from .container_runtime import ContainerRuntime
+from .container_runtime import ContainerInfo, ContainerRuntime
 from .containers import (
-    LABEL_CONFIG_HASH,
     LABEL_DEVICE,
     LABEL_ENDPOINT,
     LABEL_MODEL,
@@ -42,12 +42,13 @@ from .errors import (
     ModelBusy,
     ModelNotRunning,
     ModelStartFailed,
+    ModelStayedBusy,
     ShuttingDown,
     UnknownModel,
     UpstreamFailed,
     describe_exit,
 )
-from .events import EventBus
+from .events import EventBus, EventKind, stop_event_kind
 from .gpu_watch import GpuWatch, Usage, memory_released
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
@@ -77,6 +78,7 @@ from .scheduler import (
     Stop,
 )
 from .sizing import Sizing, size_model
+from .stop_cause import StopCause
 from .upstream import make_socket_dir, server_user, servers_dir, sweep_socket_dirs
 
 MEMORY_POLL = 0.25  # seconds between looks at a stopped model's GPU processes...
@@ -410,7 +412,7 @@ class Fleet:
                 continue
             instance.failed_probes += 1
             seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
-            self.events.publish("health_failure", f"liveness probe failed ({seen})", instance.name,
+            self.events.publish(EventKind.HEALTH_FAILURE, f"liveness probe failed ({seen})", instance.name,
                                 failures=instance.failed_probes, seen=seen)
             if await self._check_exited(instance, "server exited"):
                 continue
@@ -459,11 +461,11 @@ class Fleet:
                 self._device_problems[device.id] = device.problem
                 if device.problem:
                     logger.bind(device=device.id).error("unusable: {}", device.problem)
-                    self.events.publish("device", f"{device.id} is unusable: {device.problem}", None,
+                    self.events.publish(EventKind.DEVICE, f"{device.id} is unusable: {device.problem}", None,
                                         device=device.id, uuid=device.uuid, problem=device.problem)
                 else:
                     logger.bind(device=device.id).warning("usable again (was: {})", before)
-                    self.events.publish("device", f"{device.id} is usable again", None, device=device.id,
+                    self.events.publish(EventKind.DEVICE, f"{device.id} is usable again", None, device=device.id,
                                         uuid=device.uuid, problem=None)
         self.scheduler.devices = devices
 
@@ -628,7 +630,7 @@ class Fleet:
         self._apply(self.scheduler.unload(name, time.monotonic(), "replaced by a new config"))
         while slot.phase is not Phase.STOPPED and slot.phase is not Phase.FAILED:
             if time.monotonic() > deadline:
-                raise ShuttingDown(f"'{name}' stayed busy for {patience:g}s; try the change again later")
+                raise ModelStayedBusy(f"'{name}' stayed busy for {patience:g}s; try the change again later")
             await asyncio.sleep(0.05)
 
     def attach(self, name: str, spec: ContainerSpec, container_id: str) -> bool:
@@ -680,7 +682,7 @@ class Fleet:
                 retire.append((name, instance.container_id, instance.entry))
         for name in set(self.instances) - set(instances):
             before = self._phases.pop(name, Phase.STOPPED)
-            self.events.publish("state", f"{before} -> removed (no longer in the catalog)", name,
+            self.events.publish(EventKind.STATE, f"{before} -> removed (no longer in the catalog)", name,
                                 **{"from": str(before), "to": "removed"})
         self.config, self.instances = config, instances
         self._by_name = {name: instances[e.name] for e in config.models for name in e.names}
@@ -715,49 +717,75 @@ class Fleet:
         self.spawn(drain_then_stop(), f"retire:{name}")
 
     async def adopt_existing(self) -> list[str]:
-        """Reconcile our containers found at start-up; returns the models to start again.
+        """Reconcile our containers found at start-up (``adoption.plan``); returns the models to start again.
 
-        Adopted: running, healthy, same config hash, fits the budget (same container, not restarted).
+        Adopted: running, same config hash, healthy, and fitting the budget (same container, not restarted).
         Removed: not in the catalog, not running, a duplicate, unhealthy, or over budget.
         Recreated: those whose config changed (the caller starts them again).
         Containers without our owner label are never looked at.
         """
         found = await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
         recreate: list[str] = []
-        for info in sorted(found, key=lambda c: (not c.running, c.labels.get(LABEL_MODEL, ""))):
-            name = info.labels.get(LABEL_MODEL, "")
-            reason = await (self._try_adopt_ollama(info) if name == ollama.SERVER_LABEL else self._try_adopt(info))
-            if reason is None:
-                continue
-            if reason.startswith("its config changed") and name in self.instances:
-                recreate.append(name)
-            logger.bind(model=name or "?").warning("removing container {}: {}", info.name, reason)
-            await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
+        for step in adoption.plan(found, {info.id: self._wanted(info) for info in found}):
+            reason: str | None = step.reason
+            if step.action is adoption.Action.ADOPT:
+                adopt = self._adopt_ollama_server if step.model == ollama.SERVER_LABEL else self._adopt
+                reason = await adopt(step.container, step.spec)
+                if reason is None:
+                    continue
+            elif step.action is adoption.Action.RECREATE and step.model in self.instances:
+                recreate.append(step.model)
+            logger.bind(model=step.model or "?").warning("removing container {}: {}", step.container.name, reason)
+            await self.runtime.stop_and_remove(step.container.id, self.settings.stop_grace)
         return recreate
 
-    async def _try_adopt_ollama(self, info) -> str | None:
-        """Adopt the Ollama server (running, same spec, healthy), then the catalog's models it has loaded."""
-        if self.ollama.container_id is not None:
-            return "a second Ollama server"
-        if not info.running:
-            return f"not running ({info.status})"
+    def _wanted(self, info: ContainerInfo) -> adoption.Wanted:
+        """The spec a found container should have, from its labels (endpoint, device) and today's config."""
+        model = info.labels.get(LABEL_MODEL, "")
+        instance = self.instances.get(model)
+        if instance is None and model != ollama.SERVER_LABEL:
+            return adoption.Wanted()
         try:
             endpoint = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, ""))
         except ValueError:
-            return "its endpoint label is unreadable (made by an older localllm)"
+            return adoption.Wanted(problem="its endpoint label is unreadable (made by an older localllm)")
         if endpoint.socket is None:
-            return "its config changed (it listens on a port, not a socket)"
+            return adoption.Wanted(problem="its config changed (it listens on a port, not a socket)")
+        if instance is None:  # the Ollama server
+            try:
+                return adoption.Wanted(spec=self.ollama.server_spec(self.config, endpoint))
+            except LocalllmError as exc:
+                return adoption.Wanted(problem=exc.message)
+        device = next((d for d in self.scheduler.devices if d.id == info.labels.get(LABEL_DEVICE)), None)
+        if device is None:
+            return adoption.Wanted(problem="its config changed (its device is not one of this host's now)")
         try:
-            spec = self.ollama.server_spec(self.config, endpoint)
+            return adoption.Wanted(spec=self.spec_for(instance.entry, endpoint, device.id))
         except LocalllmError as exc:
-            return exc.message
-        if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
-            return "its config changed (config hash differs)"
-        if await probe(self.session, endpoint.url + ollama.readiness_path, timeout=2.0) != 200:
+            return adoption.Wanted(problem=exc.message)
+
+    async def _adopt(self, info: ContainerInfo, spec: ContainerSpec) -> str | None:
+        """Take a model's container as its own once it answers and fits; or say why not."""
+        instance = self.instances[info.labels[LABEL_MODEL]]
+        backend = backend_for(instance.entry.backend)
+        if await probe(self.session, spec.endpoint.url + backend.readiness_path, timeout=2.0) != 200:
+            return "its server is not healthy"
+        if not self.scheduler.adopt(instance.name, spec.device, time.monotonic()):
+            return "it does not fit the memory budget"
+        instance.spec, instance.container_id, instance.ready_at = spec, info.id, time.time()
+        logger.bind(model=instance.name).info("adopted running container {} ({})", info.name, spec.endpoint)
+        self.events.publish(EventKind.ADOPT, f"adopted running container {info.name}", instance.name,
+                            container=info.id[:12])
+        self._publish_phases()
+        return None
+
+    async def _adopt_ollama_server(self, info: ContainerInfo, spec: ContainerSpec) -> str | None:
+        """Take the Ollama server once it answers, then the catalog's models it has loaded; or say why not."""
+        if await probe(self.session, spec.endpoint.url + ollama.readiness_path, timeout=2.0) != 200:
             return "its server is not healthy"
         self.ollama.adopt(spec, info.id)
-        logger.info("adopted the running Ollama server {} ({})", info.name, endpoint)
-        self.events.publish("adopt", f"adopted the running Ollama server {info.name}", None,
+        logger.info("adopted the running Ollama server {} ({})", info.name, spec.endpoint)
+        self.events.publish(EventKind.ADOPT, f"adopted the running Ollama server {info.name}", None,
                             container=info.id[:12])
         try:
             loaded = await self.ollama.api("ollama").loaded(self._ollama_patience())
@@ -778,48 +806,12 @@ class Fleet:
                 instance.container_id, instance.ready_at, instance.measured = info.id, time.time(), measured
                 adopted.add(entry["name"])
                 logger.bind(model=instance.name).info("adopted: loaded in the Ollama server")
-                self.events.publish("adopt", "adopted: loaded in the Ollama server", instance.name,
+                self.events.publish(EventKind.ADOPT, "adopted: loaded in the Ollama server", instance.name,
                                     container=info.id[:12])
         for tag in set(loaded) - adopted:  # not in the catalog, or over budget: nobody would account for it
             logger.warning("unloading '{}' from the adopted Ollama server: no catalog model holds it", tag)
             with contextlib.suppress(LocalllmError):
                 await self._unload_tag("ollama", tag)
-        self._publish_phases()
-        return None
-
-    async def _try_adopt(self, info) -> str | None:
-        """Adopt ``info`` and return None, or say why not."""
-        instance = self.instances.get(info.labels.get(LABEL_MODEL, ""))
-        if instance is None:
-            return "its model is not in the catalog"
-        if not info.running:
-            return f"not running ({info.status})"
-        if instance.container_id is not None:
-            return "a second container for the same model"
-        device = next((d for d in self.scheduler.devices if d.id == info.labels.get(LABEL_DEVICE)), None)
-        try:
-            endpoint = Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, ""))
-        except ValueError:
-            return "its endpoint label is unreadable (made by an older localllm)"
-        if endpoint.socket is None:
-            return "its config changed (it listens on a port, not a socket)"
-        if device is None:
-            return "its config changed (its device is not one of this host's now)"
-        backend = backend_for(instance.entry.backend)
-        try:
-            spec = self.spec_for(instance.entry, endpoint, device.id)
-        except LocalllmError as exc:
-            return exc.message
-        if spec.config_hash() != info.labels.get(LABEL_CONFIG_HASH):
-            return "its config changed (config hash differs)"
-        if await probe(self.session, endpoint.url + backend.readiness_path, timeout=2.0) != 200:
-            return "its server is not healthy"
-        if not self.scheduler.adopt(instance.name, device.id, time.monotonic()):
-            return "it does not fit the memory budget"
-        instance.spec, instance.container_id, instance.ready_at = spec, info.id, time.time()
-        logger.bind(model=instance.name).info("adopted running container {} ({})", info.name, endpoint)
-        self.events.publish("adopt", f"adopted running container {info.name}", instance.name,
-                            container=info.id[:12])
         self._publish_phases()
         return None
 
@@ -870,21 +862,22 @@ class Fleet:
                 self._crash(instance, "container lost while the Docker engine was away")
         if self._launching or any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
             return  # a container being created may not be owned yet: leave the sweep for later
-        owned = {i.container_id for i in self.instances.values()} | self._protected | {self.ollama.container_id}
-        for info in found.values():
-            if info.id not in owned:
-                logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
-                await self.runtime.stop_and_remove(info.id, 0)
+        await self._sweep(list(found.values()), grace=0)
 
     async def remove_leftovers(self) -> int:
         """The shutdown sweep: remove every container of ours that no model owns (e.g. a cancelled start's)."""
+        found = await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
+        return await self._sweep(found, grace=self.settings.stop_grace)
+
+    async def _sweep(self, found: list[ContainerInfo], grace: float) -> int:
+        """Remove the found containers no model owns (``adoption.plan``, sweeping); return how many."""
         owned = {i.container_id for i in self.instances.values()} | self._protected | {self.ollama.container_id}
-        leftovers = [c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})
-                     if c.id not in owned]
-        for info in leftovers:
-            logger.warning("removing container {} ({}): ours, but no model owns it", info.name, info.status)
-            await self.runtime.stop_and_remove(info.id, self.settings.stop_grace)
-        return len(leftovers)
+        removals = [step for step in adoption.plan(found, {}, frozenset(c for c in owned if c), sweep_only=True)
+                    if step.action is adoption.Action.REMOVE]
+        for step in removals:
+            logger.warning("removing container {}: {}", step.container.name, step.reason)
+            await self.runtime.stop_and_remove(step.container.id, grace)
+        return len(removals)
 
     def refuse_new_work(self) -> None:
         """The first step of shutdown: no request, start or config change is taken from now on."""
@@ -936,13 +929,13 @@ class Fleet:
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
                 failures = self.scheduler.slots[action.model].failures
                 if failures:
-                    self.events.publish("restart", f"starting again after {failures} failure(s)", action.model,
+                    self.events.publish(EventKind.RESTART, f"starting again after {failures} failure(s)", action.model,
                                         failures=failures)
                 self.spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
                 log = logger.bind(model=action.model)
                 (log.error if action.crashed else log.info)("stop: {}", action.reason)
-                kind = {"crash": "crash", "evict": "evict", "server": "evict"}.get(action.cause, "unload")
+                kind = stop_event_kind(action.cause)
                 self.events.publish(kind, action.reason, action.model, reason=action.reason, cause=action.cause)
                 self.spawn(self._stop(action.model, action.reason if action.crashed else None),
                             f"stop:{action.model}")
@@ -957,7 +950,7 @@ class Fleet:
             before = self._phases.get(name, Phase.STOPPED)
             if slot.phase is not before:
                 self._phases[name] = slot.phase
-                self.events.publish("state", f"{before} -> {slot.phase}", name, **{"from": str(before),
+                self.events.publish(EventKind.STATE, f"{before} -> {slot.phase}", name, **{"from": str(before),
                                                                                    "to": str(slot.phase)})
 
     def _arm_wakeup(self) -> None:
@@ -1003,14 +996,14 @@ class Fleet:
             await self._discard_quietly(instance)
             instance.error = error.message
             log.error("start failed: {}", error.message)
-            self.events.publish("load_failed", error.message, name, error=error.message)
+            self.events.publish(EventKind.LOAD_FAILED, error.message, name, error=error.message)
             self._apply(self.scheduler.started(name, time.monotonic(), error))
             return
         instance.load_seconds = time.monotonic() - started
         instance.ready_at = time.time()
         log.info("ready in {:.2f}s", instance.load_seconds)
         self._apply(self.scheduler.started(name, time.monotonic()))
-        self.events.publish("load", f"ready in {instance.load_seconds:.2f}s", name,
+        self.events.publish(EventKind.LOAD, f"ready in {instance.load_seconds:.2f}s", name,
                             seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
 
     async def _start_container(self, instance: Instance) -> None:
@@ -1149,7 +1142,7 @@ class Fleet:
             return
         self._pull_reported[name] = (status, now)
         share = f" {100 * completed / total:.0f}%" if total and completed is not None else ""
-        self.events.publish("pull", f"pulling {tag}: {status}{share}", name, status=status, total=total,
+        self.events.publish(EventKind.PULL, f"pulling {tag}: {status}{share}", name, status=status, total=total,
                             completed=completed)
 
     def _observe_ollama(self, instance: Instance, entry: dict) -> None:
@@ -1161,7 +1154,7 @@ class Fleet:
             message = (f"Ollama put part of '{instance.upstream_model}' on the CPU: {size_vram // 2**20} MiB of "
                        f"{size // 2**20} MiB on the GPU (it thought too little was free); it runs slower")
             logger.bind(model=instance.name).warning("{}", message)
-            self.events.publish("partial_offload", message, instance.name, size_vram=size_vram, size=size)
+            self.events.publish(EventKind.PARTIAL_OFFLOAD, message, instance.name, size_vram=size_vram, size=size)
         measured = memory_in_use(entry, self.profile.has_gpus)
         if measured:
             self._observe(instance, measured)
@@ -1193,7 +1186,7 @@ class Fleet:
                 self._observe_ollama(instance, entry)
                 continue
             reason = "evicted by Ollama: it unloaded the model on its own (for room, or its runner exited)"
-            actions = self.scheduler.unload(instance.name, time.monotonic(), reason, "server")  # only when idle
+            actions = self.scheduler.unload(instance.name, time.monotonic(), reason, StopCause.SERVER)  # only when idle
             if actions:
                 logger.bind(model=instance.name).warning("{}", reason)
             self._apply(actions)
@@ -1308,7 +1301,7 @@ class Fleet:
                    f"process(es) still hold {still / 2**20:.1f} MiB of the {sum(held.values()) / 2**20:.1f} MiB "
                    f"they held (expected to free {figure / 2**20:.1f} MiB)")
         logger.bind(model=name, device=device.id).warning("{}", message)
-        self.events.publish("memory_wait", message, name, device=device.id, held=sum(held.values()),
+        self.events.publish(EventKind.MEMORY_WAIT, message, name, device=device.id, held=sum(held.values()),
                             still_held=still, expected=figure, seconds=MEMORY_WAIT)
 
     def _device_of(self, name: str) -> Device | None:

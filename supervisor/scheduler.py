@@ -32,6 +32,7 @@ from .errors import (
     UnknownModel,
 )
 from .placement import Admit, Device, Refuse, Resident, plan_admission
+from .stop_cause import StopCause
 
 RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
 
@@ -58,13 +59,12 @@ class Start:
 class Stop:
     model: str
     reason: str
-    cause: str = "unload"  # "unload" (operator or config change), "idle", "evict" (room for another), "crash",
-    # or "server" (the server unloaded it on its own: Ollama evicted it, or its runner exited)
+    cause: StopCause = StopCause.UNLOAD
 
     @property
     def crashed(self) -> bool:
         """The server died or hung: keep its last words, no grace period."""
-        return self.cause == "crash"
+        return self.cause == StopCause.CRASH
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ class Scheduler:
         if slot.phase is not Phase.READY:
             return []
         slot.phase = Phase.STOPPING
-        return [Stop(model, reason, "crash")]
+        return [Stop(model, reason, StopCause.CRASH)]
 
     def next_wakeup(self, now: float) -> float | None:
         """When the earliest future backoff ends for a model someone waits for or wants running; None if none.
@@ -266,7 +266,7 @@ class Scheduler:
                and (s.wanted or s.name in self.queue)]
         return min(due) if due else None
 
-    def unload(self, model: str, now: float, reason: str, cause: str = "unload") -> list[Action]:
+    def unload(self, model: str, now: float, reason: str, cause: StopCause = StopCause.UNLOAD) -> list[Action]:
         """Stop ``model`` if it is ready and idle (idle unload by an operator, or a config change taking it offline).
 
         A failed model is cleared instead: stopped, not wanted, its failures forgotten.
@@ -299,7 +299,8 @@ class Scheduler:
             if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
                     and now - slot.last_used >= slot.ttl):
                 slot.phase, slot.wanted = Phase.STOPPING, False
-                actions.append(Stop(slot.name, f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)", "idle"))
+                idle = f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"
+                actions.append(Stop(slot.name, idle, StopCause.IDLE))
         return actions + self._pump(now)
 
     # -- views -----------------------------------------------------------------
@@ -403,7 +404,7 @@ class Scheduler:
         for name in decision.evict:
             victim = self.slots[name]
             victim.phase, victim.wanted = Phase.STOPPING, False
-            actions.append(Stop(name, f"evicted: {decision.reason}", "evict"))
+            actions.append(Stop(name, f"evicted: {decision.reason}", StopCause.EVICT))
         slot.phase, slot.device, slot.error = Phase.STARTING, decision.device, None
         slot.awaiting = set(decision.evict)
         self._last_note.pop(slot.name, None)
