@@ -81,6 +81,8 @@ demo() {
 
 run_tests() {
   setup
+  say "linting (ruff check)"
+  python -m ruff check "$ROOT/supervisor" "$ROOT/tests" "$ROOT/bench" "$ROOT/scripts"
   say "running the test suite"
   python -m pytest "$@"
 }

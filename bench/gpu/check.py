@@ -301,7 +301,8 @@ def used_by(rows: list[dict], pid: int) -> int | None:
 
 
 def nvml_cycles(count: int, cap_s: float = 25.0) -> dict:
-    """Run in a fresh process: ``count`` init/shutdown cycles (fewer if they pass ``cap_s``), then reads on one session."""
+    """Run in a fresh process: ``count`` init/shutdown cycles (fewer if they pass ``cap_s``), then reads on one
+    session."""
     nv = nvml_module()
     cycles = []
     started = time.perf_counter()
@@ -1122,7 +1123,8 @@ def body(report: Report, args) -> None:
         data["servers_skipped"] = ("no llama-server binary" if models else "no models") + (
             f" (build: {build.result.get('state')})" if gpu else " (dry run without --server-bin)")
     else:
-        # GPU flags (-ngl 999 --device CUDA0) on the GPU machine even if NVML failed: then only NVML's figures are missing
+        # GPU flags (-ngl 999 --device CUDA0) on the GPU machine even if NVML failed: then only NVML's figures
+        # are missing
         gpu_flags = not args.dry_run and not args.cpu_server
         env = dict(os.environ)
         if (build.cublas or {}).get("ld_library_path"):
@@ -1206,7 +1208,8 @@ def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_o
             if nv is not None and server.proc.poll() is None:
                 try:  # SIGTERM, as docker stop sends it: when do the PID and the memory leave?
                     entry["release"] = time_release(nv, handle, server.proc, baseline if len(servers) == 1 else None,
-                                                    sig=signal.SIGTERM, timeout=max(2.0, min(20.0, report.hard_left() - 5)))
+                                                    sig=signal.SIGTERM,
+                                                    timeout=max(2.0, min(20.0, report.hard_left() - 5)))
                 except Exception as exc:  # noqa: BLE001
                     entry["release"] = {"error": f"{type(exc).__name__}: {exc}"}
             server.stop()
@@ -1318,7 +1321,8 @@ def render(d: dict) -> str:
     add("")
     allocs = {k: v for k, v in (d.get("alloc") or {}).items() if v}
     if not allocs:
-        add(f"Not run: {step_note(d, 'alloc_build') if 'alloc_0gib' not in d.get('steps', {}) else step_note(d, 'alloc_0gib')}")
+        step = 'alloc_build' if 'alloc_0gib' not in d.get('steps', {}) else 'alloc_0gib'
+        add(f"Not run: {step_note(d, step)}")
     else:
         add("| N GiB | NVML per-process MiB | overhead MiB (per-process − N GiB) | NVML PID = launched PID | "
             "v1 used Δ MiB | v2 used Δ MiB | cudaMemGetInfo free drop MiB | process exit s | PID gone from NVML s "
@@ -1328,7 +1332,8 @@ def render(d: dict) -> str:
             rel = r.get("release") or {}
             add(f"| {gib} | {mib(r.get('nvml_used_by_process'))} | {mib(r.get('overhead_bytes'))} | "
                 f"{r.get('nvml_pid_equals_launched_pid')} (new NVML PIDs {r.get('nvml_pids_new')}, launched "
-                f"{r.get('launched_pid')}) | {mib(r.get('device_used_delta_v1'))} | {mib(r.get('device_used_delta_v2'))} "
+                f"{r.get('launched_pid')}) | {mib(r.get('device_used_delta_v1'))} | "
+                f"{mib(r.get('device_used_delta_v2'))} "
                 f"| {mib(r.get('cuda_free_drop'))} | {rel.get('process_exited_s')} | {rel.get('pid_left_nvml_s')} "
                 f"| {rel.get('memory_back_s')} |")
         add("")
@@ -1424,7 +1429,8 @@ def render(d: dict) -> str:
                 rows.append((label, entry))
     if rows:
         add("| run | est weights / CUDA model | est KV / CUDA KV | est compute / CUDA compute | CUDA output | "
-            "est total | NVML at ready | NVML after prompt | NVML − CUDA buffers (ready / after) | offloaded | host buffers |")
+            "est total | NVML at ready | NVML after prompt | NVML − CUDA buffers (ready / after) | offloaded | "
+            "host buffers |")
         add("|---|---|---|---|---|---|---|---|---|---|---|")
         for label, e in rows:
             c = e.get("comparison") or {}
