@@ -114,7 +114,7 @@ class ControlApi:
         if fleet.degraded:
             problems.append(f"degraded: {fleet.degraded}")
         problems += [f"device {d['id']} unusable: {d['problem']}" for d in fleet.devices() if d["problem"]]
-        for name, slot in fleet.scheduler.slots.items():
+        for name, slot in fleet.scheduler.views().items():
             if slot.phase is Phase.FAILED:
                 problems.append(f"model {name} failed: {fleet.instances[name].error or slot.error}")
         body = {"status": "unhealthy" if problems else "ok", "problems": problems, "pid": os.getpid(),

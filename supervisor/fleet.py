@@ -467,7 +467,7 @@ class Fleet:
                     logger.bind(device=device.id).warning("usable again (was: {})", before)
                     self.events.publish(EventKind.DEVICE, f"{device.id} is usable again", None, device=device.id,
                                         uuid=device.uuid, problem=None)
-        self.scheduler.devices = devices
+        self.scheduler.set_devices(devices)
 
     async def _record_peaks(self) -> None:
         """Every tick: what each ready llama.cpp model's processes use on the GPU (Ollama's: ``_poll_ollama``)."""
@@ -564,7 +564,7 @@ class Fleet:
         endpoint: Endpoint | None = None
         container_id: str | None = None
         try:
-            self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
+            self.scheduler.reserve_launch(entry.name, device_id or "", need)
             backend = backend_for(entry.backend)
             if not entry.gguf.is_file():
                 raise ModelStartFailed(entry.name, f"model file {entry.gguf} does not exist")
@@ -578,7 +578,7 @@ class Fleet:
                                    deadline=entry.startup_timeout or self.settings.startup_timeout)
             return spec, container_id
         except BaseException:
-            self.scheduler.reserved.pop(f"{entry.name}#new", None)
+            self.scheduler.release_launch(entry.name)
             if container_id is not None:
                 self._protected.discard(container_id)
                 with contextlib.suppress(LocalllmError):
@@ -594,7 +594,7 @@ class Fleet:
 
         Its old self was taken offline first: Ollama holds one instance of a tag.
         """
-        self.scheduler.reserved[f"{entry.name}#new"] = (device_id or "", need)
+        self.scheduler.reserve_launch(entry.name, device_id or "", need)
         spec: ollama.ModelSpec | None = None
         try:
             server, container_id = await self.ollama.ensure(config or self.config, entry.name)
@@ -602,7 +602,7 @@ class Fleet:
             await self._load_into_ollama(entry, spec, container_id)
             return spec, container_id
         except BaseException:
-            self.scheduler.reserved.pop(f"{entry.name}#new", None)
+            self.scheduler.release_launch(entry.name)
             if spec is not None:  # a load that failed or timed out may still finish: never leave it loaded
                 with contextlib.suppress(LocalllmError):
                     await self._unload_tag(entry.name, spec.tag)
@@ -610,7 +610,7 @@ class Fleet:
 
     async def abandon(self, name: str, spec, container_id: str) -> None:
         """Remove what a config change launched but will not use: a container, or a model loaded into Ollama."""
-        self.scheduler.reserved.pop(f"{name}#new", None)
+        self.scheduler.release_launch(name)
         if isinstance(spec, ollama.ModelSpec):
             await self._unload_tag(name, spec.tag)
             return
@@ -623,7 +623,7 @@ class Fleet:
     async def take_offline(self, name: str, patience: float) -> None:
         """Hold ``name`` (no starts), wait until it is idle, stop it and wait until it is gone."""
         slot = self.scheduler.slots[name]
-        slot.held = True
+        self.scheduler.hold(name)
         deadline = time.monotonic() + patience
         while slot.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -635,9 +635,9 @@ class Fleet:
 
     def attach(self, name: str, spec: ContainerSpec, container_id: str) -> bool:
         """Give a stopped, held model the container a config change started for it, and let it serve."""
-        instance, slot = self.instances[name], self.scheduler.slots[name]
-        slot.held = False
-        self.scheduler.reserved.pop(f"{name}#new", None)
+        instance = self.instances[name]
+        self.scheduler.release(name)
+        self.scheduler.release_launch(name)
         attached = self.scheduler.adopt(name, spec.device, time.monotonic())
         if attached:
             instance.spec, instance.container_id = spec, container_id
@@ -651,7 +651,7 @@ class Fleet:
 
     def release_hold(self, name: str) -> None:
         if name in self.scheduler.slots:
-            self.scheduler.slots[name].held = False
+            self.scheduler.release(name)
             self._apply(self.scheduler.tick(time.monotonic()))
 
     def commit(self, config: Config, sizings: dict[str, Sizing],
@@ -667,7 +667,7 @@ class Fleet:
             old_entry, instance.entry, instance.sizing = instance.entry, entry, sizings[entry.name]
             if entry.name in switched:
                 spec, container_id = switched[entry.name]
-                self.scheduler.reserved.pop(f"{entry.name}#new", None)
+                self.scheduler.release_launch(entry.name)
                 slot = self.scheduler.slots.get(entry.name)
                 if slot is not None and slot.phase is Phase.READY and instance.container_id:
                     retire.append((entry.name, instance.container_id, old_entry))
@@ -690,7 +690,7 @@ class Fleet:
                                                  time.monotonic()))
         for instance in instances.values():  # what Ollama reported beats the placeholder of a new sizing
             if instance.in_ollama and instance.measured and not instance.entry.memory:
-                self.scheduler.slots[instance.name].need = self._within_budget(instance.measured)
+                self.scheduler.set_need(instance.name, self._within_budget(instance.measured))
         return retire
 
     def retire(self, name: str, container_id: str, patience: float, entry: ModelEntry) -> None:
@@ -798,9 +798,8 @@ class Fleet:
             if entry is None:
                 continue
             measured = memory_in_use(entry, self.profile.has_gpus)
-            slot = self.scheduler.slots[instance.name]
             if measured and not instance.entry.memory:
-                slot.need = self._within_budget(measured)  # admitted with what it really uses
+                self.scheduler.set_need(instance.name, self._within_budget(measured))  # admitted with what it uses
             if self.scheduler.adopt(instance.name, spec.device, time.monotonic()):
                 instance.spec = ollama.model_spec(instance.entry, spec, spec.device)
                 instance.container_id, instance.ready_at, instance.measured = info.id, time.time(), measured

@@ -111,11 +111,12 @@ class Metrics:
                                   labels=["model", "state"])
         in_flight = GaugeMetricFamily("localllm_requests_in_flight", "Requests being served", labels=["model"])
         queued = GaugeMetricFamily("localllm_queue_depth", "Requests waiting for the model", labels=["model"])
-        for name, slot in scheduler.slots.items():
+        views = scheduler.views()
+        for name, slot in views.items():
             for phase in Phase:
                 state.add_metric([name, str(phase)], 1 if slot.phase is phase else 0)
             in_flight.add_metric([name], slot.in_flight)
-            queued.add_metric([name], len(scheduler.queue.get(name, ())))
+            queued.add_metric([name], slot.waiting)
         budget = GaugeMetricFamily("localllm_device_budget_bytes", "Memory models may use on the device",
                                    labels=["device"])
         estimated = GaugeMetricFamily("localllm_device_estimated_bytes", "Estimated need of the models holding "
@@ -133,7 +134,7 @@ class Metrics:
             usable.add_metric([device.id], 0 if device.problem else 1)
             estimated.add_metric([device.id], sum(r.bytes for r in residents if r.device == device.id))
             known = [i.measured for i in self.fleet.instances.values() if i.measured is not None
-                     and (slot := scheduler.slots.get(i.name)) is not None and slot.device == device.id
+                     and (slot := views.get(i.name)) is not None and slot.device == device.id
                      and slot.phase in (Phase.READY, Phase.STOPPING)]
             if known:
                 measured.add_metric([device.id], sum(known))

@@ -174,13 +174,13 @@ class Rollout:
         entries = {e.name: e for e in config.models}
         gone = set(fleet.instances) - set(entries)  # removing a model that is starting would orphan its start
         busy = [n for n in sorted(set(plan.replace) | gone)
-                if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
+                if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
         if busy:
             raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
         in_ollama = [n for n, i in fleet.instances.items() if i.in_ollama]
         reloading = [n for n in plan.replace if n in in_ollama]
         hold_ollama = bool(reloading) or config.ollama != fleet.config.ollama
-        moving = [n for n in in_ollama if fleet.scheduler.slots[n].phase in (Phase.STARTING, Phase.STOPPING)]
+        moving = [n for n in in_ollama if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
         if hold_ollama and moving:
             raise Conflict(f"{', '.join(moving)} is starting or stopping in the Ollama server; try again in a moment")
         generation = self.store.record(text, source, wanted, path)
@@ -191,7 +191,7 @@ class Rollout:
         self._event(generation.number, ApplyStep.APPLYING, f"from {source}", plan=asdict(plan))
         held = in_ollama if hold_ollama else []  # no Ollama model starts on the old server meanwhile
         for name in held:
-            fleet.scheduler.slots[name].held = True
+            fleet.scheduler.hold(name)
         request = SwitchRequest(generation.number, config, sizings, plan, running, entries, tuple(reloading), report)
         offline: list[str] = []  # models stopped for the change
         try:
@@ -258,7 +258,7 @@ class Rollout:
             except Exception as exc:
                 lost.append(f"{name}: its new version could not be removed ({getattr(exc, 'message', exc)!s})")
         for name in offline:
-            entry, slot = fleet.instances[name].entry, fleet.scheduler.slots[name]
+            entry, slot = fleet.instances[name].entry, fleet.scheduler.view(name)
             if slot.phase is Phase.READY:  # it never went offline (the wait ran out first)
                 fleet.release_hold(name)
                 continue

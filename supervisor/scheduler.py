@@ -142,13 +142,27 @@ class Limits:
         return min(self.restart_max_delay, self.restart_delay * 2 ** (failures - 1))
 
 
+@dataclass(frozen=True)
+class SlotView:
+    """What others may know of a model's slot, as it is now: read, never written (the scheduler owns it)."""
+
+    phase: Phase
+    device: str | None
+    need: int
+    in_flight: int
+    waiting: int  # requests queued for it
+    held: bool
+    error: LocalllmError | None
+
+
 class Scheduler:
     def __init__(self, devices: list[Device], slots: list[ModelSlot], limits: Limits = Limits()):
         self.devices = devices
         self.slots = {slot.name: slot for slot in slots}
         self.limits = limits
         self.queue: OrderedDict[str, list[Ticket]] = OrderedDict()
-        self.reserved: dict[str, tuple[str, int]] = {}  # room held for containers a config change starts
+        # model -> (device, bytes): the room held for the new container a config change starts beside the old
+        self._launches: dict[str, tuple[str, int]] = {}
         self._next_ticket = 0
         self._last_note: dict[str, str] = {}
 
@@ -224,6 +238,26 @@ class Scheduler:
         slot.phase, slot.device, slot.loaded_at, slot.last_used = Phase.READY, device, now, now
         slot.wanted = True
         return True
+
+    def set_devices(self, devices: list[Device]) -> None:
+        """The devices as read now (budgets, problems, free memory); the next admission uses them."""
+        self.devices = devices
+
+    def reserve_launch(self, model: str, device: str, need: int) -> None:
+        """Hold ``need`` bytes on ``device`` for a container a config change starts beside ``model``'s old one."""
+        self._launches[model] = (device, need)
+
+    def release_launch(self, model: str) -> None:
+        """The new container was taken (attach or commit) or abandoned: its room is no longer held apart."""
+        self._launches.pop(model, None)
+
+    def hold(self, model: str) -> None:
+        """No start of ``model`` until ``release``: a config change is replacing it."""
+        self.slots[model].held = True
+
+    def release(self, model: str) -> None:
+        if model in self.slots:
+            self.slots[model].held = False
 
     def set_need(self, model: str, need: int) -> None:
         """What ``model`` needs, as measured or learned since its slot was made; the next admission uses it."""
@@ -305,6 +339,15 @@ class Scheduler:
 
     # -- views -----------------------------------------------------------------
 
+    def view(self, model: str) -> SlotView:
+        slot = self.slots[model]
+        return SlotView(slot.phase, slot.device, slot.need, slot.in_flight, len(self.queue.get(model, ())),
+                        slot.held, slot.error)
+
+    def views(self) -> dict[str, SlotView]:
+        """Every model's view, in catalog order."""
+        return {name: self.view(name) for name in self.slots}
+
     def devices_for(self, slot: ModelSlot) -> list[Device]:
         """The devices ``slot`` may be placed on (an Ollama model: the one its server sees)."""
         return [d for d in self.devices if not slot.devices or d.id in slot.devices]
@@ -313,7 +356,8 @@ class Scheduler:
         return sum(len(tickets) for tickets in self.queue.values())
 
     def residents(self) -> list[Resident]:
-        held = [Resident(name, device, need, busy_changing=True) for name, (device, need) in self.reserved.items()]
+        held = [Resident(f"{name}#new", device, need, busy_changing=True)
+                for name, (device, need) in self._launches.items()]
         return held + [
             Resident(s.name, s.device or "", s.need, s.in_flight, s.pinned,
                      busy_changing=s.phase is not Phase.READY, last_used=s.last_used,

@@ -17,6 +17,16 @@ from supervisor.scheduler import Phase
 
 
 @dataclass
+class FakeScheduler:
+    """The scheduler's views Rollout reads (``view``), over slots the test sets."""
+
+    slots: dict = field(default_factory=dict)
+
+    def view(self, name: str) -> SimpleNamespace:
+        return self.slots[name]
+
+
+@dataclass
 class RecordingFleet:
     """The primitives Rollout uses, recording each call; ``room`` is what ``room_on`` says of every device."""
 
@@ -26,7 +36,7 @@ class RecordingFleet:
     events: EventBus = field(default_factory=EventBus)
     degraded: str | None = None
     instances: dict = field(default_factory=dict)
-    scheduler: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(slots={}))
+    scheduler: FakeScheduler = field(default_factory=FakeScheduler)
 
     def room_on(self, device: str) -> int:
         return self.room

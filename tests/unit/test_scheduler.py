@@ -207,6 +207,7 @@ class World:
             if isinstance(a, Start):
                 assert a.model not in self.pending_starts, f"second start of {a.model} while one is under way"
                 slot = self.s.slots[a.model]
+                assert not slot.held, f"{a.model} started while a config change holds it"
                 assert not slot.gave_up and slot.retry_at <= self.now, f"{a.model} started while backing off"
                 self.pending_starts.add(a.model)
             elif isinstance(a, Stop):
@@ -216,7 +217,7 @@ class World:
                 assert a.model not in self.pending_starts, f"evicted {a.model} while loading"
                 self.pending_stops.add(a.model)
             elif isinstance(a, Grant):
-                assert self.s.slots[a.model].phase is Phase.READY
+                assert self.s.slots[a.model].phase is Phase.READY and not self.s.slots[a.model].held
                 assert a.ticket not in self.outcome
                 self.outcome[a.ticket] = "granted"
                 self.granted.append(a.model)
@@ -229,11 +230,20 @@ class World:
         for device in self.s.devices:
             occupying = [slot for slot in self.s.slots.values() if slot.device == device.id and (
                 slot.phase in (Phase.READY, Phase.STOPPING) or slot.name in self.pending_starts)]
-            assert sum(slot.need for slot in occupying) <= device.budget, f"{device.id} overfilled: {occupying}"
+            launching = sum(r.bytes for r in self.s.residents() if r.name.endswith("#new") and r.device == device.id)
+            assert sum(slot.need for slot in occupying) + launching <= device.budget, \
+                f"{device.id} overfilled: {occupying} and {launching} bytes held for launches"
+
+    def room_on(self, device: str) -> int:
+        """What a config change checks before it reserves room for a launch (Fleet.room_on)."""
+        budget = next(d.budget for d in self.s.devices if d.id == device)
+        return budget - sum(r.bytes for r in self.s.residents() if r.device == device) - sum(
+            self.s.slots[m].need for m in self.pending_starts if self.s.slots[m].device == device)
 
 
 catalogs = st.dictionaries(st.sampled_from("abcdef"), st.integers(5, 120), min_size=1, max_size=6)
-events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick", "crash"]),
+events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick", "crash",
+                                             "hold", "release", "reserve", "unreserve", "need"]),
                             st.integers(0, 100)), max_size=60)
 
 
@@ -278,8 +288,30 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
                 model = ready[pick % len(ready)]
                 assert s.crashed(model, world.now, "died") == [Stop(model, "died", "crash")]
                 world.crashed.add(model)
+        # What a config change does to the scheduler, through its own methods (rollout.py and the fleet):
+        elif kind == "hold":
+            s.hold(names[pick % len(names)])
+        elif kind == "release":
+            s.release(names[pick % len(names)])
+            world.apply(s.tick(world.now))
+        elif kind == "reserve":
+            model, device = names[pick % len(names)], s.devices[pick % len(s.devices)].id
+            need = s.slots[model].need
+            if world.room_on(device) >= need:  # the fleet reserves only room that is there
+                s.reserve_launch(model, device, need)
+                world.apply([])
+        elif kind == "unreserve":
+            s.release_launch(names[pick % len(names)])
+            world.apply(s.tick(world.now))
+        elif kind == "need":
+            stopped = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.STOPPED)
+            if stopped:  # learned or measured: the fleet sets a need while the model holds no memory
+                s.set_need(stopped[pick % len(stopped)], 5 + pick)
 
     # Drain: finish everything; every request ends granted or rejected, none is forgotten.
+    for name in names:  # the config change ends: its holds and launches go
+        s.release(name)
+        s.release_launch(name)
     for _ in range(200):
         if world.granted:
             world.apply(s.finished(world.granted.pop(), world.now))
