@@ -49,7 +49,8 @@ from .errors import (
     describe_exit,
 )
 from .events import EventBus, EventKind, stop_event_kind
-from .gpu_watch import GpuWatch, Usage, memory_released
+from .gpu_meter import GpuMeter
+from .gpu_watch import GpuWatch
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
@@ -81,9 +82,6 @@ from .sizing import Sizing, size_model
 from .stop_cause import StopCause
 from .upstream import make_socket_dir, server_user, servers_dir, sweep_socket_dirs
 
-MEMORY_POLL = 0.25  # seconds between looks at a stopped model's GPU processes...
-MEMORY_WAIT = 10.0  # ...and how long they get to go before a memory_wait warning
-GPU_CHECK_WAIT = 3.0  # after readiness: how long a GPU model's process gets to show up in NVML on its GPU
 DISCARD_ATTEMPTS = 3
 ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
 ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
@@ -157,8 +155,6 @@ class Fleet:
         self.runtime = runtime
         self.session = session
         self.settings = config.daemon
-        self.learned = learned
-        self.gpu = gpu  # NVML, when this is a GPU host where it works: readings, learning, memory waits
         self.instances = {e.name: Instance(e, sizings[e.name]) for e in config.models}
         self._by_name = {name: self.instances[e.name] for e in config.models for name in e.names}
         self.scheduler = Scheduler(
@@ -166,6 +162,8 @@ class Fleet:
             [self._slot_for(e, sizings[e.name]) for e in config.models],
             limits_for(self.settings),
         )
+        # NVML, on a GPU host where it works: readings, peaks, learning, memory waits; absent otherwise
+        self.meter = GpuMeter(gpu, learned, self.events, profile, self.scheduler.devices) if gpu else None
         self._waiters: dict[int, asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -181,9 +179,13 @@ class Fleet:
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
         self._pull_reported: dict[str, tuple[str, float]] = {}  # model -> last pull status published, and when
         self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
-        self._device_problems = {d.id: d.problem for d in self.scheduler.devices}  # as last published
         self._ollama_poll: asyncio.Task | None = None
         self._estimated_in: str | None = None  # the Ollama server whose /api/show estimates were taken
+
+    @property
+    def learned_sizes(self) -> LearnedSizes | None:
+        """What was learned of each kind of model (GPU hosts only): a config change sizes its models with it."""
+        return self.meter.learned if self.meter is not None else None
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
         devices = (ollama.device_id(self.config.ollama, self.profile),) if entry.backend == "ollama" else ()
@@ -444,41 +446,25 @@ class Fleet:
 
     async def tick(self) -> None:
         """Periodic: refresh measured GPU memory and each model's peak, expire waits, unload idle models."""
-        if self.gpu is not None:
+        if self.meter is not None:
             try:
-                self._set_devices(devices_for(self.profile, await self.gpu.readings()))
-                await self._record_peaks()
+                self.scheduler.set_devices(await self.meter.read_devices())
+                await self._record_peaks(self.meter)
             except Exception:
                 logger.opt(exception=True).warning("reading GPU memory failed; keeping the last reading")
         self._poll_ollama_soon()
         self._apply(self.scheduler.tick(time.monotonic()))
 
-    def _set_devices(self, devices: list[Device]) -> None:
-        """New readings; a device that became unusable (or usable again) is logged and published once."""
-        for device in devices:
-            before = self._device_problems.get(device.id)
-            if device.problem != before:
-                self._device_problems[device.id] = device.problem
-                if device.problem:
-                    logger.bind(device=device.id).error("unusable: {}", device.problem)
-                    self.events.publish(EventKind.DEVICE, f"{device.id} is unusable: {device.problem}", None,
-                                        device=device.id, uuid=device.uuid, problem=device.problem)
-                else:
-                    logger.bind(device=device.id).warning("usable again (was: {})", before)
-                    self.events.publish(EventKind.DEVICE, f"{device.id} is usable again", None, device=device.id,
-                                        uuid=device.uuid, problem=None)
-        self.scheduler.set_devices(devices)
-
-    async def _record_peaks(self) -> None:
+    async def _record_peaks(self, meter: GpuMeter) -> None:
         """Every tick: what each ready llama.cpp model's processes use on the GPU (Ollama's: ``_poll_ollama``)."""
         ready = [i for i in self.instances.values() if self.phase(i) is Phase.READY and i.container_id
                  and not i.in_ollama and i.sizing.launch.on_gpu]
-        if not ready or self.gpu is None:
+        if not ready:
             return
-        usage = await self.gpu.usage([i.container_id for i in ready if i.container_id])
+        used = await meter.used_by(i.container_id for i in ready if i.container_id)
         for instance in ready:
-            if instance.container_id in usage:
-                self._observe(instance, sum(usage[instance.container_id].values()))
+            if instance.container_id in used:
+                self._observe(instance, used[instance.container_id])
 
     def _observe(self, instance: Instance, used: int) -> None:
         """A reading of what ``instance`` uses on the GPU: its run's peak, and learned at once when higher."""
@@ -486,8 +472,9 @@ class Fleet:
         if used <= (instance.peak or 0):
             return
         instance.peak = used
-        if self.learned is not None and instance.sizing.learned_key:
-            self._learned(instance, self.learned.record(instance.sizing.learned_key, used, instance.name))
+        learned = self.meter.learn(instance, used) if self.meter is not None else None
+        if learned is not None:
+            self._learned(instance, learned)
         elif instance.in_ollama and not instance.entry.memory:  # what Ollama reports beats the placeholder
             self.scheduler.set_need(instance.name, self._within_budget(used))
 
@@ -495,8 +482,9 @@ class Fleet:
         """A model stops: its run's peak counts towards learning (a lower size only after several such runs)."""
         peak, served = instance.peak, instance.served
         instance.peak, instance.served, instance.offload = None, 0, None
-        if peak and served and self.learned is not None and instance.sizing.learned_key:
-            self._learned(instance, self.learned.finish_run(instance.sizing.learned_key, peak, instance.name))
+        learned = self.meter.finish_run(instance, peak, served) if self.meter is not None else None
+        if learned is not None:
+            self._learned(instance, learned)
 
     def _learned(self, instance: Instance, learned: int) -> None:
         if instance.sizing.learned != learned:
@@ -1030,27 +1018,11 @@ class Fleet:
                 raise ModelStartFailed(entry.name, f"refused by the policy: {problem}")
 
     async def _check_on_gpu(self, instance: Instance) -> None:
-        """A GPU model must show up in NVML on its GPU once ready: llama-server that cannot use CUDA serves
-        from the CPU with /health 200 and -ngl ignored, and we would charge GPU memory nothing uses."""
-        device = self._device_of(instance.name)
-        if self.gpu is None or device is None or device.index is None or not instance.sizing.launch.on_gpu:
-            return
-        container_id = instance.container_id or ""
-        deadline = time.monotonic() + GPU_CHECK_WAIT
-        while True:
-            usage = (await self.gpu.usage([container_id], device.index)).get(container_id, {})
-            if sum(usage.values()):
-                self._observe(instance, sum(usage.values()))
-                return
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(MEMORY_POLL)
-        raise ModelStartFailed(instance.name, (
-            f"the server answers, but no process of its container uses {device.id} ({device.gpu_request}) in NVML "
-            f"{GPU_CHECK_WAIT:g}s after it became ready: it is running on the CPU. Likely causes: Docker gave the "
-            "container no GPU (is the NVIDIA Container Toolkit installed and set up as a Docker runtime?), the "
-            "driver is older than the image's CUDA needs (the container log says), or the GPU is a MIG parent; "
-            "localllmd itself must run in the host's PID namespace to see the container's processes"))
+        """A ready GPU model must show up in NVML on its GPU (``GpuMeter.on_its_gpu``); what it uses is observed."""
+        if self.meter is not None:
+            used = await self.meter.on_its_gpu(instance, self._device_of(instance.name))
+            if used:
+                self._observe(instance, used)
 
     async def _start_in_ollama(self, instance: Instance) -> None:
         """Make sure the server runs, has the model (pulling it if allowed) and has it loaded."""
@@ -1242,13 +1214,13 @@ class Fleet:
         device = self._device_of(name)
         error: LocalllmError | None = None
         try:
-            held, figure = await self._gpu_held(instance, device)  # before the discard forgets the container
+            held, figure = await self.meter.held(instance, device) if self.meter else ({}, 0)  # before the discard
             self._finish_run(instance)
             if crash_reason is not None:
                 error = await self._crash_error(instance, crash_reason)
             await self._discard_container(instance, grace=0 if crash_reason else None, crashed=bool(crash_reason))
-            if held and device is not None:
-                await self._wait_memory_back(name, device, held, figure)
+            if held and device is not None and self.meter is not None:
+                await self.meter.wait_memory_back(name, device, held, figure)
         except Exception as exc:  # never leave the scheduler waiting for this stop
             failure = exc if isinstance(exc, LocalllmError) else LocalllmError(repr(exc))
             instance.error = f"stop failed: {failure.message}"
@@ -1266,42 +1238,6 @@ class Fleet:
         instance.error = error.message
         logger.bind(model=instance.name).error("{}", error.message)
         return error
-
-    async def _gpu_held(self, instance: Instance, device: Device | None) -> tuple[Usage, int]:
-        """What the container's processes hold on ``device`` now, and how much of it this model frees.
-
-        A container of its own frees all of it; the Ollama server frees what the model measured
-        (its other runners keep theirs). A crashed container holds nothing any more: no wait.
-        """
-        if self.gpu is None or device is None or device.index is None or not instance.container_id:
-            return {}, 0
-        try:
-            usage = await self.gpu.usage([instance.container_id], device.index)
-        except Exception as exc:  # NVML trouble must not stop the stop
-            logger.bind(model=instance.name).warning("cannot read its GPU processes ({!r}); not waiting", exc)
-            return {}, 0
-        held = usage.get(instance.container_id, {})
-        figure = (instance.measured or instance.sizing.need) if instance.in_ollama else sum(held.values())
-        return held, figure
-
-    async def _wait_memory_back(self, name: str, device: Device, held: Usage, figure: int) -> None:
-        """After a stop on a GPU: wait until the container's processes are gone from NVML (or have freed
-        ``figure``); a wait that times out is a ``memory_wait`` warning with the numbers."""
-        assert self.gpu is not None
-        deadline = time.monotonic() + MEMORY_WAIT
-        now: Usage = held
-        while time.monotonic() < deadline:
-            now = await self.gpu.held_by(held, device.index)
-            if memory_released(held, now, figure):
-                return
-            await asyncio.sleep(MEMORY_POLL)
-        still, left = sum(now.get(pid, 0) for pid in held), len([pid for pid in held if pid in now])
-        message = (f"memory on {device.id} did not come back within {MEMORY_WAIT:g}s: {left} "
-                   f"process(es) still hold {still / 2**20:.1f} MiB of the {sum(held.values()) / 2**20:.1f} MiB "
-                   f"they held (expected to free {figure / 2**20:.1f} MiB)")
-        logger.bind(model=name, device=device.id).warning("{}", message)
-        self.events.publish(EventKind.MEMORY_WAIT, message, name, device=device.id, held=sum(held.values()),
-                            still_held=still, expected=figure, seconds=MEMORY_WAIT)
 
     def _device_of(self, name: str) -> Device | None:
         device_id = self.scheduler.slots[name].device

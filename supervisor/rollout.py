@@ -169,7 +169,7 @@ class Rollout:
 
     async def _apply(self, config: Config, text: str, source: str, path: Path) -> dict:
         fleet = self.fleet
-        sizings = await asyncio.to_thread(size_catalog, config, fleet.profile, fleet.learned)
+        sizings = await asyncio.to_thread(size_catalog, config, fleet.profile, fleet.learned_sizes)
         plan, running, wanted = self._plan(config)
         entries = {e.name: e for e in config.models}
         gone = set(fleet.instances) - set(entries)  # removing a model that is starting would orphan its start

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import fleet as fleet_module
+from supervisor import gpu_meter
 from supervisor.errors import ModelStartFailed, ModelTooLarge
 from supervisor.learned import LearnedSizes
 from supervisor.nvml import Nvml
@@ -56,7 +56,7 @@ async def load_on_gpu(fleet, runtime, gpus, name: str, used: int, gpu_index: int
 
 def test_a_gpu_model_whose_process_never_shows_up_in_nvml_fails_as_running_on_the_cpu(tmp_path, monkeypatch):
     # llama-server that cannot initialise CUDA serves from the CPU with /health 200 and -ngl ignored.
-    monkeypatch.setattr(fleet_module, "GPU_CHECK_WAIT", 0.3)
+    monkeypatch.setattr(gpu_meter, "GPU_CHECK_WAIT", 0.3)
     gpus = FakeGpuSession([gpu_reading(0)])
 
     async def body(session):
@@ -97,7 +97,7 @@ def test_a_ready_model_is_measured_every_tick_and_its_peak_is_learned_at_once(tm
 
 
 def test_a_learned_size_comes_down_after_three_runs_that_served_and_peaked_lower(tmp_path, monkeypatch):
-    monkeypatch.setattr(fleet_module, "MEMORY_WAIT", 0.5)
+    monkeypatch.setattr(gpu_meter, "MEMORY_WAIT", 0.5)
     gpus = FakeGpuSession([gpu_reading(0)])
     learned = LearnedSizes(tmp_path / "learned.json")
     learned.record("key-m", 8 * GIB, "m")  # measured once during an unusual load
@@ -140,7 +140,7 @@ def test_a_stop_waits_until_the_containers_own_processes_have_left_the_gpu(tmp_p
 
 
 def test_a_wait_that_times_out_is_a_warning_event_with_the_numbers(tmp_path, monkeypatch):
-    monkeypatch.setattr(fleet_module, "MEMORY_WAIT", 0.4)
+    monkeypatch.setattr(gpu_meter, "MEMORY_WAIT", 0.4)
     gpus = FakeGpuSession([gpu_reading(0)])
 
     async def body(session):
@@ -158,7 +158,7 @@ def test_a_wait_that_times_out_is_a_warning_event_with_the_numbers(tmp_path, mon
 
 
 def test_a_crashed_container_whose_processes_are_gone_is_not_waited_for(tmp_path, monkeypatch):
-    monkeypatch.setattr(fleet_module, "MEMORY_WAIT", 5.0)
+    monkeypatch.setattr(gpu_meter, "MEMORY_WAIT", 5.0)
     gpus = FakeGpuSession([gpu_reading(0)])
 
     async def body(session):
