@@ -223,7 +223,7 @@ class Daemon:
                             device.budget // 2**20)
         ticker = AsyncIOScheduler()
         ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
-        ticker.add_job(fleet.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
+        ticker.add_job(fleet.watch.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
                        coalesce=True)
         store = GenerationStore(self.settings.state_dir / "generations")
         if store.problem:
@@ -253,7 +253,7 @@ class Daemon:
             wanted = [e.name for e in self.config.models if e.preload]
             wanted += [name for name in recreate if name not in wanted]
             preload = asyncio.create_task(self._start_first_generation(fleet, store, wanted), name="preload")
-            fleet.spawn(fleet.watch_engine(), "watch-engine")
+            fleet.spawn(fleet.watch.watch_engine(), "watch-engine")
             logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
             self.notifier.ready(fleet.status_line())
             interval = watchdog_interval()

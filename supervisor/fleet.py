@@ -54,6 +54,7 @@ from .gpu_watch import GpuWatch
 from .hardware import GpuReading
 from .health import probe, wait_until_ready
 from .learned import LearnedSizes
+from .liveness import Watch
 from .ollama_api import (
     context_from_show,
     embedding_only,
@@ -83,9 +84,6 @@ from .stop_cause import StopCause
 from .upstream import make_socket_dir, server_user, servers_dir, sweep_socket_dirs
 
 DISCARD_ATTEMPTS = 3
-ENGINE_CHECK = 2.0  # seconds between engine pings while it answers...
-ENGINE_MAX_DELAY = 30.0  # ...and the longest wait between tries while it does not
-BUSY_PATIENCE = 3  # a busy server's probe timeouts count against three times the liveness threshold
 PULL_EVENT_INTERVAL = 1.0  # seconds between pull progress events of one layer
 
 
@@ -174,6 +172,7 @@ class Fleet:
         self._protected: set[str] = set()  # containers a config change launched or retires: never swept
         self.degraded: str | None = None  # why the last config change could not even be reverted
         self.engine_problem: str | None = None  # set while the Docker engine does not answer
+        self.watch = Watch(self)  # liveness probes and the engine watch; crashes come back through crashed()
         self.ollama = OllamaHost(runtime, session, profile, self._new_socket, self.settings.stop_grace,
                                  self._ollama_device)
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
@@ -393,52 +392,10 @@ class Fleet:
 
         A task of the fleet's own, so a client that leaves cannot cut the check short.
         """
-        self.spawn(self._check_exited(instance, "server exited while serving"), f"check:{instance.name}")
+        self.spawn(self.watch.check_exited(instance, "server exited while serving"), f"check:{instance.name}")
 
-    async def probe_liveness(self) -> None:
-        """Periodic: probe every ready model; replace the dead at once and the hung after the threshold."""
-        try:
-            await self._probe_liveness()
-        except Exception:
-            logger.opt(exception=True).error("liveness probing failed; trying again next period")
-
-    async def _probe_liveness(self) -> None:
-        liveness = self.settings.liveness
-        ready = [i for i in self.instances.values() if self.phase(i) is Phase.READY and i.spec is not None]
-        answers = await asyncio.gather(*(
-            probe(self.session, i.base_url + backend_for(i.entry.backend).readiness_path, liveness.timeout)
-            for i in ready))
-        for instance, answer in zip(ready, answers):
-            if answer == 200:
-                instance.failed_probes = 0
-                continue
-            instance.failed_probes += 1
-            seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
-            self.events.publish(EventKind.HEALTH_FAILURE, f"liveness probe failed ({seen})", instance.name,
-                                failures=instance.failed_probes, seen=seen)
-            if await self._check_exited(instance, "server exited"):
-                continue
-            # A server busy generating may answer /health late on a crowded CPU: while it serves, it gets
-            # three times the patience before it counts as hung (a refused connection or an exit still counts).
-            busy = answer is None and self.scheduler.slots[instance.name].in_flight > 0
-            threshold = liveness.failure_threshold * (BUSY_PATIENCE if busy else 1)
-            if instance.failed_probes >= threshold and self.phase(instance) is Phase.READY:
-                self._crash(instance, f"server unhealthy: {instance.failed_probes} failed probes ({seen})")
-
-    async def _check_exited(self, instance: Instance, reason: str) -> bool:
-        """If the ready model's container has exited (or vanished), hand it to the scheduler as crashed."""
-        container_id = instance.container_id
-        if self.phase(instance) is not Phase.READY or container_id is None:
-            return False
-        info = await self.runtime.inspect(container_id)
-        if info is not None and not info.exited:
-            return False  # running, or paused: the liveness threshold decides
-        if instance.container_id != container_id or self.phase(instance) is not Phase.READY:
-            return True  # someone else already acted on it
-        self._crash(instance, reason)
-        return True
-
-    def _crash(self, instance: Instance, reason: str) -> None:
+    def crashed(self, instance: Instance, reason: str) -> None:
+        """The one way a crash comes in (liveness, the engine's return, the Ollama server's failure)."""
         instance.failed_probes = 0
         self._apply(self.scheduler.crashed(instance.name, time.monotonic(), reason))
 
@@ -814,39 +771,13 @@ class Fleet:
 
         await asyncio.gather(*(start(name) for name in names))
 
-    async def watch_engine(self) -> None:
-        """For the daemon's life: notice the engine going away and coming back, then reconcile.
-
-        While it is away, what still runs keeps serving; starts fail with a clear error and back off.
-        """
-        delay, down_since = ENGINE_CHECK, None
-        while True:
-            try:
-                await self.runtime.ping()
-            except LocalllmError as exc:
-                self.engine_problem = exc.message
-                if down_since is None:
-                    down_since = time.monotonic()
-                    logger.error("{}; serving what still runs, checking again with backoff", exc.message)
-                delay = min(ENGINE_MAX_DELAY, delay * 2)
-            else:
-                self.engine_problem = None
-                if down_since is not None:
-                    logger.warning("Docker engine is back after {:.0f}s; reconciling", time.monotonic() - down_since)
-                    down_since, delay = None, ENGINE_CHECK
-                    try:
-                        await self.reconcile()
-                    except LocalllmError as exc:
-                        logger.error("reconcile failed: {}", exc.message)
-            await asyncio.sleep(delay)
-
     async def reconcile(self) -> None:
         """Compare our containers with what we believe runs: lost ones are crashes, unowned ones go."""
         found = {c.id: c for c in await self.runtime.list_labelled({LABEL_OWNER: self.settings.instance})}
         for instance in self.instances.values():
             info = found.get(instance.container_id or "")
             if self.phase(instance) is Phase.READY and (info is None or info.exited):
-                self._crash(instance, "container lost while the Docker engine was away")
+                self.crashed(instance, "container lost while the Docker engine was away")
         if self._launching or any(self.phase(i) is Phase.STARTING for i in self.instances.values()):
             return  # a container being created may not be owned yet: leave the sweep for later
         await self._sweep(list(found.values()), grace=0)
@@ -1203,7 +1134,7 @@ class Fleet:
         """The Ollama server died or hangs: remove it, and every model still counted as ready in it crashed."""
         for other in self.instances.values():
             if other.in_ollama and other.container_id == container_id and self.phase(other) is Phase.READY:
-                self._crash(other, "the Ollama server died or stopped answering")
+                self.crashed(other, "the Ollama server died or stopped answering")
         if self.ollama.container_id == container_id:
             logger.warning("removing the failed Ollama server {}", container_id[:12])
             await self.ollama.discard(0)

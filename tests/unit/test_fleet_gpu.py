@@ -167,7 +167,7 @@ def test_a_crashed_container_whose_processes_are_gone_is_not_waited_for(tmp_path
         gpus.drop(runtime.containers[container].pids[0])  # it died: the driver freed its memory
         loop = asyncio.get_running_loop()
         began = loop.time()
-        fleet._crash(fleet.instances["m"], "server exited")
+        fleet.crashed(fleet.instances["m"], "server exited")
         while fleet.phase(fleet.instances["m"]) is Phase.STOPPING:
             await asyncio.sleep(0.01)
         assert loop.time() - began < 2.0 and "memory_wait" not in kinds(bus)
