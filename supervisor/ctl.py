@@ -1,8 +1,9 @@
-"""localllmctl, the operator's CLI.
+"""localllmctl, the operator's CLI: its arguments, and the commands that work on files and this host.
 
-Exit statuses (also in the README): 0 success, 1 failure (and ``status --check``
-finding the daemon unhealthy), 2 bad input (arguments, config), 3 the daemon or
-the Docker engine is unreachable.
+The commands that talk to the daemon are in ctl_daemon.py. Exit statuses (also in the README): 0 success,
+1 failure (and ``status --check`` finding the daemon unhealthy, unreachable or not answering within its
+deadline), 2 bad input (arguments, config), 3 the daemon (or the Docker engine) is unreachable, or the
+daemon did not answer within ``--timeout``.
 """
 
 # PYTHON_ARGCOMPLETE_OK
@@ -10,30 +11,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from urllib.parse import quote as _quote
 
 from . import __version__
 from .config import load_config
-from .ctl_client import ControlClient, RemoteError, Target
-from .ctl_render import (
-    endpoint_phrase,
-    render_estimate,
-    render_event,
-    render_history,
-    render_ollama_memory,
-    render_profiles,
-    render_report,
-    render_status,
+from .ctl_client import ControlClient, quote
+from .ctl_daemon import (
+    cmd_apply,
+    cmd_events,
+    cmd_history,
+    cmd_load,
+    cmd_logs,
+    cmd_rollback,
+    cmd_status,
+    cmd_unload,
 )
-from .ctl_target import add_target_options, find_target
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, BadRequest, LocalllmError
+from .ctl_render import render_estimate, render_ollama_memory, render_profiles
+from .ctl_target import add_target_options, add_timeout_option, client, target
+from .errors import EXIT_BAD_INPUT, EXIT_OK, BadRequest, LocalllmError
 from .estimate import CACHE_TYPE_BYTES
+
+COMPLETION_TIMEOUT = 2.0  # seconds a shell completion waits for the daemon's model names
 
 DEFAULT_CONFIG = Path("/etc/localllm/config.yaml")
 
@@ -56,22 +58,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="localllmctl", description="Operate localllmd.",
-                                     epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker unreachable")
+                                     epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker "
+                                            "unreachable, or no answer within --timeout")
     parser.add_argument("--version", action="version", version=f"localllmctl {__version__}")
     add_target_options(parser)
     parser.add_argument("--config", type=Path, help="daemon config file: finds the control socket, the catalog")
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, run, help: str, json_flag: bool = False, **kwargs) -> argparse.ArgumentParser:
+    def command(name: str, run, help: str, json_flag: bool = False, daemon: bool = True,
+                **kwargs) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, **kwargs)
         sub.set_defaults(run=run)
         if json_flag:
             sub.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if daemon:
+            add_timeout_option(sub)
         return sub
 
     status = command("status", cmd_status, "the daemon and its models", True, aliases=["ps"])
     status.add_argument("--check", action="store_true",
-                        help="exit 0 if the daemon is healthy, 1 if not (or unreachable); for monitoring")
+                        help="exit 0 if the daemon is healthy, 1 if not (or unreachable, or it does not answer "
+                             "within --timeout, default 5 s); for monitoring")
 
     model_arg = {"help": "model name or alias"}
     load = command("load", cmd_load, "start a model now and wait until it is ready", True)
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
     estimate.add_argument("--flash-attn", choices=["on", "off"], help="flash attention (default: the catalog's, on)")
 
-    librechat = command("librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon")
+    librechat = command("librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon",
+                        daemon=False)
     librechat.add_argument("--name", default="localllm", help="endpoint name (must not start with 'ollama')")
     librechat.add_argument("--host", default="host.docker.internal",
                            help="how LibreChat's container reaches this host (default: host.docker.internal)")
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_profiles_show)
 
     completion = command("completion", cmd_completion, "print the shell completion script: "
-                                                       "eval \"$(localllmctl completion bash)\"")
+                                                       "eval \"$(localllmctl completion bash)\"", daemon=False)
     completion.add_argument("shell", choices=["bash", "zsh", "fish"])
 
     image = commands.add_parser("image", help="container images").add_subparsers(metavar="ACTION")
@@ -156,136 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no output.weight: the head is the token embedding, as in Gemma or Llama 3.2 1B")
     generate.set_defaults(run=cmd_model_generate)
     return parser
-
-
-# -- commands that talk to the daemon -----------------------------------------------
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    if args.check:
-        return check_health(args)
-    status = asyncio.run(client(args).get("/status"))
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
-    return EXIT_OK
-
-
-def check_health(args: argparse.Namespace) -> int:
-    """For monitoring: 0 healthy; 1 unhealthy or unreachable, with the reason on stdout."""
-    try:
-        health = asyncio.run(client(args).get("/health"))
-    except RemoteError as exc:  # 503: the daemon answered, and it is not healthy
-        health = exc.body
-    except LocalllmError as exc:
-        health = {"status": "unreachable", "problems": [exc.message]}
-    if args.json:
-        print(json.dumps(health, indent=2))
-    else:
-        print(health.get("status", "unhealthy") + "".join(f"\n  {p}" for p in health.get("problems", [])))
-    return EXIT_OK if health.get("status") == "ok" else EXIT_FAILURE
-
-
-def cmd_load(args: argparse.Namespace) -> int:
-    model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/load", {"model": args.model}))
-    print(json.dumps(model, indent=2) if args.json else
-          f"{model['name']} is ready {endpoint_phrase(model)} (container {model['container']}, "
-          f"loaded in {model['load_seconds'] or 0:.2f}s)")
-    return EXIT_OK
-
-
-def cmd_unload(args: argparse.Namespace) -> int:
-    model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/unload", {"model": args.model}))
-    print(json.dumps(model, indent=2) if args.json else f"{model['name']} is {model['state']}")
-    return EXIT_OK
-
-
-def cmd_apply(args: argparse.Namespace) -> int:
-    """Show what would change, then apply it with progress; the daemon validates and records the generation."""
-    try:
-        text = args.file.read_text()
-    except OSError as exc:
-        raise BadRequest(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    body = {"config": text, "source": str(args.file.resolve())}
-    if not args.json:
-        try:
-            preview = asyncio.run(client(args).request("POST", "/validate", body))
-            print(preview["diff"] or "(the config text is unchanged)", file=sys.stderr)
-        except RemoteError as exc:  # invalid or refused: the apply below records it as such, and says why
-            if exc.code not in ("invalid_config", "apply_refused"):
-                raise
-    report = asyncio.run(with_progress(args, "POST", "/apply", body))
-    print(json.dumps(report, indent=2) if args.json else render_report(report))
-    return EXIT_OK
-
-
-def cmd_rollback(args: argparse.Namespace) -> int:
-    report = asyncio.run(with_progress(args, "POST", "/rollback", {"generation": args.generation}))
-    print(json.dumps(report, indent=2) if args.json else render_report(report))
-    return EXIT_OK
-
-
-def cmd_history(args: argparse.Namespace) -> int:
-    generations = asyncio.run(client(args).get("/history"))["generations"]
-    print(json.dumps(generations, indent=2) if args.json else render_history(generations))
-    return EXIT_OK
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    if args.tail < 0:
-        raise BadRequest(f"--tail must be 0 or more, not {args.tail}")
-
-    async def run() -> None:
-        params = {"tail": str(args.tail), "follow": "true" if args.follow else "false"}
-        async for line in client(args).lines(f"/models/{quote(args.model)}/logs", params):
-            print(line, flush=True)
-
-    asyncio.run(run())
-    return EXIT_OK
-
-
-def cmd_events(args: argparse.Namespace) -> int:
-    if args.limit < 0:
-        raise BadRequest(f"--limit must be 0 or more, not {args.limit}")
-
-    async def run() -> None:
-        params = {"limit": str(args.limit), "follow": "true" if args.follow else "false"}
-        if args.model:
-            params["model"] = args.model
-        async for event in client(args).events(params):
-            print(json.dumps(event) if args.json else render_event(event), flush=True)
-
-    asyncio.run(run())
-    return EXIT_OK
-
-
-async def with_progress(args: argparse.Namespace, method: str, route: str, body: dict) -> dict:
-    """Make a long request while printing the daemon's events to stderr as they happen (not with --json)."""
-    control = client(args)
-    if args.json:
-        return await control.request(method, route, body)
-    subscribed, shown = asyncio.Event(), [0]
-
-    async def show_events() -> None:
-        async for event in control.events({"limit": "0", "follow": "true"}, on_open=subscribed.set):
-            print(render_event(event), file=sys.stderr, flush=True)
-            shown[0] = event["id"]
-
-    watcher = asyncio.create_task(show_events())
-    try:
-        await asyncio.wait([watcher, asyncio.ensure_future(subscribed.wait())], timeout=5,
-                           return_when=asyncio.FIRST_COMPLETED)
-        if watcher.done():
-            watcher.result()  # the stream could not even open: say why
-        try:
-            return await control.request(method, route, body)
-        finally:  # show the events up to the answer (and its failure) before the answer itself
-            with contextlib.suppress(LocalllmError, TimeoutError):
-                last = (await control.get("/status"))["daemon"]["last_event_id"]
-                async with asyncio.timeout(2):
-                    while shown[0] < last and not watcher.done():
-                        await asyncio.sleep(0.01)
-    finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
 
 
 # -- commands that work on files and this host ----------------------------------------
@@ -470,28 +348,13 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- where the daemon is ------------------------------------------------------------
-
-
-def target(args: argparse.Namespace) -> Target:
-    needs_config = args.config and not (args.url or args.socket or os.environ.get("LOCALLLM_URL")
-                                        or os.environ.get("LOCALLLM_SOCKET"))
-    return find_target(args, load_config(args.config, check_files=False).daemon if needs_config else None)
-
-
-def quote(name: str) -> str:
-    """A model name as one path segment (names may hold '/' and ':')."""
-    return _quote(name, safe="")
-
-
-def client(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(target(args))
+# -- shell completion --------------------------------------------------------------
 
 
 def _complete_models(prefix: str, parsed_args: argparse.Namespace, **_) -> list[str]:
     """Model names for shell completion, asked of the running daemon; nothing if it does not answer."""
     try:
-        models = asyncio.run(client(parsed_args).get("/models"))["models"]
+        models = asyncio.run(ControlClient(target(parsed_args), COMPLETION_TIMEOUT).get("/models"))["models"]
     except Exception:
         return []
     return [name for m in models for name in [m["name"], *m["aliases"]] if name.startswith(prefix)]

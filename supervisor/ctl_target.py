@@ -5,6 +5,8 @@ unless the config says otherwise) and, beside it, ``control-operator.sock`` and
 ``control-viewer.sock``. Without ``--socket`` or ``--url``, localllmctl takes the first of
 admin, operator and viewer whose socket exists and that it may open (``--role`` picks one),
 so a member of the viewers' group runs ``localllmctl status`` with no flags at all.
+
+How long localllmctl waits for the daemon is ``--timeout`` (ctl_client.py says what the deadline covers).
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import os
 from pathlib import Path
 
 from .access import Role, role_socket_path, socket_paths
-from .ctl_client import Target
+from .config import load_config
+from .ctl_client import DEFAULT_TIMEOUT, ControlClient, Target
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
+CHECK_TIMEOUT = 5.0  # status --check: a monitoring check must answer soon
+TIMEOUT_HELP = (f"seconds to wait for the daemon's answer (default {DEFAULT_TIMEOUT:g}, {CHECK_TIMEOUT:g} for "
+                "status --check; 0: no limit); a stream (logs, events) or a long action (load, unload, apply, "
+                "rollback) must start within it, and then runs as long as it takes")
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +38,40 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cacert", type=Path,
                         help="with an https --url: the CA certificate (PEM) that signed the daemon's certificate, "
                              "or that certificate itself (default: $LOCALLLM_CACERT, or the system's CAs)")
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS", help=TIMEOUT_HELP)
+
+
+def add_timeout_option(parser: argparse.ArgumentParser) -> None:
+    """``--timeout`` after the command too (``status --check --timeout 2``); it wins over one before it."""
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS", default=argparse.SUPPRESS, help=TIMEOUT_HELP)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more (0: no limit), not '{text}'")
+    return value
+
+
+def deadline(args: argparse.Namespace) -> float | None:
+    """``--timeout``, or the default for the command; None: no limit."""
+    chosen = getattr(args, "timeout", None)
+    if chosen is None:
+        chosen = CHECK_TIMEOUT if getattr(args, "check", False) else DEFAULT_TIMEOUT
+    return chosen or None
+
+
+def target(args: argparse.Namespace) -> Target:
+    needs_config = args.config and not (args.url or args.socket or os.environ.get("LOCALLLM_URL")
+                                        or os.environ.get("LOCALLLM_SOCKET"))
+    return find_target(args, load_config(args.config, check_files=False).daemon if needs_config else None)
+
+
+def client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(target(args), deadline(args))
 
 
 def find_target(args: argparse.Namespace, config_daemon=None) -> Target:

@@ -17,23 +17,25 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import yaml
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
 from . import __version__
-from .access import plan_listeners
-from .config import Config, load_config
+from .access import Gate, plan_listeners
+from .config import Config, DaemonSettings, load_config
 from .control import DaemonFacts, create_control_app, open_control, remove_sockets
 from .docker_runtime import DockerRuntime
 from .edge import Edge, EdgeSite
 from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
 from .events import EventBus
 from .fleet import Fleet
-from .generations import GenerationStore
+from .generations import GenerationStatus, GenerationStore
 from .gpu_watch import GpuWatch
 from .hardware import select_profile
 from .learned import LearnedSizes
@@ -67,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if private is not None:
         logger.info("demo state in {} (control socket {}); removed when the demo stops", private,
                     config.daemon.socket_path)
+    daemon = Daemon(config, None if args.demo else args.config)
+    if private is not None:
+        daemon.before_forced_exit.append(lambda: shutil.rmtree(private, ignore_errors=True))
     try:
-        asyncio.run(Daemon(config, None if args.demo else args.config).run())
+        asyncio.run(daemon.run())
     except LocalllmError as exc:
         logger.error("localllmd stopped: {}", exc.message)
         return exc.exit_code
@@ -179,20 +184,52 @@ def hold_lock(path: Path):
 
 
 class Daemon:
+    """localllmd's life in three steps, as uvicorn's server has them: ``startup`` builds everything and opens the
+    servers, ``serve`` waits for the stop, ``shutdown`` takes down what startup built, as far as it got.
+
+    The constructor does nothing; ``run`` holds the state directory's lock around the three. A signal handler only
+    records the signal (``_record_signal``); ``_act_on_signals``, a task of the loop, acts on it: SIGHUP applies
+    the config file again, the first SIGTERM or SIGINT stops the daemon gracefully, and a second one, while that
+    shutdown runs, ends the process at once with status 128 + the signal's number (130, 143).
+    """
+
+    _exit = staticmethod(os._exit)
+
     def __init__(self, config: Config, config_path: Path | None):
         self.config = config
         self.config_path = config_path  # re-read on SIGHUP; None for the embedded demo
         self.settings = config.daemon
         self.stopping = asyncio.Event()
-        self.rollout: Rollout | None = None
+        self.signals: asyncio.Queue[int] = asyncio.Queue()
+        self.before_forced_exit: list[Callable[[], object]] = []  # what must happen even then (the demo's directory)
+        self.notifier = Notifier(None)
+        # What startup builds, in its order; shutdown takes down whatever of it is there.
+        self.gpu: GpuWatch | None = None
+        self.runtime: DockerRuntime | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.events: EventBus | None = None
         self.fleet: Fleet | None = None
-        self.notifier = Notifier.from_environment()
+        self.rollout: Rollout | None = None
+        self.runners: list[web.AppRunner] = []
+        self.ticker: AsyncIOScheduler | None = None
+        self.preload: asyncio.Task | None = None
+        self._on_signals: asyncio.Task | None = None
 
     async def run(self) -> None:
         with hold_lock(self.settings.state_dir / "localllmd.lock"):
-            await self._run()
+            self.notifier = Notifier.from_environment()
+            try:
+                await self.startup()
+                await self.serve()
+            finally:
+                await self.shutdown()
+        self.notifier.close()
+        logger.info("localllmd stopped cleanly")
 
-    async def _run(self) -> None:
+    # -- the three steps --------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Profile, Docker, sizing, the fleet and its adoption of what runs, the servers, the ticker, the preloads."""
         nvml = await asyncio.to_thread(Nvml.open)  # one session for the daemon's life (None without NVML)
         profile, reason = select_profile(self.config.profile, self.config.profiles_dir, nvml=nvml)
         if nvml is not None and not profile.has_gpus:
@@ -202,97 +239,103 @@ class Daemon:
         if self.settings.port_range is not None:
             logger.warning("daemon.port_range is no longer used: every model server listens on a UNIX socket "
                            "only localllm can reach; remove it from the config")
-        runtime = DockerRuntime(self.settings.docker_url)
-        docker_version = await runtime.connect()
-        session = open_session(servers_dir(self.settings.state_dir))
-        gpu = GpuWatch(nvml) if nvml is not None else None
-        readings = await gpu.readings() if gpu is not None else None
-        learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if gpu is not None else None
+        self.gpu = GpuWatch(nvml) if nvml is not None else None
+        self.runtime = DockerRuntime(self.settings.docker_url)
+        docker_version = await self.runtime.connect()
+        self.session = open_session(servers_dir(self.settings.state_dir))
+        readings = await self.gpu.readings() if self.gpu is not None else None
+        learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if self.gpu is not None else None
         if learned and learned.problem:
             logger.warning("{}", learned.problem)
         sizings = await asyncio.to_thread(size_catalog, self.config, profile, learned)
-        events = EventBus()
-        fleet = Fleet(self.config, profile, runtime, session, sizings, learned, readings, events, gpu)
+        self.events = events = EventBus()
+        fleet = Fleet(self.config, profile, self.runtime, self.session, sizings, learned, readings, events, self.gpu)
         metrics = Metrics(fleet)
         metrics.listen(events)
-        for device in fleet.scheduler.devices:
-            if device.problem:
-                logger.bind(device=device.id).error("unusable: {}", device.problem)
-            else:
-                logger.info("device {}{}: budget {} MiB", device.id, f" ({device.uuid})" if device.uuid else "",
-                            device.budget // 2**20)
-        ticker = AsyncIOScheduler()
-        ticker.add_job(fleet.tick, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
-        ticker.add_job(fleet.watch.probe_liveness, "interval", seconds=self.settings.liveness.period, max_instances=1,
-                       coalesce=True)
-        store = GenerationStore(self.settings.state_dir / "generations")
-        if store.problem:
-            logger.warning("{}", store.problem)
-        try:
-            moved = store.move_secrets_out()  # generations an older localllm stored whole
-            if moved:
-                logger.info("moved the secrets of stored generations {} out of their configs", moved)
-        except (LocalllmError, OSError) as exc:
-            logger.warning("cannot move the secrets out of the stored generations: {}", getattr(exc, "message", exc))
+        log_devices(fleet)
+        store = open_generations(self.settings.state_dir / "generations")
         self.rollout, self.fleet = Rollout(fleet, store), fleet
-        runners: list[web.AppRunner] = []
-        try:
-            recreate = await fleet.adopt_existing()
-            facts = DaemonFacts(
-                instance=self.settings.instance, profile=profile.name, profile_reason=reason,
-                docker_version=docker_version,
-                proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
-                started_at=time.time(),
-            )
-            runners.append(await self._serve_proxy(create_proxy_app(fleet, session, self.settings, metrics)))
-            runners += await open_control(plan_listeners(self.settings), lambda gate: create_control_app(
-                fleet, facts, self.rollout, events, gate, metrics=metrics), SHUTDOWN_GRACE)
-            self._install_signal_handlers()
-            ticker.add_job(self._report_status, "interval", seconds=TICK_SECONDS, max_instances=1, coalesce=True)
-            ticker.start()
-            wanted = [e.name for e in self.config.models if e.preload]
-            wanted += [name for name in recreate if name not in wanted]
-            preload = asyncio.create_task(self._start_first_generation(fleet, store, wanted), name="preload")
-            fleet.spawn(fleet.watch.watch_engine(), "watch-engine")
-            logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
-            self.notifier.ready(fleet.status_line())
-            interval = watchdog_interval()
-            if interval:
-                fleet.spawn(ping_watchdog(self.notifier, interval), "watchdog")
-            await self.stopping.wait()
+        recreate = await fleet.adopt_existing()
+        facts = DaemonFacts(
+            instance=self.settings.instance, profile=profile.name, profile_reason=reason,
+            docker_version=docker_version,
+            proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
+            started_at=time.time(),
+        )
+        await self._open_servers(create_proxy_app(fleet, self.session, self.settings, metrics),
+                                 lambda gate: create_control_app(fleet, facts, self.rollout, events, gate,
+                                                                 metrics=metrics))
+        self._install_signal_handlers()
+        self.ticker = self._start_ticker(fleet)
+        wanted = [e.name for e in self.config.models if e.preload]
+        wanted += [name for name in recreate if name not in wanted]
+        self.preload = asyncio.create_task(self._start_first_generation(fleet, store, wanted), name="preload")
+        fleet.spawn(fleet.watch.watch_engine(), "watch-engine")
+        logger.info("serving the proxy on {}", ", ".join(facts.proxy_urls))
+        self.notifier.ready(fleet.status_line())
+        interval = watchdog_interval()
+        if interval:
+            fleet.spawn(ping_watchdog(self.notifier, interval), "watchdog")
+
+    async def serve(self) -> None:
+        """Serve until the first SIGTERM or SIGINT: the servers, the ticker and the fleet's tasks do the work."""
+        await self.stopping.wait()
+
+    async def shutdown(self) -> None:
+        """The servers close first (in-flight requests get SHUTDOWN_GRACE), then the fleet's work stops and every
+        container goes. After a failed startup, only what it built is taken down."""
+        if self.stopping.is_set():
             self.notifier.stopping()
             logger.info("shutting down: stopping in-flight work, then the containers")
-            preload.cancel()
-        finally:
-            if ticker.running:
-                ticker.shutdown(wait=False)
-            events.close()  # ends every event stream, so the servers can stop at once
-            for runner in runners:
-                await runner.cleanup()
-            fleet.refuse_new_work()
-            await self.rollout.cancel()  # a config change under way is reverted as far as it can be
-            await fleet.shutdown()
-            await session.close()
-            await runtime.close()
-            if gpu is not None:
-                gpu.close()
+        if self.preload is not None:
+            self.preload.cancel()
+        if self.fleet is not None:
+            await self._take_down_fleet(self.fleet)
+        if self.session is not None:
+            await self.session.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.gpu is not None:
+            self.gpu.close()
+        if self.fleet is not None:
             remove_sockets(plan_listeners(self.settings))
-        self.notifier.close()
-        logger.info("localllmd stopped cleanly")
+        if self._on_signals is not None:
+            self._on_signals.cancel()
 
-    async def _serve_proxy(self, app: web.Application) -> web.AppRunner:
-        """The proxy's listeners, with the deadlines and the connection cap of ``daemon.proxy_limits`` (edge.py);
-        a client that leaves cancels its request."""
-        edge = Edge(self.settings.proxy_limits)
-        runner = edge.runner(app, shutdown_timeout=SHUTDOWN_GRACE)
-        await runner.setup()
-        for listen in self.settings.proxy_listen:
-            try:
-                await EdgeSite(runner, edge, listen.host, listen.port).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise CannotListen(f"cannot listen on {listen} (daemon.proxy_listen): {exc.strerror or exc}") from None
-        return runner
+    async def _take_down_fleet(self, fleet: Fleet) -> None:
+        if self.ticker is not None and self.ticker.running:
+            self.ticker.shutdown(wait=False)
+        if self.events is not None:
+            self.events.close()  # ends every event stream, so the servers can stop at once
+        await self._close_servers()
+        fleet.refuse_new_work()
+        if self.rollout is not None:
+            await self.rollout.cancel()  # a config change under way is reverted as far as it can be
+        await fleet.shutdown()
+
+    # -- the servers ------------------------------------------------------------------
+
+    async def _open_servers(self, proxy: web.Application, control: Callable[[Gate], web.Application]) -> None:
+        """Every listener of the proxy and the control API, or none: one that cannot listen is named in the
+        CannotListen raised, and the shutdown closes those already open."""
+        self.runners += await open_proxy(self.settings, proxy)
+        self.runners += await open_control(plan_listeners(self.settings), control, SHUTDOWN_GRACE)
+
+    async def _close_servers(self) -> None:
+        """No new connections; in-flight requests get SHUTDOWN_GRACE, then their handlers are cancelled."""
+        while self.runners:
+            await self.runners.pop(0).cleanup()
+
+    # -- what runs beside the servers -------------------------------------------------
+
+    def _start_ticker(self, fleet: Fleet) -> AsyncIOScheduler:
+        ticker = AsyncIOScheduler()
+        every = {"trigger": "interval", "max_instances": 1, "coalesce": True}
+        ticker.add_job(fleet.tick, seconds=TICK_SECONDS, **every)
+        ticker.add_job(fleet.watch.probe_liveness, seconds=self.settings.liveness.period, **every)
+        ticker.add_job(self._report_status, seconds=TICK_SECONDS, **every)
+        ticker.start()
+        return ticker
 
     async def _start_first_generation(self, fleet: Fleet, store: GenerationStore, wanted: list[str]) -> None:
         """Record the config we started with; it becomes last-good once its preloaded models are ready."""
@@ -305,11 +348,11 @@ class Daemon:
         except (LocalllmError, OSError) as exc:
             logger.error("cannot record the startup generation: {}", getattr(exc, "message", exc))
         await fleet.start_models(wanted)
-        slots = fleet.scheduler.slots
-        failed = [n for n in wanted if n in slots and slots[n].phase is not Phase.READY]
+        views = fleet.scheduler.views()
+        failed = [n for n in wanted if n in views and views[n].phase is not Phase.READY]
         if generation is not None and store.generations and store.generations[-1].number == generation.number:
             with contextlib.suppress(LocalllmError):  # an apply made meanwhile has the last word
-                store.mark(generation.number, "failed" if failed else "good",
+                store.mark(generation.number, GenerationStatus.FAILED if failed else GenerationStatus.GOOD,
                            f"preload failed for {', '.join(failed)}" if failed else "")
 
     async def _report_status(self) -> None:
@@ -328,8 +371,86 @@ class Daemon:
         except (LocalllmError, OSError) as exc:
             logger.error("SIGHUP: {}", getattr(exc, "message", exc))
 
+    # -- signals ----------------------------------------------------------------------
+
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.fleet.spawn(self._reload(), "sighup"))
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._record_signal, signum)
+        self._on_signals = asyncio.create_task(self._act_on_signals(), name="signals")
+
+    def _record_signal(self, signum: int) -> None:
+        """The signal handler: it only records."""
+        self.signals.put_nowait(signum)
+
+    async def _act_on_signals(self) -> None:
+        """For the daemon's life, shutdown included: a second SIGTERM or SIGINT must still be heard then."""
+        while True:
+            signum = await self.signals.get()
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                if self.stopping.is_set() or self.fleet is None:
+                    logger.warning("SIGHUP ignored: localllmd is shutting down")
+                else:
+                    self.fleet.spawn(self._reload(), "sighup")
+            elif not self.stopping.is_set():
+                logger.info("{}: shutting down; a second SIGTERM or SIGINT exits at once", name)
+                self.stopping.set()
+            else:
+                self._force_exit(signum, name)
+
+    def _force_exit(self, signum: int, name: str) -> None:
+        """End the process now, in the middle of the shutdown: no more waiting for requests, tasks or containers.
+
+        ``os._exit``: a normal exit would still wait for the Docker calls under way on their threads. What is
+        left behind is what a crash leaves, and the next start deals with it: model containers still running
+        are adopted or removed, the control sockets are bound anew, the state directory's lock is the kernel's.
+        """
+        status = 128 + signum
+        logger.warning("{} again during the shutdown: exiting now with status {}, without waiting for it to "
+                       "finish; model containers still running are adopted or removed at the next start",
+                       name, status)
+        for step in self.before_forced_exit:
+            with contextlib.suppress(Exception):
+                step()
+        self.notifier.close()
+        sys.stderr.flush()
+        self._exit(status)
+
+
+async def open_proxy(settings: DaemonSettings, app: web.Application) -> list[web.AppRunner]:
+    """The proxy on each of ``daemon.proxy_listen``, with the deadlines and the connection cap of
+    ``daemon.proxy_limits`` (edge.py); a client that leaves cancels its request. As ``control.open_control``:
+    its runners, or CannotListen naming the address with none left open."""
+    edge = Edge(settings.proxy_limits)
+    runner = edge.runner(app, shutdown_timeout=SHUTDOWN_GRACE)
+    await runner.setup()
+    for listen in settings.proxy_listen:
+        try:
+            await EdgeSite(runner, edge, listen.host, listen.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise CannotListen(f"cannot listen on {listen} (daemon.proxy_listen): {exc.strerror or exc}") from None
+    return [runner]
+
+
+def log_devices(fleet: Fleet) -> None:
+    for device in fleet.scheduler.devices:
+        if device.problem:
+            logger.bind(device=device.id).error("unusable: {}", device.problem)
+        else:
+            logger.info("device {}{}: budget {} MiB", device.id, f" ({device.uuid})" if device.uuid else "",
+                        device.budget // 2**20)
+
+
+def open_generations(directory: Path) -> GenerationStore:
+    store = GenerationStore(directory)
+    if store.problem:
+        logger.warning("{}", store.problem)
+    try:
+        moved = store.move_secrets_out()  # generations an older localllm stored whole
+        if moved:
+            logger.info("moved the secrets of stored generations {} out of their configs", moved)
+    except (LocalllmError, OSError) as exc:
+        logger.warning("cannot move the secrets out of the stored generations: {}", getattr(exc, "message", exc))
+    return store

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -104,13 +105,13 @@ def test_logs_tail_and_follow(start_daemon):
     whole = ok(ctl(daemon, "logs", "tiny", "--tail", "100000"))
     assert "server is listening on" in whole or "HTTP server listening" in whole or "listening" in whole
     with subprocess.Popen([executable("localllmctl"), "--socket", str(daemon.socket), "logs", "-f", "tiny",
-                           "--tail", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
+                           "--tail", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True)
         reader.start()
-        time.sleep(0.5)
+        poll_for(lambda: lines, 20, "the last line so far: the engine's log stream is open")
         assert daemon.chat("tiny").status_code == 200  # llama-server logs each request
-        poll_for(lambda: any("completion" in line or "slot" in line for line in lines), 20, "followed log lines")
+        poll_for(lambda: any("completion" in line or "slot" in line for line in lines[1:]), 20, "followed log lines")
         follower.terminate()
         reader.join(10)  # it reads to the end before the pipe closes
     unknown = ctl(daemon, "logs", "tiny2")
@@ -123,12 +124,15 @@ def test_logs_tail_and_follow(start_daemon):
 def test_events_list_and_follow(start_daemon):
     daemon = start_daemon(TWO)
     seen: list[dict] = []
+    notices: list[str] = []
     with subprocess.Popen([executable("localllmctl"), "--socket", str(daemon.socket), "events", "-f", "--json",
                            "--limit", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
         reader = threading.Thread(
             target=lambda: seen.extend(json.loads(line) for line in iter(follower.stdout.readline, "")), daemon=True)
         reader.start()
-        time.sleep(0.5)
+        threading.Thread(target=lambda: notices.extend(iter(follower.stderr.readline, "")), daemon=True).start()
+        poll_for(lambda: f"following localllmd's events on {daemon.socket} (Ctrl-C to stop)\n" in notices, 20,
+                 "the subscription")  # said once the daemon has subscribed it: no later event can be missed
         ok(ctl(daemon, "load", "tiny", "--json"))
         ok(ctl(daemon, "load", "tiny2", "--json"))
         poll_for(lambda: [e for e in seen if e["kind"] == "load" and e["model"] == "tiny2"], 20, "tiny2's load event")
@@ -228,6 +232,32 @@ def test_completion_scripts_and_model_names(start_daemon, shell, tmp_path):
 
     assert {"load", "unload", "logs", "events", "status"} <= set(complete("localllmctl "))
     assert complete(f"localllmctl --socket {daemon.socket} load ti") == ["tiny", "tiny2"]
+
+
+def test_status_check_against_a_stopped_daemon_exits_1_within_its_deadline(start_daemon):
+    """A daemon whose event loop does not run (SIGSTOP here; a wedged loop alike) still has its connections taken
+    by the kernel: only the deadline can tell."""
+    daemon = start_daemon(TWO)
+    assert ok(ctl(daemon, "status", "--check")) == "ok\n"
+    os.kill(daemon.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        check = ctl(daemon, "status", "--check", timeout=30)
+        took = time.monotonic() - started
+        started = time.monotonic()
+        status = ctl(daemon, "status", "--timeout", "2", timeout=30)
+        took_status = time.monotonic() - started
+    finally:
+        os.kill(daemon.process.pid, signal.SIGCONT)
+    print(f"status --check against the stopped daemon: exit {check.returncode} after {took:.2f}s; "
+          f"status --timeout 2: exit {status.returncode} after {took_status:.2f}s")
+    assert check.returncode == 1 and 5 <= took < 7, (check, took)
+    assert check.stdout == (f"unresponsive\n  localllmd on {daemon.socket} did not answer GET /health within 5s "
+                            "(--timeout): it is stopped, stuck or overloaded; its log may say why "
+                            "(journalctl -u localllm)\n")
+    assert status.returncode == 3 and 2 <= took_status < 4, (status, took_status)
+    assert f"localllmd on {daemon.socket} did not answer GET /status within 2s (--timeout)" in status.stderr
+    assert ok(ctl(daemon, "status", "--check")) == "ok\n"  # running again, it answers again
 
 
 def test_unreachable_daemon_exits_3_and_check_exits_1(tmp_path):

@@ -1,4 +1,4 @@
-"""How localllmd refuses to start: bad config, busy port, no engine. It starts nothing."""
+"""How localllmd starts, refuses to start (bad config, busy port, no engine: it starts nothing) and stops."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from supervisor.ctl_client import ControlClient, Target
@@ -139,3 +140,27 @@ def test_the_demo_runs_in_a_private_directory_of_its_own_and_removes_it(engine, 
         assert daemon.wait(timeout=60) == 0, log.read_text()[-2000:]
     assert not state.exists()
     assert our_containers(engine, "demo") == []
+
+
+def test_a_second_sigterm_ends_a_slow_shutdown_at_once(start_daemon, engine):
+    # The model's server is stopped (SIGSTOP), so the shutdown's SIGTERM to it goes unheard and its stop takes
+    # all of stop_grace; liveness would replace it first, so it is not probed in this test's time.
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], stop_grace=60,
+                          liveness={"period": 600})
+    [container] = our_containers(engine, daemon.instance)
+    container.kill(signal="SIGSTOP")
+    daemon.process.send_signal(signal.SIGTERM)
+    first = time.monotonic()
+    poll_for(lambda: "SIGTERM: shutting down; a second SIGTERM or SIGINT exits at once" in daemon.log(), 10,
+             "the graceful shutdown")
+    with pytest.raises(subprocess.TimeoutExpired):  # a shutdown not held up takes about a second here
+        daemon.process.wait(timeout=5)
+    daemon.process.send_signal(signal.SIGTERM)
+    second = time.monotonic()
+    status = daemon.process.wait(timeout=30)
+    took = time.monotonic() - second
+    print(f"exit {status} {took:.2f}s after the second SIGTERM, {second - first:.2f}s after the first")
+    assert status == 143 and took < 3, (status, took)
+    assert "SIGTERM again during the shutdown: exiting now with status 143" in daemon.log()
+    assert "localllmd stopped cleanly" not in daemon.log()
+    assert [c.id for c in our_containers(engine, daemon.instance)] == [container.id]  # left as a crash leaves it
