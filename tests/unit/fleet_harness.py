@@ -9,10 +9,11 @@ maps those PIDs to the fake containers, as ``/proc/<pid>/cgroup`` would.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -53,9 +54,18 @@ class RecordingFakeRuntime:
 
     calls: list[tuple] = field(default_factory=list)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)  # models whose server exits at once (exit 1, "boom")
+    start_delay: float = 0.0  # seconds the engine takes to create a container
 
     async def run(self, spec) -> ContainerInfo:
         self.calls.append(("run", spec.name))
+        await asyncio.sleep(self.start_delay)
+        if spec.model in self.failing:
+            info = ContainerInfo(secrets.token_hex(32), spec.name, "exited", 1, False, spec.labels())
+            runner = web.AppRunner(web.Application())
+            await runner.setup()
+            self.containers[info.id] = FakeContainer(info, [], runner)
+            return info
         app = web.Application()
         app.router.add_get("/health", _healthy)
         runner = web.AppRunner(app)
@@ -77,7 +87,8 @@ class RecordingFakeRuntime:
             await container.runner.cleanup()
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
-        return ""
+        container = self.containers.get(container_id)
+        return "boom" if container is not None and container.info.exited else ""
 
     async def logs_stream(self, container_id: str, tail: int, follow: bool) -> AsyncIterator[bytes]:
         self.calls.append(("logs_stream", container_id))
@@ -98,6 +109,20 @@ class RecordingFakeRuntime:
 
     def removed(self) -> list[str]:
         return [cid for call, cid in self.calls if call == "stop_and_remove"]
+
+    def started(self) -> list[str]:
+        """The names of the containers run, in order."""
+        return [name for call, name in self.calls if call == "run"]
+
+    async def exit(self, container_id: str, code: int = 137) -> None:
+        """The container's server dies: it exits, and its socket goes with it."""
+        container = self.containers[container_id]
+        container.info = replace(container.info, status="exited", exit_code=code)
+        await container.runner.cleanup()
+
+    def running(self, model: str) -> list[str]:
+        return [cid for cid, c in self.containers.items() if c.info.labels.get("io.localllm.model") == model
+                and c.info.running]
 
 
 def socket_path(spec) -> str:
@@ -135,6 +160,33 @@ def gpu_reading(index: int, total: int = 24 * GIB, free: int | None = None, prob
         return GpuReading(index, "fake", 0, 0, 0, uuid=f"GPU-{index}", problem=problem)
     free = total if free is None else free
     return GpuReading(index, "fake", total, total - free, free, uuid=f"GPU-{index}")
+
+
+CPU = "cpu-only"
+
+
+def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, int],
+              runtime: RecordingFakeRuntime | None = None, models: dict[str, dict] | None = None,
+              **daemon) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
+    """A fleet of llama.cpp models (``needs``: name -> bytes) on the CPU profile, with the recording fake.
+
+    ``models`` adds catalog settings per model (preload, context_size...); ``daemon`` the daemon's."""
+    from supervisor.profiles import load_profiles
+
+    runtime = runtime or RecordingFakeRuntime()
+    entries = []
+    for name in needs:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(b"GGUF")
+        entries.append(ModelEntry(name=name, gguf=path, ttl=0, **(models or {}).get(name, {})))
+    settings = {"instance": "unit", "state_dir": str(tmp_path), "stop_grace": 0, "min_residency": 0,
+                "startup_timeout": 5, **daemon}
+    config = Config(profile=CPU, models=entries, daemon=settings)
+    launch = LaunchSettings(context=4096)
+    sizings = {n: Sizing(launch, None, None, None, "test", need) for n, need in needs.items()}
+    bus = EventBus()
+    fleet = Fleet(config, load_profiles()[CPU], runtime, session, sizings, None, None, bus)
+    return fleet, runtime, bus
 
 
 def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, gpus: FakeGpuSession,
