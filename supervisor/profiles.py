@@ -79,9 +79,9 @@ class HostFacts:
 
 
 def builtin_profiles_dir() -> Path:
-    """The shipped ``profiles/``: inside the installed package, or beside it in a checkout."""
+    """The shipped ``profiles/``: ``supervisor/profile_data`` when installed, or beside the package in a checkout."""
     here = Path(__file__).resolve().parent
-    installed = here / "profiles"
+    installed = here / "profile_data"
     return installed if any(installed.glob("*.yaml")) else here.parent / "profiles"
 
 
