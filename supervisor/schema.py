@@ -97,13 +97,19 @@ def describe(path: Path, doc: YamlDoc, loc: tuple, reason: str) -> str:
     return f"{where}: {format_loc(loc)}: {reason}"
 
 
+# Fields whose value a problem line never quotes: it goes to the log, to the CLI and, through apply's
+# events, to viewers of the control API.
+SECRET_FIELDS = {"api_keys", "control_token", "control_tokens", "token"}
+
+
 def _reason(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
     message = err["msg"].removeprefix("Value error, ")
-    if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+    secret = any(part in SECRET_FIELDS for part in err.get("loc", ()))
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err and not secret:
         shown = repr(err["input"])
         if len(shown) <= 60:
             message += f" (got {shown})"

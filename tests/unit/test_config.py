@@ -193,3 +193,19 @@ def test_edge_settings_as_written(config_file):
     assert (limits.header_timeout, limits.body_timeout, limits.keep_alive, limits.max_connections) == (2, 30, 1, 100)
     assert limits.max_body == limits.body_budget == 2**20
     assert (daemon.request_fields.drop, daemon.request_fields.max_tokens) == (["id_slot"], 512)
+
+
+@pytest.mark.parametrize("daemon", [
+    "api_keys: [hunter2-short-key]",
+    "control_token: hunter2-short-key",
+    "control_tokens: [{token: hunter2-short-key, role: viewer}]",
+], ids=["api_key", "control_token", "control_tokens"])
+def test_a_problem_with_a_secret_never_quotes_it(config_file, daemon):
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file(f"daemon:\n  {daemon}\n"))
+    assert "32" in str(caught.value) and "hunter2" not in str(caught.value)
+
+
+def test_a_problem_with_another_field_still_quotes_what_it_got(config_file):
+    with pytest.raises(ConfigError, match=r"\(got 'x'\)"):
+        load_config(config_file("daemon:\n  max_queue: x\n"))
