@@ -31,7 +31,7 @@ from supervisor.learned import LearnedSizes
 from supervisor.nvml import GpuProcess
 from supervisor.profiles import Profile
 from supervisor.sizing import Sizing
-from supervisor.upstream import SOCKET_NAME
+from supervisor.upstream import SOCKET_NAME, open_session, servers_dir
 
 GIB = 1024**3
 _pids = itertools.count(40_000)
@@ -163,6 +163,19 @@ def gpu_reading(index: int, total: int = 24 * GIB, free: int | None = None, prob
 
 
 CPU = "cpu-only"
+
+
+def scenario(body, state_dir: Path):
+    """Run ``body(session)`` on a fresh loop with the daemon's kind of session (sockets under ``state_dir``)."""
+    async def run():
+        async with open_session(servers_dir(state_dir)) as session:
+            return await body(session)
+    return asyncio.run(run())
+
+
+def kinds(bus: EventBus) -> list[str]:
+    """The kinds of the events published so far, in order."""
+    return [event.kind for event in bus.recent()]
 
 
 def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, int],

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -17,25 +16,14 @@ from supervisor.learned import LearnedSizes
 from supervisor.nvml import Nvml
 from supervisor.profiles import load_profiles
 from supervisor.scheduler import Phase
-from supervisor.upstream import open_session, servers_dir
 
 from .fake_nvml import FakeDevice, FakeNvml
-from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading
+from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading, kinds, scenario
 
 PROFILES = load_profiles()
 ONE_GPU, TWO_GPUS = PROFILES["gpu-1x24g"], PROFILES["gpu-2x24g"]
 
 
-def scenario(body, state_dir: Path):
-    """Run ``body(session)`` on a fresh loop with the daemon's kind of session (sockets under ``state_dir``)."""
-    async def run():
-        async with open_session(servers_dir(state_dir)) as session:
-            return await body(session)
-    return asyncio.run(run())
-
-
-def kinds(bus) -> list[str]:
-    return [e.kind for e in bus.recent()]
 
 
 def events_of(bus, kind: str) -> list:

@@ -7,29 +7,18 @@ what the fleet asked of the engine, and can make a server exit or fail to start.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 from supervisor.container_runtime import ContainerInfo
 from supervisor.containers import LABEL_MODEL
 from supervisor.errors import ModelStartFailed
 from supervisor.scheduler import Phase
-from supervisor.upstream import open_session, servers_dir
 
-from .fleet_harness import RecordingFakeRuntime, cpu_fleet
+from .fleet_harness import RecordingFakeRuntime, cpu_fleet, kinds, scenario
 
 MIB = 2**20
 FAST_RESTARTS = {"restart": {"delay": 0.05, "max_delay": 0.1, "max_failures": 2, "stable_after": 0}}
 
 
-def scenario(body, state_dir: Path):
-    async def run():
-        async with open_session(servers_dir(state_dir)) as session:
-            return await body(session)
-    return asyncio.run(run())
-
-
-def kinds(bus) -> list[str]:
-    return [event.kind for event in bus.recent()]
 
 
 async def until(condition, timeout: float = 5.0, what: str = "the condition") -> None:
