@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from supervisor import __version__  # noqa: E402
-from supervisor.backends.llamacpp import launch_flags  # noqa: E402
-from supervisor.estimate import LaunchSettings  # noqa: E402
-from supervisor.images import cpu_image_tag  # noqa: E402
+from supervisor.core.backends.llamacpp import launch_flags  # noqa: E402
+from supervisor.core.estimate import LaunchSettings  # noqa: E402
+from supervisor.runtime.images import cpu_image_tag  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BENCH_LABEL = "io.localllm.bench"

@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from supervisor.images import cache_root  # noqa: E402
+from supervisor.runtime.images import cache_root  # noqa: E402
 
 # The newest release whose ``[proxy]`` extra installs from PyPI: 1.109 and later ask for a
 # ``litellm-proxy`` distribution that PyPI does not serve.

@@ -50,7 +50,7 @@ from bench.common import (  # noqa: E402
     summary_ms,
     wait_healthy,
 )
-from supervisor.tinygguf import write_tiny_model  # noqa: E402
+from supervisor.runtime.tinygguf import write_tiny_model  # noqa: E402
 
 MODEL = "tiny"
 # As many slots as the highest concurrency: every request is decoded at once, in one batch, and gets

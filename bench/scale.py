@@ -57,12 +57,12 @@ from bench.common import (  # noqa: E402
     spread,
     summary_ms,
 )
-from supervisor.tinygguf import write_tiny_model  # noqa: E402
+from supervisor.runtime.tinygguf import write_tiny_model  # noqa: E402
 
 MB = 1_000_000
 RSS_IDLE_TARGET_MB = 80
 RECOVERY_TARGET_S = 2.0
-KEEPALIVE_S = 5.0  # supervisor.proxy.KEEPALIVE_SECONDS
+KEEPALIVE_S = 5.0  # supervisor.api.proxy.KEEPALIVE_SECONDS
 SYSTEMD_DEFAULT_NOFILE = 1024  # systemd's DefaultLimitNOFILE soft limit for services (hard: 524288)
 PORT_RANGE = "28600-28699"  # away from the default range, which other daemons on the host use
 

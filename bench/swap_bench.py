@@ -22,10 +22,10 @@ import docker
 import requests
 
 from bench.common import Daemon, free_port, raw_llama_server, spread, wait_healthy
-from supervisor.config import ModelEntry
-from supervisor.profiles import load_profiles
-from supervisor.sizing import size_model
-from supervisor.tinygguf import write_tiny_model
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import ModelEntry
+from supervisor.fleet.sizing import size_model
+from supervisor.runtime.tinygguf import write_tiny_model
 
 CHAT = {"stream": True, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
 

@@ -26,27 +26,28 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from loguru import logger
 
-from . import __version__
-from .access import Gate, plan_listeners
-from .config import Config, DaemonSettings, load_config
-from .control import DaemonFacts, create_control_app, open_control, remove_sockets
-from .docker_runtime import DockerRuntime
-from .edge import Edge, EdgeSite
-from .errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
-from .events import EventBus
-from .fleet import Fleet
-from .generations import GenerationStatus, GenerationStore
-from .gpu_watch import GpuWatch
-from .hardware import select_profile
-from .learned import LearnedSizes
-from .metrics import Metrics
-from .nvml import Nvml
-from .proxy import create_proxy_app
-from .rollout import Rollout
-from .scheduler import Phase
-from .sdnotify import Notifier, ping_watchdog, watchdog_interval
-from .sizing import size_catalog
-from .upstream import open_session, servers_dir
+from supervisor import __version__
+from supervisor.api.control import DaemonFacts, create_control_app, open_control, remove_sockets
+from supervisor.api.edge import Edge, EdgeSite
+from supervisor.api.metrics import Metrics
+from supervisor.api.proxy import create_proxy_app
+from supervisor.config.access import Gate, plan_listeners
+from supervisor.config.settings import Config, DaemonSettings, load_config
+from supervisor.core.containers import servers_dir
+from supervisor.core.errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
+from supervisor.core.scheduler import Phase
+from supervisor.fleet.events import EventBus
+from supervisor.fleet.owner import Fleet
+from supervisor.fleet.rollout import Rollout
+from supervisor.fleet.sizing import size_catalog
+from supervisor.runtime.docker_runtime import DockerRuntime
+from supervisor.runtime.gpu_watch import GpuWatch
+from supervisor.runtime.hardware import select_profile
+from supervisor.runtime.nvml import Nvml
+from supervisor.runtime.sdnotify import Notifier, ping_watchdog, watchdog_interval
+from supervisor.runtime.upstream import open_session
+from supervisor.state.generations import GenerationStatus, GenerationStore
+from supervisor.state.learned import LearnedSizes
 
 SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get before they are cancelled
 OPEN_FILES = 65536  # the open files limit localllmd raises itself to (up to the hard limit)
@@ -148,7 +149,7 @@ def syslog_priority(level_no: int) -> int:
 
 def demo_config(state_dir: Path) -> Config:
     """The embedded default: CPU profile and one small generated model, preloaded."""
-    from .tinygguf import write_tiny_model
+    from supervisor.runtime.tinygguf import write_tiny_model
 
     model = state_dir / "models" / "demo-tiny.gguf"
     if not model.is_file():

@@ -19,7 +19,7 @@ Steps (each one timed, each error recorded, new steps stop after --budget second
  4. alloc.cu for N in 0, 1, 4 GiB: NVML memory info v1 and v2 before and
     after, the per-process figure against N GiB, whether NVML's PID is the
     launched PID, and how long the memory takes to come back after SIGKILL;
- 5. the test models (written with supervisor.tinygguf, checked against the
+ 5. the test models (written with supervisor.runtime.tinygguf, checked against the
     sha256 recorded on the CPU machine);
  6. llama-server on each model (-lv 4 --fit off --flash-attn on, explicit -c,
     --parallel 1, -ngl 999 --device CUDA0): CUDA buffers from the log and NVML's
@@ -717,9 +717,9 @@ def import_project():
     for path in (str(ROOT), str(CARRY / "py")):
         if path not in sys.path:
             sys.path.insert(0 if path == str(ROOT) else len(sys.path), path)
-    import supervisor.tinygguf as tinygguf
-    from supervisor import estimate as est
-    from supervisor import gguf_meta
+    import supervisor.runtime.tinygguf as tinygguf
+    from supervisor.core import estimate as est
+    from supervisor.runtime import gguf_meta
 
     return tinygguf, est, gguf_meta
 
@@ -777,7 +777,7 @@ def plan(expected_path: Path, workdir: Path, tied_mode: str) -> dict:
     """prepare.sh's step: write each model here, hash it, and record estimate() for each run."""
     supported = tied_supported()
     if tied_mode == "yes" and not supported:
-        raise SystemExit("TIED_EMBEDDINGS=yes but supervisor.tinygguf.write_tiny_model has no tied_embeddings yet")
+        raise SystemExit("TIED_EMBEDDINGS=yes but tinygguf.write_tiny_model has no tied_embeddings yet")
     tied_ok = supported if tied_mode == "auto" else tied_mode == "yes"
     workdir.mkdir(parents=True, exist_ok=True)
     models = {}

@@ -5,7 +5,7 @@
 #
 # Makes bench/gpu/carry/ (git-ignored; the device `run` call names it in `carry`):
 #   llama.cpp/      the llama.cpp sources that llama-server's CUDA build needs, from the pinned
-#                   llama-cpp-python sdist in localllm's cache (supervisor/images.py), trimmed
+#                   llama-cpp-python sdist in localllm's cache (supervisor/runtime/images.py), trimmed
 #   py/gguf/        the gguf package (pure Python): the GPU machine has no gguf, and writes the models
 #   alloc           alloc.cu built here with nvcc -arch=sm_90 (a fallback if nvcc fails there)
 #   expected.json   the test models' specs and sha256, and localllm's estimate() for each run

@@ -30,10 +30,10 @@ import pytest
 import requests
 import yaml
 
-from supervisor.containers import LABEL_OWNER, Endpoint
-from supervisor.images import cpu_image_tag
-from supervisor.tinygguf import write_tiny_model
-from supervisor.upstream import make_socket_dir, open_session, server_user, servers_dir
+from supervisor.core.containers import LABEL_OWNER, Endpoint, servers_dir
+from supervisor.runtime.images import cpu_image_tag
+from supervisor.runtime.tinygguf import write_tiny_model
+from supervisor.runtime.upstream import make_socket_dir, open_session, server_user
 
 RUN_ID = uuid.uuid4().hex[:8]
 INSTANCE_NUMBERS = itertools.count()  # every daemon of the run gets its own instance name

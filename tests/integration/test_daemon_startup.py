@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supervisor.ctl_client import ControlClient, Target
+from supervisor.cli.client import ControlClient, Target
 
 from .conftest import RUN_ID, executable, free_tcp_port, our_containers, poll_for
 

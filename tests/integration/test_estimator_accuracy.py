@@ -13,10 +13,10 @@ import re
 
 import pytest
 
-from supervisor.backends.llamacpp import launch_flags, reported_buffers
-from supervisor.estimate import LaunchSettings, estimate
-from supervisor.gguf_meta import read_gguf_facts
-from supervisor.tinygguf import write_tiny_model
+from supervisor.core.backends.llamacpp import launch_flags, reported_buffers
+from supervisor.core.estimate import LaunchSettings, estimate
+from supervisor.runtime.gguf_meta import read_gguf_facts
+from supervisor.runtime.tinygguf import write_tiny_model
 
 from .conftest import RUN_ID, TEST_RUN_LABEL, free_tcp_port, poll_for
 

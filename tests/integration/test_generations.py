@@ -144,9 +144,9 @@ def test_when_last_good_cannot_come_back_the_daemon_is_degraded_and_does_not_loo
 
 def one_model_budget(tmp_path, models_dir) -> dict:
     """A CPU profile with room for one tiny model only, so a change must stop the old container first."""
-    from supervisor.config import ModelEntry
-    from supervisor.profiles import builtin_profiles_dir, load_profiles
-    from supervisor.sizing import size_model
+    from supervisor.config.profiles import builtin_profiles_dir, load_profiles
+    from supervisor.config.settings import ModelEntry
+    from supervisor.fleet.sizing import size_model
 
     need = size_model(ModelEntry(name="m", gguf=models_dir / "tiny.gguf", context_size=256),
                       load_profiles()["cpu-only"]).need

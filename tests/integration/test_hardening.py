@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import llamacpp, ollama
-from supervisor.config import Config, DaemonSettings, ModelEntry
-from supervisor.containers import memory_limit_for
-from supervisor.docker_runtime import DockerRuntime
-from supervisor.health import wait_until_ready
-from supervisor.profiles import load_profiles
-from supervisor.upstream import open_session, server_user, servers_dir
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import Config, DaemonSettings, ModelEntry
+from supervisor.core.backends import llamacpp, ollama
+from supervisor.core.containers import memory_limit_for, servers_dir
+from supervisor.runtime.docker_runtime import DockerRuntime
+from supervisor.runtime.health import wait_until_ready
+from supervisor.runtime.upstream import open_session, server_user
 
 from .conftest import RUN_ID, TEST_RUN_LABEL, our_containers, socket_endpoint
 from .ollama_standin import ensure_standin_image

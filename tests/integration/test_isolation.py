@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import ollama_relay
-from supervisor.upstream import SOCKET_NAME, servers_dir
+from supervisor.core.backends import ollama_relay
+from supervisor.core.containers import SOCKET_NAME, servers_dir
 
 from .conftest import our_containers
 from .ollama_standin import ensure_standin_image

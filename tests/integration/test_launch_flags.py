@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 
-from supervisor.backends import llamacpp
-from supervisor.config import LLAMA_FLAGS_SET_BY_LOCALLLM, DaemonSettings, ModelEntry
-from supervisor.containers import Endpoint
-from supervisor.images import LLAMA_CPP_PYTHON_VERSION, cache_root
-from supervisor.placement import Device
-from supervisor.policy import ALWAYS_DENIED_FLAGS, DEFAULT_EXTRA_ARGS
-from supervisor.profiles import load_profiles
+from supervisor.config.policy import ALWAYS_DENIED_FLAGS, DEFAULT_EXTRA_ARGS
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import LLAMA_FLAGS_SET_BY_LOCALLLM, DaemonSettings, ModelEntry
+from supervisor.core.backends import llamacpp
+from supervisor.core.containers import Endpoint
+from supervisor.core.placement import Device
+from supervisor.runtime.images import LLAMA_CPP_PYTHON_VERSION, cache_root
 
 from .conftest import RUN_ID, TEST_RUN_LABEL, poll_for
 

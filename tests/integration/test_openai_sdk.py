@@ -19,8 +19,8 @@ import openai
 import pytest
 import requests
 
-from supervisor import tinygguf
-from supervisor.tinygguf import SPECIAL_TOKENS, write_tiny_model
+from supervisor.runtime import tinygguf
+from supervisor.runtime.tinygguf import SPECIAL_TOKENS, write_tiny_model
 
 from .conftest import ask_server, poll_for
 

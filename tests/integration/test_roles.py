@@ -20,8 +20,8 @@ import pytest
 import requests
 import yaml
 
-from supervisor.access import Role, SocketListener, TcpListener
-from supervisor.control import create_control_app, open_control
+from supervisor.api.control import create_control_app, open_control
+from supervisor.config.access import Role, SocketListener, TcpListener
 
 from .conftest import executable, free_tcp_port
 

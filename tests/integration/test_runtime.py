@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import llamacpp
-from supervisor.config import DaemonSettings, ModelEntry
-from supervisor.docker_runtime import DockerRuntime
-from supervisor.errors import DockerUnavailable, ImageNotFound, ModelStartFailed
-from supervisor.health import wait_until_ready
-from supervisor.profiles import load_profiles
-from supervisor.upstream import open_session, server_user
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import DaemonSettings, ModelEntry
+from supervisor.core.backends import llamacpp
+from supervisor.core.errors import DockerUnavailable, ImageNotFound, ModelStartFailed
+from supervisor.runtime.docker_runtime import DockerRuntime
+from supervisor.runtime.health import wait_until_ready
+from supervisor.runtime.upstream import open_session, server_user
 
 from .conftest import RUN_ID, TEST_RUN_LABEL, our_containers, socket_endpoint
 

@@ -18,9 +18,9 @@ import pytest
 import requests
 import yaml
 
-from supervisor.config import ModelEntry
-from supervisor.profiles import load_profiles
-from supervisor.sizing import size_model
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import ModelEntry
+from supervisor.fleet.sizing import size_model
 
 from .conftest import our_containers, poll_for
 

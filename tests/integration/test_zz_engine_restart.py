@@ -15,7 +15,7 @@ from pathlib import Path
 
 import docker
 
-from supervisor.images import cache_root
+from supervisor.runtime.images import cache_root
 
 from .conftest import our_containers, poll_for
 

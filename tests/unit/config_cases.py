@@ -246,7 +246,7 @@ BAD_CONFIGS = [
             gguf: m.gguf
             extra_args: ["--ctx_size", "65536"]
         """, [(4, "models[0].extra_args: '--ctx-size' is set by localllm")], id="extra-args-pinned-flag-with-underscores"),
-    # The rules that hold with or without daemon.policy (supervisor/policy.py).
+    # The rules that hold with or without daemon.policy (supervisor/config/policy.py).
     pytest.param("""\
         models:
           - name: a

@@ -39,7 +39,7 @@ class FakeDevice:
 
 
 class FakeNvml:
-    """Mimics the parts of ``pynvml`` that supervisor.nvml uses; counts every call."""
+    """Mimics the parts of ``pynvml`` that supervisor.runtime.nvml uses; counts every call."""
 
     NVMLError = FakeNvmlError
     NVMLLibraryMismatchError = FakeLibraryMismatchError

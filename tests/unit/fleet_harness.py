@@ -19,19 +19,20 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from supervisor.backends import llamacpp
-from supervisor.config import Config, ModelEntry
-from supervisor.container_runtime import ContainerInfo
-from supervisor.estimate import LaunchSettings
-from supervisor.events import EventBus
-from supervisor.fleet import Fleet
-from supervisor.gpu_watch import GpuWatch
-from supervisor.hardware import GpuReading
-from supervisor.learned import LearnedSizes
-from supervisor.nvml import GpuProcess
-from supervisor.profiles import Profile
-from supervisor.sizing import Sizing
-from supervisor.upstream import SOCKET_NAME, open_session, servers_dir
+from supervisor.config.profiles import Profile
+from supervisor.config.settings import Config, ModelEntry
+from supervisor.core.backends import llamacpp
+from supervisor.core.containers import SOCKET_NAME, servers_dir
+from supervisor.core.estimate import LaunchSettings
+from supervisor.core.placement import GpuReading
+from supervisor.fleet.events import EventBus
+from supervisor.fleet.owner import Fleet
+from supervisor.fleet.sizing import Sizing
+from supervisor.runtime.container_runtime import ContainerInfo
+from supervisor.runtime.gpu_watch import GpuWatch
+from supervisor.runtime.nvml import GpuProcess
+from supervisor.runtime.upstream import open_session
+from supervisor.state.learned import LearnedSizes
 
 GIB = 1024**3
 _pids = itertools.count(40_000)
@@ -184,7 +185,7 @@ def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, i
     """A fleet of llama.cpp models (``needs``: name -> bytes) on the CPU profile, with the recording fake.
 
     ``models`` adds catalog settings per model (preload, context_size...); ``daemon`` the daemon's."""
-    from supervisor.profiles import load_profiles
+    from supervisor.config.profiles import load_profiles
 
     runtime = runtime or RecordingFakeRuntime()
     entries = []

@@ -1,4 +1,4 @@
-"""supervisor.access and the control listeners: roles, tokens, role sockets and TLS, on real sockets, no engine.
+"""supervisor.config.access and the control listeners: roles, tokens, role sockets and TLS, on real sockets, no engine.
 
 The apps served here have no fleet: every request checked is refused (or let through to a handler that
 needs none) before anything else runs. A whole daemon with roles is in tests/integration/test_roles.py.
@@ -19,7 +19,9 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
-from supervisor.access import (
+from supervisor.api.control import ROUTES, create_control_app, open_control, remove_sockets
+from supervisor.cli.target import choose_socket
+from supervisor.config.access import (
     ROUTE_ROLES,
     ControlTls,
     ControlToken,
@@ -33,10 +35,8 @@ from supervisor.access import (
     unreachable_by_role,
     ways_to_roles,
 )
-from supervisor.config import load_config
-from supervisor.control import ROUTES, create_control_app, open_control, remove_sockets
-from supervisor.ctl_target import choose_socket
-from supervisor.errors import CannotListen, ConfigError
+from supervisor.config.settings import load_config
+from supervisor.core.errors import CannotListen, ConfigError
 
 from .conftest import LOCALLLMCTL
 

@@ -1,4 +1,4 @@
-"""supervisor.adoption: the plan for the containers found, before anything is done."""
+"""supervisor.fleet.adoption: the plan for the containers found, before anything is done."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from supervisor.adoption import Action, Wanted, plan
-from supervisor.container_runtime import ContainerInfo
+from supervisor.fleet.adoption import Action, Wanted, plan
+from supervisor.runtime.container_runtime import ContainerInfo
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""supervisor.cgroups: finding a GPU process's container through its cgroup, on recorded /proc/<pid>/cgroup files."""
+"""supervisor.runtime.cgroups: finding a GPU process's container through its cgroup, on recorded /proc/<pid>/cgroup files."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from supervisor.cgroups import container_in_cgroup, container_of, usage_by_container
-from supervisor.nvml import GpuProcess
+from supervisor.runtime.cgroups import container_in_cgroup, container_of, usage_by_container
+from supervisor.runtime.nvml import GpuProcess
 
 GIB = 1024**3
 SYSTEMD = "3f4a9c2e81b7d06f5e2a1c9b8d7e6f50a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9"

@@ -1,4 +1,4 @@
-"""supervisor.config: load_config's values, defaults and every kind of error."""
+"""supervisor.config.settings: load_config's values, defaults and every kind of error."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import Listen, load_config
-from supervisor.errors import EXIT_BAD_INPUT, ConfigError
+from supervisor.config.settings import Listen, load_config
+from supervisor.core.errors import EXIT_BAD_INPUT, ConfigError
 
 from .config_cases import BAD_CONFIGS, find_problem
 
@@ -70,7 +70,7 @@ def test_defaults(config_file):
     assert config.daemon.state_dir == Path("/var/lib/localllm")
     assert config.daemon.socket_path == Path("/var/lib/localllm/control.sock")
     assert (config.daemon.default_ttl, config.daemon.startup_timeout, config.daemon.stop_grace) == (1800.0, 120.0, 10.0)
-    assert config.daemon.policy is None  # no policy: only the always-denied rules (supervisor/policy.py)
+    assert config.daemon.policy is None  # no policy: only the always-denied rules (supervisor/config/policy.py)
     assert (config.daemon.api_keys, config.daemon.allow_anonymous, config.daemon.allowed_hosts) == ([], False, [])
     limits = config.daemon.proxy_limits
     assert (limits.header_timeout, limits.body_timeout, limits.keep_alive) == (10.0, 60.0, 5.0)

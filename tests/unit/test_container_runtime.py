@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
-from supervisor.container_runtime import ContainerRuntime
-from supervisor.docker_runtime import DockerRuntime
+from supervisor.runtime.container_runtime import ContainerRuntime
+from supervisor.runtime.docker_runtime import DockerRuntime
 
 from .fleet_harness import RecordingFakeRuntime
 

@@ -1,4 +1,4 @@
-"""supervisor.containers: the config hash, our labels and container names."""
+"""supervisor.core.containers: the config hash, our labels and container names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from supervisor.containers import (
+from supervisor.core.containers import (
     LABEL_BACKEND,
     LABEL_CONFIG_HASH,
     LABEL_DEVICE,

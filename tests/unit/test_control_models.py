@@ -17,11 +17,8 @@ import yaml
 from aiohttp import test_utils
 from pydantic import BaseModel, ValidationError
 
-from supervisor import errors
-from supervisor.access import Gate, Role
-from supervisor.config import ModelEntry
-from supervisor.control import DaemonFacts, answer, create_control_app
-from supervisor.control_models import (
+from supervisor.api.control import DaemonFacts, answer, create_control_app
+from supervisor.api.control_models import (
     ApplyReport,
     Error,
     Health,
@@ -34,11 +31,15 @@ from supervisor.control_models import (
     Preview,
     Status,
 )
-from supervisor.estimate import Estimate
-from supervisor.generations import GenerationStore
-from supervisor.profiles import load_profiles
-from supervisor.rollout import Rollout
-from supervisor.upstream import open_session, servers_dir
+from supervisor.config.access import Gate, Role
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import ModelEntry
+from supervisor.core import errors
+from supervisor.core.containers import servers_dir
+from supervisor.core.estimate import Estimate
+from supervisor.fleet.rollout import Rollout
+from supervisor.runtime.upstream import open_session
+from supervisor.state.generations import GenerationStore
 
 from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading
 

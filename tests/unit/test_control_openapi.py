@@ -7,11 +7,11 @@ import json
 
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
-from supervisor.access import ROUTE_ROLES, Role
-from supervisor.control import create_control_app
-from supervisor.control_models import RESPONSES, component_schemas
-from supervisor.control_openapi import openapi_document
-from supervisor.errors import LocalllmError, error_codes
+from supervisor.api.control import create_control_app
+from supervisor.api.control_models import RESPONSES, component_schemas
+from supervisor.api.control_openapi import openapi_document
+from supervisor.config.access import ROUTE_ROLES, Role
+from supervisor.core.errors import LocalllmError, error_codes
 
 
 class NoMetrics:

@@ -1,4 +1,4 @@
-"""supervisor.ctl: `localllmctl config validate` and `model generate` as run by an operator; status rendering."""
+"""supervisor.cli.ctl: `localllmctl config validate` and `model generate` as run by an operator; status rendering."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.ctl_render import format_age, render_status
+from supervisor.cli.render import format_age, render_status
 
 from .config_cases import BAD_CONFIGS, find_problem
 from .conftest import LOCALLLMCTL
@@ -172,7 +172,7 @@ def test_config_validate_json_reports_problems_and_exits_2(config_file):
 
 
 def test_the_target_follows_the_flags_and_the_environment(monkeypatch, tmp_path):
-    from supervisor.ctl import build_parser, target
+    from supervisor.cli.ctl import build_parser, target
 
     for name in ("LOCALLLM_URL", "LOCALLLM_SOCKET", "LOCALLLM_TOKEN", "LOCALLLM_CACERT"):
         monkeypatch.delenv(name, raising=False)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from supervisor.ctl import build_parser
-from supervisor.ctl_target import CHECK_TIMEOUT, deadline
+from supervisor.cli.ctl import build_parser
+from supervisor.cli.target import CHECK_TIMEOUT, deadline
 
 from .conftest import LOCALLLMCTL
 

@@ -14,9 +14,9 @@ import signal
 import pytest
 from loguru import logger
 
-from supervisor.config import Config
+from supervisor.config.settings import Config
+from supervisor.core.errors import DockerUnavailable
 from supervisor.daemon import Daemon
-from supervisor.errors import DockerUnavailable
 
 
 def daemon_for(tmp_path, **settings) -> Daemon:

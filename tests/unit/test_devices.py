@@ -1,12 +1,11 @@
-"""supervisor.placement.devices_for: the memory budget of each device, declared or measured."""
+"""supervisor.core.placement.devices_for: the memory budget of each device, declared or measured."""
 
 from __future__ import annotations
 
 import pytest
 
-from supervisor.hardware import GpuReading
-from supervisor.placement import Device, devices_for
-from supervisor.profiles import Profile, load_profiles
+from supervisor.config.profiles import Profile, load_profiles
+from supervisor.core.placement import Device, GpuReading, devices_for
 
 GIB = 1024**3
 MIB = 1024**2

@@ -13,11 +13,8 @@ import pytest
 from aiohttp import web
 from loguru import logger
 
-from supervisor import errors
-from supervisor.config import ProxyLimits, RequestFields
-from supervisor.edge import MAX_HEAD, Edge, EdgeSite
-from supervisor.errors import BadRequest, LocalllmError, ModelStartFailed, UnknownModel, UpstreamFailed
-from supervisor.intake import (
+from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite
+from supervisor.api.intake import (
     INLINE_JSON,
     Intake,
     allowed_hosts_middleware,
@@ -26,7 +23,10 @@ from supervisor.intake import (
     parse_object,
     planned_fields,
 )
-from supervisor.web_errors import MODEL_KEY, error_middleware, proxy_error_middleware, public_error
+from supervisor.api.web_errors import MODEL_KEY, error_middleware, proxy_error_middleware, public_error
+from supervisor.config.settings import ProxyLimits, RequestFields
+from supervisor.core import errors
+from supervisor.core.errors import BadRequest, LocalllmError, ModelStartFailed, UnknownModel, UpstreamFailed
 
 FAST = dict(header_timeout=0.4, keep_alive=0.4, body_timeout=0.4)
 

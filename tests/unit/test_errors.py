@@ -1,4 +1,4 @@
-"""supervisor.errors: each failure has a class of its own, with its code, HTTP status and exit status; every code
+"""supervisor.core.errors: each failure has a class of its own, with its code, HTTP status and exit status; every code
 of the hierarchy is in error_codes() and in the README."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import errors
-from supervisor.errors import (
+from supervisor.core import errors
+from supervisor.core.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     BadRequest,

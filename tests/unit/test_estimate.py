@@ -1,4 +1,4 @@
-"""supervisor.estimate: memory a model needs, checked against numbers worked out by hand.
+"""supervisor.core.estimate: memory a model needs, checked against numbers worked out by hand.
 
 FACTS below has 4 layers with different tensor bytes (so "the last k layers"
 is visible) and KV heads (4, 4, 2, 2), key and value length 32: one context
@@ -14,15 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.backends.llamacpp import reported_buffers
-from supervisor.estimate import (
+from supervisor.core.backends.llamacpp import reported_buffers
+from supervisor.core.estimate import (
     GPU_RUNTIME_OVERHEAD,
     MIB,
     Estimate,
     LaunchSettings,
     estimate,
 )
-from supervisor.gguf_meta import GgufFacts
+from supervisor.core.gguf_facts import GgufFacts
 
 FACTS = GgufFacts(
     architecture="llama", block_count=4, embedding=256, feed_forward=1024, head_count=8,

@@ -1,4 +1,4 @@
-"""supervisor.estimate against the llama.cpp we pin (b11312): padding, KV streams, the reserved graph.
+"""supervisor.core.estimate against the llama.cpp we pin (b11312): padding, KV streams, the reserved graph.
 
 The numbers are worked out by hand from the sources each test cites, on the same made-up model as
 test_estimate.py: 4 layers whose KV cells cost 512, 512, 256 and 256 bytes in f16 (1536 in all),
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.estimate import LaunchSettings, estimate, kv_streams, micro_batch
+from supervisor.core.estimate import LaunchSettings, estimate, kv_streams, micro_batch
 
 from .test_estimate import FACTS, SWA
 

@@ -12,13 +12,13 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.backends.llamacpp import launch_settings
-from supervisor.config import ModelEntry
-from supervisor.ctl import main
-from supervisor.estimate import LaunchSettings, estimate
-from supervisor.gguf_meta import read_gguf_facts
-from supervisor.profiles import load_profiles
-from supervisor.tinygguf import write_tiny_model
+from supervisor.cli.ctl import main
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import ModelEntry
+from supervisor.core.backends.llamacpp import launch_settings
+from supervisor.core.estimate import LaunchSettings, estimate
+from supervisor.runtime.gguf_meta import read_gguf_facts
+from supervisor.runtime.tinygguf import write_tiny_model
 
 from .test_estimate import FACTS
 

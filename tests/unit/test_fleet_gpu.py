@@ -10,12 +10,12 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor import gpu_meter
-from supervisor.errors import ModelStartFailed, ModelTooLarge
-from supervisor.learned import LearnedSizes
-from supervisor.nvml import Nvml
-from supervisor.profiles import load_profiles
-from supervisor.scheduler import Phase
+from supervisor.config.profiles import load_profiles
+from supervisor.core.errors import ModelStartFailed, ModelTooLarge
+from supervisor.core.scheduler import Phase
+from supervisor.fleet import gpu_meter
+from supervisor.runtime.nvml import Nvml
+from supervisor.state.learned import LearnedSizes
 
 from .fake_nvml import FakeDevice, FakeNvml
 from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading, kinds, scenario

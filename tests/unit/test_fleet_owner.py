@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from supervisor.container_runtime import ContainerInfo
-from supervisor.containers import LABEL_MODEL
-from supervisor.errors import ModelStartFailed
-from supervisor.scheduler import Phase
+from supervisor.core.containers import LABEL_MODEL
+from supervisor.core.errors import ModelStartFailed
+from supervisor.core.scheduler import Phase
+from supervisor.runtime.container_runtime import ContainerInfo
 
 from .fleet_harness import RecordingFakeRuntime, cpu_fleet, kinds, scenario
 

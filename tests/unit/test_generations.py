@@ -1,4 +1,4 @@
-"""supervisor.generations: the pure change plan, secrets kept apart, and the on-disk generation store."""
+"""supervisor.state.generations: the pure change plan, secrets kept apart, and the on-disk generation store."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.generations import (
+from supervisor.state.generations import (
     KEEP,
     NOT_STORED,
     ChangePlan,

@@ -1,4 +1,4 @@
-"""supervisor.gguf_meta: the facts the estimator reads from real (tiny) GGUF files."""
+"""supervisor.runtime.gguf_meta: the facts the estimator reads from real (tiny) GGUF files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import gguf
 import numpy as np
 import pytest
 
-from supervisor.errors import EXIT_BAD_INPUT, BadRequest, ModelFileUnreadable
-from supervisor.gguf_meta import _swa_layers, read_gguf_facts, read_header
-from supervisor.tinygguf import WORDS, write_tiny_model
+from supervisor.core.errors import EXIT_BAD_INPUT, BadRequest, ModelFileUnreadable
+from supervisor.runtime.gguf_meta import _swa_layers, read_gguf_facts, read_header
+from supervisor.runtime.tinygguf import WORDS, write_tiny_model
 
 F32 = 4
 

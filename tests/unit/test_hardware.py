@@ -1,4 +1,4 @@
-"""supervisor.hardware: parsing recorded nvidia-smi output, NVML errors, and turning readings into host facts."""
+"""supervisor.runtime.hardware: parsing recorded nvidia-smi output, NVML errors, and turning readings into host facts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from supervisor import hardware
-from supervisor.hardware import (
+from supervisor.config.profiles import GIB, HostFacts, closest_profile, load_profiles
+from supervisor.runtime import hardware
+from supervisor.runtime.hardware import (
     MIB,
     NVIDIA_SMI_FIELDS_LEGACY,
     NVIDIA_SMI_QUERY,
@@ -18,8 +19,7 @@ from supervisor.hardware import (
     parse_nvidia_smi,
     select_profile,
 )
-from supervisor.nvml import Nvml
-from supervisor.profiles import GIB, HostFacts, closest_profile, load_profiles
+from supervisor.runtime.nvml import Nvml
 
 from .fake_nvml import FakeDevice, FakeNvml
 

@@ -1,4 +1,4 @@
-"""supervisor.images: pure pieces of the CPU image build."""
+"""supervisor.runtime.images: pure pieces of the CPU image build."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.images import (
+from supervisor.runtime.images import (
     LLAMA_CPP_PYTHON_VERSION,
     cpu_image_tag,
     how_to_get,

@@ -1,4 +1,4 @@
-"""supervisor.learned: measured sizes, remembered on disk across restarts."""
+"""supervisor.state.learned: measured sizes, remembered on disk across restarts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from supervisor.estimate import LaunchSettings
-from supervisor.learned import LOWER_RUNS, LearnedSizes, after_run, learned_key
+from supervisor.core.estimate import LaunchSettings
+from supervisor.state.learned import LOWER_RUNS, LearnedSizes, after_run, learned_key
 
 IMAGE = "llama-server:b1"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from supervisor.config import Config
-from supervisor.errors import BadRequest
-from supervisor.librechat import librechat_block
+from supervisor.cli.librechat import librechat_block
+from supervisor.config.settings import Config
+from supervisor.core.errors import BadRequest
 
 KEY = "sk-local-0123456789abcdef0123456789abcdef"  # daemon.api_keys need 32 characters or more
 

@@ -1,4 +1,4 @@
-"""supervisor.backends.llamacpp: the container that serves a catalog entry."""
+"""supervisor.core.backends.llamacpp: the container that serves a catalog entry."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import backend_for, llamacpp
-from supervisor.config import DaemonSettings, ModelEntry
-from supervisor.containers import BindMount, Endpoint, container_name, memory_limit_for
-from supervisor.estimate import LaunchSettings
-from supervisor.placement import Device
-from supervisor.profiles import load_profiles
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import DaemonSettings, ModelEntry
+from supervisor.core.backends import backend_for, llamacpp
+from supervisor.core.containers import BindMount, Endpoint, container_name, memory_limit_for
+from supervisor.core.estimate import LaunchSettings
+from supervisor.core.placement import Device
 
 PROFILES = load_profiles()
 CPU = PROFILES["cpu-only"]

@@ -10,18 +10,18 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor import __version__
-from supervisor.config import Config, ModelEntry
-from supervisor.estimate import LaunchSettings
-from supervisor.events import EventBus, EventKind
-from supervisor.fleet import Fleet
-from supervisor.generations import GenerationStatus
-from supervisor.metrics import Metrics
-from supervisor.placement import Device
-from supervisor.profiles import load_profiles
-from supervisor.rollout import ApplyStep
-from supervisor.scheduler import Phase
-from supervisor.sizing import Sizing
-from supervisor.stop_cause import StopCause
+from supervisor.api.metrics import Metrics
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import Config, ModelEntry
+from supervisor.core.estimate import LaunchSettings
+from supervisor.core.placement import Device
+from supervisor.core.scheduler import Phase
+from supervisor.core.stop_cause import StopCause
+from supervisor.fleet.events import EventBus, EventKind
+from supervisor.fleet.owner import Fleet
+from supervisor.fleet.rollout import ApplyStep
+from supervisor.fleet.sizing import Sizing
+from supervisor.state.generations import GenerationStatus
 
 GIB = 1024**3
 NEEDS = {"alpha": 4 * GIB, "beta": 6 * GIB, "gamma": 1 * GIB}

@@ -1,4 +1,4 @@
-"""supervisor.nvml: one NVML session, and per-device errors that stay with their device.
+"""supervisor.runtime.nvml: one NVML session, and per-device errors that stay with their device.
 
 There is no GPU on the machines these run on, so a fake stands in for the
 ``pynvml`` module: the same function names, signatures, error class and
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.hardware import GpuReading, read_gpus_nvml
-from supervisor.nvml import MIG_PROBLEM, GpuProcess, Nvml
+from supervisor.runtime.hardware import GpuReading, read_gpus_nvml
+from supervisor.runtime.nvml import MIG_PROBLEM, GpuProcess, Nvml
 
 from .fake_nvml import FakeDevice, FakeNvml, FakeNvmlError
 

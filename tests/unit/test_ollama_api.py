@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from supervisor.errors import ModelStartFailed, OllamaFailure, QueueFull
-from supervisor.ollama_api import (
+from supervisor.core.errors import ModelStartFailed, OllamaFailure, QueueFull
+from supervisor.runtime.ollama_api import (
     PULL_SILENCE,
     OllamaApi,
     capabilities,

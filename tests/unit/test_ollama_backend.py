@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.backends import ollama, ollama_relay
-from supervisor.config import Config, ModelEntry, OllamaSettings, normal_tag
-from supervisor.containers import Endpoint
-from supervisor.errors import ConfigError
-from supervisor.learned import learned_key
-from supervisor.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
-from supervisor.placement import Device
-from supervisor.profiles import load_profiles
-from supervisor.schema import parse_size
-from supervisor.sizing import OLLAMA_PLACEHOLDER, size_model
+from supervisor.config.profiles import load_profiles
+from supervisor.config.schema import parse_size
+from supervisor.config.settings import Config, ModelEntry, OllamaSettings, normal_tag
+from supervisor.core.backends import ollama, ollama_relay
+from supervisor.core.containers import Endpoint
+from supervisor.core.errors import ConfigError
+from supervisor.core.placement import Device
+from supervisor.fleet.sizing import OLLAMA_PLACEHOLDER, size_model
+from supervisor.runtime.ollama_api import estimate_from_show, find_loaded, memory_in_use, same_tag
+from supervisor.state.learned import learned_key
 
 PROFILES = load_profiles()
 
@@ -135,7 +135,7 @@ def test_ollama_env_may_not_override_what_localllm_sets():
 
 
 def test_two_entries_may_not_share_a_tag(tmp_path):
-    from supervisor.config import load_config
+    from supervisor.config.settings import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("profile: cpu-only\nmodels:\n  - {name: a, backend: ollama, tag: llama3}\n"
@@ -147,7 +147,7 @@ def test_two_entries_may_not_share_a_tag(tmp_path):
 
 
 def test_a_bad_ollama_entry_in_a_file_names_its_line(tmp_path):
-    from supervisor.config import load_config
+    from supervisor.config.settings import load_config
 
     path = tmp_path / "c.yaml"
     path.write_text("profile: cpu-only\nmodels:\n  - name: a\n    backend: ollama\n")

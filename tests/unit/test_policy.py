@@ -1,4 +1,4 @@
-"""supervisor.policy: the rules, one by one, and an apply held to the running daemon's policy."""
+"""supervisor.config.policy: the rules, one by one, and an apply held to the running daemon's policy."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor.config import Config, load_config
-from supervisor.errors import ApplyRefused, ConfigError
-from supervisor.generations import GenerationStore
-from supervisor.policy import (
+from supervisor.config.policy import (
     Policy,
     denied_env,
     escapes,
@@ -20,7 +17,10 @@ from supervisor.policy import (
     matches,
     path_problems,
 )
-from supervisor.rollout import Rollout
+from supervisor.config.settings import Config, load_config
+from supervisor.core.errors import ApplyRefused, ConfigError
+from supervisor.fleet.rollout import Rollout
+from supervisor.state.generations import GenerationStore
 
 
 @pytest.mark.parametrize("arg, flag", [

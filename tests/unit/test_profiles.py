@@ -1,12 +1,12 @@
-"""supervisor.profiles: the shipped profiles, loading extra ones, and closest_profile."""
+"""supervisor.config.profiles: the shipped profiles, loading extra ones, and closest_profile."""
 
 from __future__ import annotations
 
 import pytest
 
-from supervisor.errors import ConfigError
-from supervisor.images import cpu_image_tag
-from supervisor.profiles import HostFacts, closest_profile, load_profiles
+from supervisor.config.profiles import HostFacts, closest_profile, load_profiles
+from supervisor.core.errors import ConfigError
+from supervisor.runtime.images import cpu_image_tag
 
 
 def profile_yaml(name: str, description: str = "", gpus: str = "[]") -> str:

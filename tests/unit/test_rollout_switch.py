@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from supervisor.errors import ApplyFailed, ModelStartFailed
-from supervisor.events import EventBus, EventKind
-from supervisor.generations import ChangePlan, GenerationStatus, GenerationStore
-from supervisor.rollout import DRAIN_PATIENCE, ApplyStep, Rollout, SwitchRequest
-from supervisor.scheduler import Phase
+from supervisor.core.errors import ApplyFailed, ModelStartFailed
+from supervisor.core.scheduler import Phase
+from supervisor.fleet.events import EventBus, EventKind
+from supervisor.fleet.rollout import DRAIN_PATIENCE, ApplyStep, Rollout, SwitchRequest
+from supervisor.state.generations import ChangePlan, GenerationStatus, GenerationStore
 
 
 @dataclass

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.errors import (
+from supervisor.core.errors import (
     ModelGaveUp,
     ModelStartFailed,
     ModelTooLarge,
     QueueFull,
     QueueTimeout,
 )
-from supervisor.placement import Device
-from supervisor.scheduler import (
+from supervisor.core.placement import Device
+from supervisor.core.scheduler import (
     Grant,
     Limits,
     ModelSlot,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.daemon import syslog_priority
-from supervisor.sdnotify import Notifier, ping_watchdog, watchdog_interval
+from supervisor.runtime.sdnotify import Notifier, ping_watchdog, watchdog_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 

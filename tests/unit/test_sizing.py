@@ -1,15 +1,15 @@
-"""supervisor.sizing: what a catalog model is admitted with, from a real tiny GGUF file."""
+"""supervisor.fleet.sizing: what a catalog model is admitted with, from a real tiny GGUF file."""
 
 from __future__ import annotations
 
 import pytest
 
-from supervisor.config import ModelEntry
-from supervisor.estimate import Estimate, LaunchSettings
-from supervisor.learned import LearnedSizes, learned_key
-from supervisor.profiles import load_profiles
-from supervisor.sizing import size_model
-from supervisor.tinygguf import write_tiny_model
+from supervisor.config.profiles import load_profiles
+from supervisor.config.settings import ModelEntry
+from supervisor.core.estimate import Estimate, LaunchSettings
+from supervisor.fleet.sizing import size_model
+from supervisor.runtime.tinygguf import write_tiny_model
+from supervisor.state.learned import LearnedSizes, learned_key
 
 PROFILES = load_profiles()
 CPU = PROFILES["cpu-only"]

@@ -1,4 +1,4 @@
-"""supervisor.tinygguf: the random-weight llama models read back with gguf's own reader."""
+"""supervisor.runtime.tinygguf: the random-weight llama models read back with gguf's own reader."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 import gguf
 import pytest
 
-from supervisor.tinygguf import SPECIAL_TOKENS, WORDS, write_tiny_model
+from supervisor.runtime.tinygguf import SPECIAL_TOKENS, WORDS, write_tiny_model
 
 VOCAB = len(SPECIAL_TOKENS) + 256 + len(WORDS)
 

@@ -1,4 +1,4 @@
-"""supervisor.upstream: the socket directories and the one session that reaches sockets and ports alike."""
+"""supervisor.runtime.upstream: the socket directories and the one session that reaches sockets and ports alike."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import stat
 
 from aiohttp import web
 
-from supervisor.containers import Endpoint
-from supervisor.upstream import SOCKET_NAME, make_socket_dir, open_session, servers_dir, sweep_socket_dirs
+from supervisor.core.containers import SOCKET_NAME, Endpoint, servers_dir
+from supervisor.runtime.upstream import make_socket_dir, open_session, sweep_socket_dirs
 
 ENDPOINT = Endpoint(socket="0123456789abcdef")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.events import Event, EventBus, EventKind, stop_event_kind
-from supervisor.generations import GenerationStatus
-from supervisor.metrics import APPLY_RESULTS, PER_MODEL_EVENTS, UNLOAD_CAUSES
-from supervisor.rollout import ApplyStep
-from supervisor.stop_cause import StopCause
+from supervisor.api.metrics import APPLY_RESULTS, PER_MODEL_EVENTS, UNLOAD_CAUSES
+from supervisor.core.stop_cause import StopCause
+from supervisor.fleet.events import Event, EventBus, EventKind, stop_event_kind
+from supervisor.fleet.rollout import ApplyStep
+from supervisor.state.generations import GenerationStatus
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""supervisor.yamldoc: locating values by field path, duplicate keys, and field names."""
+"""supervisor.config.yamldoc: locating values by field path, duplicate keys, and field names."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from supervisor.yamldoc import YamlDoc, YamlProblem, format_loc
+from supervisor.config.yamldoc import YamlDoc, YamlProblem, format_loc
 
 TEXT = textwrap.dedent("""\
     # a comment

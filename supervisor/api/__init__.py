@@ -1,0 +1,1 @@
+"""The HTTP faces: the OpenAI/Ollama proxy and the control API, their metrics and their errors."""

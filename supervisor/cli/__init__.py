@@ -1,0 +1,1 @@
+"""localllmctl: the operator's commands, their client of the control API and their tables."""

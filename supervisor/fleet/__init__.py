@@ -1,0 +1,1 @@
+"""The one owner of live model state, and the units it drives: hosting, adoption, liveness, GPU meter, rollout."""

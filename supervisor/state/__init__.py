@@ -1,0 +1,1 @@
+"""What the daemon keeps on disk across restarts: config generations and learned sizes."""
