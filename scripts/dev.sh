@@ -83,6 +83,8 @@ run_tests() {
   setup
   say "linting (ruff check)"
   python -m ruff check "$ROOT/supervisor" "$ROOT/tests" "$ROOT/bench" "$ROOT/scripts"
+  say "type-checking (mypy --strict on supervisor/core and supervisor/config)"
+  python -m mypy  # its settings and files: [tool.mypy] in pyproject.toml
   say "running the test suite"
   python -m pytest "$@"
 }

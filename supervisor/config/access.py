@@ -25,17 +25,22 @@ import hashlib
 import hmac
 import ipaddress
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from pydantic import AfterValidator, BeforeValidator, ValidationInfo, field_validator, model_validator
 
-from supervisor.config.schema import Strict
-from supervisor.config.yamldoc import format_loc
+from supervisor.config.schema import Problem, Strict
+from supervisor.config.yamldoc import Loc, format_loc
 from supervisor.core.errors import Forbidden, InvalidToken
+
+if TYPE_CHECKING:
+    from supervisor.config.settings import DaemonSettings
 
 TOKEN_MIN_LENGTH = 32
 
@@ -107,7 +112,7 @@ class RoleSocket(Strict):
     @field_validator("path")
     @classmethod
     def _path_relative_to_config(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        return _relative_to_config(path, info)
+        return _relative_to_config(path, info) if path is not None else None
 
 
 def _roles_below_admin(value: object) -> object:
@@ -135,10 +140,8 @@ class ControlTls(Strict):
         return _relative_to_config(path, info)
 
 
-def _relative_to_config(path: Path | None, info: ValidationInfo) -> Path | None:
+def _relative_to_config(path: Path, info: ValidationInfo) -> Path:
     """As config.relative_to_config: relative paths in a config file are relative to its directory."""
-    if path is None:
-        return None
     base = (info.context or {}).get("base_dir")
     path = path.expanduser()
     return (base / path) if base and not path.is_absolute() else path
@@ -162,7 +165,7 @@ def role_socket_path(admin_socket: Path, role: Role) -> Path:
     return admin_socket.with_name(f"{admin_socket.stem}-{role}{admin_socket.suffix}")
 
 
-def socket_paths(daemon) -> dict[Role, Path]:
+def socket_paths(daemon: DaemonSettings) -> dict[Role, Path]:
     """Each role's socket path; the admin one always, the others when configured."""
     paths = {Role.ADMIN: daemon.socket_path}
     for role, settings in daemon.role_sockets.items():
@@ -170,16 +173,18 @@ def socket_paths(daemon) -> dict[Role, Path]:
     return paths
 
 
-def all_tokens(daemon) -> list[tuple[tuple, str, Role]]:
+def all_tokens(daemon: DaemonSettings) -> list[tuple[Loc, str, Role]]:
     """(location, token, role) of every control token: control_token (admin), then control_tokens."""
-    found = [(("daemon", "control_token"), daemon.control_token, Role.ADMIN)] if daemon.control_token else []
+    found: list[tuple[Loc, str, Role]] = []
+    if daemon.control_token:
+        found.append((("daemon", "control_token"), daemon.control_token, Role.ADMIN))
     found += [(("daemon", "control_tokens", i, "token"), t.token, t.role) for i, t in enumerate(daemon.control_tokens)]
     return found
 
 
-def control_problems(daemon, check_files: bool = True) -> list[tuple[tuple, str]]:
+def control_problems(daemon: DaemonSettings, check_files: bool = True) -> list[Problem]:
     """Problems that span the control settings: (location, reason) pairs, as config.check_ports gives."""
-    problems: list[tuple[tuple, str]] = []
+    problems: list[Problem] = []
     tokens = all_tokens(daemon)
     listen = daemon.control_listen
     if listen is not None and not tokens:
@@ -190,7 +195,7 @@ def control_problems(daemon, check_files: bool = True) -> list[tuple[tuple, str]
         problems.append((("daemon", "control_listen"), f"control_listen {listen} is not a loopback address: it needs "
                                                        "control_tls (cert and key), or tokens would cross the network "
                                                        "in clear text"))
-    seen: dict[str, tuple] = {}
+    seen: dict[str, Loc] = {}
     api_keys = set(daemon.api_keys)
     for loc, token, _ in tokens:
         if token in seen:
@@ -248,7 +253,7 @@ class TcpListener:
 Listener = SocketListener | TcpListener
 
 
-def plan_listeners(daemon) -> list[Listener]:
+def plan_listeners(daemon: DaemonSettings) -> list[Listener]:
     """Pure: the control listeners ``daemon`` asks for, the most capable first."""
     paths = socket_paths(daemon)
     plan: list[Listener] = [SocketListener(Role.ADMIN, paths[Role.ADMIN], daemon.socket_group, 0o660,
@@ -315,7 +320,7 @@ class Gate:
     ways: dict[Role, str] = field(default_factory=dict)  # how to get each role, for refusals
 
     @classmethod
-    def for_tokens(cls, tokens, ways: dict[Role, str] | None = None) -> Gate:
+    def for_tokens(cls, tokens: Iterable[tuple[str, str]], ways: dict[Role, str] | None = None) -> Gate:
         return cls(None, tuple((_digest(t), Role(r)) for t, r in tokens), ways or {})
 
     def identify(self, request: web.Request) -> Role:
@@ -331,20 +336,21 @@ class Gate:
                                "with a token of daemon.control_tokens (or daemon.control_token)")
         return found
 
-    def middleware(self, needed: dict[tuple[str, str], Role]):
+    def middleware(self, needed: dict[tuple[str, str], Role]) -> Middleware:
         """Identify every request (401 for a wrong token, even on an unknown route), then check its role (403)."""
 
         @web.middleware
-        async def check(request: web.Request, handler) -> web.StreamResponse:
+        async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
             role = self.identify(request)
             resource = request.match_info.route.resource
             method = "GET" if request.method == "HEAD" else request.method
-            # A route missing from the table needs admin: a new route is closed until it is given a role.
-            want = needed.get((method, resource.canonical), Role.ADMIN) if resource is not None else None
-            if want is not None and not role.allows(want):
-                how = self.ways.get(want)
-                raise Forbidden(f"{method} {resource.canonical} needs the {want} role; this connection has {role}"
-                                + (f". The {want} role comes with {how}" if how else ""), str(want))
+            if resource is not None:
+                # A route missing from the table needs admin: a new route is closed until it is given a role.
+                want = needed.get((method, resource.canonical), Role.ADMIN)
+                if not role.allows(want):
+                    how = self.ways.get(want)
+                    raise Forbidden(f"{method} {resource.canonical} needs the {want} role; this connection has "
+                                    f"{role}" + (f". The {want} role comes with {how}" if how else ""), str(want))
             return await handler(request)
 
         return check

@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import field_validator
 
-from supervisor.config.schema import Strict
+from supervisor.config.schema import Problem, Strict
 
 if TYPE_CHECKING:
     from supervisor.config.profiles import Profile
-    from supervisor.config.settings import Config
-
-Problem = tuple[tuple, str]
+    from supervisor.config.settings import Config, ModelEntry
 
 # llama-server flags refused in extra_args whatever the policy says (common/arg.cpp spellings, llama.cpp b11312).
 ALWAYS_DENIED_FLAGS = {
@@ -194,7 +192,7 @@ def policy_problems(config: Config, policy: Policy | None, profiles: dict[str, P
 
 
 def always_denied(config: Config) -> list[Problem]:
-    problems = []
+    problems: list[Problem] = []
     for index, entry in enumerate(config.models):
         for position, arg in enumerate(entry.extra_args):
             flag = flag_of(arg)
@@ -215,14 +213,15 @@ def image_problems(config: Config, policy: Policy, profiles: dict[str, Profile])
         allowed = sorted({image for p in profiles.values() for image in (p.defaults.images.llamacpp,
                                                                          p.defaults.images.ollama)})
     rule = "is not in daemon.policy.allowed_images"
-    problems = [(("models", index, "image"), f"image '{entry.image}' {rule}")
-                for index, entry in enumerate(config.models)
-                if entry.image is not None and not matches(entry.image, allowed)]
+    problems: list[Problem] = [(("models", index, "image"), f"image '{entry.image}' {rule}")
+                               for index, entry in enumerate(config.models)
+                               if entry.image is not None and not matches(entry.image, allowed)]
     if config.ollama.image is not None and not matches(config.ollama.image, allowed):
         problems.append((("ollama", "image"), f"image '{config.ollama.image}' {rule}"))
     # A model without an image runs its profile's; under profile: auto that is any profile's the host may match.
     candidates = [profiles[config.profile]] if config.profile in profiles else list(profiles.values())
-    own_image = {"llamacpp": lambda e: e.image, "ollama": lambda e: config.ollama.image}
+    own_image: dict[str, Callable[[ModelEntry], str | None]] = {"llamacpp": lambda e: e.image,
+                                                                "ollama": lambda e: config.ollama.image}
     users = {backend: [i for i, e in enumerate(config.models) if e.backend == backend and image_of(e) is None]
              for backend, image_of in own_image.items()}
     for backend, indexes in users.items():
@@ -243,8 +242,8 @@ def path_problems(config: Config, policy: Policy, check_files: bool) -> list[Pro
     if check_files and not policy.models_root.is_dir():
         return [(("daemon", "policy", "models_root"), f"{policy.models_root} is not a directory")]
     root = Path(os.path.realpath(policy.models_root))
-    problems = [(("models", index, "gguf"), why) for index, entry in enumerate(config.models)
-                if entry.gguf is not None and (why := escapes(entry.gguf, root))]
+    problems: list[Problem] = [(("models", index, "gguf"), why) for index, entry in enumerate(config.models)
+                               if entry.gguf is not None and (why := escapes(entry.gguf, root))]
     store = config.ollama.models_dir
     if store is not None:
         real = Path(os.path.realpath(store))
@@ -258,7 +257,7 @@ def path_problems(config: Config, policy: Policy, check_files: bool) -> list[Pro
 
 def extra_arg_problems(config: Config, policy: Policy) -> list[Problem]:
     allowed = DEFAULT_EXTRA_ARGS if policy.allowed_extra_args is None else set(policy.allowed_extra_args)
-    problems = []
+    problems: list[Problem] = []
     for index, entry in enumerate(config.models):
         for position, arg in enumerate(entry.extra_args):
             flag = flag_of(arg)

@@ -113,7 +113,7 @@ def closest_profile(host: HostFacts, profiles: dict[str, Profile]) -> tuple[Prof
         raise ValueError("no profiles to choose from")
     host_vram = min(host.gpu_vram_gib) if host.gpu_vram_gib else 0.0
 
-    def distance(profile: Profile) -> tuple:
+    def distance(profile: Profile) -> tuple[int, int, float, float, str]:
         gpus = profile.hardware.gpus
         vram = min(g.vram_gib for g in gpus) if gpus else 0.0
         overshoot = 1 if vram > host_vram * 1.05 else 0

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
-from supervisor.config.yamldoc import YamlDoc, YamlProblem, format_loc
+from supervisor.config.yamldoc import Loc, YamlDoc, YamlProblem, format_loc
 from supervisor.core.errors import ConfigError
 
 
@@ -64,9 +65,10 @@ def parse_size(value: object) -> object:
 Bytes = Annotated[int, BeforeValidator(parse_size)]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+Problem = tuple[Loc, str]  # (location, reason): ``describe`` makes it a line of a ConfigError
 
 
-def read_model(path: Path, model: type[ModelT], context: dict | None = None,
+def read_model(path: Path, model: type[ModelT], context: dict[str, Any] | None = None,
                text: str | None = None) -> tuple[ModelT, YamlDoc]:
     """Read ``path`` (or ``text``, named ``path``) as YAML and validate it as ``model``; raise ConfigError."""
     if text is None:
@@ -90,7 +92,7 @@ def read_model(path: Path, model: type[ModelT], context: dict | None = None,
         raise ConfigError(str(path), problems) from None
 
 
-def describe(path: Path, doc: YamlDoc, loc: tuple, reason: str) -> str:
+def describe(path: Path, doc: YamlDoc, loc: Loc, reason: str) -> str:
     """One problem line: ``FILE:LINE: field: reason``."""
     line = doc.line_of(loc)
     where = f"{path}:{line}" if line else str(path)
@@ -102,7 +104,7 @@ def describe(path: Path, doc: YamlDoc, loc: tuple, reason: str) -> str:
 SECRET_FIELDS = {"api_keys", "control_token", "control_tokens", "token"}
 
 
-def _reason(err: dict) -> str:
+def _reason(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "missing":

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from supervisor.config.access import ControlTls, ControlToken, RoleSockets, Token, control_problems, is_loopback
 from supervisor.config.policy import Policy, flag_of, policy_problems
 from supervisor.config.profiles import Profile, load_profiles
-from supervisor.config.schema import Bytes, Seconds, Strict, describe, read_model
+from supervisor.config.schema import Bytes, Problem, Seconds, Strict, describe, read_model
 from supervisor.core.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
@@ -316,16 +316,17 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None,
     return config
 
 
-def check_ports(config: Config) -> list[tuple[tuple, str]]:
+def check_ports(config: Config) -> list[Problem]:
     """The control API needs a port of its own."""
-    daemon, problems = config.daemon, []
+    daemon = config.daemon
+    problems: list[Problem] = []
     if daemon.control_listen is not None and daemon.control_listen.port in {lst.port for lst in daemon.proxy_listen}:
         problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
                                                        "port: the control API needs a port of its own"))
     return problems
 
 
-def check_exposure(config: Config) -> list[tuple[tuple, str]]:
+def check_exposure(config: Config) -> list[Problem]:
     """A proxy that other hosts can reach needs API keys, unless anonymous access is asked for in so many words."""
     daemon = config.daemon
     if daemon.api_keys or daemon.allow_anonymous:
@@ -337,7 +338,7 @@ def check_exposure(config: Config) -> list[tuple[tuple, str]]:
             for index, listen in enumerate(daemon.proxy_listen) if not is_loopback(listen.host)]
 
 
-def check_profile(config: Config) -> list[tuple[tuple, str]]:
+def check_profile(config: Config) -> list[Problem]:
     """``profiles_dir`` must load, and a named profile must exist among the built-in and extra ones."""
     if config.profiles_dir is not None and not config.profiles_dir.is_dir():
         return [(("profiles_dir",), f"profiles directory does not exist: {config.profiles_dir}")]
@@ -376,9 +377,9 @@ def same_tag(a: str, b: str) -> bool:
     return normal_tag(a) == normal_tag(b)
 
 
-def cross_check(config: Config, check_files: bool = True) -> list[tuple[tuple, str]]:
+def cross_check(config: Config, check_files: bool = True) -> list[Problem]:
     """Problems that span entries: (location, reason) pairs, in file order."""
-    problems: list[tuple[tuple, str]] = []
+    problems: list[Problem] = []
     counts = Counter(name for entry in config.models for name in entry.names)
     first_owner: dict[str, int] = {}
     for index, entry in enumerate(config.models):

@@ -8,10 +8,14 @@ PyYAML silently overwrites, are rejected with both line numbers.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+# A pydantic-style location of a value: mapping keys and sequence indexes from the top, ``("models", 1, "gguf")``.
+Loc = tuple[int | str, ...]
 
 
 class YamlProblem(Exception):
@@ -24,7 +28,7 @@ class YamlProblem(Exception):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -55,7 +59,7 @@ class YamlDoc:
             raise YamlProblem(f"YAML error: {exc}") from None
         return cls(data=data, root=root)
 
-    def line_of(self, loc: tuple) -> int | None:
+    def line_of(self, loc: Loc) -> int | None:
         """Line (1-based) of the deepest node along ``loc`` that exists."""
         node = self.root
         line = node.start_mark.line + 1 if node is not None else None
@@ -80,7 +84,7 @@ def _child(node: yaml.Node | None, part: Any) -> tuple[yaml.Node, yaml.Node] | N
     return None
 
 
-def format_loc(loc: tuple) -> str:
+def format_loc(loc: Loc) -> str:
     """``("models", 1, "gguf")`` -> ``models[1].gguf``."""
     text = ""
     for part in loc:

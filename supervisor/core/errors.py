@@ -14,6 +14,7 @@ control API and the log keep the whole message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 # Exit statuses, documented in the README.
 EXIT_OK = 0
@@ -39,7 +40,7 @@ class LocalllmError(Exception):
         """What a proxy client is told when it may not see the message: what failed, in a few words."""
         return "internal error"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         """OpenAI-style error object; the control API uses the same shape."""
         return {
             "error": {
@@ -91,7 +92,7 @@ class UnknownModel(LocalllmError):
         listed = ", ".join(sorted(known)) or "none"
         super().__init__(f"model '{name}' is not in the catalog (available: {listed})")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         body = super().to_json()
         body["error"]["param"] = "model"
         return body
@@ -320,11 +321,11 @@ class ApplyFailed(LocalllmError):
     code = "apply_failed"
     http_status = 422
 
-    def __init__(self, message: str, report: dict):
+    def __init__(self, message: str, report: dict[str, Any]):
         super().__init__(message)
         self.report = report
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "report": self.report}
 
 
@@ -346,7 +347,7 @@ class Forbidden(LocalllmError):
         super().__init__(message)
         self.needed = needed
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         body = super().to_json()
         body["error"]["needed_role"] = self.needed
         return body
@@ -415,7 +416,7 @@ class RemoteError(LocalllmError):
 
     BAD_INPUT = {ConfigError.code, BadRequest.code, ApplyRefused.code, UnknownModel.code, HTTP_ERROR_CODES[404]}
 
-    def __init__(self, message: str, code: str, body: dict | None = None):
+    def __init__(self, message: str, code: str, body: dict[str, Any] | None = None):
         super().__init__(message)
         self.code = code
         self.body = body or {}

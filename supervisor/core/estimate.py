@@ -78,7 +78,7 @@ class Estimate:
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute + self.outputs + self.overhead
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, int]:
         return {"weights": self.weights, "output_head": self.output_head, "kv_cache": self.kv_cache,
                 "compute": self.compute, "outputs": self.outputs, "overhead": self.overhead, "total": self.total,
                 "offloaded_layers": self.offloaded_layers, "total_layers": self.total_layers}

@@ -143,8 +143,8 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
 
     fitting = [(free_on(d, others) - need, d.id) for d in devices if need <= free_on(d, others)]
     if fitting:
-        spare, device = min(fitting)
-        return Admit(device, (), f"'{name}' ({_mib(need)}) fits on {device} with {_mib(spare)} to spare")
+        spare, device_id = min(fitting)
+        return Admit(device_id, (), f"'{name}' ({_mib(need)}) fits on {device_id} with {_mib(spare)} to spare")
 
     options = []
     blocked: dict[str, str] = {}
@@ -163,11 +163,11 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
                 if could_help and r.in_flight:  # drain only where evicting it could make room
                     blockers.add(r.name)
     if options:
-        _, freed, device, chosen = min(options, key=lambda o: o[:3])
+        _, freed, device_id, chosen = min(options, key=lambda o: o[:3])
         names = tuple(r.name for r in chosen)
         details = ", ".join(f"{r.name} ({_mib(r.bytes)}, {'ttl expired' if expired(r, now) else 'idle'} "
                             f"{now - r.last_used:.0f}s)" for r in chosen)
-        return Admit(device, names, f"'{name}' ({_mib(need)}) goes on {device} after evicting {details}")
+        return Admit(device_id, names, f"'{name}' ({_mib(need)}) goes on {device_id} after evicting {details}")
     reasons = "; ".join(f"{n}: {why}" for n, why in sorted(blocked.items())) or "nothing can be evicted"
     return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", tuple(sorted(blockers)))
 

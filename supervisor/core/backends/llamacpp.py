@@ -12,7 +12,6 @@ slot's prompt, which is other users' text.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from supervisor.config.profiles import Profile
 from supervisor.config.settings import DaemonSettings, ModelEntry
@@ -73,8 +72,13 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
     margin (``memory_limit_for``). A GPU profile gets no RAM limit: its need is the GPU's memory, and
     the host memory the CUDA runtime maps is not what the estimate counts.
     """
+    gguf, socket = model.gguf, endpoint.socket
+    if gguf is None:  # ModelEntry's validator requires it of a llamacpp model
+        raise ValueError(f"model '{model.name}' has no gguf file")
+    if socket is None:
+        raise ValueError(f"llama-server listens on a socket, not on {endpoint}")
     launch = launch_settings(model, profile)
-    in_container = f"{MODEL_DIR}/{Path(model.gguf).name}"
+    in_container = f"{MODEL_DIR}/{gguf.name}"
     command = [
         "--model", in_container,
         "--alias", model.name,
@@ -87,15 +91,15 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         command += gpu_flags(launch)
     command += model.extra_args
     return ContainerSpec(
-        name=f"{container_name(settings.instance, model.name)}-{endpoint.socket[:8]}",  # old and new may overlap
+        name=f"{container_name(settings.instance, model.name)}-{socket[:8]}",  # old and new may overlap
         image=model.image or profile.defaults.images.llamacpp,
         command=tuple(command),
         endpoint=endpoint,
         model=model.name,
         backend=NAME,
         owner=settings.instance,
-        mounts=(BindMount(source=str(Path(model.gguf).resolve()), target=in_container, read_only=True),
-                BindMount(source=str(servers_dir(settings.state_dir) / endpoint.socket), target=SOCKET_DIR,
+        mounts=(BindMount(source=str(gguf.resolve()), target=in_container, read_only=True),
+                BindMount(source=str(servers_dir(settings.state_dir) / socket), target=SOCKET_DIR,
                           read_only=False)),
         gpu_device_ids=_gpu_ids(profile, device),
         device=device.id if device else "cpu",  # a GPU profile without a device was refused above

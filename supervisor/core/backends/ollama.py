@@ -87,6 +87,9 @@ def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: De
     image's root, which without capabilities can write only a store that root owns. The server gets
     no memory limit: what it holds changes with every load, and the scheduler charges it per model.
     """
+    socket = endpoint.socket
+    if socket is None:
+        raise ValueError(f"the Ollama server's relay listens on a socket, not on {endpoint}")
     wanted = device_id(config.ollama, profile)
     if profile.has_gpus and (device is None or device.id != wanted or device.gpu_request is None):
         raise ValueError(f"the Ollama server needs its GPU {wanted} (ollama.device), which this host does not have")
@@ -103,7 +106,7 @@ def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: De
         "HOME": HOME,  # last: the key's place follows the store's mount, whatever ollama.env says
     }
     return ContainerSpec(
-        name=f"{container_name(daemon.instance, 'ollama')}-{endpoint.socket[:8]}",
+        name=f"{container_name(daemon.instance, 'ollama')}-{socket[:8]}",
         image=settings.image or profile.defaults.images.ollama,
         command=("serve",),
         entrypoint=ollama_relay.entrypoint(SOCKET_NAME),
@@ -112,7 +115,7 @@ def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: De
         backend=NAME,
         owner=daemon.instance,
         mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),
-                BindMount(source=str(servers_dir(daemon.state_dir) / endpoint.socket), target=ollama_relay.SOCKET_DIR,
+                BindMount(source=str(servers_dir(daemon.state_dir) / socket), target=ollama_relay.SOCKET_DIR,
                           read_only=False)),
         environment=tuple(sorted(environment.items())),
         gpu_device_ids=(device.gpu_request,) if device is not None and device.gpu_request else None,
