@@ -35,7 +35,7 @@ from supervisor.config.access import Gate, plan_listeners
 from supervisor.config.settings import Config, DaemonSettings, load_config
 from supervisor.core.containers import servers_dir
 from supervisor.core.errors import EXIT_OK, AlreadyRunning, CannotListen, ConfigError, LocalllmError
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.fleet.events import EventBus
 from supervisor.fleet.owner import Fleet
 from supervisor.fleet.rollout import Rollout
@@ -256,7 +256,7 @@ class Daemon:
         log_devices(fleet)
         store = open_generations(self.settings.state_dir / "generations")
         self.rollout, self.fleet = Rollout(fleet, store), fleet
-        recreate = await fleet.adopt_existing()
+        recreate = await fleet.adopter.adopt_existing()
         facts = DaemonFacts(
             instance=self.settings.instance, profile=profile.name, profile_reason=reason,
             docker_version=docker_version,

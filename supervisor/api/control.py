@@ -44,7 +44,8 @@ from supervisor.config.access import (
     who_may_use,
 )
 from supervisor.core.errors import BadRequest, CannotListen, Conflict, LocalllmError
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
+from supervisor.fleet import views
 from supervisor.fleet.events import EventBus
 from supervisor.fleet.owner import Fleet
 from supervisor.fleet.rollout import Rollout
@@ -148,12 +149,12 @@ class ControlApi:
             raise Conflict("a config change is being applied; try again when it is done")
 
     async def memory(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.fleet.memory_estimate(request.match_info["name"]))
+        return web.json_response(await views.memory_estimate(self.fleet, request.match_info["name"]))
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         tail = int_param(request, "tail", 100, 0, 100_000)
         follow = bool_param(request, "follow")
-        chunks = self.fleet.logs(request.match_info["name"], tail, follow)  # unknown, not running: a JSON error
+        chunks = views.logs(self.fleet, request.match_info["name"], tail, follow)  # unknown, not running: a JSON error
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)

@@ -17,7 +17,7 @@ from pydantic_core import core_schema
 
 from supervisor.config.access import Role
 from supervisor.core.errors import error_codes
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from supervisor import __version__
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.core.stop_cause import StopCause
 from supervisor.fleet.events import Event, EventBus, EventKind
 from supervisor.fleet.owner import Fleet

@@ -137,7 +137,7 @@ class Proxy:
         instance = self.fleet.resolve(model)  # an unknown model: 404; a bad field: 400, before any model starts
         request[MODEL_KEY] = instance.name
         changed = planned_fields(payload, request.path, self.fields, instance.sizing.launch.context)
-        if instance.in_ollama:  # Ollama knows the model by its tag
+        if instance.entry.tag:  # its server knows it by its tag (Ollama)
             changed = {**(changed or payload), "model": instance.upstream_model}
         if changed is not None:
             body = await encode_object(changed, len(body))
@@ -157,7 +157,7 @@ class Proxy:
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream) as upstream:
                     content_type = upstream.headers.get("Content-Type", "application/json")
-                    if upstream.status == 503 and instance.in_ollama:
+                    if upstream.status == self.fleet.hosting_of(instance.entry).busy_status:
                         raise await _busy(instance, upstream)
                     if upstream.content_length is not None and "event-stream" not in content_type:
                         data = await upstream.read()
@@ -189,7 +189,7 @@ class Proxy:
             reservation.granted.result()
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream=True) as upstream:
-                    if upstream.status == 503 and instance.in_ollama:
+                    if upstream.status == self.fleet.hosting_of(instance.entry).busy_status:
                         raise await _busy(instance, upstream)
                     if upstream.status != 200:  # its own answer to the request, as _relay passes it on
                         detail = (await upstream.read()).decode(errors="replace")[:2000]

@@ -19,8 +19,6 @@ Rules:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import StrEnum
 
 from supervisor.core.errors import (
     DockerUnavailable,
@@ -32,127 +30,22 @@ from supervisor.core.errors import (
     UnknownModel,
 )
 from supervisor.core.placement import Admit, Device, Refuse, Resident, plan_admission
+from supervisor.core.slots import (
+    Action,
+    Grant,
+    Limits,
+    ModelSlot,
+    Note,
+    Phase,
+    Reject,
+    SlotView,
+    Start,
+    Stop,
+    Ticket,
+)
 from supervisor.core.stop_cause import StopCause
 
 RETRY_AFTER = 5  # seconds a refused client is told to wait before trying again
-
-
-class Phase(StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-# -- actions -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Start:
-    model: str
-    device: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Stop:
-    model: str
-    reason: str
-    cause: StopCause = StopCause.UNLOAD
-
-    @property
-    def crashed(self) -> bool:
-        """The server died or hung: keep its last words, no grace period."""
-        return self.cause == StopCause.CRASH
-
-
-@dataclass(frozen=True)
-class Grant:
-    ticket: int
-    model: str
-
-
-@dataclass(frozen=True)
-class Reject:
-    ticket: int
-    model: str
-    error: LocalllmError
-
-
-@dataclass(frozen=True)
-class Note:
-    """A decision worth one log line (a wait, and why)."""
-
-    model: str
-    message: str
-
-
-Action = Start | Stop | Grant | Reject | Note
-
-
-# -- state ---------------------------------------------------------------------
-
-
-@dataclass
-class ModelSlot:
-    name: str
-    need: int
-    pinned: bool = False
-    ttl: float | None = None
-    phase: Phase = Phase.STOPPED
-    device: str | None = None
-    in_flight: int = 0
-    last_used: float = 0.0
-    loaded_at: float = 0.0
-    draining: bool = False
-    awaiting: set[str] = field(default_factory=set)  # evictions this start waits for
-    start_sent: bool = False
-    error: LocalllmError | None = None
-    wanted: bool = False  # should run even without requests: preloaded, or it was running when it failed
-    failures: int = 0  # consecutive failed starts or crashes
-    retry_at: float = 0.0  # no start before this (backoff)
-    gave_up: bool = False  # failed max_failures times: no more starts until reset
-    held: bool = False  # a config change is replacing it: no starts from the queue meanwhile
-    devices: tuple[str, ...] = ()  # the devices it may be placed on; empty: any
-
-    @property
-    def holds_memory(self) -> bool:
-        return self.phase in (Phase.STARTING, Phase.READY, Phase.STOPPING)
-
-
-@dataclass(frozen=True)
-class Ticket:
-    id: int
-    model: str
-    since: float
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_queue: int = 256
-    queue_timeout: float = 600.0
-    min_residency: float = 10.0
-    restart_delay: float = 1.0  # first delay after a failure; doubles each time...
-    restart_max_delay: float = 60.0  # ...up to this
-    stable_after: float = 60.0  # a model that ran this long before failing starts counting afresh
-    max_failures: int = 5  # consecutive failures before the model is marked failed for good
-
-    def restart_delay_after(self, failures: int) -> float:
-        return min(self.restart_max_delay, self.restart_delay * 2 ** (failures - 1))
-
-
-@dataclass(frozen=True)
-class SlotView:
-    """What others may know of a model's slot, as it is now: read, never written (the scheduler owns it)."""
-
-    phase: Phase
-    device: str | None
-    need: int
-    in_flight: int
-    waiting: int  # requests queued for it
-    held: bool
-    error: LocalllmError | None
 
 
 class Scheduler:
@@ -215,9 +108,9 @@ class Scheduler:
         slot = self.slots.get(model)
         if slot is None:
             return actions + self._pump(now)
-        crashed = error is not None and slot.phase is Phase.STOPPING and slot.wanted
+        still_wanted = slot.phase is Phase.STOPPING and slot.wanted
         slot.phase, slot.device, slot.draining = Phase.STOPPED, None, False
-        if crashed:
+        if error is not None and still_wanted:  # it died rather than was stopped: a crash
             if now - slot.loaded_at >= self.limits.stable_after:
                 slot.failures = 0  # it had been running fine: a fresh count
             actions += self._fail(slot, error, now)
@@ -342,7 +235,7 @@ class Scheduler:
     def view(self, model: str) -> SlotView:
         slot = self.slots[model]
         return SlotView(slot.phase, slot.device, slot.need, slot.in_flight, len(self.queue.get(model, ())),
-                        slot.held, slot.error)
+                        slot.held, slot.error, slot.ttl, slot.failures, slot.gave_up)
 
     def views(self) -> dict[str, SlotView]:
         """Every model's view, in catalog order."""
@@ -434,7 +327,7 @@ class Scheduler:
             slot.error = ModelGaveUp(
                 f"'{slot.name}' failed {slot.failures} times in a row and will not be restarted until an "
                 f"operator acts or the config changes; last error: {error.message}")
-            rejected = [Reject(t.id, slot.name, slot.error) for t in self.queue.pop(slot.name, [])]
+            rejected: list[Action] = [Reject(t.id, slot.name, slot.error) for t in self.queue.pop(slot.name, [])]
             return rejected + [Note(slot.name, slot.error.message)]
         delay = self.limits.restart_delay_after(slot.failures)
         slot.retry_at = now + delay

@@ -36,7 +36,6 @@ class Measured(Protocol):
     container_id: str | None
     sizing: Sizing
     measured: int | None
-    in_ollama: bool
 
 
 class GpuMeter:
@@ -109,11 +108,11 @@ class GpuMeter:
             "driver is older than the image's CUDA needs (the container log says), or the GPU is a MIG parent; "
             "localllmd itself must run in the host's PID namespace to see the container's processes"))
 
-    async def held(self, model: Measured, device: Device | None) -> tuple[Usage, int]:
+    async def held(self, model: Measured, device: Device | None, shared: bool) -> tuple[Usage, int]:
         """What the model's container holds on ``device`` now, and how much of it stopping the model frees.
 
-        A container of its own frees all of it; the Ollama server frees what the model measured (its
-        other runners keep theirs). A crashed container holds nothing any more: no wait.
+        A container of its own frees all of it; a ``shared`` server (Ollama's) frees what the model measured
+        (its other runners keep theirs). A crashed container holds nothing any more: no wait.
         """
         if device is None or device.index is None or not model.container_id:
             return {}, 0
@@ -123,7 +122,7 @@ class GpuMeter:
             logger.bind(model=model.name).warning("cannot read its GPU processes ({!r}); not waiting", exc)
             return {}, 0
         held = usage.get(model.container_id, {})
-        figure = (model.measured or model.sizing.need) if model.in_ollama else sum(held.values())
+        figure = (model.measured or model.sizing.need) if shared else sum(held.values())
         return held, figure
 
     async def wait_memory_back(self, name: str, device: Device, held: Usage, figure: int) -> None:

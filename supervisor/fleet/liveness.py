@@ -17,7 +17,7 @@ from loguru import logger
 
 from supervisor.core.backends import backend_for
 from supervisor.core.errors import LocalllmError
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.fleet.events import EventKind
 from supervisor.runtime.health import probe
 
@@ -92,7 +92,7 @@ class Watch:
                     logger.warning("Docker engine is back after {:.0f}s; reconciling", time.monotonic() - down_since)
                     down_since, delay = None, ENGINE_CHECK
                     try:
-                        await fleet.reconcile()
+                        await fleet.adopter.reconcile()
                     except LocalllmError as exc:
                         logger.error("reconcile failed: {}", exc.message)
             await asyncio.sleep(delay)

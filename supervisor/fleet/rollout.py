@@ -27,7 +27,7 @@ from loguru import logger
 from supervisor.config.settings import Config, ModelEntry, load_config
 from supervisor.core.containers import ContainerSpec
 from supervisor.core.errors import ApplyFailed, ApplyRefused, ConfigError, Conflict, LocalllmError, ShuttingDown
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.fleet.events import EventKind
 from supervisor.fleet.owner import Fleet
 from supervisor.fleet.sizing import Sizing, size_catalog
@@ -119,8 +119,9 @@ class Rollout:
     def _plan(self, config: Config):
         """The change plan for ``config`` against what runs now, and the wanted config hash of each running model."""
         fleet = self.fleet
-        running = fleet.ready_specs()
-        wanted = {e.name: fleet.spec_for(e, running[e.name].endpoint, running[e.name].device, config).config_hash()
+        running = fleet.switching.ready_specs()
+        wanted = {e.name: fleet.hosting_of(e).spec_for(e, running[e.name].endpoint, running[e.name].device, config)
+                  .config_hash()
                   for e in config.models if e.name in running}
         plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
             e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
@@ -177,11 +178,11 @@ class Rollout:
                 if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
         if busy:
             raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
-        in_ollama = [n for n, i in fleet.instances.items() if i.in_ollama]
-        reloading = [n for n in plan.replace if n in in_ollama]
-        hold_ollama = bool(reloading) or config.ollama != fleet.config.ollama
-        moving = [n for n in in_ollama if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
-        if hold_ollama and moving:
+        shared = [n for n, i in fleet.instances.items() if fleet.hosting_of(i.entry).shared]
+        reloading = [n for n in plan.replace if n in shared]  # a shared server holds one instance of a model
+        hold_shared = bool(reloading) or config.ollama != fleet.config.ollama
+        moving = [n for n in shared if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
+        if hold_shared and moving:
             raise Conflict(f"{', '.join(moving)} is starting or stopping in the Ollama server; try again in a moment")
         generation = self.store.record(text, source, wanted, path)
         report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
@@ -189,7 +190,7 @@ class Rollout:
         log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
                  list(plan.remove) or "-", list(plan.add) or "-")
         self._event(generation.number, ApplyStep.APPLYING, f"from {source}", plan=asdict(plan))
-        held = in_ollama if hold_ollama else []  # no Ollama model starts on the old server meanwhile
+        held = shared if hold_shared else []  # no Ollama model starts on the old server meanwhile
         for name in held:
             fleet.scheduler.hold(name)
         request = SwitchRequest(generation.number, config, sizings, plan, running, entries, tuple(reloading), report)
@@ -199,7 +200,7 @@ class Rollout:
         finally:
             for name in held:
                 if name not in offline:  # those are attached, or released by the revert
-                    fleet.release_hold(name)
+                    fleet.switching.release_hold(name)
 
     async def _switch(self, request: SwitchRequest, offline: list[str]) -> dict:
         """Start the new versions (beside the old ones where there is room), then commit, or revert.
@@ -213,10 +214,10 @@ class Rollout:
                 await self._take_offline(number, name, "Ollama holds one instance of a model", offline)
             for name in request.plan.replace:
                 device, need = request.running[name].device, request.sizings[name].need
-                if name not in offline and fleet.room_on(device) < need:
+                if name not in offline and fleet.switching.room_on(device) < need:
                     await self._take_offline(number, name, "no room for both", offline)
                 self._event(number, ApplyStep.LAUNCHING, f"{name}: starting its new version", name)
-                switched[name] = await fleet.launch(request.entries[name], device, need, request.config)
+                switched[name] = await fleet.switching.launch(request.entries[name], device, need, request.config)
                 log.info("{}: new version passed its health gate", name)
                 self._event(number, ApplyStep.HEALTHY, f"{name}: new version passed its health gate", name)
         except LocalllmError as exc:
@@ -226,12 +227,12 @@ class Rollout:
             with contextlib.suppress(ApplyFailed):
                 await asyncio.shield(self._revert(request, switched, offline, error))
             raise
-        retire = fleet.commit(request.config, request.sizings,
+        retire = fleet.switching.commit(request.config, request.sizings,
                               {n: v for n, v in switched.items() if n not in offline})
         for name in offline:
-            fleet.attach(name, *switched[name])
+            fleet.switching.attach(name, *switched[name])
         for name, container_id, entry in retire:
-            fleet.retire(name, container_id, DRAIN_PATIENCE, entry)
+            fleet.switching.retire(name, container_id, DRAIN_PATIENCE, entry)
         self.store.mark(number, GenerationStatus.GOOD)
         fleet.degraded = None
         log.info("generation {} is live and is now last-good", number)
@@ -242,7 +243,7 @@ class Rollout:
         logger.bind(generation=number).info("{}: {}, stopping the old one first", name, why)
         self._event(number, ApplyStep.STOPPING_OLD, f"{name}: {why}, stopping the old one first", name)
         offline.append(name)  # before waiting: a revert must release it whatever happens
-        await self.fleet.take_offline(name, DRAIN_PATIENCE)
+        await self.fleet.switching.take_offline(name, DRAIN_PATIENCE)
 
     async def _revert(self, request: SwitchRequest, switched: dict, offline: list[str],
                       error: LocalllmError) -> dict:
@@ -254,19 +255,20 @@ class Rollout:
         lost = []
         for name, (spec, container_id) in switched.items():
             try:
-                await fleet.abandon(name, spec, container_id)
+                await fleet.switching.abandon(name, spec, container_id)
             except Exception as exc:
                 lost.append(f"{name}: its new version could not be removed ({getattr(exc, 'message', exc)!s})")
+        switching = fleet.switching
         for name in offline:
             entry, slot = fleet.instances[name].entry, fleet.scheduler.view(name)
             if slot.phase is Phase.READY:  # it never went offline (the wait ran out first)
-                fleet.release_hold(name)
+                switching.release_hold(name)
                 continue
             try:
-                if not fleet.attach(name, *await fleet.launch(entry, running[name].device, slot.need)):
+                if not switching.attach(name, *await switching.launch(entry, running[name].device, slot.need)):
                     lost.append(f"{name}: its last-good container could not be attached")
             except Exception as exc:
-                fleet.release_hold(name)
+                switching.release_hold(name)
                 lost.append(f"{name}: {getattr(exc, 'message', None) or repr(exc)}")
         reason = f"health gate failed: {error.message}"
         with contextlib.suppress(LocalllmError):

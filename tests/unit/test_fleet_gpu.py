@@ -12,7 +12,7 @@ import pytest
 
 from supervisor.config.profiles import load_profiles
 from supervisor.core.errors import ModelStartFailed, ModelTooLarge
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.fleet import gpu_meter
 from supervisor.runtime.nvml import Nvml
 from supervisor.state.learned import LearnedSizes

@@ -10,22 +10,13 @@ import asyncio
 
 from supervisor.core.containers import LABEL_MODEL
 from supervisor.core.errors import ModelStartFailed
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.runtime.container_runtime import ContainerInfo
 
-from .fleet_harness import RecordingFakeRuntime, cpu_fleet, kinds, scenario
+from .fleet_harness import RecordingFakeRuntime, cpu_fleet, kinds, scenario, until
 
 MIB = 2**20
 FAST_RESTARTS = {"restart": {"delay": 0.05, "max_delay": 0.1, "max_failures": 2, "stable_after": 0}}
-
-
-
-
-async def until(condition, timeout: float = 5.0, what: str = "the condition") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def test_a_load_starts_one_container_and_an_unload_removes_it(tmp_path):
@@ -104,7 +95,7 @@ def test_after_its_own_crash_the_fleet_adopts_matching_recreates_drifted_and_rem
         # The daemon dies (nothing is stopped) and comes back with b's context changed.
         after, _, bus = cpu_fleet(tmp_path, session, {"a": MIB, "b": MIB}, runtime,
                                   models={"b": {"context_size": 1024}})
-        recreate = await after.adopt_existing()
+        recreate = await after.adopter.adopt_existing()
         assert recreate == ["b"]
         assert after.instances["a"].container_id == kept and after.phase(after.instances["a"]) is Phase.READY
         assert set(runtime.containers) == {kept}  # b's drifted container and the foreign one went

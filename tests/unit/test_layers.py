@@ -106,3 +106,10 @@ def test_every_module_keeps_its_layers_import_rules():
     offenders = [f"{path.relative_to(SUPERVISOR)}:{problem}" for path, module in modules.items()
                  for problem in broken_rules(path.read_text(), module.removesuffix(".__init__"))]
     assert offenders == []
+
+
+def test_only_the_docker_runtime_imports_docker():
+    importers = {path.relative_to(SUPERVISOR).as_posix() for path in SUPERVISOR.rglob("*.py")
+                 for _, module in imported_modules(path.read_text(), "supervisor.x")
+                 if module == "docker" or module.startswith("docker.")}
+    assert importers == {"runtime/docker_runtime.py"}

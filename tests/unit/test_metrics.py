@@ -15,7 +15,7 @@ from supervisor.config.profiles import load_profiles
 from supervisor.config.settings import Config, ModelEntry
 from supervisor.core.estimate import LaunchSettings
 from supervisor.core.placement import Device
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.core.stop_cause import StopCause
 from supervisor.fleet.events import EventBus, EventKind
 from supervisor.fleet.owner import Fleet
@@ -205,7 +205,7 @@ def test_device_gauges_sum_the_models_on_each_device(metrics, fleet):
 def test_a_new_catalog_is_read_at_scrape_time_and_counters_survive(metrics, fleet, bus):
     bus.publish("crash", "died", "alpha", reason="died", cause="crash")
     config, sizings = catalog("alpha", "gamma")
-    assert fleet.commit(config, sizings, {}) == []
+    assert fleet.switching.commit(config, sizings, {}) == []
     bus.publish("crash", "died", "alpha", reason="died", cause="crash")
     bus.publish("crash", "died", "beta", reason="died", cause="crash")  # gone from the catalog
     metrics.observe_request("gamma", CHAT, 200, 0.1)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from supervisor.core.errors import ApplyFailed, ModelStartFailed
-from supervisor.core.scheduler import Phase
+from supervisor.core.slots import Phase
 from supervisor.fleet.events import EventBus, EventKind
 from supervisor.fleet.rollout import DRAIN_PATIENCE, ApplyStep, Rollout, SwitchRequest
 from supervisor.state.generations import ChangePlan, GenerationStatus, GenerationStore
@@ -37,6 +37,13 @@ class RecordingFleet:
     degraded: str | None = None
     instances: dict = field(default_factory=dict)
     scheduler: FakeScheduler = field(default_factory=FakeScheduler)
+
+    @property
+    def switching(self) -> RecordingFleet:
+        return self  # the real fleet's switching unit: the same primitives, recorded here
+
+    def hosting_of(self, entry) -> SimpleNamespace:
+        return SimpleNamespace(shared=entry.backend == "ollama")
 
     def room_on(self, device: str) -> int:
         return self.room

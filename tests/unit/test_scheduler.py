@@ -15,17 +15,8 @@ from supervisor.core.errors import (
     QueueTimeout,
 )
 from supervisor.core.placement import Device
-from supervisor.core.scheduler import (
-    Grant,
-    Limits,
-    ModelSlot,
-    Note,
-    Phase,
-    Reject,
-    Scheduler,
-    Start,
-    Stop,
-)
+from supervisor.core.scheduler import Scheduler
+from supervisor.core.slots import Grant, Limits, ModelSlot, Note, Phase, Reject, Start, Stop
 
 MIB = 1024**2
 
