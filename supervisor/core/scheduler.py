@@ -31,10 +31,13 @@ from supervisor.core.errors import (
 )
 from supervisor.core.placement import Admit, Device, Refuse, Resident, plan_admission
 from supervisor.core.slots import (
+    TRANSITIONS,
     Action,
     Grant,
+    IllegalTransition,
     Limits,
     ModelSlot,
+    Moved,
     Note,
     Phase,
     Reject,
@@ -57,6 +60,7 @@ class Scheduler:
         # model -> (device, bytes): the room held for the new container a config change starts beside the old
         self._launches: dict[str, tuple[str, int]] = {}
         self._next_ticket = 0
+        self._moved: list[Moved] = []
         self._last_note: dict[str, str] = {}
 
     # -- events ----------------------------------------------------------------
@@ -92,8 +96,11 @@ class Scheduler:
         if slot is None:
             return self._pump(now)
         slot.start_sent = False
+        if slot.phase is not Phase.STARTING:
+            return self._pump(now)  # a start of a slot that changed since (left the catalog and came back)
         if error is None:
-            slot.phase, slot.loaded_at, slot.last_used, slot.error = Phase.READY, now, now, None
+            self._move(slot, Phase.READY)
+            slot.loaded_at, slot.last_used, slot.error = now, now, None
             slot.wanted = True
             return self._pump(now)
         return self._fail(slot, error, now) + self._pump(now)
@@ -106,16 +113,18 @@ class Scheduler:
                 other.awaiting.discard(model)
                 actions += self._send_start_if_clear(other)
         slot = self.slots.get(model)
-        if slot is None:
-            return actions + self._pump(now)
-        still_wanted = slot.phase is Phase.STOPPING and slot.wanted
-        slot.phase, slot.device, slot.draining = Phase.STOPPED, None, False
-        if error is not None and still_wanted:  # it died rather than was stopped: a crash
+        if slot is None or slot.phase is not Phase.STOPPING:
+            return actions + self._pump(now)  # a stop of a slot that changed since
+        slot.device, slot.draining = None, False
+        if error is not None and slot.wanted:  # it died rather than was stopped: a crash
             if now - slot.loaded_at >= self.limits.stable_after:
                 slot.failures = 0  # it had been running fine: a fresh count
             actions += self._fail(slot, error, now)
         elif error is not None:
-            slot.phase, slot.error = Phase.FAILED, error
+            self._move(slot, Phase.FAILED)
+            slot.error = error
+        else:
+            self._move(slot, Phase.STOPPED)
         return actions + self._pump(now)
 
     def adopt(self, model: str, device: str, now: float) -> bool:
@@ -128,8 +137,8 @@ class Scheduler:
         accounted = target.budget - sum(r.bytes for r in self.residents() if r.device == device)
         if accounted < slot.need:
             return False
-        slot.phase, slot.device, slot.loaded_at, slot.last_used = Phase.READY, device, now, now
-        slot.wanted = True
+        self._move(slot, Phase.READY)
+        slot.device, slot.loaded_at, slot.last_used, slot.wanted = device, now, now, True
         return True
 
     def set_devices(self, devices: list[Device]) -> None:
@@ -180,7 +189,7 @@ class Scheduler:
         slot = self.slots[model]
         if slot.phase is not Phase.READY:
             return []
-        slot.phase = Phase.STOPPING
+        self._move(slot, Phase.STOPPING)
         return [Stop(model, reason, StopCause.CRASH)]
 
     def next_wakeup(self, now: float) -> float | None:
@@ -200,11 +209,13 @@ class Scheduler:
         """
         slot = self.slots[model]
         if slot.phase is Phase.FAILED and not slot.held:
-            slot.phase, slot.wanted, slot.error = Phase.STOPPED, False, None
+            self._move(slot, Phase.STOPPED)
+            slot.wanted, slot.error = False, None
             self.reset(model)
             return self._pump(now)
         if slot.phase is Phase.READY and slot.in_flight == 0:
-            slot.phase, slot.wanted = Phase.STOPPING, False
+            self._move(slot, Phase.STOPPING)
+            slot.wanted = False
             return [Stop(model, reason, cause)]
         return []
 
@@ -225,7 +236,8 @@ class Scheduler:
         for slot in self.slots.values():
             if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
                     and now - slot.last_used >= slot.ttl):
-                slot.phase, slot.wanted = Phase.STOPPING, False
+                self._move(slot, Phase.STOPPING)
+                slot.wanted = False
                 idle = f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"
                 actions.append(Stop(slot.name, idle, StopCause.IDLE))
         return actions + self._pump(now)
@@ -314,6 +326,18 @@ class Scheduler:
                 actions += self._note(model, decision.reason)
         return actions
 
+    def _move(self, slot: ModelSlot, to: Phase) -> None:
+        """The one place a phase changes: checked against ``TRANSITIONS`` and kept for ``moves``."""
+        if to not in TRANSITIONS[slot.phase]:
+            raise IllegalTransition(f"'{slot.name}': {slot.phase} -> {to} is not a change the scheduler makes")
+        self._moved.append(Moved(slot.name, slot.phase, to))
+        slot.phase = to
+
+    def moves(self) -> list[Moved]:
+        """The phase changes since the last call, in order (the fleet publishes each as a ``state`` event)."""
+        moved, self._moved = self._moved, []
+        return moved
+
     def _fail(self, slot: ModelSlot, error: LocalllmError, now: float) -> list[Action]:
         """A start failed or a running model died: back off, or give up after max_failures.
 
@@ -321,7 +345,8 @@ class Scheduler:
         """
         if not isinstance(error, DockerUnavailable) or slot.failures == 0:
             slot.failures += 1
-        slot.phase, slot.device, slot.error = Phase.FAILED, None, error
+        self._move(slot, Phase.FAILED)
+        slot.device, slot.error = None, error
         if slot.failures >= self.limits.max_failures:
             slot.gave_up = True
             slot.error = ModelGaveUp(
@@ -340,9 +365,11 @@ class Scheduler:
         actions: list[Action] = []
         for name in decision.evict:
             victim = self.slots[name]
-            victim.phase, victim.wanted = Phase.STOPPING, False
+            self._move(victim, Phase.STOPPING)
+            victim.wanted = False
             actions.append(Stop(name, f"evicted: {decision.reason}", StopCause.EVICT))
-        slot.phase, slot.device, slot.error = Phase.STARTING, decision.device, None
+        self._move(slot, Phase.STARTING)
+        slot.device, slot.error = decision.device, None
         slot.awaiting = set(decision.evict)
         self._last_note.pop(slot.name, None)
         return actions + self._send_start_if_clear(slot, decision.reason)

@@ -24,6 +24,29 @@ class Phase(StrEnum):
     FAILED = "failed"
 
 
+# Every phase change the scheduler makes, and why; ``Scheduler._move`` refuses any other.
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STOPPED: frozenset({Phase.STARTING, Phase.READY}),  # admitted; adopted (a found or launched server)
+    Phase.STARTING: frozenset({Phase.READY, Phase.FAILED}),  # its start's outcome
+    Phase.READY: frozenset({Phase.STOPPING}),  # idle, evicted, unloaded, crashed
+    Phase.STOPPING: frozenset({Phase.STOPPED, Phase.FAILED}),  # gone; gone after a crash (or a failed stop)
+    Phase.FAILED: frozenset({Phase.STARTING, Phase.STOPPED}),  # restarted after its backoff; cleared by an operator
+}
+
+
+class IllegalTransition(AssertionError):
+    """A phase change outside ``TRANSITIONS``: a bug in the scheduler, never a user's error."""
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One phase change, as made: the fleet publishes each as a ``state`` event."""
+
+    model: str
+    before: Phase
+    after: Phase
+
+
 # -- actions -------------------------------------------------------------------
 
 

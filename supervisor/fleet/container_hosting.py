@@ -194,6 +194,9 @@ class ContainerHosting:
                              container=info.id[:12])
         return None
 
+    def replaces_server(self, config: Config) -> bool:
+        return False
+
     def endpoints(self) -> set[str]:
         return set()
 

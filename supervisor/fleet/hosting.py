@@ -76,6 +76,9 @@ class Hosting(Protocol):
     async def adopt(self, info: ContainerInfo, spec: Spec, instance: Instance | None) -> str | None:
         """Take a found container as a model's (``instance``) or as its own server (None); or say why not."""
 
+    def replaces_server(self, config: Config) -> bool:
+        """Whether applying ``config`` replaces a server of its own: its models are then held during the change."""
+
     def endpoints(self) -> set[str]:
         """The sockets of servers of its own (beyond its models' specs): never swept."""
 

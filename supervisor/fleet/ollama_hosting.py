@@ -347,6 +347,9 @@ class OllamaHosting:
 
     # -- what is its own -----------------------------------------------------------------------------
 
+    def replaces_server(self, config: Config) -> bool:
+        return config.ollama != self.fleet.config.ollama
+
     def endpoints(self) -> set[str]:
         spec = self.server.spec
         return {spec.endpoint.socket} if spec is not None and spec.endpoint.socket else set()

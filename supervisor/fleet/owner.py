@@ -92,7 +92,6 @@ class Fleet:
         self.switching = Switching(self)  # a config change's hands (rollout.py decides)
         self.measuring = Measuring(self)  # what models use: peaks, learning, the need they are admitted with
         self._operations: dict[str, str] = {}  # model -> the operator's load or unload in progress
-        self._phases: dict[str, Phase] = {name: Phase.STOPPED for name in self.instances}  # as last published
 
     @property
     def learned_sizes(self) -> LearnedSizes | None:
@@ -329,8 +328,9 @@ class Fleet:
 
     def replace_catalog(self, config: Config, instances: dict[str, Instance], sizings: dict[str, Sizing]) -> None:
         """A config change's catalog goes live (``Switching.commit``); models that left are published as removed."""
+        self._publish_phases()
         for name in set(self.instances) - set(instances):
-            before = self._phases.pop(name, Phase.STOPPED)
+            before = self.scheduler.view(name).phase
             self.events.publish(EventKind.STATE, f"{before} -> removed (no longer in the catalog)", name,
                                 **{"from": str(before), "to": "removed"})
         self.config, self.instances = config, instances
@@ -373,13 +373,10 @@ class Fleet:
         self._arm_wakeup()
 
     def _publish_phases(self) -> None:
-        """One ``state`` event per model whose phase changed since the last look."""
-        for name, slot in self.scheduler.slots.items():
-            before = self._phases.get(name, Phase.STOPPED)
-            if slot.phase is not before:
-                self._phases[name] = slot.phase
-                self.events.publish(EventKind.STATE, f"{before} -> {slot.phase}", name, **{"from": str(before),
-                                                                                   "to": str(slot.phase)})
+        """One ``state`` event per phase change the scheduler made (``Scheduler.moves``), in order."""
+        for move in self.scheduler.moves():
+            self.events.publish(EventKind.STATE, f"{move.before} -> {move.after}", move.model,
+                                **{"from": str(move.before), "to": str(move.after)})
 
     def _arm_wakeup(self) -> None:
         """Wake the scheduler exactly when the earliest backoff ends, not at the next tick."""

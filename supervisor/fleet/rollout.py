@@ -180,7 +180,7 @@ class Rollout:
             raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
         shared = [n for n, i in fleet.instances.items() if fleet.hosting_of(i.entry).shared]
         reloading = [n for n in plan.replace if n in shared]  # a shared server holds one instance of a model
-        hold_shared = bool(reloading) or config.ollama != fleet.config.ollama
+        hold_shared = bool(reloading) or any(h.replaces_server(config) for h in fleet.hostings.values())
         moving = [n for n in shared if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
         if hold_shared and moving:
             raise Conflict(f"{', '.join(moving)} is starting or stopping in the Ollama server; try again in a moment")

@@ -42,9 +42,6 @@ class RecordingFleet:
     def switching(self) -> RecordingFleet:
         return self  # the real fleet's switching unit: the same primitives, recorded here
 
-    def hosting_of(self, entry) -> SimpleNamespace:
-        return SimpleNamespace(shared=entry.backend == "ollama")
-
     def room_on(self, device: str) -> int:
         return self.room
 

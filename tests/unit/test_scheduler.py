@@ -16,7 +16,7 @@ from supervisor.core.errors import (
 )
 from supervisor.core.placement import Device
 from supervisor.core.scheduler import Scheduler
-from supervisor.core.slots import Grant, Limits, ModelSlot, Note, Phase, Reject, Start, Stop
+from supervisor.core.slots import TRANSITIONS, Grant, Limits, ModelSlot, Note, Phase, Reject, Start, Stop
 
 MIB = 1024**2
 
@@ -192,6 +192,16 @@ class World:
     pending_stops: set[str] = field(default_factory=set)
     outcome: dict[int, str] = field(default_factory=dict)
     crashed: set[str] = field(default_factory=set)  # crashed, container removal under way
+    phases: dict[str, Phase] = field(default_factory=dict)  # each model's phase, as the published moves say
+
+    def check_moves(self) -> None:
+        """Every phase change came out of ``moves``, each one in the transition table, in an unbroken chain."""
+        for move in self.s.moves():
+            assert move.after in TRANSITIONS[move.before], move
+            assert self.phases.get(move.model, Phase.STOPPED) is move.before, (move, self.phases.get(move.model))
+            self.phases[move.model] = move.after
+        for name, slot in self.s.slots.items():
+            assert self.phases.get(name, Phase.STOPPED) is slot.phase, f"{name} changed phase without a move"
 
     def apply(self, actions) -> None:
         for a in actions:
@@ -216,6 +226,7 @@ class World:
                 assert a.ticket not in self.outcome
                 self.outcome[a.ticket] = type(a.error).__name__
         self.check_memory()
+        self.check_moves()
 
     def check_memory(self) -> None:
         for device in self.s.devices:
@@ -234,7 +245,8 @@ class World:
 
 catalogs = st.dictionaries(st.sampled_from("abcdef"), st.integers(5, 120), min_size=1, max_size=6)
 events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick", "crash",
-                                             "hold", "release", "reserve", "unreserve", "need"]),
+                                             "hold", "release", "reserve", "unreserve", "need", "unload",
+                                             "adopt"]),
                             st.integers(0, 100)), max_size=60)
 
 
@@ -298,6 +310,13 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
             stopped = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.STOPPED)
             if stopped:  # learned or measured: the fleet sets a need while the model holds no memory
                 s.set_need(stopped[pick % len(stopped)], 5 + pick)
+        elif kind == "unload":  # an operator's unload, a config change taking a model offline, Ollama evicting
+            world.apply(s.unload(names[pick % len(names)], world.now, "unloaded"))
+        elif kind == "adopt":  # a running server found, or a config change attaching its new one
+            model, device = names[pick % len(names)], s.devices[pick % len(s.devices)].id
+            if s.adopt(model, device, world.now):
+                world.apply(s.tick(world.now))
+        world.check_moves()
 
     # Drain: finish everything; every request ends granted or rejected, none is forgotten.
     for name in names:  # the config change ends: its holds and launches go
