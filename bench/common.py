@@ -53,15 +53,24 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary_ms(values: list[float]) -> dict:
     """Seconds in, milliseconds out: min, p50, p99, max, mean and the count."""
-    return {"min_ms": round(min(values) * 1000, 3), "p50_ms": round(percentile(values, 50) * 1000, 3),
-            "p99_ms": round(percentile(values, 99) * 1000, 3), "max_ms": round(max(values) * 1000, 3),
-            "mean_ms": round(statistics.fmean(values) * 1000, 3), "n": len(values)}
+    return {
+        "min_ms": round(min(values) * 1000, 3),
+        "p50_ms": round(percentile(values, 50) * 1000, 3),
+        "p99_ms": round(percentile(values, 99) * 1000, 3),
+        "max_ms": round(max(values) * 1000, 3),
+        "mean_ms": round(statistics.fmean(values) * 1000, 3),
+        "n": len(values),
+    }
 
 
 def spread(values: list[float], digits: int = 3) -> dict:
     """min / median / max of repeated runs of one figure (any unit)."""
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits), "runs": len(values)}
+    return {
+        "min": round(min(values), digits),
+        "median": round(statistics.median(values), digits),
+        "max": round(max(values), digits),
+        "runs": len(values),
+    }
 
 
 def machine_facts() -> dict:
@@ -72,10 +81,17 @@ def machine_facts() -> dict:
         engine = client.version().get("Version", "?")
     finally:
         client.close()
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "localllm": __version__, "docker": engine, "llama_server_image": cpu_image_tag(),
-            "when": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "localllm": __version__,
+        "docker": engine,
+        "llama_server_image": cpu_image_tag(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def _cpu_model() -> str:
@@ -91,17 +107,26 @@ def _cpu_model() -> str:
 class Daemon:
     """A real localllmd subprocess on a config of its own; ``url`` is the proxy root, ``socket`` the control API."""
 
-    def __init__(self, workdir: Path, models: list[dict], ram_gib: float | None = None, notify: bool = False,
-                 **daemon_settings):
+    def __init__(
+        self, workdir: Path, models: list[dict], ram_gib: float | None = None, notify: bool = False, **daemon_settings
+    ):
         self.workdir = workdir
         self.port = free_port()
         self.instance = daemon_settings.pop("instance", f"bench{self.port}")
         self.state = Path(daemon_settings.pop("state_dir", workdir / f"state-{self.port}"))
-        self.config = {"profile": "cpu-only",
-                       "daemon": {"instance": self.instance, "proxy_listen": f"127.0.0.1:{self.port}",
-                                  "state_dir": str(self.state), "min_residency": 0, "log_level": "WARNING",
-                                  "labels": {BENCH_LABEL: "1"}, **daemon_settings},
-                       "models": models}
+        self.config = {
+            "profile": "cpu-only",
+            "daemon": {
+                "instance": self.instance,
+                "proxy_listen": f"127.0.0.1:{self.port}",
+                "state_dir": str(self.state),
+                "min_residency": 0,
+                "log_level": "WARNING",
+                "labels": {BENCH_LABEL: "1"},
+                **daemon_settings,
+            },
+            "models": models,
+        }
         if ram_gib is not None:
             profile = yaml.safe_load((ROOT / "profiles" / "cpu-only.yaml").read_text())
             profile.update(name="bench-budget")
@@ -122,8 +147,12 @@ class Daemon:
         """Start localllmd; returns the seconds until its proxy answers."""
         started = time.perf_counter()
         with self.log_path.open("a") as log:
-            self.process = subprocess.Popen([str(BIN / "localllmd"), "--config", str(self.config_path)],
-                                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                [str(BIN / "localllmd"), "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -136,8 +165,13 @@ class Daemon:
         raise RuntimeError("localllmd did not come up within 60 s")
 
     def ctl(self, *args: str) -> str:
-        return subprocess.run([str(BIN / "localllmctl"), "--socket", str(self.socket), *args], capture_output=True,
-                              text=True, check=True, timeout=300).stdout
+        return subprocess.run(
+            [str(BIN / "localllmctl"), "--socket", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout
 
     def status(self) -> dict:
         return json.loads(self.ctl("status", "--json"))
@@ -169,15 +203,20 @@ class Daemon:
             self.process.wait(timeout=120)
 
 
-def raw_llama_server(engine, model: Path, port: int, parallel: int = 1, context: int = 256,
-                     extra_args: tuple[str, ...] = ()):
+def raw_llama_server(
+    engine, model: Path, port: int, parallel: int = 1, context: int = 256, extra_args: tuple[str, ...] = ()
+):
     """The same server localllm would run, started directly with ``docker run`` (host network, 127.0.0.1),
     with the same pinned flags (context, slots, cache, flash attention, fit) as localllm's containers."""
     pinned = launch_flags(LaunchSettings(context=context, parallel=parallel))
     return engine.containers.run(
-        cpu_image_tag(), ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(port), *pinned, *extra_args],
-        detach=True, network_mode="host", labels={BENCH_LABEL: "raw"},
-        volumes={str(model): {"bind": "/models/m.gguf", "mode": "ro"}})
+        cpu_image_tag(),
+        ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(port), *pinned, *extra_args],
+        detach=True,
+        network_mode="host",
+        labels={BENCH_LABEL: "raw"},
+        volumes={str(model): {"bind": "/models/m.gguf", "mode": "ro"}},
+    )
 
 
 def wait_healthy(url: str, timeout: float = 60) -> float:

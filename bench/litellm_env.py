@@ -49,8 +49,12 @@ def installed_version(venv: Path | None = None) -> str | None:
     python = (venv or venv_dir()) / "bin" / "python"
     if not python.is_file() or not (python.parent / "litellm").is_file():
         return None
-    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
@@ -63,32 +67,45 @@ def ensure_installed(say=print) -> Path:
     if not (venv / "bin" / "python").is_file():
         venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
-                   check=True, timeout=1800)
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
+        check=True,
+        timeout=1800,
+    )
     if installed_version(venv) != LITELLM_VERSION:
         raise RuntimeError(f"litellm {LITELLM_VERSION} did not install into {venv}")
     return venv
 
 
-def package_versions(venv: Path, names: tuple[str, ...] = ("litellm", "uvicorn", "uvloop", "httptools", "fastapi",
-                                                            "httpx", "aiohttp", "openai")) -> dict[str, str | None]:
+def package_versions(
+    venv: Path,
+    names: tuple[str, ...] = ("litellm", "uvicorn", "uvloop", "httptools", "fastapi", "httpx", "aiohttp", "openai"),
+) -> dict[str, str | None]:
     """Versions of the packages that shape LiteLLM's request path (None: not installed)."""
-    code = ("import importlib.metadata as m, json, sys\n"
-            "def v(n):\n"
-            "    try: return m.version(n)\n"
-            "    except m.PackageNotFoundError: return None\n"
-            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", code, *names], capture_output=True, text=True,
-                         check=True, timeout=120)
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(n):\n"
+        "    try: return m.version(n)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        "print(json.dumps({n: v(n) for n in sys.argv[1:]}))"
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code, *names], capture_output=True, text=True, check=True, timeout=120
+    )
     return json.loads(out.stdout)
 
 
 def config(model: str, upstream: str) -> dict:
     """One ``model_list`` entry whose ``litellm_params`` point at the llama-server at ``upstream`` (no /v1)."""
-    return {"model_list": [{"model_name": model,
-                            "litellm_params": {"model": f"openai/{model}", "api_base": f"{upstream}/v1",
-                                               "api_key": "none"}}],
-            "litellm_settings": {"telemetry": False}}
+    return {
+        "model_list": [
+            {
+                "model_name": model,
+                "litellm_params": {"model": f"openai/{model}", "api_base": f"{upstream}/v1", "api_key": "none"},
+            }
+        ],
+        "litellm_settings": {"telemetry": False},
+    }
 
 
 class LiteLLMProxy:
@@ -100,12 +117,24 @@ class LiteLLMProxy:
         self.log_path = workdir / "litellm.log"
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.command = [str(venv / "bin" / "litellm"), "--config", str(self.config_path), "--host", "127.0.0.1",
-                        "--port", str(port), "--num_workers", "1", "--telemetry", "False"]
+        self.command = [
+            str(venv / "bin" / "litellm"),
+            "--config",
+            str(self.config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+            "--telemetry",
+            "False",
+        ]
         env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
         with self.log_path.open("a") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**env, **QUIET_ENV}, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env={**env, **QUIET_ENV}, start_new_session=True
+            )
 
     @property
     def pid(self) -> int:

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 def render(report: dict) -> str:
     machine = report["machine"]
     kind = "QUICK SMOKE RUN: numbers mean nothing" if report["quick"] else "full run"
-    lines = ["# localllm benchmarks", "", f"Command: `{report['command']}` ({kind})", "",
-             "| machine | |", "|---|---|"]
+    lines = ["# localllm benchmarks", "", f"Command: `{report['command']}` ({kind})", "", "| machine | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
     lines += ["", "Section run times: " + ", ".join(f"{k} {v} s" for k, v in report["seconds"].items()), ""]
     for name, result in report["sections"].items():

@@ -66,20 +66,42 @@ KEEPALIVE_S = 5.0  # supervisor.api.proxy.KEEPALIVE_SECONDS
 SYSTEMD_DEFAULT_NOFILE = 1024  # systemd's DefaultLimitNOFILE soft limit for services (hard: 524288)
 PORT_RANGE = "28600-28699"  # away from the default range, which other daemons on the host use
 
-FULL = {"catalog": 50, "connections": 1000, "streams": 200, "containers": 20, "recoveries": 5, "status_runs": 20,
-        "window_s": 10.0, "hold_s": 12.0, "concurrency": 16, "stream_rounds": 2,
-        "soft_limit_check": True, "soft_limit_connections": 1100}
-QUICK = {"catalog": 10, "connections": 50, "streams": 20, "containers": 3, "recoveries": 1, "status_runs": 3,
-         "window_s": 2.0, "hold_s": 6.0, "concurrency": 4, "stream_rounds": 1,
-         "soft_limit_check": False, "soft_limit_connections": 0}
+FULL = {
+    "catalog": 50,
+    "connections": 1000,
+    "streams": 200,
+    "containers": 20,
+    "recoveries": 5,
+    "status_runs": 20,
+    "window_s": 10.0,
+    "hold_s": 12.0,
+    "concurrency": 16,
+    "stream_rounds": 2,
+    "soft_limit_check": True,
+    "soft_limit_connections": 1100,
+}
+QUICK = {
+    "catalog": 10,
+    "connections": 50,
+    "streams": 20,
+    "containers": 3,
+    "recoveries": 1,
+    "status_runs": 3,
+    "window_s": 2.0,
+    "hold_s": 6.0,
+    "concurrency": 4,
+    "stream_rounds": 1,
+    "soft_limit_check": False,
+    "soft_limit_connections": 0,
+}
 
 
 def chat(model: str, stream: bool, max_tokens: int) -> dict:
-    return {"model": model, "stream": stream, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": "hi"}]}
+    return {"model": model, "stream": stream, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "hi"}]}
 
 
 # --- the control API over its unix socket, without the CLI --------------------------------------------------------
+
 
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float = 30):
@@ -137,6 +159,7 @@ def all_ready(sock: Path, names: list[str]) -> bool:
 
 # --- usage of the daemon process ------------------------------------------------------------------------------------
 
+
 def usage_window(pid: int, seconds: float) -> dict:
     """The daemon's CPU seconds per wall second over ``seconds``, and its RSS at the end."""
     _, cpu0 = process_tree_usage(pid)
@@ -162,13 +185,16 @@ def raise_own_nofile(needed: int) -> tuple[int, int]:
 
 # --- load generators (aiohttp, in this process) ---------------------------------------------------------------------
 
+
 async def closed_loop(url: str, model: str, concurrency: int, seconds: float, pid: int) -> dict:
     """``concurrency`` workers sending non-streaming max_tokens 1 chats back to back for ``seconds``."""
     latencies: list[float] = []
     errors: list[str] = []
     body = chat(model, False, 1)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
+
         async def one() -> None:
             t0 = time.perf_counter()
             try:
@@ -195,10 +221,17 @@ async def closed_loop(url: str, model: str, concurrency: int, seconds: float, pi
         await asyncio.gather(*(worker(t0 + seconds) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
         rss, cpu1 = process_tree_usage(pid)
-    return {"rss_mb": round(rss / MB, 1), "cpu_per_s": round((cpu1 - cpu0) / wall, 4), "wall_s": round(wall, 2),
-            "concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "error_samples": errors[:3], "requests_per_s": round(len(latencies) / wall, 1),
-            "latency": summary_ms(latencies) if latencies else None}
+    return {
+        "rss_mb": round(rss / MB, 1),
+        "cpu_per_s": round((cpu1 - cpu0) / wall, 4),
+        "wall_s": round(wall, 2),
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "requests_per_s": round(len(latencies) / wall, 1),
+        "latency": summary_ms(latencies) if latencies else None,
+    }
 
 
 async def max_fds(pid: int, stop: asyncio.Event) -> int:
@@ -222,6 +255,7 @@ async def concurrent_streams(base: str, model: str, count: int, max_tokens: int,
     body = chat(model, True, max_tokens)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
         async def one() -> None:
             t0 = time.perf_counter()
             first = None
@@ -258,9 +292,17 @@ async def concurrent_streams(base: str, model: str, count: int, max_tokens: int,
         wall = time.perf_counter() - t0
         stop.set()
         fds = await sampler if sampler else None
-    return {"streams": count, "daemon_max_fds": fds, "max_tokens": max_tokens, "completed": len(totals),
-            "errors": len(errors), "error_samples": errors[:3], "wall_s": round(wall, 3),
-            "ttft": summary_ms(ttft) if ttft else None, "duration": summary_ms(totals) if totals else None}
+    return {
+        "streams": count,
+        "daemon_max_fds": fds,
+        "max_tokens": max_tokens,
+        "completed": len(totals),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "wall_s": round(wall, 3),
+        "ttft": summary_ms(ttft) if ttft else None,
+        "duration": summary_ms(totals) if totals else None,
+    }
 
 
 @dataclass
@@ -272,8 +314,9 @@ class Held:
     error: str | None = None
 
 
-async def hold_connections(url: str, model: str, count: int, hold_s: float, pid: int, sock: Path,
-                           connect_within: float = 60.0) -> dict:
+async def hold_connections(
+    url: str, model: str, count: int, hold_s: float, pid: int, sock: Path, connect_within: float = 60.0
+) -> dict:
     """Open ``count`` streaming chats to a model that never gets ready; hold them ``hold_s`` once all are open."""
     held = [Held() for _ in range(count)]
     body = chat(model, True, 8)
@@ -329,11 +372,15 @@ async def hold_connections(url: str, model: str, count: int, hold_s: float, pid:
             await asyncio.sleep(1.0)
         hold_wall = time.perf_counter() - h0
         rss, cpu1 = process_tree_usage(pid)
-        result["while_holding"] = {"rss_mb": round(rss / MB, 1), "cpu_per_s": round((cpu1 - cpu0) / hold_wall, 4),
-                                   "wall_s": round(hold_wall, 2),
-                                   "fds_open": await asyncio.to_thread(psutil.Process(pid).num_fds)}
-        result["control_health_during_hold"] = ", ".join(f"{answer} × {control.count(answer)}"
-                                                         for answer in sorted(set(control)))
+        result["while_holding"] = {
+            "rss_mb": round(rss / MB, 1),
+            "cpu_per_s": round((cpu1 - cpu0) / hold_wall, 4),
+            "wall_s": round(hold_wall, 2),
+            "fds_open": await asyncio.to_thread(psutil.Process(pid).num_fds),
+        }
+        result["control_health_during_hold"] = ", ".join(
+            f"{answer} × {control.count(answer)}" for answer in sorted(set(control))
+        )
         result["control_problems_during_hold"] = sorted(problems)
         try:
             waiting = (await asyncio.to_thread(model_view, sock, model))["waiting"]
@@ -352,8 +399,9 @@ async def hold_connections(url: str, model: str, count: int, hold_s: float, pid:
     errors = [h.error for h in held if h.error]
     result["errors"] = len(errors)
     result["error_samples"] = sorted(set(errors))[:3]
-    result["ok"] = (len(opened) == count and not errors and result["with_enough_keepalives"] == count
-                    and waiting == count)
+    result["ok"] = (
+        len(opened) == count and not errors and result["with_enough_keepalives"] == count and waiting == count
+    )
     return result
 
 
@@ -361,8 +409,11 @@ def after_close(sock: Path, url: str, hang: str, probe_model: str | None) -> dic
     """The queue empties once the clients left, and the daemon still serves."""
     drained = wait_until(lambda: model_view(sock, hang)["waiting"] == 0, 60, "queue empties", 0.02)
     health, body = control_get(sock, "/health")
-    out = {"queue_empty_after_close_s": round(drained, 3), "control_health": health,
-           "control_problems": json.loads(body).get("problems", [])}
+    out = {
+        "queue_empty_after_close_s": round(drained, 3),
+        "control_health": health,
+        "control_problems": json.loads(body).get("problems", []),
+    }
     if probe_model:
         r = requests.post(f"{url}/v1/chat/completions", json=chat(probe_model, False, 1), timeout=120)
         out["chat_after"] = r.status_code
@@ -372,9 +423,12 @@ def after_close(sock: Path, url: str, hang: str, probe_model: str | None) -> dic
 
 # --- the phases -----------------------------------------------------------------------------------------------------
 
+
 def make_models(workdir: Path, count: int, prefix: str) -> list[Path]:
-    return [write_tiny_model(workdir / "models" / f"{prefix}{i:03d}.gguf", seed=1000 + i, name=f"{prefix}{i:03d}")
-            for i in range(count)]
+    return [
+        write_tiny_model(workdir / "models" / f"{prefix}{i:03d}.gguf", seed=1000 + i, name=f"{prefix}{i:03d}")
+        for i in range(count)
+    ]
 
 
 def entry(name: str, gguf: Path, **extra) -> dict:
@@ -405,8 +459,9 @@ def footprint_and_scale(workdir: Path, sizes: dict, out: dict) -> None:
 
         out["streams"] = streams_proxy_and_direct(daemon, sizes)
 
-        held = asyncio.run(hold_connections(daemon.url, "hang", sizes["connections"], sizes["hold_s"], pid,
-                                            daemon.socket))
+        held = asyncio.run(
+            hold_connections(daemon.url, "hang", sizes["connections"], sizes["hold_s"], pid, daemon.socket)
+        )
         held.update(after_close(daemon.socket, daemon.url, "hang", "m000"))
         held["rss_mb_after_close"] = round(process_tree_usage(pid)[0] / MB, 1)
         out["idle_connections"] = held
@@ -416,7 +471,7 @@ def footprint_and_scale(workdir: Path, sizes: dict, out: dict) -> None:
 
 def streams_proxy_and_direct(daemon: Daemon, sizes: dict) -> dict:
     """``streams`` concurrent streams through the proxy and straight to the model's llama-server, in ABBA order."""
-    order = ["proxy", "direct", "direct", "proxy"][:2 * sizes["stream_rounds"]]
+    order = ["proxy", "direct", "direct", "proxy"][: 2 * sizes["stream_rounds"]]
     runs = []
     for path in order:
         wait_until(lambda: model_view(daemon.socket, "m000")["state"] == "ready", 120, "m000 ready")
@@ -426,12 +481,16 @@ def streams_proxy_and_direct(daemon: Daemon, sizes: dict) -> dict:
         pid = daemon.pid if path == "proxy" else None
         run = asyncio.run(concurrent_streams(base, "m000", sizes["streams"], 16, pid))
         # what the daemon did to the model meanwhile: a failed liveness probe, a restart
-        faults = [f"{e['kind']}: {e['message']}" for e in control_events(daemon.socket)
-                  if e["id"] > seen and e["kind"] in ("health_failure", "crash", "restart", "load_failed")]
+        faults = [
+            f"{e['kind']}: {e['message']}"
+            for e in control_events(daemon.socket)
+            if e["id"] > seen and e["kind"] in ("health_failure", "crash", "restart", "load_failed")
+        ]
         runs.append({"path": path, **run, "model_faults": faults})
     out: dict = {"runs": runs}
     by = {p: [r for r in runs if r["path"] == p] for p in ("proxy", "direct")}
     if all(r["ttft"] for r in runs):
+
         def med(path: str, key: str) -> float:
             return statistics.median(r["wall_s"] if key == "wall" else r["ttft"]["p50_ms"] for r in by[path])
 
@@ -448,14 +507,26 @@ def soft_limit_check(workdir: Path, sizes: dict, out: dict) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (SYSTEMD_DEFAULT_NOFILE, hard))  # the child inherits it
     try:
-        daemon = Daemon(workdir, [hang_entry(path)], max_queue=sizes["soft_limit_connections"] + 100,
-                        port_range=PORT_RANGE)
+        daemon = Daemon(
+            workdir, [hang_entry(path)], max_queue=sizes["soft_limit_connections"] + 100, port_range=PORT_RANGE
+        )
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         out["daemon_nofile"] = list(nofile(daemon.pid))
-        out.update(asyncio.run(hold_connections(daemon.url, "hang", sizes["soft_limit_connections"], sizes["hold_s"],
-                                                daemon.pid, daemon.socket, connect_within=20)))
+        out.update(
+            asyncio.run(
+                hold_connections(
+                    daemon.url,
+                    "hang",
+                    sizes["soft_limit_connections"],
+                    sizes["hold_s"],
+                    daemon.pid,
+                    daemon.socket,
+                    connect_within=20,
+                )
+            )
+        )
         try:
             out.update(after_close(daemon.socket, daemon.url, "hang", None))
         except (RuntimeError, OSError) as exc:
@@ -480,8 +551,12 @@ def cli_status_latency(daemon: Daemon, runs: int) -> dict:
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run([str(BIN / "localllmctl"), "--socket", str(daemon.socket), "status", "--json"],
-                       capture_output=True, check=True, timeout=60)
+        subprocess.run(
+            [str(BIN / "localllmctl"), "--socket", str(daemon.socket), "status", "--json"],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
         times.append(time.perf_counter() - t0)
     return spread([t * 1000 for t in times], 1) | {"unit": "ms"}
 
@@ -506,9 +581,12 @@ def restart_with_notify(daemon: Daemon, workdir: Path) -> dict:
     try:
         with daemon.log_path.open("a") as log:
             wall0, t0 = time.time(), time.perf_counter()
-            daemon.process = subprocess.Popen([str(BIN / "localllmd"), "--config", str(daemon.config_path)],
-                                              stdout=log, stderr=subprocess.STDOUT,
-                                              env={**os.environ, "NOTIFY_SOCKET": str(path)})
+            daemon.process = subprocess.Popen(
+                [str(BIN / "localllmd"), "--config", str(daemon.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "NOTIFY_SOCKET": str(path)},
+            )
         while True:
             if time.perf_counter() - t0 > 120:
                 raise RuntimeError("no READY=1 within 120 s")
@@ -554,14 +632,16 @@ def containers_and_recovery(workdir: Path, sizes: dict, out: dict) -> None:
             after = {m["name"]: (m["state"], m["container"]) for m in status["models"]}
             adopts = [e for e in control_events(daemon.socket) if e["kind"] == "adopt"]
             times = sorted(e["time"] for e in adopts)
-            runs.append({
-                "ready_s": round(run["ready_s"], 3),
-                "first_adopt_s": round(times[0] - run["wall_start"], 3) if times else None,
-                "adopting_s": round(times[-1] - times[0], 3) if times else None,
-                "adopted": len(adopts),
-                "ready_same_container": sum(after[n] == ("ready", before[n]) for n in names),
-                "status_line": run["status_line"],
-            })
+            runs.append(
+                {
+                    "ready_s": round(run["ready_s"], 3),
+                    "first_adopt_s": round(times[0] - run["wall_start"], 3) if times else None,
+                    "adopting_s": round(times[-1] - times[0], 3) if times else None,
+                    "adopted": len(adopts),
+                    "ready_same_container": sum(after[n] == ("ready", before[n]) for n in names),
+                    "status_line": run["status_line"],
+                }
+            )
         out["recovery_ready"] = spread([r["ready_s"] for r in runs], 3) | {"unit": "s"}
         firsts = [r["first_adopt_s"] for r in runs if r["first_adopt_s"] is not None]
         spans = [r["adopting_s"] for r in runs if r["adopting_s"] is not None]
@@ -578,9 +658,12 @@ def run(workdir: Path, quick: bool = False) -> dict:
     sizes = QUICK if quick else FULL
     workdir.mkdir(parents=True, exist_ok=True)
     old_soft, hard = raise_own_nofile(4 * sizes["connections"] + 1024)
-    result: dict = {"quick": quick, "sizes": sizes, "machine": machine_facts(),
-                    "bench_nofile": {"before": [old_soft, hard], "now": list(resource.getrlimit(
-                        resource.RLIMIT_NOFILE))}}
+    result: dict = {
+        "quick": quick,
+        "sizes": sizes,
+        "machine": machine_facts(),
+        "bench_nofile": {"before": [old_soft, hard], "now": list(resource.getrlimit(resource.RLIMIT_NOFILE))},
+    }
     started = time.perf_counter()
     phases = [("scale", footprint_and_scale), ("soft_limit_1024", soft_limit_check), ("fleet", containers_and_recovery)]
     result["failures"] = {}
@@ -600,6 +683,7 @@ def run(workdir: Path, quick: bool = False) -> dict:
 
 
 # --- the report -----------------------------------------------------------------------------------------------------
+
 
 def _target(value: float | None, target: float, unit: str) -> str:
     if value is None:
@@ -651,26 +735,36 @@ def _render_footprint(scale: dict, fleet: dict) -> list[str]:
     lines = ["### Footprint", "", "| situation | RSS MB | CPU s/s | window s | notes |", "|---|---|---|---|---|"]
     if "idle" in scale:
         idle = scale["idle"]
-        lines.append(f"| idle, catalog of {scale['catalog']} models, none loaded | {idle['rss_mb']} | "
-                     f"{idle['cpu_per_s']} | {idle['wall_s']} | {idle['fds_open']} fds open |")
+        lines.append(
+            f"| idle, catalog of {scale['catalog']} models, none loaded | {idle['rss_mb']} | "
+            f"{idle['cpu_per_s']} | {idle['wall_s']} | {idle['fds_open']} fds open |"
+        )
     if "under_load" in scale:
         load = scale["under_load"]
-        lines.append(f"| {load['concurrency']} concurrent non-streaming chats (max_tokens 1), one model | "
-                     f"{load['rss_mb']} | {load['cpu_per_s']} | {load['wall_s']} | {load['requests']} requests, "
-                     f"{load['requests_per_s']} req/s, {load['errors']} errors; latency p50 "
-                     f"{_ms(load['latency'], 'p50_ms')} ms, p99 {_ms(load['latency'], 'p99_ms')} ms |")
+        lines.append(
+            f"| {load['concurrency']} concurrent non-streaming chats (max_tokens 1), one model | "
+            f"{load['rss_mb']} | {load['cpu_per_s']} | {load['wall_s']} | {load['requests']} requests, "
+            f"{load['requests_per_s']} req/s, {load['errors']} errors; latency p50 "
+            f"{_ms(load['latency'], 'p50_ms')} ms, p99 {_ms(load['latency'], 'p99_ms')} ms |"
+        )
     if "while_holding" in scale.get("idle_connections", {}):
         held = scale["idle_connections"]
         w = held["while_holding"]
-        lines.append(f"| holding {held['connections']} idle SSE connections | {w['rss_mb']} | {w['cpu_per_s']} | "
-                     f"{w['wall_s']} | {w['fds_open']} fds open |")
+        lines.append(
+            f"| holding {held['connections']} idle SSE connections | {w['rss_mb']} | {w['cpu_per_s']} | "
+            f"{w['wall_s']} | {w['fds_open']} fds open |"
+        )
     if "idle_with_containers" in fleet:
         w = fleet["idle_with_containers"]
-        lines.append(f"| idle, {fleet['containers']} containers running | {w['rss_mb']} | {w['cpu_per_s']} | "
-                     f"{w['wall_s']} | |")
+        lines.append(
+            f"| idle, {fleet['containers']} containers running | {w['rss_mb']} | {w['cpu_per_s']} | {w['wall_s']} | |"
+        )
     idle_rss = scale.get("idle", {}).get("rss_mb")
-    return lines + ["", f"- Target RSS ≤ {RSS_IDLE_TARGET_MB} MB idle: {_target(idle_rss, RSS_IDLE_TARGET_MB, 'MB')}.",
-                    ""]
+    return lines + [
+        "",
+        f"- Target RSS ≤ {RSS_IDLE_TARGET_MB} MB idle: {_target(idle_rss, RSS_IDLE_TARGET_MB, 'MB')}.",
+        "",
+    ]
 
 
 def _render_held(held: dict, scale: dict, hold_s: float) -> list[str]:
@@ -713,7 +807,7 @@ def _render_soft_limit(soft: dict) -> list[str]:
         f"| daemon fds open after connecting | {soft['daemon_fds_open_after_connect']} "
         "(each waiting stream holds one; a streamed answer two: client and upstream) |",
         f"| control `/health` during the hold (HTTP status × times) | {soft['control_health_during_hold']} |",
-        f"| \"Too many open files\" lines in the daemon log | {soft.get('log_too_many_open_files', '–')} |",
+        f'| "Too many open files" lines in the daemon log | {soft.get("log_too_many_open_files", "–")} |',
         f"| control `/health` afterwards | {soft.get('after_close_problem') or soft.get('control_health')} "
         f"{_samples(soft.get('control_problems') or [])} |",
         "",
@@ -732,10 +826,12 @@ def _render_streams(streams: dict) -> list[str]:
     ]
     for r in streams["runs"]:
         name = "localllm proxy" if r["path"] == "proxy" else "llama-server direct"
-        lines.append(f"| {name} | {r['completed']}/{r['streams']} | {r['errors']} | {r['wall_s']} | "
-                     f"{_ms(r['ttft'], 'min_ms', 'p50_ms', 'p99_ms', 'max_ms')} | "
-                     f"{_ms(r['duration'], 'p50_ms', 'p99_ms')} | {r['daemon_max_fds'] or ''} | "
-                     f"{len(r['model_faults'])} |")
+        lines.append(
+            f"| {name} | {r['completed']}/{r['streams']} | {r['errors']} | {r['wall_s']} | "
+            f"{_ms(r['ttft'], 'min_ms', 'p50_ms', 'p99_ms', 'max_ms')} | "
+            f"{_ms(r['duration'], 'p50_ms', 'p99_ms')} | {r['daemon_max_fds'] or ''} | "
+            f"{len(r['model_faults'])} |"
+        )
     faults = [f for r in streams["runs"] for f in r["model_faults"]]
     if faults:
         lines += ["", f"Model faults during these runs (failed liveness probes, restarts): {_samples(faults[:4])}."]
@@ -743,28 +839,37 @@ def _render_streams(streams: dict) -> list[str]:
     if errors:
         lines += ["", "Error samples: " + _samples(errors[:2])]
     if "wall_ratio_proxy_to_direct" in streams:
-        lines += ["", f"Proxy / direct (medians over the runs above): wall {streams['wall_ratio_proxy_to_direct']}, "
-                      f"TTFT p50 {streams['ttft_p50_ratio_proxy_to_direct']}. llama-server has one slot, so the "
-                      "streams queue inside it: the TTFT spread is mostly that queue, and it varies from run to run "
-                      "on a shared machine."]
+        lines += [
+            "",
+            f"Proxy / direct (medians over the runs above): wall {streams['wall_ratio_proxy_to_direct']}, "
+            f"TTFT p50 {streams['ttft_p50_ratio_proxy_to_direct']}. llama-server has one slot, so the "
+            "streams queue inside it: the TTFT spread is mostly that queue, and it varies from run to run "
+            "on a shared machine.",
+        ]
     return lines + [""]
 
 
 def _render_status(scale: dict, fleet: dict) -> list[str]:
     if "status_api" not in fleet and "status_api_idle" not in scale:
         return []
-    lines = [f"**Status with {fleet.get('containers', '?')} running containers** "
-             f"({fleet.get('status_json_bytes', '?')} bytes of JSON; all preloaded and ready in "
-             f"{fleet.get('preload_all_ready_s', '?')} s):",
-             "", "| command | min ms | median ms | max ms | runs |", "|---|---|---|---|---|"]
+    lines = [
+        f"**Status with {fleet.get('containers', '?')} running containers** "
+        f"({fleet.get('status_json_bytes', '?')} bytes of JSON; all preloaded and ready in "
+        f"{fleet.get('preload_all_ready_s', '?')} s):",
+        "",
+        "| command | min ms | median ms | max ms | runs |",
+        "|---|---|---|---|---|",
+    ]
     if "status_api" in fleet:
-        lines += [f"| `localllmctl status --json` (process) | "
-                  f"{_ms(fleet['status_cli'], 'min', 'median', 'max', 'runs')} |",
-                  f"| control API `GET /status` (unix socket) | "
-                  f"{_ms(fleet['status_api'], 'min', 'median', 'max', 'runs')} |"]
+        lines += [
+            f"| `localllmctl status --json` (process) | {_ms(fleet['status_cli'], 'min', 'median', 'max', 'runs')} |",
+            f"| control API `GET /status` (unix socket) | {_ms(fleet['status_api'], 'min', 'median', 'max', 'runs')} |",
+        ]
     if "status_api_idle" in scale:
-        lines.append(f"| control API `GET /status`, {scale['catalog']}-model catalog, idle | "
-                     f"{_ms(scale['status_api_idle'], 'min', 'median', 'max', 'runs')} |")
+        lines.append(
+            f"| control API `GET /status`, {scale['catalog']}-model catalog, idle | "
+            f"{_ms(scale['status_api_idle'], 'min', 'median', 'max', 'runs')} |"
+        )
     return lines + [""]
 
 
@@ -772,14 +877,21 @@ def _render_recovery(fleet: dict) -> list[str]:
     def row(label: str, key: str) -> str:
         return f"| {label} | {_ms(fleet[key], 'min', 'median', 'max', 'runs')} |"
 
-    lines = ["### Recovery", "",
-             f"kill -9 with {fleet['containers']} containers running, then a new localllmd with `$NOTIFY_SOCKET`: "
-             "process start until `READY=1`.", "",
-             "| figure | min s | median s | max s | runs |", "|---|---|---|---|---|",
-             row("start → READY=1", "recovery_ready")]
+    lines = [
+        "### Recovery",
+        "",
+        f"kill -9 with {fleet['containers']} containers running, then a new localllmd with `$NOTIFY_SOCKET`: "
+        "process start until `READY=1`.",
+        "",
+        "| figure | min s | median s | max s | runs |",
+        "|---|---|---|---|---|",
+        row("start → READY=1", "recovery_ready"),
+    ]
     if "recovery_first_adopt" in fleet:
-        lines += [row("start → first `adopt` event", "recovery_first_adopt"),
-                  row("first → last `adopt` event", "recovery_adopting")]
+        lines += [
+            row("start → first `adopt` event", "recovery_first_adopt"),
+            row("first → last `adopt` event", "recovery_adopting"),
+        ]
     if "python_import" in fleet:
         lines.append(row("Python start + `import supervisor.daemon` alone", "python_import"))
     ready = fleet["recovery_ready"]

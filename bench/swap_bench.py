@@ -73,8 +73,11 @@ def run(workdir: Path, quick: bool = False, runs: int = 7) -> dict:
         cold_daemon.stop()
 
     need = size_model(ModelEntry(name="a", gguf=a, context_size=256), load_profiles()["cpu-only"]).need
-    swap_daemon = Daemon(workdir, [{"name": "a", "gguf": str(a), "context_size": 256},
-                                   {"name": "b", "gguf": str(b), "context_size": 256}], ram_gib=1.5 * need / 1024**3)
+    swap_daemon = Daemon(
+        workdir,
+        [{"name": "a", "gguf": str(a), "context_size": 256}, {"name": "b", "gguf": str(b), "context_size": 256}],
+        ram_gib=1.5 * need / 1024**3,
+    )
     swaps = []
     try:
         first_token_seconds(swap_daemon.url, "a")
@@ -105,15 +108,16 @@ def render(result: dict) -> str:
     lines = ["## Cold start and swap", "", "| measurement (ms) | min | median | max | runs |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['min']} | {v['median']} | {v['max']} | {v['runs']} |" for k, v in rows]
     over = result["cold_cost_over_container_ready_ms"]
-    lines += ["",
-              "- cold request to first token / raw docker run to healthy (medians): "
-              f"{result['ratio_cold_to_raw_health']}",
-              "- cold request to first token / raw docker run to first token: "
-              f"{result['ratio_cold_to_raw_first_token']}",
-              f"- localllm's own share of a cold request: {result['localllm_share_of_cold_ms']} ms; of a swap "
-              f"(stop A, start B): {result['localllm_share_of_swap_ms']} ms",
-              f"- target: a cold load costs at most 100 ms more than container-ready: {over} ms, "
-              + ("met" if over <= 100 else f"missed by {over - 100:.1f} ms"), ""]
+    lines += [
+        "",
+        f"- cold request to first token / raw docker run to healthy (medians): {result['ratio_cold_to_raw_health']}",
+        f"- cold request to first token / raw docker run to first token: {result['ratio_cold_to_raw_first_token']}",
+        f"- localllm's own share of a cold request: {result['localllm_share_of_cold_ms']} ms; of a swap "
+        f"(stop A, start B): {result['localllm_share_of_swap_ms']} ms",
+        f"- target: a cold load costs at most 100 ms more than container-ready: {over} ms, "
+        + ("met" if over <= 100 else f"missed by {over - 100:.1f} ms"),
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -32,7 +32,8 @@ def main() -> None:
     client = OpenAI(base_url=args.base_url, api_key="unused")
     print("models:", [m.id for m in client.models.list().data])
     reply = client.chat.completions.create(
-        model="demo-tiny", max_tokens=16, messages=[{"role": "user", "content": "Say hello."}])
+        model="demo-tiny", max_tokens=16, messages=[{"role": "user", "content": "Say hello."}]
+    )
     print(f"chat answer (random weights, so noise): {reply.choices[0].message.content!r}")
     print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
 

@@ -81,8 +81,9 @@ demo() {
 
 run_tests() {
   setup
-  say "linting (ruff check)"
+  say "linting (ruff check, ruff format --check)"
   python -m ruff check "$ROOT/supervisor" "$ROOT/tests" "$ROOT/bench" "$ROOT/scripts"
+  python -m ruff format --check "$ROOT/supervisor" "$ROOT/tests" "$ROOT/bench" "$ROOT/scripts"
   say "type-checking (mypy --strict on supervisor/core and supervisor/config)"
   python -m mypy  # its settings and files: [tool.mypy] in pyproject.toml
   say "running the test suite"

@@ -64,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"localllmd: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    setup_logging(args.log_level or config.daemon.log_level, journald=bool(os.environ.get("JOURNAL_STREAM")),
-                  as_json=args.log_format == "json")
+    setup_logging(
+        args.log_level or config.daemon.log_level,
+        journald=bool(os.environ.get("JOURNAL_STREAM")),
+        as_json=args.log_format == "json",
+    )
     raise_open_files_limit()
     if private is not None:
-        logger.info("demo state in {} (control socket {}); removed when the demo stops", private,
-                    config.daemon.socket_path)
+        logger.info(
+            "demo state in {} (control socket {}); removed when the demo stops", private, config.daemon.socket_path
+        )
     daemon = Daemon(config, None if args.demo else args.config)
     if private is not None:
         daemon.before_forced_exit.append(lambda: shutil.rmtree(private, ignore_errors=True))
@@ -101,14 +105,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="localllmd", description="Supervise local LLM servers in Docker.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", type=Path, help="daemon config file (YAML)")
-    source.add_argument("--demo", action="store_true",
-                        help="run the embedded demo: CPU profile, one generated model, proxy on 127.0.0.1:8081")
-    parser.add_argument("--state-dir", type=Path,
-                        help="with --demo: where state and the model go (default: a new private directory in "
-                             "the temporary directory, removed at the end)")
+    source.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the embedded demo: CPU profile, one generated model, proxy on 127.0.0.1:8081",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="with --demo: where state and the model go (default: a new private directory in "
+        "the temporary directory, removed at the end)",
+    )
     parser.add_argument("--log-level", choices=["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="json: one JSON object per line (for log shippers)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (for log shippers)",
+    )
     parser.add_argument("--version", action="version", version=f"localllmd {__version__}")
     args = parser.parse_args(argv)
     if args.state_dir and not args.demo:
@@ -154,12 +168,21 @@ def demo_config(state_dir: Path) -> Config:
     model = state_dir / "models" / "demo-tiny.gguf"
     if not model.is_file():
         write_tiny_model(model, name="demo-tiny")
-    return Config.model_validate({
-        "profile": "cpu-only",
-        "daemon": {"instance": "demo", "state_dir": str(state_dir), "startup_timeout": 60},
-        "models": [{"name": "demo-tiny", "aliases": ["gpt-3.5-turbo"], "gguf": str(model),
-                    "context_size": 512, "preload": True}],
-    })
+    return Config.model_validate(
+        {
+            "profile": "cpu-only",
+            "daemon": {"instance": "demo", "state_dir": str(state_dir), "startup_timeout": 60},
+            "models": [
+                {
+                    "name": "demo-tiny",
+                    "aliases": ["gpt-3.5-turbo"],
+                    "gguf": str(model),
+                    "context_size": 512,
+                    "preload": True,
+                }
+            ],
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -238,8 +261,10 @@ class Daemon:
             nvml = None
         logger.info("localllmd {} starting; profile {}: {}", __version__, profile.name, reason)
         if self.settings.port_range is not None:
-            logger.warning("daemon.port_range is no longer used: every model server listens on a UNIX socket "
-                           "only localllm can reach; remove it from the config")
+            logger.warning(
+                "daemon.port_range is no longer used: every model server listens on a UNIX socket "
+                "only localllm can reach; remove it from the config"
+            )
         self.gpu = GpuWatch(nvml) if nvml is not None else None
         self.runtime = DockerRuntime(self.settings.docker_url)
         docker_version = await self.runtime.connect()
@@ -258,14 +283,17 @@ class Daemon:
         self.rollout, self.fleet = Rollout(fleet, store), fleet
         recreate = await fleet.adopter.adopt_existing()
         facts = DaemonFacts(
-            instance=self.settings.instance, profile=profile.name, profile_reason=reason,
+            instance=self.settings.instance,
+            profile=profile.name,
+            profile_reason=reason,
             docker_version=docker_version,
             proxy_urls=tuple(f"http://{listen}/v1" for listen in self.settings.proxy_listen),
             started_at=time.time(),
         )
-        await self._open_servers(create_proxy_app(fleet, self.session, self.settings, metrics),
-                                 lambda gate: create_control_app(fleet, facts, self.rollout, events, gate,
-                                                                 metrics=metrics))
+        await self._open_servers(
+            create_proxy_app(fleet, self.session, self.settings, metrics),
+            lambda gate: create_control_app(fleet, facts, self.rollout, events, gate, metrics=metrics),
+        )
         self._install_signal_handlers()
         self.ticker = self._start_ticker(fleet)
         wanted = [e.name for e in self.config.models if e.preload]
@@ -342,10 +370,12 @@ class Daemon:
         """Record the config we started with; it becomes last-good once its preloaded models are ready."""
         generation = None
         try:
-            text = (self.config_path.read_text() if self.config_path
-                    else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-            generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {},
-                                      self.config_path)
+            text = (
+                self.config_path.read_text()
+                if self.config_path
+                else yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+            )
+            generation = store.record(text, f"startup: {self.config_path or 'embedded demo'}", {}, self.config_path)
         except (LocalllmError, OSError) as exc:
             logger.error("cannot record the startup generation: {}", getattr(exc, "message", exc))
         await fleet.start_models(wanted)
@@ -353,8 +383,11 @@ class Daemon:
         failed = [n for n in wanted if n in views and views[n].phase is not Phase.READY]
         if generation is not None and store.generations and store.generations[-1].number == generation.number:
             with contextlib.suppress(LocalllmError):  # an apply made meanwhile has the last word
-                store.mark(generation.number, GenerationStatus.FAILED if failed else GenerationStatus.GOOD,
-                           f"preload failed for {', '.join(failed)}" if failed else "")
+                store.mark(
+                    generation.number,
+                    GenerationStatus.FAILED if failed else GenerationStatus.GOOD,
+                    f"preload failed for {', '.join(failed)}" if failed else "",
+                )
 
     async def _report_status(self) -> None:
         if self.fleet is not None:
@@ -366,8 +399,9 @@ class Daemon:
             logger.warning("SIGHUP ignored: the embedded demo has no config file to re-read")
             return
         try:
-            report = await self.rollout.apply(self.config_path.read_text(), f"sighup: {self.config_path}",
-                                              self.config_path)
+            report = await self.rollout.apply(
+                self.config_path.read_text(), f"sighup: {self.config_path}", self.config_path
+            )
             logger.info("SIGHUP: generation {} applied", report["generation"])
         except (LocalllmError, OSError) as exc:
             logger.error("SIGHUP: {}", getattr(exc, "message", exc))
@@ -408,9 +442,12 @@ class Daemon:
         are adopted or removed, the control sockets are bound anew, the state directory's lock is the kernel's.
         """
         status = 128 + signum
-        logger.warning("{} again during the shutdown: exiting now with status {}, without waiting for it to "
-                       "finish; model containers still running are adopted or removed at the next start",
-                       name, status)
+        logger.warning(
+            "{} again during the shutdown: exiting now with status {}, without waiting for it to "
+            "finish; model containers still running are adopted or removed at the next start",
+            name,
+            status,
+        )
         for step in self.before_forced_exit:
             with contextlib.suppress(Exception):
                 step()
@@ -440,8 +477,12 @@ def log_devices(fleet: Fleet) -> None:
         if device.problem:
             logger.bind(device=device.id).error("unusable: {}", device.problem)
         else:
-            logger.info("device {}{}: budget {} MiB", device.id, f" ({device.uuid})" if device.uuid else "",
-                        device.budget // 2**20)
+            logger.info(
+                "device {}{}: budget {} MiB",
+                device.id,
+                f" ({device.uuid})" if device.uuid else "",
+                device.budget // 2**20,
+            )
 
 
 def open_generations(directory: Path) -> GenerationStore:

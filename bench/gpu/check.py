@@ -64,7 +64,8 @@ EXPECTED = CARRY / "expected.json"
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
 CMAKE_FLAGS = [
-    "-G", "Ninja",
+    "-G",
+    "Ninja",
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_CUDA=ON",
     "-DCMAKE_CUDA_ARCHITECTURES=90",
@@ -94,12 +95,39 @@ NVML_CYCLES = 50
 # puts a copy of token_embd on the GPU as the head when the file has no
 # output.weight, so both should show the same CUDA model buffer.
 MODELS = {
-    "tied": dict(embedding=512, blocks=4, heads=8, kv_heads=4, context=CONTEXT, extra_vocab=150_000,
-                 seed=11, name="gpu-check-tied", tied=True),
-    "untied": dict(embedding=512, blocks=4, heads=8, kv_heads=4, context=CONTEXT, extra_vocab=150_000,
-                   seed=11, name="gpu-check-untied", tied=False),
-    "mid": dict(embedding=1024, blocks=8, heads=16, kv_heads=4, context=4 * CONTEXT, extra_vocab=0,
-                seed=13, name="gpu-check-mid", tied=False),
+    "tied": dict(
+        embedding=512,
+        blocks=4,
+        heads=8,
+        kv_heads=4,
+        context=CONTEXT,
+        extra_vocab=150_000,
+        seed=11,
+        name="gpu-check-tied",
+        tied=True,
+    ),
+    "untied": dict(
+        embedding=512,
+        blocks=4,
+        heads=8,
+        kv_heads=4,
+        context=CONTEXT,
+        extra_vocab=150_000,
+        seed=11,
+        name="gpu-check-untied",
+        tied=False,
+    ),
+    "mid": dict(
+        embedding=1024,
+        blocks=8,
+        heads=16,
+        kv_heads=4,
+        context=4 * CONTEXT,
+        extra_vocab=0,
+        seed=13,
+        name="gpu-check-mid",
+        tied=False,
+    ),
 }
 # What runs: (label, model, context); the pair runs at the same time on one GPU.
 SINGLE_RUNS = [("tied", "tied", CONTEXT), ("untied", "untied", CONTEXT)]
@@ -107,8 +135,11 @@ PAIR_RUNS = [("pair-a", "mid", CONTEXT), ("pair-b", "mid", 2 * CONTEXT)]
 
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|compute|output|RS) buffer size =\s*([\d.]+) MiB")
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
-_INTERESTING = re.compile(r"buffer size|offloaded|CUDA|using device|ggml_cuda_init|Device \d|flash_attn|n_ctx|"
-                          r"n_seq_max|kv_unified|n_ubatch|n_batch|error|failed", re.IGNORECASE)
+_INTERESTING = re.compile(
+    r"buffer size|offloaded|CUDA|using device|ggml_cuda_init|Device \d|flash_attn|n_ctx|"
+    r"n_seq_max|kv_unified|n_ubatch|n_batch|error|failed",
+    re.IGNORECASE,
+)
 
 
 # ---------------------------------------------------------------- the report
@@ -122,9 +153,12 @@ class Report:
         self.dry_run = dry_run
         self.data: dict = {
             "command": "bash bench/gpu/run.sh" if not dry_run else "python3 bench/gpu/check.py " + " ".join(argv),
-            "argv": argv, "dry_run": dry_run, "budget_s": budget,
+            "argv": argv,
+            "dry_run": dry_run,
+            "budget_s": budget,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "steps": {}, "errors": [],
+            "steps": {},
+            "errors": [],
         }
         self.lock = threading.Lock()
 
@@ -337,13 +371,21 @@ def nvml_cycles(count: int, cap_s: float = 25.0) -> dict:
 
     def summary(values):
         ms = [v * 1000 for v in values]
-        return {"n": len(ms), "total_ms": round(sum(ms), 3), "mean_ms": round(statistics.mean(ms), 4),
-                "median_ms": round(statistics.median(ms), 4), "min_ms": round(min(ms), 4),
-                "max_ms": round(max(ms), 4)}
+        return {
+            "n": len(ms),
+            "total_ms": round(sum(ms), 3),
+            "mean_ms": round(statistics.mean(ms), 4),
+            "median_ms": round(statistics.median(ms), 4),
+            "min_ms": round(min(ms), 4),
+            "max_ms": round(max(ms), 4),
+        }
 
-    return {"init_read_shutdown": summary(cycles), "read_v1_on_kept_session": summary(reads),
-            "read_v1_v2_processes_on_kept_session": summary(reads_full),
-            "init_after_cycles_ms": round(first_init * 1000, 3)}
+    return {
+        "init_read_shutdown": summary(cycles),
+        "read_v1_on_kept_session": summary(reads),
+        "read_v1_v2_processes_on_kept_session": summary(reads_full),
+        "init_after_cycles_ms": round(first_init * 1000, 3),
+    }
 
 
 def nvml_cycles_subprocess(count: int, timeout: float) -> dict:
@@ -357,18 +399,27 @@ def nvml_cycles_subprocess(count: int, timeout: float) -> dict:
 
 
 def machine_facts(nvml_ok: bool) -> dict:
-    facts: dict = {"hostname": platform.node(), "platform": platform.platform(), "python": sys.version.split()[0],
-                   "cpus": os.cpu_count()}
+    facts: dict = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
     try:
         with open("/proc/meminfo") as f:
             facts["mem_total_kib"] = int(f.readline().split()[1])
     except OSError:
         pass
-    for name, args in {"nvidia_smi_q": ["nvidia-smi", "-q"], "nvidia_smi": ["nvidia-smi"],
-                       "nvcc": ["nvcc", "--version"], "cmake": ["cmake", "--version"],
-                       "ninja": ["ninja", "--version"]}.items():
-        exe = shutil.which(args[0]) or (f"/usr/local/cuda/bin/{args[0]}"
-                                        if Path(f"/usr/local/cuda/bin/{args[0]}").exists() else None)
+    for name, args in {
+        "nvidia_smi_q": ["nvidia-smi", "-q"],
+        "nvidia_smi": ["nvidia-smi"],
+        "nvcc": ["nvcc", "--version"],
+        "cmake": ["cmake", "--version"],
+        "ninja": ["ninja", "--version"],
+    }.items():
+        exe = shutil.which(args[0]) or (
+            f"/usr/local/cuda/bin/{args[0]}" if Path(f"/usr/local/cuda/bin/{args[0]}").exists() else None
+        )
         if not exe:
             facts[name] = "not found"
             continue
@@ -448,8 +499,12 @@ def find_cuda_libs(shim_dir: Path, placeholder_driver: bool = False) -> dict:
     if os.environ.get("CUBLAS_DIR"):
         candidates.append(Path(os.environ["CUBLAS_DIR"]))
     else:
-        for include in (toolkit / "include", toolkit / "targets" / "x86_64-linux" / "include",
-                        Path("/usr/local/cuda/include"), Path("/usr/include")):
+        for include in (
+            toolkit / "include",
+            toolkit / "targets" / "x86_64-linux" / "include",
+            Path("/usr/local/cuda/include"),
+            Path("/usr/include"),
+        ):
             if (include / "cublas_v2.h").is_file():
                 toolkit_include = include
                 break
@@ -475,13 +530,23 @@ def find_cuda_libs(shim_dir: Path, placeholder_driver: bool = False) -> dict:
             result["ld_library_path"] = str(lib.resolve())
             break
         else:
-            raise FileNotFoundError("no cuBLAS: neither the CUDA toolkit nor a pip nvidia-cublas wheel has "
-                                    "cublas_v2.h and libcublas.so; set CUBLAS_DIR to a folder with include/ and lib/")
+            raise FileNotFoundError(
+                "no cuBLAS: neither the CUDA toolkit nor a pip nvidia-cublas wheel has "
+                "cublas_v2.h and libcublas.so; set CUBLAS_DIR to a folder with include/ and lib/"
+            )
 
     # the driver library
     stubs = [toolkit / d / "libcuda.so" for d in ("lib64/stubs", "lib/stubs", "targets/x86_64-linux/lib/stubs")]
-    plain = [Path(d) / "libcuda.so" for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib",
-                                              "/usr/local/nvidia/lib64", "/usr/local/nvidia/lib")]
+    plain = [
+        Path(d) / "libcuda.so"
+        for d in (
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/nvidia/lib64",
+            "/usr/local/nvidia/lib",
+        )
+    ]
     if os.environ.get("CUDA_DRIVER_LIBRARY"):  # a chosen libcuda (or, for a configure-only test, any file)
         result["cmake_flags"].append(f"-DCUDA_cuda_driver_LIBRARY={os.environ['CUDA_DRIVER_LIBRARY']}")
         result["cuda_driver"] = f"CUDA_DRIVER_LIBRARY={os.environ['CUDA_DRIVER_LIBRARY']}"
@@ -496,8 +561,10 @@ def find_cuda_libs(shim_dir: Path, placeholder_driver: bool = False) -> dict:
         versioned += [Path(line.split("=>")[-1].strip()) for line in listing.splitlines() if "libcuda.so.1 " in line]
     except Exception:  # noqa: BLE001
         pass
-    versioned += [Path(d) / "libcuda.so.1" for d in ("/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu",
-                                                     "/usr/lib64", "/usr/local/nvidia/lib")]
+    versioned += [
+        Path(d) / "libcuda.so.1"
+        for d in ("/usr/local/nvidia/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib")
+    ]
     real = next((p for p in versioned if p.exists()), None)
     if real is not None:
         result["cmake_flags"].append(f"-DCUDA_cuda_driver_LIBRARY={link('libcuda.so', real)}")
@@ -555,9 +622,18 @@ class Build:
             self.cublas = find_cuda_libs(self.build_dir.parent / "cuda-shim")
             self.result.update(
                 cuda_libs=self.cublas,
-                configure=["cmake", "-S", str(SOURCE), "-B", str(self.build_dir), *CMAKE_FLAGS,
-                           *self.cublas["cmake_flags"], *self.extra_flags],
-                build=["cmake", "--build", str(self.build_dir), "--target", "llama-server", f"-j{self.jobs}"])
+                configure=[
+                    "cmake",
+                    "-S",
+                    str(SOURCE),
+                    "-B",
+                    str(self.build_dir),
+                    *CMAKE_FLAGS,
+                    *self.cublas["cmake_flags"],
+                    *self.extra_flags,
+                ],
+                build=["cmake", "--build", str(self.build_dir), "--target", "llama-server", f"-j{self.jobs}"],
+            )
             # leave time after the build for the server runs (about 35 s on the GPU)
             deadline = self.report.deadline - 40
             with open(self.log_path, "w") as log:
@@ -637,8 +713,9 @@ def alloc_experiment(nv, handle, binary: str, gib: float, log_lines: list[str]) 
     before = mem_both(nv, handle)
     procs_before = processes(nv, handle)
     t0 = time.monotonic()
-    proc = PROCS.start([binary, gib], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
+    proc = PROCS.start(
+        [binary, gib], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     values, lines = read_lines_until(proc, "READY", timeout=60)
     log_lines += [f"--- alloc {gib} GiB (pid {proc.pid})", *lines]
     if "READY" not in lines:
@@ -652,18 +729,27 @@ def alloc_experiment(nv, handle, binary: str, gib: float, log_lines: list[str]) 
     requested = values.get("requested_bytes", int(gib * GIB))
     listed_pids = sorted({r["pid"] for r in rows if "pid" in r} - {r["pid"] for r in procs_before if "pid" in r})
     result = {
-        "gib": gib, "launched_pid": proc.pid, "printed_pid": values.get("pid"), "ready_s": round(ready_s, 3),
+        "gib": gib,
+        "launched_pid": proc.pid,
+        "printed_pid": values.get("pid"),
+        "ready_s": round(ready_s, 3),
         "nvml_pids_new": listed_pids,
         "nvml_pid_equals_launched_pid": any(r.get("pid") == proc.pid for r in rows),
-        "nvml_used_by_process": per_process, "requested_bytes": requested,
+        "nvml_used_by_process": per_process,
+        "requested_bytes": requested,
         "overhead_bytes": (per_process - requested) if per_process is not None else None,
-        "before": before, "after": after,
+        "before": before,
+        "after": after,
         "device_used_delta_v1": after["v1"]["used"] - before["v1"]["used"],
         "device_used_delta_v2": (after["v2"]["used"] - before["v2"]["used"])
-        if "used" in after["v2"] and "used" in before["v2"] else None,
-        "cuda_free_before": values.get("cuda_free_before"), "cuda_free_after": values.get("cuda_free_after"),
-        "cuda_total": values.get("cuda_total"), "cuda_runtime_version": values.get("cuda_runtime_version"),
-        "cuda_driver_version": values.get("cuda_driver_version"), "processes_at_ready": rows,
+        if "used" in after["v2"] and "used" in before["v2"]
+        else None,
+        "cuda_free_before": values.get("cuda_free_before"),
+        "cuda_free_after": values.get("cuda_free_after"),
+        "cuda_total": values.get("cuda_total"),
+        "cuda_runtime_version": values.get("cuda_runtime_version"),
+        "cuda_driver_version": values.get("cuda_driver_version"),
+        "processes_at_ready": rows,
     }
     if result["cuda_free_before"] is not None and result["cuda_free_after"] is not None:
         result["cuda_free_drop"] = result["cuda_free_before"] - result["cuda_free_after"]
@@ -671,8 +757,15 @@ def alloc_experiment(nv, handle, binary: str, gib: float, log_lines: list[str]) 
     return result
 
 
-def time_release(nv, handle, proc: subprocess.Popen, baseline_used: int | None, sig=signal.SIGKILL,
-                 timeout: float = 30.0, slack: int = 16 * MIB) -> dict:
+def time_release(
+    nv,
+    handle,
+    proc: subprocess.Popen,
+    baseline_used: int | None,
+    sig=signal.SIGKILL,
+    timeout: float = 30.0,
+    slack: int = 16 * MIB,
+) -> dict:
     """Kill ``proc`` and poll NVML every 50 ms: when does its PID leave the list, when is the memory back?"""
     pid = proc.pid
     t0 = time.monotonic()
@@ -699,10 +792,18 @@ def time_release(nv, handle, proc: subprocess.Popen, baseline_used: int | None, 
         time.sleep(0.05)
     if proc.poll() is None:
         Processes.stop(proc, grace=2, sig=signal.SIGKILL)
-    return {"signal": signal.Signals(sig).name, "process_exited_s": _r(exited_s), "pid_left_nvml_s": _r(gone_s),
-            "memory_back_s": _r(back_s), "baseline_used": baseline_used, "slack_bytes": slack,
-            "last_used": last["used"] if last else None, "polls": polls, "poll_interval_s": 0.05,
-            "timed_out": gone_s is None or (baseline_used is not None and back_s is None)}
+    return {
+        "signal": signal.Signals(sig).name,
+        "process_exited_s": _r(exited_s),
+        "pid_left_nvml_s": _r(gone_s),
+        "memory_back_s": _r(back_s),
+        "baseline_used": baseline_used,
+        "slack_bytes": slack,
+        "last_used": last["used"] if last else None,
+        "polls": polls,
+        "poll_interval_s": 0.05,
+        "timed_out": gone_s is None or (baseline_used is not None and back_s is None),
+    }
 
 
 def _r(value):
@@ -731,16 +832,23 @@ def tied_supported() -> bool:
 
 def write_model(spec: dict, path: Path, tied_ok: bool) -> dict:
     tinygguf, _, _ = import_project()
-    kwargs = {k: spec[k] for k in ("embedding", "blocks", "heads", "kv_heads", "context", "extra_vocab", "seed",
-                                   "name")}
+    kwargs = {
+        k: spec[k] for k in ("embedding", "blocks", "heads", "kv_heads", "context", "extra_vocab", "seed", "name")
+    }
     tied = bool(spec.get("tied")) and tied_ok
     if tied:
         kwargs["tied_embeddings"] = True
     t0 = time.monotonic()
     tinygguf.write_tiny_model(path, **kwargs)
     seconds = time.monotonic() - t0
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256(path), "written_s": round(seconds, 2),
-            "tied_requested": bool(spec.get("tied")), "tied_written": tied}
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "sha256": sha256(path),
+        "written_s": round(seconds, 2),
+        "tied_requested": bool(spec.get("tied")),
+        "tied_written": tied,
+    }
 
 
 def sha256(path: Path) -> str:
@@ -753,10 +861,18 @@ def sha256(path: Path) -> str:
 
 def launch_settings(est, context: int):
     fields = {f.name for f in dataclasses.fields(est.LaunchSettings)}
-    wanted = {"context": context, "parallel": 1, "on_gpu": True, "gpu_layers": -1, "flash_attention": True,
-              "cache_type_k": "f16", "cache_type_v": "f16", "ubatch": 512,
-              # fields that later versions may add: the server runs with --parallel 1 and no -kvu
-              "kv_unified": False}
+    wanted = {
+        "context": context,
+        "parallel": 1,
+        "on_gpu": True,
+        "gpu_layers": -1,
+        "flash_attention": True,
+        "cache_type_k": "f16",
+        "cache_type_v": "f16",
+        "ubatch": 512,
+        # fields that later versions may add: the server runs with --parallel 1 and no -kvu
+        "kv_unified": False,
+    }
     return est.LaunchSettings(**{k: v for k, v in wanted.items() if k in fields})
 
 
@@ -769,8 +885,12 @@ def estimate_for(path: Path, context: int) -> dict:
     for key in ("layer_bytes", "swa_layers", "head_count_kv"):
         values = plain.pop(key)
         plain[key + "_sum" if key == "layer_bytes" else key] = sum(values) if key == "layer_bytes" else values[:1]
-    return {"context": context, "launch": dataclasses.asdict(launch), "estimate": result.as_dict(),
-            "facts": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plain.items()}}
+    return {
+        "context": context,
+        "launch": dataclasses.asdict(launch),
+        "estimate": result.as_dict(),
+        "facts": {k: (list(v) if isinstance(v, tuple) else v) for k, v in plain.items()},
+    }
 
 
 def plan(expected_path: Path, workdir: Path, tied_mode: str) -> dict:
@@ -797,9 +917,16 @@ def plan(expected_path: Path, workdir: Path, tied_mode: str) -> dict:
         commit += " (supervisor/ has uncommitted changes)" if dirty else ""
     except Exception:  # noqa: BLE001
         pass
-    data = {"written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "repo_commit": commit,
-            "tied_embeddings_supported": supported, "tied_mode": tied_mode, "models": models, "runs": runs,
-            "numpy": __import__("numpy").__version__, "gguf": _gguf_version()}
+    data = {
+        "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repo_commit": commit,
+        "tied_embeddings_supported": supported,
+        "tied_mode": tied_mode,
+        "models": models,
+        "runs": runs,
+        "numpy": __import__("numpy").__version__,
+        "gguf": _gguf_version(),
+    }
     expected_path.write_text(json.dumps(data, indent=2) + "\n")
     return data
 
@@ -826,14 +953,25 @@ def parse_server_log(text: str) -> dict:
             buffers[f"{name} {kind}"] = mib  # the last report of each wins
             lines.append(line.strip())
     offloaded = _OFFLOADED.search(text)
-    device_mib = {kind: sum(v for k, v in buffers.items() if k.startswith("CUDA") and not k.startswith("CUDA_Host")
-                            and k.endswith(" " + kind)) for kind in ("model", "KV", "compute", "output", "RS")}
+    device_mib = {
+        kind: sum(
+            v
+            for k, v in buffers.items()
+            if k.startswith("CUDA") and not k.startswith("CUDA_Host") and k.endswith(" " + kind)
+        )
+        for kind in ("model", "KV", "compute", "output", "RS")
+    }
     host = {k: v for k, v in buffers.items() if not (k.startswith("CUDA") and not k.startswith("CUDA_Host"))}
     interesting = [line.strip() for line in text.splitlines() if _INTERESTING.search(line)][:200]
-    return {"buffers_mib": buffers, "buffer_lines": lines, "cuda_device_mib": device_mib, "host_buffers_mib": host,
-            "cuda_device_total_mib": round(sum(device_mib.values()), 2),
-            "offloaded": [int(offloaded.group(1)), int(offloaded.group(2))] if offloaded else None,
-            "interesting_lines": interesting}
+    return {
+        "buffers_mib": buffers,
+        "buffer_lines": lines,
+        "cuda_device_mib": device_mib,
+        "host_buffers_mib": host,
+        "cuda_device_total_mib": round(sum(device_mib.values()), 2),
+        "offloaded": [int(offloaded.group(1)), int(offloaded.group(2))] if offloaded else None,
+        "interesting_lines": interesting,
+    }
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 10) -> tuple[int, dict | str]:
@@ -852,13 +990,41 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 10) -> tup
 
 
 class Server:
-    def __init__(self, label: str, binary: Path, model: Path, context: int, port: int, log_path: Path,
-                 gpu: bool, env: dict | None = None):
+    def __init__(
+        self,
+        label: str,
+        binary: Path,
+        model: Path,
+        context: int,
+        port: int,
+        log_path: Path,
+        gpu: bool,
+        env: dict | None = None,
+    ):
         self.env = env
         self.label, self.binary, self.model, self.context, self.port, self.log_path = (
-            label, binary, model, context, port, log_path)
-        self.args = [str(binary), "-m", str(model), "-lv", "4", "--fit", "off", "--flash-attn", "on",
-                     "-c", str(context), "--parallel", "1"]
+            label,
+            binary,
+            model,
+            context,
+            port,
+            log_path,
+        )
+        self.args = [
+            str(binary),
+            "-m",
+            str(model),
+            "-lv",
+            "4",
+            "--fit",
+            "off",
+            "--flash-attn",
+            "on",
+            "-c",
+            str(context),
+            "--parallel",
+            "1",
+        ]
         self.args += ["-ngl", "999", "--device", "CUDA0"] if gpu else ["-ngl", "0"]
         self.args += ["--host", "127.0.0.1", "--port", str(port)]
         self.proc: subprocess.Popen | None = None
@@ -869,14 +1035,17 @@ class Server:
         self.log_file.write(f"$ {' '.join(self.args)}\n")
         self.log_file.flush()
         self.started = time.monotonic()
-        self.proc = PROCS.start(self.args, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env)
+        self.proc = PROCS.start(
+            self.args, stdout=self.log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+        )
 
     def wait_ready(self, timeout: float) -> float:
         while time.monotonic() - self.started < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label}: llama-server exited {self.proc.returncode} before /health; "
-                                   f"log tail: {self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.label}: llama-server exited {self.proc.returncode} before /health; "
+                    f"log tail: {self.log_tail()}"
+                )
             try:
                 status, _ = http_json(f"http://127.0.0.1:{self.port}/health", timeout=2)
                 if status == 200:
@@ -900,17 +1069,26 @@ class Server:
         span = max(1, vocab - first)
         ids = [first + (i * 7919) % span for i in range(tokens)]
         t0 = time.monotonic()
-        status, body = http_json(f"http://127.0.0.1:{self.port}/completion",
-                                 {"prompt": ids, "n_predict": N_PREDICT, "cache_prompt": False,
-                                  "temperature": 0.0}, timeout=timeout)
+        status, body = http_json(
+            f"http://127.0.0.1:{self.port}/completion",
+            {"prompt": ids, "n_predict": N_PREDICT, "cache_prompt": False, "temperature": 0.0},
+            timeout=timeout,
+        )
         seconds = time.monotonic() - t0
         if status != 200 or not isinstance(body, dict):
             raise RuntimeError(f"{self.label}: /completion answered {status}: {str(body)[:500]}")
         timings = body.get("timings") or {}
-        return {"status": status, "seconds": round(seconds, 3), "prompt_tokens_sent": tokens,
-                "tokens_evaluated": body.get("tokens_evaluated"), "tokens_predicted": body.get("tokens_predicted"),
-                "prompt_n": timings.get("prompt_n"), "prompt_ms": timings.get("prompt_ms"),
-                "predicted_n": timings.get("predicted_n"), "predicted_ms": timings.get("predicted_ms")}
+        return {
+            "status": status,
+            "seconds": round(seconds, 3),
+            "prompt_tokens_sent": tokens,
+            "tokens_evaluated": body.get("tokens_evaluated"),
+            "tokens_predicted": body.get("tokens_predicted"),
+            "prompt_n": timings.get("prompt_n"),
+            "prompt_ms": timings.get("prompt_ms"),
+            "predicted_n": timings.get("predicted_n"),
+            "predicted_ms": timings.get("predicted_ms"),
+        }
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -924,17 +1102,27 @@ def server_memory(nv, handle, server: Server) -> dict:
     if nv is None:
         return {"nvml": "unavailable (dry run)"}
     rows = processes(nv, handle)
-    return {"per_process": used_by(rows, server.proc.pid), "pid_listed": any(r.get("pid") == server.proc.pid
-                                                                            for r in rows),
-            "device": mem_both(nv, handle), "processes": rows}
+    return {
+        "per_process": used_by(rows, server.proc.pid),
+        "pid_listed": any(r.get("pid") == server.proc.pid for r in rows),
+        "device": mem_both(nv, handle),
+        "processes": rows,
+    }
 
 
 def compare(estimate: dict, parsed: dict, ready: dict, after: dict) -> dict:
     est = estimate["estimate"]
     dev = parsed["cuda_device_mib"]
-    out = {"estimate_mib": {k: round(est[k] / MIB, 2) for k in ("weights", "kv_cache", "compute", "overhead", "total")},
-           "llama_cuda_mib": {"model": dev["model"], "KV": dev["KV"], "compute": dev["compute"],
-                              "output": dev["output"], "sum": parsed["cuda_device_total_mib"]}}
+    out = {
+        "estimate_mib": {k: round(est[k] / MIB, 2) for k in ("weights", "kv_cache", "compute", "overhead", "total")},
+        "llama_cuda_mib": {
+            "model": dev["model"],
+            "KV": dev["KV"],
+            "compute": dev["compute"],
+            "output": dev["output"],
+            "sum": parsed["cuda_device_total_mib"],
+        },
+    }
     for when, reading in (("ready", ready), ("after_prompt", after)):
         used = reading.get("per_process") if isinstance(reading, dict) else None
         if used is not None:
@@ -947,8 +1135,9 @@ def compare(estimate: dict, parsed: dict, ready: dict, after: dict) -> dict:
     return out
 
 
-def live_estimate(report: Report, label: str, model_path: Path, context: int, carried: dict | None,
-                  same_file: bool) -> dict:
+def live_estimate(
+    report: Report, label: str, model_path: Path, context: int, carried: dict | None, same_file: bool
+) -> dict:
     """The estimate prepare.sh recorded when the model file is the same (same sha256); else recomputed here."""
     if carried and same_file:
         return {**carried, "source": "prepare.sh (same file, same code)"}
@@ -980,8 +1169,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu-check-out"))
     parser.add_argument("--budget", type=float, default=510.0, help="seconds after which no new step starts")
     parser.add_argument("--dry-run", action="store_true", help="no GPU steps: exercise models, estimates, report")
-    parser.add_argument("--server-bin", type=Path, help="a llama-server to use instead of building one "
-                        "(a dry run needs one to run the server steps)")
+    parser.add_argument(
+        "--server-bin",
+        type=Path,
+        help="a llama-server to use instead of building one (a dry run needs one to run the server steps)",
+    )
     parser.add_argument("--cpu-server", action="store_true", help="(testing) run the servers with -ngl 0, no --device")
     parser.add_argument("--alloc-bin", type=Path, help="(testing) an alloc program to use instead of building alloc.cu")
     parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
@@ -1019,8 +1211,9 @@ def body(report: Report, args) -> None:
     data["machine"] = report.step("machine", lambda: machine_facts(gpu), need_s=1)
 
     # 2. NVML cycles first, in a fresh process, before this process or any child holds the GPU
-    data["nvml_cycles_cold"] = report.step("nvml_cycles_cold", lambda: nvml_cycles_subprocess(NVML_CYCLES, 90),
-                                           need_s=30, gpu=True)
+    data["nvml_cycles_cold"] = report.step(
+        "nvml_cycles_cold", lambda: nvml_cycles_subprocess(NVML_CYCLES, 90), need_s=30, gpu=True
+    )
 
     # 3. the build runs in the background from here on
     build = Build(report, work / "llama-build", out / "build.log", args.jobs, args.cmake_flag)
@@ -1036,6 +1229,7 @@ def body(report: Report, args) -> None:
 
     nv = handle = None
     if gpu:
+
         def open_nvml():
             nonlocal nv, handle
             nv = nvml_module()
@@ -1049,20 +1243,27 @@ def body(report: Report, args) -> None:
         else:
             gpu_ok = True
             data["nvml_cycles_while_held"] = report.step(
-                "nvml_cycles_while_held", lambda: nvml_cycles_subprocess(NVML_CYCLES, 60), need_s=20)
+                "nvml_cycles_while_held", lambda: nvml_cycles_subprocess(NVML_CYCLES, 60), need_s=20
+            )
     else:
         gpu_ok = False
 
     # 4. alloc.cu (the build may be compiling meanwhile: it uses the CPUs, not the GPU)
     alloc_log: list[str] = []
     data["alloc"] = {}
-    binary = report.step("alloc_build", lambda: {"binary": str(args.alloc_bin), "used": "--alloc-bin"}
-                         if args.alloc_bin else alloc_binary(work), need_s=20, gpu=True)
+    binary = report.step(
+        "alloc_build",
+        lambda: {"binary": str(args.alloc_bin), "used": "--alloc-bin"} if args.alloc_bin else alloc_binary(work),
+        need_s=20,
+        gpu=True,
+    )
     if binary and gpu_ok:
         for gib in ALLOC_GIB:
             data["alloc"][str(gib)] = report.step(
-                f"alloc_{gib}gib", lambda gib=gib: alloc_experiment(nv, handle, binary["binary"], gib, alloc_log),
-                need_s=40)
+                f"alloc_{gib}gib",
+                lambda gib=gib: alloc_experiment(nv, handle, binary["binary"], gib, alloc_log),
+                need_s=40,
+            )
     data["alloc_binary"] = binary
     data["build_state_after_alloc"] = build.result.get("state")
 
@@ -1072,8 +1273,14 @@ def body(report: Report, args) -> None:
         carried = json.loads(EXPECTED.read_text())
     except Exception as exc:  # noqa: BLE001
         report.error("expected.json", f"{EXPECTED} unreadable ({type(exc).__name__}: {exc}): run prepare.sh first")
-    data["expected"] = {k: carried.get(k) for k in ("written_utc", "repo_commit", "tied_embeddings_supported",
-                                                   "tied_mode", "numpy", "gguf")} if carried else None
+    data["expected"] = (
+        {
+            k: carried.get(k)
+            for k in ("written_utc", "repo_commit", "tied_embeddings_supported", "tied_mode", "numpy", "gguf")
+        }
+        if carried
+        else None
+    )
 
     def models_step():
         tied_ok = carried["models"]["tied"]["tied_written"] if carried else tied_supported()
@@ -1095,14 +1302,22 @@ def body(report: Report, args) -> None:
             carried_run = (carried or {}).get("runs", {}).get(label)
             estimates[label] = report.step(
                 f"estimate_{label}",
-                lambda label=label, model=model, context=context, carried_run=carried_run:
-                live_estimate(report, label, Path(models[model]["path"]), context, carried_run,
-                              bool(models[model].get("sha256_matches_prepare"))), need_s=2)
+                lambda label=label, model=model, context=context, carried_run=carried_run: live_estimate(
+                    report,
+                    label,
+                    Path(models[model]["path"]),
+                    context,
+                    carried_run,
+                    bool(models[model].get("sha256_matches_prepare")),
+                ),
+                need_s=2,
+            )
     data["estimates"] = estimates
 
     # 6. wait for the build, then the servers
     server_bin = args.server_bin or (None if args.dry_run else build.binary)
     if gpu and not args.server_bin:
+
         def wait_build():
             last = 0.0
             while not build.done.wait(2):
@@ -1115,13 +1330,18 @@ def body(report: Report, args) -> None:
 
         report.step("build_wait", wait_build, need_s=1)
     data["build"] = build.result
-    can_serve = bool(models) and server_bin is not None and Path(server_bin).is_file() and (
-        args.dry_run or args.server_bin or build.result.get("state") == "ok")
+    can_serve = (
+        bool(models)
+        and server_bin is not None
+        and Path(server_bin).is_file()
+        and (args.dry_run or args.server_bin or build.result.get("state") == "ok")
+    )
     data["servers"] = {}
     server_logs: list[Path] = []
     if not can_serve:
         data["servers_skipped"] = ("no llama-server binary" if models else "no models") + (
-            f" (build: {build.result.get('state')})" if gpu else " (dry run without --server-bin)")
+            f" (build: {build.result.get('state')})" if gpu else " (dry run without --server-bin)"
+        )
     else:
         # GPU flags (-ngl 999 --device CUDA0) on the GPU machine even if NVML failed: then only NVML's figures
         # are missing
@@ -1129,28 +1349,46 @@ def body(report: Report, args) -> None:
         env = dict(os.environ)
         if (build.cublas or {}).get("ld_library_path"):
             env["LD_LIBRARY_PATH"] = build.cublas["ld_library_path"] + (
-                ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+                ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else ""
+            )
         port = 18080
         for label, model, context in SINGLE_RUNS:
             port += 1
             log_path = work / f"server-{label}.log"
             server_logs.append(log_path)
             data["servers"][label] = report.step(
-                f"server_{label}", lambda label=label, model=model, context=context, port=port, log_path=log_path:
-                serve_one(report, nv, handle, [(label, model, context, port, log_path)], server_bin, models,
-                          estimates, gpu_flags, args.prompt_tokens, env), need_s=12)
+                f"server_{label}",
+                lambda label=label, model=model, context=context, port=port, log_path=log_path: serve_one(
+                    report,
+                    nv,
+                    handle,
+                    [(label, model, context, port, log_path)],
+                    server_bin,
+                    models,
+                    estimates,
+                    gpu_flags,
+                    args.prompt_tokens,
+                    env,
+                ),
+                need_s=12,
+            )
         pair = []
         for label, model, context in PAIR_RUNS:
             port += 1
             pair.append((label, model, context, port, work / f"server-{label}.log"))
         server_logs += [p[4] for p in pair]
         data["servers"]["pair"] = report.step(
-            "server_pair", lambda: serve_one(report, nv, handle, pair, server_bin, models, estimates,
-                                             gpu_flags, args.prompt_tokens, env), need_s=15)
+            "server_pair",
+            lambda: serve_one(
+                report, nv, handle, pair, server_bin, models, estimates, gpu_flags, args.prompt_tokens, env
+            ),
+            need_s=15,
+        )
 
     if nv is not None:
-        data["nvml_end"] = report.step("nvml_end", lambda: {"memory": mem_both(nv, handle),
-                                                             "processes": processes(nv, handle)}, need_s=0)
+        data["nvml_end"] = report.step(
+            "nvml_end", lambda: {"memory": mem_both(nv, handle), "processes": processes(nv, handle)}, need_s=0
+        )
         try:
             nv.nvmlShutdown()
         except Exception:  # noqa: BLE001
@@ -1168,8 +1406,18 @@ def body(report: Report, args) -> None:
                 f.write(capped_text(path))
 
 
-def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_ok: bool, prompt_tokens: int,
-              env: dict | None = None) -> dict:
+def serve_one(
+    report: Report,
+    nv,
+    handle,
+    runs,
+    binary,
+    models,
+    estimates,
+    gpu_ok: bool,
+    prompt_tokens: int,
+    env: dict | None = None,
+) -> dict:
     """Start every server in ``runs`` at once, measure at readiness and after a long prompt, stop them."""
     servers = []
     result: dict = {}
@@ -1181,8 +1429,12 @@ def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_o
             server = Server(label, Path(binary), Path(models[model]["path"]), context, port, log_path, gpu_ok, env)
             server.start()
             servers.append(server)
-            result[label] = {"command": " ".join(server.args), "model": model, "context": context,
-                             "pid": server.proc.pid}
+            result[label] = {
+                "command": " ".join(server.args),
+                "model": model,
+                "context": context,
+                "pid": server.proc.pid,
+            }
         for server in servers:
             result[server.label]["ready_s"] = round(server.wait_ready(max(5.0, min(120.0, report.hard_left() - 20))), 2)
         time.sleep(1.0)  # what the daemon would read on its next tick
@@ -1191,8 +1443,9 @@ def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_o
         for server, (label, model, context, port, log_path) in zip(servers, runs):
             vocab = (estimates.get(label) or {}).get("facts", {}).get("vocab_size") or 300
             try:
-                result[label]["prompt"] = server.prompt(min(prompt_tokens, context - 2 * N_PREDICT), vocab,
-                                                        max(5.0, min(120.0, report.hard_left() - 15)))
+                result[label]["prompt"] = server.prompt(
+                    min(prompt_tokens, context - 2 * N_PREDICT), vocab, max(5.0, min(120.0, report.hard_left() - 15))
+                )
             except Exception as exc:  # noqa: BLE001
                 result[label]["prompt_error"] = f"{type(exc).__name__}: {exc}"
                 report.error(f"prompt {label}", exc)
@@ -1207,9 +1460,14 @@ def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_o
             entry["log"] = parse_server_log(server.log_text())
             if nv is not None and server.proc.poll() is None:
                 try:  # SIGTERM, as docker stop sends it: when do the PID and the memory leave?
-                    entry["release"] = time_release(nv, handle, server.proc, baseline if len(servers) == 1 else None,
-                                                    sig=signal.SIGTERM,
-                                                    timeout=max(2.0, min(20.0, report.hard_left() - 5)))
+                    entry["release"] = time_release(
+                        nv,
+                        handle,
+                        server.proc,
+                        baseline if len(servers) == 1 else None,
+                        sig=signal.SIGTERM,
+                        timeout=max(2.0, min(20.0, report.hard_left() - 5)),
+                    )
                 except Exception as exc:  # noqa: BLE001
                     entry["release"] = {"error": f"{type(exc).__name__}: {exc}"}
             server.stop()
@@ -1220,10 +1478,12 @@ def serve_one(report: Report, nv, handle, runs, binary, models, estimates, gpu_o
         if est and "at_ready" in entry:
             entry["comparison"] = compare(est, entry["log"], entry["at_ready"], entry.get("after_prompt", {}))
     if len(servers) > 1 and nv is not None:
-        result["sum_per_process_at_ready"] = sum(result[s.label]["at_ready"].get("per_process") or 0
-                                                 for s in servers if "at_ready" in result[s.label])
-        result["sum_estimates"] = sum((estimates.get(s.label) or {}).get("estimate", {}).get("total", 0)
-                                      for s in servers)
+        result["sum_per_process_at_ready"] = sum(
+            result[s.label]["at_ready"].get("per_process") or 0 for s in servers if "at_ready" in result[s.label]
+        )
+        result["sum_estimates"] = sum(
+            (estimates.get(s.label) or {}).get("estimate", {}).get("total", 0) for s in servers
+        )
     if nv is not None:
         time.sleep(0.5)
         result["device_after_stop"] = mem_both(nv, handle)
@@ -1284,11 +1544,15 @@ def render(d: dict) -> str:
     add("# GPU check (issue 11, item 8)")
     add("")
     if d.get("dry_run"):
-        add("**Dry run: no GPU was used.** The GPU steps were skipped; this report only shows that the script's "
-            "model, estimate and report code works.")
+        add(
+            "**Dry run: no GPU was used.** The GPU steps were skipped; this report only shows that the script's "
+            "model, estimate and report code works."
+        )
         add("")
-    add(f"Started {d.get('started_utc')} UTC; finished after {d.get('finished_at_s')} s "
-        f"(budget for starting steps: {d.get('budget_s')} s).")
+    add(
+        f"Started {d.get('started_utc')} UTC; finished after {d.get('finished_at_s')} s "
+        f"(budget for starting steps: {d.get('budget_s')} s)."
+    )
     add("")
     add("Command (one device `run` call, after `bash bench/gpu/prepare.sh` on the CPU machine):")
     add("")
@@ -1298,8 +1562,17 @@ def render(d: dict) -> str:
     add("")
     add("## Machine")
     add("")
-    for key in ("name", "uuid", "driver", "cuda_driver_version", "nvml_version", "persistence_mode", "compute_mode",
-                "mig_mode", "device_count"):
+    for key in (
+        "name",
+        "uuid",
+        "driver",
+        "cuda_driver_version",
+        "nvml_version",
+        "persistence_mode",
+        "compute_mode",
+        "mig_mode",
+        "device_count",
+    ):
         if key in device:
             add(f"- {key}: `{device[key]}`")
     for key in ("hostname", "platform", "python", "cpus", "mem_total_kib", "nvidia_ml_py"):
@@ -1321,21 +1594,25 @@ def render(d: dict) -> str:
     add("")
     allocs = {k: v for k, v in (d.get("alloc") or {}).items() if v}
     if not allocs:
-        step = 'alloc_build' if 'alloc_0gib' not in d.get('steps', {}) else 'alloc_0gib'
+        step = "alloc_build" if "alloc_0gib" not in d.get("steps", {}) else "alloc_0gib"
         add(f"Not run: {step_note(d, step)}")
     else:
-        add("| N GiB | NVML per-process MiB | overhead MiB (per-process − N GiB) | NVML PID = launched PID | "
+        add(
+            "| N GiB | NVML per-process MiB | overhead MiB (per-process − N GiB) | NVML PID = launched PID | "
             "v1 used Δ MiB | v2 used Δ MiB | cudaMemGetInfo free drop MiB | process exit s | PID gone from NVML s "
-            "| memory back s |")
+            "| memory back s |"
+        )
         add("|---|---|---|---|---|---|---|---|---|---|")
         for gib, r in allocs.items():
             rel = r.get("release") or {}
-            add(f"| {gib} | {mib(r.get('nvml_used_by_process'))} | {mib(r.get('overhead_bytes'))} | "
+            add(
+                f"| {gib} | {mib(r.get('nvml_used_by_process'))} | {mib(r.get('overhead_bytes'))} | "
                 f"{r.get('nvml_pid_equals_launched_pid')} (new NVML PIDs {r.get('nvml_pids_new')}, launched "
                 f"{r.get('launched_pid')}) | {mib(r.get('device_used_delta_v1'))} | "
                 f"{mib(r.get('device_used_delta_v2'))} "
                 f"| {mib(r.get('cuda_free_drop'))} | {rel.get('process_exited_s')} | {rel.get('pid_left_nvml_s')} "
-                f"| {rel.get('memory_back_s')} |")
+                f"| {rel.get('memory_back_s')} |"
+            )
         add("")
         add("Device memory before and after each allocation (MiB):")
         add("")
@@ -1345,27 +1622,35 @@ def render(d: dict) -> str:
             for when in ("before", "after"):
                 m = r.get(when) or {}
                 v1, v2 = m.get("v1") or {}, m.get("v2") or {}
-                add(f"| {gib} | {when} | {mib(v1.get('total'))} | {mib(v1.get('used'))} | {mib(v1.get('free'))} | "
+                add(
+                    f"| {gib} | {when} | {mib(v1.get('total'))} | {mib(v1.get('used'))} | {mib(v1.get('free'))} | "
                     f"{mib(v2.get('total'))} | {mib(v2.get('reserved'))} | {mib(v2.get('used'))} | "
-                    f"{mib(v2.get('free'))} |")
+                    f"{mib(v2.get('free'))} |"
+                )
         add("")
-        add("Release is timed from SIGKILL, polling NVML every 50 ms; 'memory back' means v1 used within 16 MiB "
-            "of the figure before the allocation. The build was compiling on the CPUs meanwhile.")
+        add(
+            "Release is timed from SIGKILL, polling NVML every 50 ms; 'memory back' means v1 used within 16 MiB "
+            "of the figure before the allocation. The build was compiling on the CPUs meanwhile."
+        )
     add("")
 
     add("## 2. NVML init/shutdown cycles against one kept session")
     add("")
-    for key, title in (("nvml_cycles_cold", "no other NVML/CUDA client on the GPU"),
-                       ("nvml_cycles_while_held", "while this script held an NVML session")):
+    for key, title in (
+        ("nvml_cycles_cold", "no other NVML/CUDA client on the GPU"),
+        ("nvml_cycles_while_held", "while this script held an NVML session"),
+    ):
         c = d.get(key)
         if not c:
             add(f"- {title}: not run ({step_note(d, key)})")
             continue
         a, b, f = c["init_read_shutdown"], c["read_v1_on_kept_session"], c["read_v1_v2_processes_on_kept_session"]
-        add(f"- {title}: {a['n']} × (nvmlInit + handle + memory info + nvmlShutdown) took {a['total_ms']:.1f} ms "
+        add(
+            f"- {title}: {a['n']} × (nvmlInit + handle + memory info + nvmlShutdown) took {a['total_ms']:.1f} ms "
             f"(median {a['median_ms']:.3f} ms, max {a['max_ms']:.3f}); {b['n']} memory reads on one session took "
             f"{b['total_ms']:.2f} ms (median {b['median_ms']:.4f} ms); with v2 and the process list "
-            f"{f['total_ms']:.2f} ms; ratio per read {a['median_ms'] / max(b['median_ms'], 1e-9):.0f}×.")
+            f"{f['total_ms']:.2f} ms; ratio per read {a['median_ms'] / max(b['median_ms'], 1e-9):.0f}×."
+        )
     add("")
 
     add("## 3. Building llama-server with CUDA")
@@ -1383,8 +1668,10 @@ def render(d: dict) -> str:
     add("## 4. Models and localllm's estimate()")
     add("")
     exp = d.get("expected") or {}
-    add(f"Estimates recorded by prepare.sh at repo commit `{exp.get('repo_commit')}` on {exp.get('written_utc')}; "
-        f"tinygguf tied_embeddings supported then: {exp.get('tied_embeddings_supported')}.")
+    add(
+        f"Estimates recorded by prepare.sh at repo commit `{exp.get('repo_commit')}` on {exp.get('written_utc')}; "
+        f"tinygguf tied_embeddings supported then: {exp.get('tied_embeddings_supported')}."
+    )
     add("")
     models = d.get("models") or {}
     if models:
@@ -1392,10 +1679,14 @@ def render(d: dict) -> str:
         add("|---|---|---|---|---|---|")
         for name, m in models.items():
             spec = MODELS.get(name, {})
-            shape = (f"embd {spec.get('embedding')}, {spec.get('blocks')} blocks, vocab +{spec.get('extra_vocab')}, "
-                     f"ctx {spec.get('context')}")
-            add(f"| {name} | {shape} | {m.get('tied_written')} | {mib(m.get('bytes'))} | {m.get('written_s')} | "
-                f"{m.get('sha256_matches_prepare')} |")
+            shape = (
+                f"embd {spec.get('embedding')}, {spec.get('blocks')} blocks, vocab +{spec.get('extra_vocab')}, "
+                f"ctx {spec.get('context')}"
+            )
+            add(
+                f"| {name} | {shape} | {m.get('tied_written')} | {mib(m.get('bytes'))} | {m.get('written_s')} | "
+                f"{m.get('sha256_matches_prepare')} |"
+            )
     else:
         add(f"Models not written: {step_note(d, 'models')}")
     add("")
@@ -1403,8 +1694,11 @@ def render(d: dict) -> str:
     if ests:
         parts = []  # every byte figure estimate() gives, in its order (the estimator's fields may grow)
         for e in ests.values():
-            parts += [k for k, v in e["estimate"].items() if isinstance(v, int) and not k.endswith("layers")
-                      and k not in parts]
+            parts += [
+                k
+                for k, v in e["estimate"].items()
+                if isinstance(v, int) and not k.endswith("layers") and k not in parts
+            ]
         add("| run | -c | " + " | ".join(f"{p} MiB" for p in parts) + " | source |")
         add("|---|---|" + "---|" * len(parts) + "---|")
         for label, e in ests.items():
@@ -1428,20 +1722,25 @@ def render(d: dict) -> str:
             if isinstance(entry, dict) and "command" in entry:
                 rows.append((label, entry))
     if rows:
-        add("| run | est weights / CUDA model | est KV / CUDA KV | est compute / CUDA compute | CUDA output | "
+        add(
+            "| run | est weights / CUDA model | est KV / CUDA KV | est compute / CUDA compute | CUDA output | "
             "est total | NVML at ready | NVML after prompt | NVML − CUDA buffers (ready / after) | offloaded | "
-            "host buffers |")
+            "host buffers |"
+        )
         add("|---|---|---|---|---|---|---|---|---|---|---|")
         for label, e in rows:
             c = e.get("comparison") or {}
             em, lm = c.get("estimate_mib", {}), c.get("llama_cuda_mib", {})
             log_ = e.get("log") or {}
-            add(f"| {label} | {em.get('weights')} / {lm.get('model')} | {em.get('kv_cache')} / {lm.get('KV')} | "
+            add(
+                f"| {label} | {em.get('weights')} / {lm.get('model')} | {em.get('kv_cache')} / {lm.get('KV')} | "
                 f"{em.get('compute')} / {lm.get('compute')} | {lm.get('output')} | {em.get('total')} | "
                 f"{c.get('nvml_ready_mib')} | {c.get('nvml_after_prompt_mib')} | "
                 f"{c.get('nvml_ready_minus_buffers_mib')} / {c.get('nvml_after_prompt_minus_buffers_mib')} | "
                 f"{log_.get('offloaded')} | "
-                + "; ".join(f"{k} {v:g}" for k, v in (log_.get("host_buffers_mib") or {}).items()) + " |")
+                + "; ".join(f"{k} {v:g}" for k, v in (log_.get("host_buffers_mib") or {}).items())
+                + " |"
+            )
         add("")
         add("All figures in MiB. 'NVML' is nvmlDeviceGetComputeRunningProcesses' usedGpuMemory for the server's PID.")
         add("")
@@ -1455,8 +1754,10 @@ def render(d: dict) -> str:
             for when in ("at_ready", "after_prompt"):
                 m = e.get(when) or {}
                 if "pid_listed" in m:
-                    add(f"- {when}: PID listed by NVML: {m['pid_listed']}; per-process {mib(m.get('per_process'))} "
-                        f"MiB; device v1 used {mib(m['device']['v1'].get('used'))} MiB")
+                    add(
+                        f"- {when}: PID listed by NVML: {m['pid_listed']}; per-process {mib(m.get('per_process'))} "
+                        f"MiB; device v1 used {mib(m['device']['v1'].get('used'))} MiB"
+                    )
             buffers = (e.get("log") or {}).get("buffer_lines") or []
             if buffers:
                 add("- buffer lines:")
@@ -1467,8 +1768,10 @@ def render(d: dict) -> str:
             add("")
         pair = servers.get("pair") or {}
         if "sum_per_process_at_ready" in pair:
-            add(f"Two servers at once: NVML per-process sum at ready {mib(pair['sum_per_process_at_ready'])} MiB, "
-                f"sum of estimates {mib(pair['sum_estimates'])} MiB.")
+            add(
+                f"Two servers at once: NVML per-process sum at ready {mib(pair['sum_per_process_at_ready'])} MiB, "
+                f"sum of estimates {mib(pair['sum_estimates'])} MiB."
+            )
             add("")
 
     add("## Steps")

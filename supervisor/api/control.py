@@ -82,16 +82,18 @@ class DaemonFacts:
     started_at: float
 
 
-def create_control_app(fleet: Fleet, facts: DaemonFacts, rollout: Rollout, events: EventBus,
-                       gate: Gate | None = None, metrics=None) -> web.Application:
+def create_control_app(
+    fleet: Fleet, facts: DaemonFacts, rollout: Rollout, events: EventBus, gate: Gate | None = None, metrics=None
+) -> web.Application:
     """The control API for one listener; ``gate`` tells each caller's role (default: admin, for in-process use)."""
     gate = gate or Gate(Role.ADMIN)
     api = ControlApi(fleet, facts, rollout, events)
     routes = [(method, path, getattr(api, name)) for method, path, name in ROUTES]
     if metrics is not None:
         routes.append(("GET", "/metrics", metrics.handler))
-    app = web.Application(middlewares=[error_middleware, gate.middleware(ROUTE_ROLES)],
-                          client_max_size=16 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[error_middleware, gate.middleware(ROUTE_ROLES)], client_max_size=16 * 1024 * 1024
+    )
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
     return app
@@ -118,14 +120,23 @@ class ControlApi:
         for name, slot in fleet.scheduler.views().items():
             if slot.phase is Phase.FAILED:
                 problems.append(f"model {name} failed: {fleet.instances[name].error or slot.error}")
-        body = {"status": "unhealthy" if problems else "ok", "problems": problems, "pid": os.getpid(),
-                "version": __version__, "uptime_seconds": round(time.time() - self.facts.started_at, 3)}
+        body = {
+            "status": "unhealthy" if problems else "ok",
+            "problems": problems,
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.facts.started_at, 3),
+        }
         return answer(Health, body, status=503 if problems else 200)
 
     async def status(self, request: web.Request) -> web.Response:
-        daemon = {**daemon_status(self.facts), "degraded": self.fleet.degraded,
-                  "generation": self.rollout.store.active, "last_good": self.rollout.store.last_good,
-                  "last_event_id": self.bus.last_id}
+        daemon = {
+            **daemon_status(self.facts),
+            "degraded": self.fleet.degraded,
+            "generation": self.rollout.store.active,
+            "last_good": self.rollout.store.last_good,
+            "last_event_id": self.bus.last_id,
+        }
         return answer(Status, {"daemon": daemon, "devices": self.fleet.devices(), "models": self.fleet.snapshot()})
 
     async def models(self, request: web.Request) -> web.Response:
@@ -155,8 +166,9 @@ class ControlApi:
         tail = int_param(request, "tail", 100, 0, 100_000)
         follow = bool_param(request, "follow")
         chunks = views.logs(self.fleet, request.match_info["name"], tail, follow)  # unknown, not running: a JSON error
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
-                                               "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         try:
             async for chunk in chunks:
@@ -179,9 +191,10 @@ class ControlApi:
             model = self.fleet.resolve(model).name
         subscription = self.bus.subscribe() if follow else None  # before the backlog: nothing falls between
         backlog = self.bus.recent(after, model)
-        backlog = backlog[len(backlog) - limit:] if limit else []
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Accel-Buffering": "no"})
+        backlog = backlog[len(backlog) - limit :] if limit else []
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         try:
             await response.prepare(request)
             last = backlog[-1].id if backlog else after
@@ -205,8 +218,10 @@ class ControlApi:
                 continue
             except StopAsyncIteration:
                 if subscription.overflowed:
-                    await response.write(b"event: overflow\ndata: {\"message\": \"too slow; events were dropped, "
-                                         b"reconnect with Last-Event-ID\"}\n\n")
+                    await response.write(
+                        b'event: overflow\ndata: {"message": "too slow; events were dropped, '
+                        b'reconnect with Last-Event-ID"}\n\n'
+                    )
                 return
             if event.id > last and (model is None or event.model == model):
                 await write_event(response, event)
@@ -298,16 +313,18 @@ def daemon_status(facts: DaemonFacts) -> dict:
 # -- the listeners ------------------------------------------------------------------------
 
 
-async def open_control(plan: list[Listener], app_for: Callable[[Gate], web.Application],
-                       grace: float) -> list[web.AppRunner]:
+async def open_control(
+    plan: list[Listener], app_for: Callable[[Gate], web.Application], grace: float
+) -> list[web.AppRunner]:
     """Serve the control API on each listener of ``plan`` (access.plan_listeners), each with the app ``app_for``
     makes for its gate; raise CannotListen, with none left open."""
     ways = ways_to_roles(plan)
     runners: list[web.AppRunner] = []
     try:
         for listener in plan:
-            runner = web.AppRunner(app_for(gate_for(listener, ways)), access_log=None, shutdown_timeout=grace,
-                                   handler_cancellation=True)
+            runner = web.AppRunner(
+                app_for(gate_for(listener, ways)), access_log=None, shutdown_timeout=grace, handler_cancellation=True
+            )
             await runner.setup()
             runners.append(runner)
             if isinstance(listener, SocketListener):
@@ -335,8 +352,9 @@ def group_id(group: str, setting: str) -> int:
     try:
         return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        raise CannotListen(f"{setting}: there is no group '{group}' on this host "
-                           "(create it, or remove the setting)") from None
+        raise CannotListen(
+            f"{setting}: there is no group '{group}' on this host (create it, or remove the setting)"
+        ) from None
 
 
 async def _serve_socket(runner: web.AppRunner, listener: SocketListener) -> None:
@@ -347,31 +365,37 @@ async def _serve_socket(runner: web.AppRunner, listener: SocketListener) -> None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
-            raise CannotListen(f"cannot serve the {listener.role} control socket on {path}: something else is "
-                               "there (not a socket); move it, or choose another path")
+            raise CannotListen(
+                f"cannot serve the {listener.role} control socket on {path}: something else is "
+                "there (not a socket); move it, or choose another path"
+            )
         path.unlink(missing_ok=True)  # a socket left by a daemon that died
         sock.bind(str(path))
         try:
             os.chown(path, -1, gid)
         except PermissionError:
-            raise CannotListen(f"{listener.group_setting}: localllmd cannot give {path} to group {listener.group}: "
-                               "its user must be a member of that group (install.sh adds it to the role "
-                               "groups), or run as root") from None
+            raise CannotListen(
+                f"{listener.group_setting}: localllmd cannot give {path} to group {listener.group}: "
+                "its user must be a member of that group (install.sh adds it to the role "
+                "groups), or run as root"
+            ) from None
         os.chmod(path, listener.mode)
         sock.listen(128)
         await web.SockSite(runner, sock).start()
     except OSError as exc:
         sock.close()
-        raise CannotListen(f"cannot serve the {listener.role} control socket on {path}: {exc.strerror or exc}") \
-            from None
+        raise CannotListen(
+            f"cannot serve the {listener.role} control socket on {path}: {exc.strerror or exc}"
+        ) from None
     except BaseException:
         sock.close()
         raise
     problem = unreachable_by_role(path, gid, listener.mode)
     if problem:
         logger.warning("{} control socket: {}", listener.role, problem)
-    logger.info("serving the control API ({}) on {}, mode {:04o}, {}", listener.role, path, listener.mode,
-                who_may_use(listener))
+    logger.info(
+        "serving the control API ({}) on {}, mode {:04o}, {}", listener.role, path, listener.mode, who_may_use(listener)
+    )
 
 
 def tls_context(tls: ControlTls) -> ssl.SSLContext:
@@ -380,8 +404,10 @@ def tls_context(tls: ControlTls) -> ssl.SSLContext:
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
-        raise CannotListen(f"daemon.control_tls: cannot load the certificate {tls.cert} with the key {tls.key}: "
-                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        raise CannotListen(
+            f"daemon.control_tls: cannot load the certificate {tls.cert} with the key {tls.key}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
     return context
 
 
@@ -391,7 +417,11 @@ async def _serve_tcp(runner: web.AppRunner, listener: TcpListener) -> None:
         await web.TCPSite(runner, listener.host, listener.port, reuse_address=True, ssl_context=context).start()
     except OSError as exc:
         raise CannotListen(f"cannot listen on {listener} (daemon.control_listen): {exc.strerror or exc}") from None
-    roles = ", ".join(f"{sum(r == role for _, r in listener.tokens)} {role}" for role in Role
-                      if any(r == role for _, r in listener.tokens))
-    logger.info("serving the control API on {}://{} (Bearer tokens: {})", "https" if context else "http", listener,
-                roles)
+    roles = ", ".join(
+        f"{sum(r == role for _, r in listener.tokens)} {role}"
+        for role in Role
+        if any(r == role for _, r in listener.tokens)
+    )
+    logger.info(
+        "serving the control API on {}://{} (Bearer tokens: {})", "https" if context else "http", listener, roles
+    )

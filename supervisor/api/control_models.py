@@ -239,8 +239,9 @@ class OpenApi30(GenerateJsonSchema):
 def component_schemas() -> dict[str, dict]:
     """The schemas of every answer and of what they contain, by name, referring to each other as
     ``#/components/schemas/<name>``."""
-    _, document = models_json_schema([(model, "serialization") for model in RESPONSES], ref_template=REF_TEMPLATE,
-                                     schema_generator=OpenApi30)
+    _, document = models_json_schema(
+        [(model, "serialization") for model in RESPONSES], ref_template=REF_TEMPLATE, schema_generator=OpenApi30
+    )
     schemas = document["$defs"]
     for schema in schemas.values():
         if schema.get("additionalProperties") is False:

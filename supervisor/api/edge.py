@@ -69,8 +69,9 @@ class Edge:
         }
 
     def runner(self, app: web.Application, shutdown_timeout: float) -> web.AppRunner:
-        return web.AppRunner(app, shutdown_timeout=shutdown_timeout, handler_cancellation=True,
-                             **self.handler_options())
+        return web.AppRunner(
+            app, shutdown_timeout=shutdown_timeout, handler_cancellation=True, **self.handler_options()
+        )
 
     def protocol(self, server: web.Server) -> EdgeHandler:
         return EdgeHandler(server, self, loop=asyncio.get_running_loop(), **self.handler_options())
@@ -102,8 +103,12 @@ class Edge:
         self.dropped += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_EVERY:
-            logger.warning("the proxy is at daemon.proxy_limits.max_connections ({}): {} connection(s) closed or "
-                           "refused since the last warning", self.limits.max_connections, self.dropped)
+            logger.warning(
+                "the proxy is at daemon.proxy_limits.max_connections ({}): {} connection(s) closed or "
+                "refused since the last warning",
+                self.limits.max_connections,
+                self.dropped,
+            )
             self._warned_at, self.dropped = now, 0
 
 
@@ -122,8 +127,11 @@ class EdgeHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if not self._edge.admit(self):
-            self._refuse(TooManyConnections("the proxy has too many connections; try again shortly",
-                                            retry_after=REFUSAL_RETRY_AFTER))
+            self._refuse(
+                TooManyConnections(
+                    "the proxy has too many connections; try again shortly", retry_after=REFUSAL_RETRY_AFTER
+                )
+            )
             return
         self._enter(Phase.HEAD)
 
@@ -173,8 +181,11 @@ class EdgeHandler(RequestHandler):
             self._edge.moved(self, Phase.BUSY)
             return
         if phase is Phase.HEAD:
-            self._refuse(RequestTimeout(f"the request line and headers did not arrive within "
-                                        f"{self._edge.limits.header_timeout:g}s"))
+            self._refuse(
+                RequestTimeout(
+                    f"the request line and headers did not arrive within {self._edge.limits.header_timeout:g}s"
+                )
+            )
         else:
             self.force_close()
 
@@ -184,9 +195,12 @@ class EdgeHandler(RequestHandler):
         if self.transport is not None:
             body = json.dumps(error.to_json()).encode()
             retry = getattr(error, "retry_after", None)
-            head = (f"HTTP/1.1 {error.http_status} {_REASONS.get(error.http_status, 'Error')}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
-                    + (f"Retry-After: {retry}\r\n" if retry else "") + "\r\n")
+            head = (
+                f"HTTP/1.1 {error.http_status} {_REASONS.get(error.http_status, 'Error')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                + (f"Retry-After: {retry}\r\n" if retry else "")
+                + "\r\n"
+            )
             self.transport.write(head.encode() + body)
         self._cancel_timer()
         self._edge.forget(self)
@@ -224,5 +238,5 @@ class EdgeSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._edge.protocol(server), self._host, self._port, backlog=self._backlog,
-            reuse_address=True)
+            lambda: self._edge.protocol(server), self._host, self._port, backlog=self._backlog, reuse_address=True
+        )

@@ -68,8 +68,7 @@ def check_json_media_type(request: web.Request) -> None:
     others = [p for p in params if p.partition("=")[0].strip() != "charset"]
     if media_type != "application/json" or others or any(c not in ("utf-8", "utf8") for c in charsets):
         shown = f"'{written}'" if written else "none"
-        raise UnsupportedMediaType(f"{request.path} takes JSON: send 'Content-Type: application/json' "
-                                   f"(got {shown})")
+        raise UnsupportedMediaType(f"{request.path} takes JSON: send 'Content-Type: application/json' (got {shown})")
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if coding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding '{coding}' is not accepted: send the JSON body as it is")
@@ -85,10 +84,17 @@ class BodyBudget:
     @contextlib.contextmanager
     def hold(self, size: int):
         if self.used + size > self.limit:
-            logger.warning("request body of {} bytes refused: bodies in flight hold {} of the {} bytes of "
-                           "daemon.proxy_limits.body_budget", size, self.used, self.limit)
-            raise BodyBudgetExceeded("the proxy is receiving too many large request bodies at once; "
-                                     f"try again in {BUDGET_RETRY_AFTER}s", retry_after=BUDGET_RETRY_AFTER)
+            logger.warning(
+                "request body of {} bytes refused: bodies in flight hold {} of the {} bytes of "
+                "daemon.proxy_limits.body_budget",
+                size,
+                self.used,
+                self.limit,
+            )
+            raise BodyBudgetExceeded(
+                f"the proxy is receiving too many large request bodies at once; try again in {BUDGET_RETRY_AFTER}s",
+                retry_after=BUDGET_RETRY_AFTER,
+            )
         self.used += size
         try:
             yield
@@ -108,19 +114,18 @@ class Intake:
         size = request.content_length
         if size is None:
             if request.body_exists:  # chunked: no size to count before reading
-                raise LengthRequired(f"{request.path} needs a Content-Length: chunked request bodies are not "
-                                     "accepted")
+                raise LengthRequired(f"{request.path} needs a Content-Length: chunked request bodies are not accepted")
             raise BadRequest("the request has no body: send a JSON object")
         if size > self.limits.max_body:
-            raise RequestTooLarge(f"the request body ({size} bytes) is larger than this proxy accepts "
-                                  f"({self.limits.max_body} bytes)")
+            raise RequestTooLarge(
+                f"the request body ({size} bytes) is larger than this proxy accepts ({self.limits.max_body} bytes)"
+            )
         with self.budget.hold(size):
             try:
                 async with asyncio.timeout(self.limits.body_timeout):
                     body = await request.read()
             except TimeoutError:
-                raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout:g}s"
-                                     ) from None
+                raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout:g}s") from None
             yield body
 
 
@@ -137,6 +142,7 @@ async def parse_object(body: bytes) -> dict:
 
 async def encode_object(payload: dict, size_hint: int) -> bytes:
     """``payload`` as compact UTF-8 JSON (written on a worker thread when large); BadRequest for NaN or infinity."""
+
     def encode() -> bytes:
         return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 

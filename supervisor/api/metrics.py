@@ -44,22 +44,42 @@ class Metrics:
         self.fleet = fleet
         self.registry = r = CollectorRegistry()
         self.loads = Counter("localllm_model_loads", "Model starts, by outcome", ["model", "outcome"], registry=r)
-        self.load_seconds = Histogram("localllm_model_load_duration_seconds",
-                                      "Time from start to ready (container creation and readiness gate)",
-                                      ["model"], buckets=LOAD_BUCKETS, registry=r)
-        self.per_model = {kind: Counter(f"localllm_model_{name}", text, ["model"], registry=r)
-                          for kind, (name, text) in PER_MODEL_EVENTS.items()}
-        self.unloads = Counter("localllm_model_unloads", "Models stopped when idle (cause=idle) or by an operator "
-                               "or a config change (cause=unload)", ["model", "cause"], registry=r)
-        self.rollbacks = Counter("localllm_rollbacks", "Config rollbacks: asked for by an operator, or a failed "
-                                 "config reverted to last-good", ["trigger"], registry=r)
-        self.applies = Counter("localllm_config_applies", "Config generations applied, by result",
-                               ["status"], registry=r)
-        self.requests = Counter("localllm_requests", "Proxied requests, by HTTP status code",
-                                ["model", "endpoint", "code"], registry=r)
-        self.request_seconds = Histogram("localllm_request_duration_seconds", "Proxied request duration, "
-                                         "including waiting for the model", ["model", "endpoint"],
-                                         buckets=REQUEST_BUCKETS, registry=r)
+        self.load_seconds = Histogram(
+            "localllm_model_load_duration_seconds",
+            "Time from start to ready (container creation and readiness gate)",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.per_model = {
+            kind: Counter(f"localllm_model_{name}", text, ["model"], registry=r)
+            for kind, (name, text) in PER_MODEL_EVENTS.items()
+        }
+        self.unloads = Counter(
+            "localllm_model_unloads",
+            "Models stopped when idle (cause=idle) or by an operator or a config change (cause=unload)",
+            ["model", "cause"],
+            registry=r,
+        )
+        self.rollbacks = Counter(
+            "localllm_rollbacks",
+            "Config rollbacks: asked for by an operator, or a failed config reverted to last-good",
+            ["trigger"],
+            registry=r,
+        )
+        self.applies = Counter(
+            "localllm_config_applies", "Config generations applied, by result", ["status"], registry=r
+        )
+        self.requests = Counter(
+            "localllm_requests", "Proxied requests, by HTTP status code", ["model", "endpoint", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "localllm_request_duration_seconds",
+            "Proxied request duration, including waiting for the model",
+            ["model", "endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         Gauge("localllm_build_info", "localllm's version", ["version"], registry=r).labels(__version__).set(1)
         for trigger in ("operator", "revert"):
             self.rollbacks.labels(trigger)
@@ -107,8 +127,9 @@ class Metrics:
     def collect(self):
         """The live gauges, read from the fleet as it is now."""
         scheduler = self.fleet.scheduler
-        state = GaugeMetricFamily("localllm_model_state", "1 for the model's current state, 0 for the others",
-                                  labels=["model", "state"])
+        state = GaugeMetricFamily(
+            "localllm_model_state", "1 for the model's current state, 0 for the others", labels=["model", "state"]
+        )
         in_flight = GaugeMetricFamily("localllm_requests_in_flight", "Requests being served", labels=["model"])
         queued = GaugeMetricFamily("localllm_queue_depth", "Requests waiting for the model", labels=["model"])
         views = scheduler.views()
@@ -117,25 +138,40 @@ class Metrics:
                 state.add_metric([name, str(phase)], 1 if slot.phase is phase else 0)
             in_flight.add_metric([name], slot.in_flight)
             queued.add_metric([name], slot.waiting)
-        budget = GaugeMetricFamily("localllm_device_budget_bytes", "Memory models may use on the device",
-                                   labels=["device"])
-        estimated = GaugeMetricFamily("localllm_device_estimated_bytes", "Estimated need of the models holding "
-                                      "memory on the device (starting, ready or stopping), and of room held for "
-                                      "containers a config change starts", labels=["device"])
-        measured = GaugeMetricFamily("localllm_device_measured_bytes", "Measured GPU memory of the ready or "
-                                     "stopping models on the device; absent when none was measured",
-                                     labels=["device"])
-        usable = GaugeMetricFamily("localllm_device_usable", "1 while the device can be used; 0 when its NVML "
-                                   "queries fail or it is in MIG mode (the reason is in /status and the log)",
-                                   labels=["device"])
+        budget = GaugeMetricFamily(
+            "localllm_device_budget_bytes", "Memory models may use on the device", labels=["device"]
+        )
+        estimated = GaugeMetricFamily(
+            "localllm_device_estimated_bytes",
+            "Estimated need of the models holding "
+            "memory on the device (starting, ready or stopping), and of room held for "
+            "containers a config change starts",
+            labels=["device"],
+        )
+        measured = GaugeMetricFamily(
+            "localllm_device_measured_bytes",
+            "Measured GPU memory of the ready or stopping models on the device; absent when none was measured",
+            labels=["device"],
+        )
+        usable = GaugeMetricFamily(
+            "localllm_device_usable",
+            "1 while the device can be used; 0 when its NVML "
+            "queries fail or it is in MIG mode (the reason is in /status and the log)",
+            labels=["device"],
+        )
         residents = scheduler.residents()
         for device in scheduler.devices:
             budget.add_metric([device.id], device.budget)
             usable.add_metric([device.id], 0 if device.problem else 1)
             estimated.add_metric([device.id], sum(r.bytes for r in residents if r.device == device.id))
-            known = [i.measured for i in self.fleet.instances.values() if i.measured is not None
-                     and (slot := views.get(i.name)) is not None and slot.device == device.id
-                     and slot.phase in (Phase.READY, Phase.STOPPING)]
+            known = [
+                i.measured
+                for i in self.fleet.instances.values()
+                if i.measured is not None
+                and (slot := views.get(i.name)) is not None
+                and slot.device == device.id
+                and slot.phase in (Phase.READY, Phase.STOPPING)
+            ]
             if known:
                 measured.add_metric([device.id], sum(known))
         return [state, in_flight, queued, budget, usable, estimated, measured]

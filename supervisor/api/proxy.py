@@ -39,8 +39,9 @@ FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on a
 ERROR_STATUS = web.ResponseKey("localllm_error_status", int)
 
 
-def create_proxy_app(fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings,
-                     metrics: Metrics | None = None) -> web.Application:
+def create_proxy_app(
+    fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings, metrics: Metrics | None = None
+) -> web.Application:
     middlewares = [proxy_error_middleware]
     if settings.allowed_hosts:
         middlewares.append(allowed_hosts_middleware(settings.allowed_hosts))
@@ -69,16 +70,19 @@ def require_api_key(keys: list[str]):
         if request.path.startswith(("/v1/", "/api/")) or request.path == "/metrics":
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in expected):
-                raise InvalidApiKey("missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
-                                    "the keys in daemon.api_keys")
+                raise InvalidApiKey(
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
+                    "the keys in daemon.api_keys"
+                )
         return await handler(request)
 
     return check
 
 
 class Proxy:
-    def __init__(self, fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings,
-                 metrics: Metrics | None = None):
+    def __init__(
+        self, fleet: Fleet, session: aiohttp.ClientSession, settings: DaemonSettings, metrics: Metrics | None = None
+    ):
         self.fleet = fleet
         self.session = session
         self.metrics = metrics
@@ -100,11 +104,24 @@ class Proxy:
     async def ollama_tags(self, request: web.Request) -> web.Response:
         """Ollama's model list, for clients that speak its API (LibreChat endpoints named "ollama..."): the catalog."""
         modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
-        models = [{"name": name, "model": name, "modified_at": modified, "size": instance.sizing.need,
-                   "digest": hashlib.sha256(name.encode()).hexdigest(),
-                   "details": {"format": "gguf", "family": "", "families": None, "parameter_size": "",
-                               "quantization_level": "", "backend": instance.entry.backend}}
-                  for name, instance in self.fleet.instances.items()]
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": modified,
+                "size": instance.sizing.need,
+                "digest": hashlib.sha256(name.encode()).hexdigest(),
+                "details": {
+                    "format": "gguf",
+                    "family": "",
+                    "families": None,
+                    "parameter_size": "",
+                    "quantization_level": "",
+                    "backend": instance.entry.backend,
+                },
+            }
+            for name, instance in self.fleet.instances.items()
+        ]
         return web.json_response({"models": models})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -126,8 +143,9 @@ class Proxy:
             raise
         finally:
             if self.metrics is not None:
-                self.metrics.observe_request(request.get(MODEL_KEY, ""), request.path.removeprefix("/v1/"), status,
-                                             time.monotonic() - started)
+                self.metrics.observe_request(
+                    request.get(MODEL_KEY, ""), request.path.removeprefix("/v1/"), status, time.monotonic() - started
+                )
 
     async def _route(self, request: web.Request, body: bytes) -> web.StreamResponse:
         payload = await parse_object(body)
@@ -151,8 +169,7 @@ class Proxy:
         finally:
             self.fleet.release(reservation)
 
-    async def _relay(self, request: web.Request, instance: Instance, body: bytes,
-                     stream: bool) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, instance: Instance, body: bytes, stream: bool) -> web.StreamResponse:
         try:
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream) as upstream:
@@ -161,8 +178,7 @@ class Proxy:
                         raise await _busy(instance, upstream)
                     if upstream.content_length is not None and "event-stream" not in content_type:
                         data = await upstream.read()
-                        return web.Response(status=upstream.status, body=data,
-                                            headers={"Content-Type": content_type})
+                        return web.Response(status=upstream.status, body=data, headers={"Content-Type": content_type})
                     response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
                     await response.prepare(request)
                     watched = upstream.status == 200 and "event-stream" in content_type
@@ -173,8 +189,9 @@ class Proxy:
             self.fleet.note_upstream_failure(instance)
             raise _upstream_failed(instance, "did not answer", exc) from None
 
-    async def _stream_after_load(self, request: web.Request, reservation: Reservation,
-                                 body: bytes) -> web.StreamResponse:
+    async def _stream_after_load(
+        self, request: web.Request, reservation: Reservation, body: bytes
+    ) -> web.StreamResponse:
         """Headers now, SSE comments while the model loads, then the model's stream.
 
         Clients (LibreChat's among them) give up when headers take minutes; comments keep them waiting.
@@ -216,8 +233,9 @@ class Proxy:
             headers["Connection"] = "close"
         return self.session.post(base_url + request.path, data=body, headers=headers)
 
-    async def _copy_stream(self, upstream: aiohttp.ClientResponse, response: web.StreamResponse,
-                           instance: Instance, watch_end: bool) -> web.StreamResponse:
+    async def _copy_stream(
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, instance: Instance, watch_end: bool
+    ) -> web.StreamResponse:
         """Pass the stream through chunk by chunk; close the upstream request if the client leaves.
 
         Only the first event may be rewritten: llama-server sometimes leaves ``delta.role`` out of it
@@ -247,15 +265,20 @@ class Proxy:
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, _upstream_failed(instance, "broke off the stream", exc), instance.name,
-                                     after_partial_event=ending.mid_event)
+            await _write_error_event(
+                response,
+                _upstream_failed(instance, "broke off the stream", exc),
+                instance.name,
+                after_partial_event=ending.mid_event,
+            )
             return response
         if watch_end and not ending.complete:
             logger.bind(model=instance.name).warning("upstream ended its stream without [DONE] or a finish reason")
             self.fleet.note_upstream_failure(instance)
             text = f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"
-            await _write_error_event(response, UpstreamFailed(text, public=text), instance.name,
-                                     after_partial_event=ending.mid_event)
+            await _write_error_event(
+                response, UpstreamFailed(text, public=text), instance.name, after_partial_event=ending.mid_event
+            )
             return response
         await response.write_eof()
         return response
@@ -274,9 +297,17 @@ class StreamEnd:
     ``mid_event``: the bytes so far stop inside an event, and anything written next would be glued to it.
     """
 
-    MARKERS = (b"\ndata: [DONE]", b"\ndata:[DONE]",
-               b'"finish_reason":"', b'"finish_reason": "', b'"stop_reason":"', b'"stop_reason": "',
-               b"\nevent: message_stop", b'\ndata: {"error"', b'\ndata:{"error"')
+    MARKERS = (
+        b"\ndata: [DONE]",
+        b"\ndata:[DONE]",
+        b'"finish_reason":"',
+        b'"finish_reason": "',
+        b'"stop_reason":"',
+        b'"stop_reason": "',
+        b"\nevent: message_stop",
+        b'\ndata: {"error"',
+        b'\ndata:{"error"',
+    )
     KEEP = max(len(marker) for marker in MARKERS) - 1
 
     def __init__(self) -> None:
@@ -286,7 +317,7 @@ class StreamEnd:
     def feed(self, chunk: bytes) -> None:
         window = self._tail + chunk
         self._said_end = self._said_end or any(marker in window for marker in self.MARKERS)
-        self._tail = window[-self.KEEP:]
+        self._tail = window[-self.KEEP :]
 
     @property
     def complete(self) -> bool:
@@ -316,8 +347,9 @@ def _sse_headers(content_type: str) -> dict[str, str]:
     return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _write_error_event(response: web.StreamResponse, error: LocalllmError, model: str,
-                             after_partial_event: bool = False) -> None:
+async def _write_error_event(
+    response: web.StreamResponse, error: LocalllmError, model: str, after_partial_event: bool = False
+) -> None:
     """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end.
 
     After a partial event, blank lines end that one first, so the error is an event of its own. The
@@ -341,6 +373,7 @@ async def _busy(instance: Instance, upstream: aiohttp.ClientResponse) -> Upstrea
     """Ollama's 503 past its queue (``OLLAMA_MAX_QUEUE``): an overload the client should retry, said as ours."""
     detail = (await upstream.read()).decode(errors="replace")[:500]
     retry = upstream.headers.get("Retry-After", "")
-    return UpstreamBusy(f"the Ollama server serving '{instance.name}' is busy (its queue is full; "
-                        f"OLLAMA_MAX_QUEUE): {detail}", retry_after=int(retry) if retry.isdigit() else RETRY_AFTER)
-
+    return UpstreamBusy(
+        f"the Ollama server serving '{instance.name}' is busy (its queue is full; OLLAMA_MAX_QUEUE): {detail}",
+        retry_after=int(retry) if retry.isdigit() else RETRY_AFTER,
+    )

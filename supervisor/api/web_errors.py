@@ -30,12 +30,15 @@ def public_error(error: LocalllmError, model: str | None = None) -> dict:
         return error.to_json()
     error_id = new_error_id()
     logger.bind(error_id=error_id, code=error.code, **({"model": model} if model else {})).warning(
-        "error {} (not shown to the proxy client): {}", error_id, error.message)
+        "error {} (not shown to the proxy client): {}", error_id, error.message
+    )
     summary = error.summary()
     if model and f"'{model}'" not in summary:
         summary = f"model '{model}': {summary}"
-    message = (f"{summary} (error id {error_id}); an operator can see the details in the localllmd log under "
-               f"that id, or with `localllmctl status`")
+    message = (
+        f"{summary} (error id {error_id}); an operator can see the details in the localllmd log under "
+        f"that id, or with `localllmctl status`"
+    )
     return {"error": {"message": message, "type": error.openai_type, "param": None, "code": error.code}}
 
 
@@ -59,14 +62,20 @@ def error_middleware_for(redact: bool):
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            body = {"error": {"message": f"{exc.reason}: {request.method} {request.path}",
-                              "type": "invalid_request_error", "param": None,
-                              "code": HTTP_ERROR_CODES.get(exc.status, "http_error")}}
+            body = {
+                "error": {
+                    "message": f"{exc.reason}: {request.method} {request.path}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": HTTP_ERROR_CODES.get(exc.status, "http_error"),
+                }
+            }
             return web.json_response(body, status=exc.status)
         except Exception:
             error_id = new_error_id()
-            logger.bind(error_id=error_id).opt(exception=True).error("unhandled error {} in {} {}", error_id,
-                                                                      request.method, request.path)
+            logger.bind(error_id=error_id).opt(exception=True).error(
+                "unhandled error {} in {} {}", error_id, request.method, request.path
+            )
             error = LocalllmError(f"internal error (error id {error_id}); see the localllmd log under that id")
             return web.json_response(error.to_json(), status=500)
 

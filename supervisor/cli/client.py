@@ -49,8 +49,9 @@ class Target:
         try:
             return ssl.create_default_context(cafile=self.cacert)
         except (OSError, ssl.SSLError) as exc:
-            raise ControlUnreachable(f"cannot use the CA certificate {self.cacert}: "
-                                     f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise ControlUnreachable(
+                f"cannot use the CA certificate {self.cacert}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
 
 
 class DaemonUnresponsive(ControlUnreachable):
@@ -79,15 +80,18 @@ class ControlClient:
             async with aiohttp.ClientSession(base, connector=connector, headers=headers, timeout=limits) as session:
                 yield session
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise ControlUnreachable(f"localllmd's certificate on {self.target} is not trusted: "
-                                     f"{exc.certificate_error}; give the CA that signed it (or the certificate "
-                                     "itself) with --cacert FILE or $LOCALLLM_CACERT") from None
+            raise ControlUnreachable(
+                f"localllmd's certificate on {self.target} is not trusted: "
+                f"{exc.certificate_error}; give the CA that signed it (or the certificate "
+                "itself) with --cacert FILE or $LOCALLLM_CACERT"
+            ) from None
         except (aiohttp.ClientConnectionError, FileNotFoundError, PermissionError) as exc:
             if isinstance(exc, TimeoutError):  # connecting took longer than the deadline
                 raise self._unresponsive("took no connection") from None
             if self.target.socket and isinstance(getattr(exc, "os_error", exc), PermissionError):
-                raise ControlUnreachable(f"you may not use the control socket {self.target}: "
-                                         f"{who_may_use(self.target.socket)}") from None
+                raise ControlUnreachable(
+                    f"you may not use the control socket {self.target}: {who_may_use(self.target.socket)}"
+                ) from None
             raise ControlUnreachable(f"localllmd is not reachable on {self.target}: {exc}") from None
 
     @asynccontextmanager
@@ -99,12 +103,15 @@ class ControlClient:
             raise self._unresponsive(f"did not answer {what}") from None
 
     def _unresponsive(self, what: str) -> DaemonUnresponsive:
-        return DaemonUnresponsive(f"localllmd on {self.target} {what} within {self.timeout:g}s "
-                                  "(--timeout): it is stopped, stuck or overloaded; its log may say why "
-                                  "(journalctl -u localllm)")
+        return DaemonUnresponsive(
+            f"localllmd on {self.target} {what} within {self.timeout:g}s "
+            "(--timeout): it is stopped, stuck or overloaded; its log may say why "
+            "(journalctl -u localllm)"
+        )
 
-    async def request(self, method: str, route: str, body: dict | None = None,
-                      params: dict | None = None, long: bool = False) -> dict:
+    async def request(
+        self, method: str, route: str, body: dict | None = None, params: dict | None = None, long: bool = False
+    ) -> dict:
         """One call; an error answer becomes a RemoteError carrying its stable code.
 
         ``long``: an action that takes as long as it takes (a load, an apply); only connecting has a deadline.
@@ -179,8 +186,10 @@ def who_may_use(path: Path) -> str:
     mode = stat.S_IMODE(info.st_mode)
     if not mode & 0o020:
         return f"it is mode {mode:04o}: only its owner (uid {info.st_uid}) may"
-    return (f"it is mode {mode:04o}, group {group}: join that group (sudo usermod -a -G {group} $USER, then log in "
-            "again), or use another role's socket (--role viewer, --role operator)")
+    return (
+        f"it is mode {mode:04o}, group {group}: join that group (sudo usermod -a -G {group} $USER, then log in "
+        "again), or use another role's socket (--role viewer, --role operator)"
+    )
 
 
 def quote(name: str) -> str:

@@ -57,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localllmctl", description="Operate localllmd.",
-                                     epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker "
-                                            "unreachable, or no answer within --timeout")
+    parser = argparse.ArgumentParser(
+        prog="localllmctl",
+        description="Operate localllmd.",
+        epilog="exit status: 0 ok, 1 failed, 2 bad input, 3 daemon or Docker "
+        "unreachable, or no answer within --timeout",
+    )
     parser.add_argument("--version", action="version", version=f"localllmctl {__version__}")
     add_target_options(parser)
     parser.add_argument("--config", type=Path, help="daemon config file: finds the control socket, the catalog")
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    def command(name: str, run, help: str, json_flag: bool = False, daemon: bool = True,
-                **kwargs) -> argparse.ArgumentParser:
+    def command(
+        name: str, run, help: str, json_flag: bool = False, daemon: bool = True, **kwargs
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help, **kwargs)
         sub.set_defaults(run=run)
         if json_flag:
@@ -76,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     status = command("status", cmd_status, "the daemon and its models", True, aliases=["ps"])
-    status.add_argument("--check", action="store_true",
-                        help="exit 0 if the daemon is healthy, 1 if not (or unreachable, or it does not answer "
-                             "within --timeout, default 5 s); for monitoring")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if the daemon is healthy, 1 if not (or unreachable, or it does not answer "
+        "within --timeout, default 5 s); for monitoring",
+    )
 
     model_arg = {"help": "model name or alias"}
     load = command("load", cmd_load, "start a model now and wait until it is ready", True)
@@ -96,12 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--model", help="only this model's events").completer = _complete_models
     events.add_argument("-n", "--limit", type=int, default=50, help="recent events to start with (default 50)")
 
-    apply = command("apply", cmd_apply, "apply a config file to the running daemon: shows the change, then its "
-                                        "progress until it is healthy or rolled back", True)
+    apply = command(
+        "apply",
+        cmd_apply,
+        "apply a config file to the running daemon: shows the change, then its "
+        "progress until it is healthy or rolled back",
+        True,
+    )
     apply.add_argument("file", type=Path)
     command("history", cmd_history, "the config generations, newest last", True)
-    rollback = command("rollback", cmd_rollback, "apply an earlier generation again (default: the last good one "
-                                                 "before the active one)", True)
+    rollback = command(
+        "rollback",
+        cmd_rollback,
+        "apply an earlier generation again (default: the last good one before the active one)",
+        True,
+    )
     rollback.add_argument("generation", type=int, nargs="?")
 
     estimate = command("estimate", cmd_estimate, "the memory a model needs, part by part", True)
@@ -113,11 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--cache-type", choices=sorted(CACHE_TYPE_BYTES), help="KV cache type for K and V")
     estimate.add_argument("--flash-attn", choices=["on", "off"], help="flash attention (default: the catalog's, on)")
 
-    librechat = command("librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon",
-                        daemon=False)
+    librechat = command(
+        "librechat", cmd_librechat, "print a librechat.yaml endpoints block for this daemon", daemon=False
+    )
     librechat.add_argument("--name", default="localllm", help="endpoint name (must not start with 'ollama')")
-    librechat.add_argument("--host", default="host.docker.internal",
-                           help="how LibreChat's container reaches this host (default: host.docker.internal)")
+    librechat.add_argument(
+        "--host",
+        default="host.docker.internal",
+        help="how LibreChat's container reaches this host (default: host.docker.internal)",
+    )
 
     config = commands.add_parser("config", help="config files").add_subparsers(metavar="ACTION")
     validate = config.add_parser("validate", help="check a config file; exit 0 if valid, 2 if not")
@@ -132,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(run=cmd_config_init)
 
     profiles = commands.add_parser("profiles", help="hardware profiles").add_subparsers(metavar="ACTION")
-    for name, run, help in (("list", cmd_profiles_list, "the known profiles; the detected one is marked"),
-                            ("detect", cmd_profiles_detect, "what this host has, and the profile chosen for it")):
+    for name, run, help in (
+        ("list", cmd_profiles_list, "the known profiles; the detected one is marked"),
+        ("detect", cmd_profiles_detect, "what this host has, and the profile chosen for it"),
+    ):
         sub = profiles.add_parser(name, help=help)
         sub.add_argument("--json", action="store_true", help="print JSON instead of text")
         sub.add_argument("--profiles-dir", type=Path, help="extra profiles directory")
@@ -144,8 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--profiles-dir", type=Path, help="extra profiles directory")
     show.set_defaults(run=cmd_profiles_show)
 
-    completion = command("completion", cmd_completion, "print the shell completion script: "
-                                                       "eval \"$(localllmctl completion bash)\"", daemon=False)
+    completion = command(
+        "completion",
+        cmd_completion,
+        'print the shell completion script: eval "$(localllmctl completion bash)"',
+        daemon=False,
+    )
     completion.add_argument("shell", choices=["bash", "zsh", "fish"])
 
     image = commands.add_parser("image", help="container images").add_subparsers(metavar="ACTION")
@@ -154,14 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=cmd_image_build)
 
     model = commands.add_parser("model", help="model files").add_subparsers(metavar="ACTION")
-    generate = model.add_parser("generate",
-                                help="write a small random-weight GGUF model (for CPU/offline hosts and tests)")
+    generate = model.add_parser(
+        "generate", help="write a small random-weight GGUF model (for CPU/offline hosts and tests)"
+    )
     generate.add_argument("path", type=Path)
     generate.add_argument("--blocks", type=int, default=2)
     generate.add_argument("--embedding", type=int, default=64)
     generate.add_argument("--context", type=int, default=2048)
-    generate.add_argument("--tied-embeddings", action="store_true",
-                          help="no output.weight: the head is the token embedding, as in Gemma or Llama 3.2 1B")
+    generate.add_argument(
+        "--tied-embeddings",
+        action="store_true",
+        help="no output.weight: the head is the token embedding, as in Gemma or Llama 3.2 1B",
+    )
     generate.set_defaults(run=cmd_model_generate)
     return parser
 
@@ -182,16 +212,30 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.parallel:
         defaults = profile.defaults.model_copy(update={"parallel": args.parallel})
         profile = profile.model_copy(update={"defaults": defaults})
-    changes = {"context_size": args.context, "gpu_layers": args.gpu_layers,
-               "cache_type_k": args.cache_type, "cache_type_v": args.cache_type,
-               "flash_attention": None if args.flash_attn is None else args.flash_attn == "on"}
+    changes = {
+        "context_size": args.context,
+        "gpu_layers": args.gpu_layers,
+        "cache_type_k": args.cache_type,
+        "cache_type_v": args.cache_type,
+        "flash_attention": None if args.flash_attn is None else args.flash_attn == "on",
+    }
     entry = entry.model_copy(update={k: v for k, v in changes.items() if v is not None})
     sizing = size_model(entry, profile)
     if sizing.estimate is None:
         raise BadRequest(f"cannot estimate {entry.gguf}: {sizing.problem}")
     if args.json:
-        print(json.dumps({"model": entry.name, "file": str(entry.gguf), "profile": profile.name,
-                          "launch": dataclasses.asdict(sizing.launch), **sizing.estimate.as_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": entry.name,
+                    "file": str(entry.gguf),
+                    "profile": profile.name,
+                    "launch": dataclasses.asdict(sizing.launch),
+                    **sizing.estimate.as_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
         print(render_estimate(entry.name, str(entry.gguf), profile.name, sizing))
     return EXIT_OK
@@ -236,8 +280,17 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         print(json.dumps({"file": str(args.file), "valid": False, "problems": exc.problems}, indent=2))
         return exc.exit_code
     if args.json:
-        print(json.dumps({"file": str(args.file), "valid": True, "models": [m.name for m in config.models],
-                          "profile": config.profile}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "file": str(args.file),
+                    "valid": True,
+                    "models": [m.name for m in config.models],
+                    "profile": config.profile,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{args.file}: valid ({len(config.models)} models, profile {config.profile})")
     return EXIT_OK
@@ -326,8 +379,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         runtime = DockerRuntime()
         try:
             await runtime.connect()
-            return await build_cpu_image(runtime, args.llama_version or LLAMA_CPP_PYTHON_VERSION,
-                                         lambda line: print(f"==> {line}", flush=True))
+            return await build_cpu_image(
+                runtime, args.llama_version or LLAMA_CPP_PYTHON_VERSION, lambda line: print(f"==> {line}", flush=True)
+            )
         finally:
             await runtime.close()
 
@@ -339,8 +393,14 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
     from supervisor.runtime.tinygguf import write_tiny_model
 
     try:
-        path = write_tiny_model(args.path, blocks=args.blocks, embedding=args.embedding, context=args.context,
-                                tied_embeddings=args.tied_embeddings, name=args.path.stem)
+        path = write_tiny_model(
+            args.path,
+            blocks=args.blocks,
+            embedding=args.embedding,
+            context=args.context,
+            tied_embeddings=args.tied_embeddings,
+            name=args.path.stem,
+        )
     except ValueError as exc:
         print(f"localllmctl: model generate: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -365,4 +425,3 @@ def _enable_completion(parser: argparse.ArgumentParser) -> None:
         import argcomplete
 
         argcomplete.autocomplete(parser)
-

@@ -45,9 +45,12 @@ def check_health(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     model = asyncio.run(with_progress(args, "POST", f"/models/{quote(args.model)}/load", {"model": args.model}))
-    print(json.dumps(model, indent=2) if args.json else
-          f"{model['name']} is ready {endpoint_phrase(model)} (container {model['container']}, "
-          f"loaded in {model['load_seconds'] or 0:.2f}s)")
+    print(
+        json.dumps(model, indent=2)
+        if args.json
+        else f"{model['name']} is ready {endpoint_phrase(model)} (container {model['container']}, "
+        f"loaded in {model['load_seconds'] or 0:.2f}s)"
+    )
     return EXIT_OK
 
 

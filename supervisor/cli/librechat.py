@@ -17,15 +17,23 @@ from supervisor.core.errors import BadRequest
 
 def librechat_block(config: Config, name: str, host: str) -> dict:
     if name.lower().startswith("ollama"):
-        raise BadRequest(f"endpoint name '{name}' starts with 'ollama', which LibreChat treats as an Ollama "
-                         "server; choose another name")
+        raise BadRequest(
+            f"endpoint name '{name}' starts with 'ollama', which LibreChat treats as an Ollama "
+            "server; choose another name"
+        )
     port = config.daemon.proxy_listen[0].port
-    return {"endpoints": {"custom": [{
-        "name": name,
-        "apiKey": config.daemon.api_keys[0] if config.daemon.api_keys else "no-key",
-        "baseURL": f"http://{host}:{port}/v1",
-        "models": {"default": [m.name for m in config.models], "fetch": True},
-        "titleConvo": True,
-        "titleModel": "current_model",
-        "modelDisplayLabel": name,
-    }]}}
+    return {
+        "endpoints": {
+            "custom": [
+                {
+                    "name": name,
+                    "apiKey": config.daemon.api_keys[0] if config.daemon.api_keys else "no-key",
+                    "baseURL": f"http://{host}:{port}/v1",
+                    "models": {"default": [m.name for m in config.models], "fetch": True},
+                    "titleConvo": True,
+                    "titleModel": "current_model",
+                    "modelDisplayLabel": name,
+                }
+            ]
+        }
+    }

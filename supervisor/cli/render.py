@@ -16,8 +16,15 @@ WIDE = 400  # render wide and let the terminal wrap: a truncated model name is w
 
 def render_table(rows: list[list[str]], title: str | None = None) -> str:
     """Rows (the first is the header) as a table with a rule under the header; no colour, no padding at ends."""
-    table = Table(*rows[0], box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title,
-                  title_justify="left", header_style="bold")
+    table = Table(
+        *rows[0],
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        title=title,
+        title_justify="left",
+        header_style="bold",
+    )
     for row in rows[1:]:
         table.add_row(*row)
     buffer = io.StringIO()
@@ -27,25 +34,55 @@ def render_table(rows: list[list[str]], title: str | None = None) -> str:
 
 def render_status(status: dict) -> str:
     daemon = status["daemon"]
-    head = (f"localllmd {daemon['version']}  instance {daemon['instance']}  profile {daemon['profile']}  "
-            f"up {format_age(daemon['uptime_seconds'])}  docker {daemon['docker_version']}\n"
-            f"proxy {', '.join(daemon['proxy'])}\n")
+    head = (
+        f"localllmd {daemon['version']}  instance {daemon['instance']}  profile {daemon['profile']}  "
+        f"up {format_age(daemon['uptime_seconds'])}  docker {daemon['docker_version']}\n"
+        f"proxy {', '.join(daemon['proxy'])}\n"
+    )
     if daemon.get("degraded"):
         head += f"DEGRADED: {daemon['degraded']}\n"
-    rows = [["MODEL", "STATE", "DEVICE", "MEMORY", "MEASURED", "ENDPOINT", "CONTAINER", "IN-FLIGHT", "WAITING",
-             "LAST USED", "FLAGS"]]
+    rows = [
+        [
+            "MODEL",
+            "STATE",
+            "DEVICE",
+            "MEMORY",
+            "MEASURED",
+            "ENDPOINT",
+            "CONTAINER",
+            "IN-FLIGHT",
+            "WAITING",
+            "LAST USED",
+            "FLAGS",
+        ]
+    ]
     now = time.time()
     for model in status["models"]:
         memory = model.get("memory") or {}
         offload = ["cpu-offload"] if memory.get("partial_offload") else []  # Ollama put part of it on the CPU
         flags = ",".join([f for f in ("preload", "pinned") if model[f]] + offload)
         last = format_age(now - model["last_used"]) + " ago" if model["last_used"] else "-"
-        rows.append([model["name"], model["state"], model.get("device") or "-", format_mib(memory.get("need")),
-                     format_mib(memory.get("measured")), where(model), model["container"] or "-",
-                     str(model["in_flight"]), str(model.get("waiting", 0)), last, flags or "-"])
+        rows.append(
+            [
+                model["name"],
+                model["state"],
+                model.get("device") or "-",
+                format_mib(memory.get("need")),
+                format_mib(memory.get("measured")),
+                where(model),
+                model["container"] or "-",
+                str(model["in_flight"]),
+                str(model.get("waiting", 0)),
+                last,
+                flags or "-",
+            ]
+        )
     errors = [f"  {m['name']}: {m['error']}" for m in status["models"] if m.get("error")]
-    errors += [f"  device {d['id']}{' (' + d['uuid'] + ')' if d.get('uuid') else ''} is unusable: {d['problem']}"
-               for d in status.get("devices", []) if d.get("problem")]
+    errors += [
+        f"  device {d['id']}{' (' + d['uuid'] + ')' if d.get('uuid') else ''} is unusable: {d['problem']}"
+        for d in status.get("devices", [])
+        if d.get("problem")
+    ]
     table = render_table(rows) if status["models"] else "(no models in the catalog)"
     return head + "\n" + table + ("\n\nerrors:\n" + "\n".join(errors) if errors else "")
 
@@ -54,8 +91,15 @@ def render_history(generations: list[dict]) -> str:
     rows = [["GEN", "STATUS", "WHEN", "SOURCE", "REASON"]]
     for g in generations:
         marks = "".join(m for m, on in ((" *active", g["active"]), (" *last-good", g["last_good"])) if on)
-        rows.append([str(g["number"]), g["status"] + marks, time.strftime("%Y-%m-%d %H:%M:%S",
-                     time.localtime(g["created_at"])), g["source"], g["reason"] or "-"])
+        rows.append(
+            [
+                str(g["number"]),
+                g["status"] + marks,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["created_at"])),
+                g["source"],
+                g["reason"] or "-",
+            ]
+        )
     return render_table(rows)
 
 
@@ -64,19 +108,33 @@ def render_profiles(profiles: list[dict], detected: str | None) -> str:
     for p in profiles:
         gpus = " + ".join(f"{g['vram_gib']:g}G" for g in p["hardware"]["gpus"]) or "-"
         name = p["name"] + (" (detected)" if p["name"] == detected else "")
-        rows.append([name, gpus, f"{p['hardware']['ram_gib']:g}G", str(p["defaults"]["context_size"]),
-                     str(p["defaults"]["parallel"]), p["description"]])
+        rows.append(
+            [
+                name,
+                gpus,
+                f"{p['hardware']['ram_gib']:g}G",
+                str(p["defaults"]["context_size"]),
+                str(p["defaults"]["parallel"]),
+                p["description"],
+            ]
+        )
     return render_table(rows)
 
 
 def render_estimate(name: str, path: str, profile: str, sizing) -> str:
     launch, parts = sizing.launch, sizing.estimate
     head_on_gpu = launch.on_gpu and gpu_offload(parts.total_layers, launch.gpu_layers)[1]
-    where = (f"{parts.offloaded_layers}/{parts.total_layers} layers{' and the output layer' if head_on_gpu else ''}"
-             " on the GPU" if launch.on_gpu else "all layers in host memory")
-    head = (f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s)"
-            f"{', one unified KV cache' if launch.kv_unified else ''}, KV cache {launch.cache_type_k}/"
-            f"{launch.cache_type_v}, flash attention {'on' if launch.flash_attention else 'off'}, {where}\n")
+    where = (
+        f"{parts.offloaded_layers}/{parts.total_layers} layers{' and the output layer' if head_on_gpu else ''}"
+        " on the GPU"
+        if launch.on_gpu
+        else "all layers in host memory"
+    )
+    head = (
+        f"{name} ({path})\nprofile {profile}: context {launch.context}, {launch.parallel} slot(s)"
+        f"{', one unified KV cache' if launch.kv_unified else ''}, KV cache {launch.cache_type_k}/"
+        f"{launch.cache_type_v}, flash attention {'on' if launch.flash_attention else 'off'}, {where}\n"
+    )
     rows = [("weights", parts.weights, "")]
     if parts.output_head:  # a tied-embedding model: llama.cpp copies token_embd to the GPU as its head
         rows.append(("  head", parts.output_head, "  the output head, a copy of the tied token embedding"))
@@ -95,8 +153,10 @@ def render_ollama_memory(memory: dict) -> str:
         if memory.get(key):
             lines.append(f"  {label:<9} {format_mib(memory[key])}")
     if show.get("estimate"):
-        lines.append(f"  /api/show {format_mib(show['estimate'])} ({details.get('parameter_size', '?')} parameters, "
-                     f"{details.get('quantization_level', '?')})")
+        lines.append(
+            f"  /api/show {format_mib(show['estimate'])} ({details.get('parameter_size', '?')} parameters, "
+            f"{details.get('quantization_level', '?')})"
+        )
     if show.get("problem"):
         lines.append(f"  /api/show: {show['problem']}")
     return "\n".join(lines)

@@ -21,23 +21,37 @@ from supervisor.config.settings import load_config
 
 DEFAULT_SOCKET = Path("/var/lib/localllm/control.sock")
 CHECK_TIMEOUT = 5.0  # status --check: a monitoring check must answer soon
-TIMEOUT_HELP = (f"seconds to wait for the daemon's answer (default {DEFAULT_TIMEOUT:g}, {CHECK_TIMEOUT:g} for "
-                "status --check; 0: no limit); a stream (logs, events) or a long action (load, unload, apply, "
-                "rollback) must start within it, and then runs as long as it takes")
+TIMEOUT_HELP = (
+    f"seconds to wait for the daemon's answer (default {DEFAULT_TIMEOUT:g}, {CHECK_TIMEOUT:g} for "
+    "status --check; 0: no limit); a stream (logs, events) or a long action (load, unload, apply, "
+    "rollback) must start within it, and then runs as long as it takes"
+)
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", type=Path,
-                        help="this control socket and no other (default: $LOCALLLM_SOCKET, or the most capable one "
-                             f"you may open of {DEFAULT_SOCKET} (admin), control-operator.sock and "
-                             "control-viewer.sock beside it, or those of --config)")
-    parser.add_argument("--role", choices=[str(role) for role in Role],
-                        help="use the socket of this role (default: the most capable one you may open)")
-    parser.add_argument("--url", help="TCP control API, e.g. https://host:8443 or http://127.0.0.1:8090 (default: "
-                                      "$LOCALLLM_URL); the token comes from $LOCALLLM_TOKEN")
-    parser.add_argument("--cacert", type=Path,
-                        help="with an https --url: the CA certificate (PEM) that signed the daemon's certificate, "
-                             "or that certificate itself (default: $LOCALLLM_CACERT, or the system's CAs)")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="this control socket and no other (default: $LOCALLLM_SOCKET, or the most capable one "
+        f"you may open of {DEFAULT_SOCKET} (admin), control-operator.sock and "
+        "control-viewer.sock beside it, or those of --config)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=[str(role) for role in Role],
+        help="use the socket of this role (default: the most capable one you may open)",
+    )
+    parser.add_argument(
+        "--url",
+        help="TCP control API, e.g. https://host:8443 or http://127.0.0.1:8090 (default: "
+        "$LOCALLLM_URL); the token comes from $LOCALLLM_TOKEN",
+    )
+    parser.add_argument(
+        "--cacert",
+        type=Path,
+        help="with an https --url: the CA certificate (PEM) that signed the daemon's certificate, "
+        "or that certificate itself (default: $LOCALLLM_CACERT, or the system's CAs)",
+    )
     parser.add_argument("--timeout", type=seconds, metavar="SECONDS", help=TIMEOUT_HELP)
 
 
@@ -65,8 +79,9 @@ def deadline(args: argparse.Namespace) -> float | None:
 
 
 def target(args: argparse.Namespace) -> Target:
-    needs_config = args.config and not (args.url or args.socket or os.environ.get("LOCALLLM_URL")
-                                        or os.environ.get("LOCALLLM_SOCKET"))
+    needs_config = args.config and not (
+        args.url or args.socket or os.environ.get("LOCALLLM_URL") or os.environ.get("LOCALLLM_SOCKET")
+    )
     return find_target(args, load_config(args.config, check_files=False).daemon if needs_config else None)
 
 

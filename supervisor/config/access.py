@@ -59,9 +59,21 @@ class Role(StrEnum):
 
 
 ROUTE_ROLES = {  # (method, path) of each control route -> the least role that may call it
-    **dict.fromkeys((("GET", "/openapi.json"), ("GET", "/health"), ("GET", "/status"), ("GET", "/models"),
-                     ("GET", "/models/{name}"), ("GET", "/models/{name}/memory"), ("GET", "/events"),
-                     ("GET", "/metrics"), ("GET", "/history"), ("POST", "/validate")), Role.VIEWER),
+    **dict.fromkeys(
+        (
+            ("GET", "/openapi.json"),
+            ("GET", "/health"),
+            ("GET", "/status"),
+            ("GET", "/models"),
+            ("GET", "/models/{name}"),
+            ("GET", "/models/{name}/memory"),
+            ("GET", "/events"),
+            ("GET", "/metrics"),
+            ("GET", "/history"),
+            ("POST", "/validate"),
+        ),
+        Role.VIEWER,
+    ),
     **dict.fromkeys((("POST", "/models/{name}/load"), ("POST", "/models/{name}/unload")), Role.OPERATOR),
     # Logs may quote what users sent; apply and rollback drive the Docker socket.
     **dict.fromkeys((("GET", "/models/{name}/logs"), ("POST", "/apply"), ("POST", "/rollback")), Role.ADMIN),
@@ -71,8 +83,10 @@ ROUTE_ROLES = {  # (method, path) of each control route -> the least role that m
 def _check_token(token: str) -> str:
     """A Bearer token: long enough not to be guessed, and sendable in a header. Never echoed in errors."""
     if len(token) < TOKEN_MIN_LENGTH:
-        raise ValueError(f"a control token needs at least {TOKEN_MIN_LENGTH} characters, this one has {len(token)} "
-                         "(make one with: openssl rand -hex 32)")
+        raise ValueError(
+            f"a control token needs at least {TOKEN_MIN_LENGTH} characters, this one has {len(token)} "
+            "(make one with: openssl rand -hex 32)"
+        )
     if not all(33 <= ord(c) <= 126 for c in token):
         raise ValueError("a control token must be printable ASCII without spaces (make one with: openssl rand -hex 32)")
     return token
@@ -103,8 +117,10 @@ class RoleSocket(Strict):
     @model_validator(mode="after")
     def _group_fits_mode(self) -> RoleSocket:
         if self.mode == "0660" and not self.group:
-            raise ValueError("a socket of mode 0660 needs 'group': the group whose members get this role "
-                             "(or mode: \"0666\" to give it to every local user)")
+            raise ValueError(
+                "a socket of mode 0660 needs 'group': the group whose members get this role "
+                '(or mode: "0666" to give it to every local user)'
+            )
         if self.mode == "0666" and self.group:
             raise ValueError("'group' has no effect on a socket of mode 0666, which every local user may use")
         return self
@@ -188,13 +204,23 @@ def control_problems(daemon: DaemonSettings, check_files: bool = True) -> list[P
     tokens = all_tokens(daemon)
     listen = daemon.control_listen
     if listen is not None and not tokens:
-        problems.append((("daemon", "control_listen"), "control_listen needs control_tokens (or control_token, an "
-                                                       "admin token): the TCP control API always asks for a Bearer "
-                                                       "token (make one with: openssl rand -hex 32)"))
+        problems.append(
+            (
+                ("daemon", "control_listen"),
+                "control_listen needs control_tokens (or control_token, an "
+                "admin token): the TCP control API always asks for a Bearer "
+                "token (make one with: openssl rand -hex 32)",
+            )
+        )
     if listen is not None and not is_loopback(listen.host) and daemon.control_tls is None:
-        problems.append((("daemon", "control_listen"), f"control_listen {listen} is not a loopback address: it needs "
-                                                       "control_tls (cert and key), or tokens would cross the network "
-                                                       "in clear text"))
+        problems.append(
+            (
+                ("daemon", "control_listen"),
+                f"control_listen {listen} is not a loopback address: it needs "
+                "control_tls (cert and key), or tokens would cross the network "
+                "in clear text",
+            )
+        )
     seen: dict[str, Loc] = {}
     api_keys = set(daemon.api_keys)
     for loc, token, _ in tokens:
@@ -202,13 +228,18 @@ def control_problems(daemon: DaemonSettings, check_files: bool = True) -> list[P
             problems.append((loc, f"the same token as {format_loc(seen[token])}: each token gives one role"))
         seen.setdefault(token, loc)
         if token in api_keys:
-            problems.append((loc, "this token is also one of daemon.api_keys: a proxy client could use it on the "
-                                  "control API"))
+            problems.append(
+                (loc, "this token is also one of daemon.api_keys: a proxy client could use it on the control API")
+            )
     used: dict[Path, Role] = {}
     for role, path in socket_paths(daemon).items():
         if path in used:
-            problems.append((("daemon", "role_sockets", str(role), "path"),
-                             f"{path} is also the {used[path]} socket: each role needs a socket of its own"))
+            problems.append(
+                (
+                    ("daemon", "role_sockets", str(role), "path"),
+                    f"{path} is also the {used[path]} socket: each role needs a socket of its own",
+                )
+            )
         used.setdefault(path, role)
     tls = daemon.control_tls
     if tls is not None and check_files:
@@ -256,17 +287,22 @@ Listener = SocketListener | TcpListener
 def plan_listeners(daemon: DaemonSettings) -> list[Listener]:
     """Pure: the control listeners ``daemon`` asks for, the most capable first."""
     paths = socket_paths(daemon)
-    plan: list[Listener] = [SocketListener(Role.ADMIN, paths[Role.ADMIN], daemon.socket_group, 0o660,
-                                           "daemon.socket_group")]
+    plan: list[Listener] = [
+        SocketListener(Role.ADMIN, paths[Role.ADMIN], daemon.socket_group, 0o660, "daemon.socket_group")
+    ]
     for role in (Role.OPERATOR, Role.VIEWER):
         settings = daemon.role_sockets.get(role)
         if settings is not None:
-            plan.append(SocketListener(role, paths[role], settings.group, int(settings.mode, 8),
-                                       f"daemon.role_sockets.{role}.group"))
+            plan.append(
+                SocketListener(
+                    role, paths[role], settings.group, int(settings.mode, 8), f"daemon.role_sockets.{role}.group"
+                )
+            )
     if daemon.control_listen is not None:
         listen = daemon.control_listen
-        plan.append(TcpListener(listen.host, listen.port, tuple((t, r) for _, t, r in all_tokens(daemon)),
-                                daemon.control_tls))
+        plan.append(
+            TcpListener(listen.host, listen.port, tuple((t, r) for _, t, r in all_tokens(daemon)), daemon.control_tls)
+        )
     return plan
 
 
@@ -274,8 +310,11 @@ def ways_to_roles(plan: list[Listener]) -> dict[Role, str]:
     """For each role, in words, which sockets and tokens give it: what a refused caller is told."""
     ways = {}
     for role in Role:
-        sockets = [f"the socket {s.path} ({who_may_use(s)})" for s in plan
-                   if isinstance(s, SocketListener) and s.role.allows(role)]
+        sockets = [
+            f"the socket {s.path} ({who_may_use(s)})"
+            for s in plan
+            if isinstance(s, SocketListener) and s.role.allows(role)
+        ]
         tcp = [t for t in plan if isinstance(t, TcpListener)]
         if tcp and any(r.allows(role) for _, r in tcp[0].tokens):
             names = " or ".join(r for r in Role if r.allows(role))
@@ -305,9 +344,11 @@ def unreachable_by_role(path: Path, gid: int, mode: int) -> str | None:
             continue
         if not for_anyone and info.st_gid == gid and info.st_mode & stat.S_IXGRP:
             continue
-        return (f"{directory} (mode {stat.S_IMODE(info.st_mode):04o}) does not let "
-                f"{'every local user' if for_anyone else 'the socket group'} reach {path}: "
-                f"chmod o+x {directory}, or choose a path they can reach")
+        return (
+            f"{directory} (mode {stat.S_IMODE(info.st_mode):04o}) does not let "
+            f"{'every local user' if for_anyone else 'the socket group'} reach {path}: "
+            f"chmod o+x {directory}, or choose a path they can reach"
+        )
     return None
 
 
@@ -332,8 +373,10 @@ class Gate:
             if hmac.compare_digest(digest, expected):
                 found = role
         if scheme.lower() != "bearer" or found is None:
-            raise InvalidToken("missing or wrong token: the TCP control API needs 'Authorization: Bearer <token>' "
-                               "with a token of daemon.control_tokens (or daemon.control_token)")
+            raise InvalidToken(
+                "missing or wrong token: the TCP control API needs 'Authorization: Bearer <token>' "
+                "with a token of daemon.control_tokens (or daemon.control_token)"
+            )
         return found
 
     def middleware(self, needed: dict[tuple[str, str], Role]) -> Middleware:
@@ -349,8 +392,11 @@ class Gate:
                 want = needed.get((method, resource.canonical), Role.ADMIN)
                 if not role.allows(want):
                     how = self.ways.get(want)
-                    raise Forbidden(f"{method} {resource.canonical} needs the {want} role; this connection has "
-                                    f"{role}" + (f". The {want} role comes with {how}" if how else ""), str(want))
+                    raise Forbidden(
+                        f"{method} {resource.canonical} needs the {want} role; this connection has "
+                        f"{role}" + (f". The {want} role comes with {how}" if how else ""),
+                        str(want),
+                    )
             return await handler(request)
 
         return check

@@ -36,58 +36,214 @@ if TYPE_CHECKING:
 ALWAYS_DENIED_FLAGS = {
     **dict.fromkeys(("--host", "--port", "--reuse-port"), "it would expose the server, or share its port"),
     **dict.fromkeys(("--api-key", "--api-key-file"), "localllm's proxy does the authentication"),
-    **dict.fromkeys(("--path", "--media-path", "--slot-save-path", "--log-file", "--log-prompts-dir",
-                     "--models-dir", "--models-preset"), "it serves, reads or writes files outside the model"),
-    **dict.fromkeys(("--tools", "--tools-runtime", "-ag", "--agent", "--mcp-servers-config", "--mcp-servers-json",
-                     "--ui-mcp-proxy", "--webui-mcp-proxy"), "it gives clients tools or MCP servers (shell, files)"),
-    **dict.fromkeys(("-hf", "-hfr", "--hf-repo", "-hff", "--hf-file", "-hft", "--hf-token", "-hfd", "-hfrd",
-                     "--hf-repo-draft", "--spec-draft-hf", "-mu", "--model-url", "-mmu", "--mmproj-url", "-dr",
-                     "--docker-repo"), "it downloads a model"),
-    **dict.fromkeys(("-md", "--model-draft", "--spec-draft-model", "-mm", "--mmproj"),
-                    "it loads another model file, which models_root does not check"),
-    **dict.fromkeys(("--lora", "--lora-scaled", "--lora-init-without-apply", "--control-vector",
-                     "--control-vector-scaled", "--control-vector-layer-range"), "it loads extra weights files"),
+    **dict.fromkeys(
+        (
+            "--path",
+            "--media-path",
+            "--slot-save-path",
+            "--log-file",
+            "--log-prompts-dir",
+            "--models-dir",
+            "--models-preset",
+        ),
+        "it serves, reads or writes files outside the model",
+    ),
+    **dict.fromkeys(
+        (
+            "--tools",
+            "--tools-runtime",
+            "-ag",
+            "--agent",
+            "--mcp-servers-config",
+            "--mcp-servers-json",
+            "--ui-mcp-proxy",
+            "--webui-mcp-proxy",
+        ),
+        "it gives clients tools or MCP servers (shell, files)",
+    ),
+    **dict.fromkeys(
+        (
+            "-hf",
+            "-hfr",
+            "--hf-repo",
+            "-hff",
+            "--hf-file",
+            "-hft",
+            "--hf-token",
+            "-hfd",
+            "-hfrd",
+            "--hf-repo-draft",
+            "--spec-draft-hf",
+            "-mu",
+            "--model-url",
+            "-mmu",
+            "--mmproj-url",
+            "-dr",
+            "--docker-repo",
+        ),
+        "it downloads a model",
+    ),
+    **dict.fromkeys(
+        ("-md", "--model-draft", "--spec-draft-model", "-mm", "--mmproj"),
+        "it loads another model file, which models_root does not check",
+    ),
+    **dict.fromkeys(
+        (
+            "--lora",
+            "--lora-scaled",
+            "--lora-init-without-apply",
+            "--control-vector",
+            "--control-vector-scaled",
+            "--control-vector-layer-range",
+        ),
+        "it loads extra weights files",
+    ),
     "--rpc": "it offloads the model to remote servers",
     "--props": "it lets clients change the server's settings (POST /props)",
 }
 
 # extra_args allowed under a policy that does not list its own: sampling, threads, batch, RoPE, logging, and
 # server behaviour that changes neither what the server exposes nor the memory localllm sizes it by.
-DEFAULT_EXTRA_ARGS = frozenset((
-    "-t", "--threads", "-tb", "--threads-batch", "--threads-http", "-C", "--cpu-mask", "-Cr", "--cpu-range",
-    "-Cb", "--cpu-mask-batch", "-Crb", "--cpu-range-batch", "--cpu-strict", "--cpu-strict-batch", "--prio",
-    "--prio-batch", "--poll", "--poll-batch", "--numa",
-    "-b", "--batch-size",
-    "--samplers", "--sampler-seq", "--sampling-seq", "-s", "--seed", "--temp", "--temperature", "--top-k",
-    "--top-p", "--min-p", "--top-nsigma", "--top-n-sigma", "--xtc-probability", "--xtc-threshold", "--typical",
-    "--typical-p", "--repeat-last-n", "--repeat-penalty", "--presence-penalty", "--frequency-penalty",
-    "--dry-multiplier", "--dry-base", "--dry-allowed-length", "--dry-penalty-last-n", "--dry-sequence-breaker",
-    "--dynatemp-range", "--dynatemp-exp", "--mirostat", "--mirostat-lr", "--mirostat-ent", "--ignore-eos",
-    "-l", "--logit-bias", "-n", "--predict", "--n-predict", "--keep",
-    "--rope-scaling", "--rope-scale", "--rope-freq-base", "--rope-freq-scale", "--yarn-orig-ctx",
-    "--yarn-ext-factor", "--yarn-attn-factor", "--yarn-beta-slow", "--yarn-beta-fast",
-    "--api-prefix", "-to", "--timeout", "--metrics", "--no-slots", "--no-ui", "--no-webui", "--cache-reuse",
-    "-cb", "--cont-batching", "-nocb", "--no-cont-batching", "--context-shift", "--no-context-shift",
-    "--warmup", "--no-warmup", "-sps", "--slot-prompt-similarity", "--cache-prompt", "--no-cache-prompt",
-    "-dt", "--defrag-thold", "--jinja", "--no-jinja", "--chat-template", "--reasoning-format",
-    "--reasoning-budget", "--no-prefill-assistant", "--embedding", "--embeddings", "--pooling", "--rerank",
-    "--reranking",
-    "--log-disable", "--log-colors", "--log-prefix", "--no-log-prefix", "--log-timestamps", "--no-log-timestamps",
-))
+DEFAULT_EXTRA_ARGS = frozenset(
+    (
+        "-t",
+        "--threads",
+        "-tb",
+        "--threads-batch",
+        "--threads-http",
+        "-C",
+        "--cpu-mask",
+        "-Cr",
+        "--cpu-range",
+        "-Cb",
+        "--cpu-mask-batch",
+        "-Crb",
+        "--cpu-range-batch",
+        "--cpu-strict",
+        "--cpu-strict-batch",
+        "--prio",
+        "--prio-batch",
+        "--poll",
+        "--poll-batch",
+        "--numa",
+        "-b",
+        "--batch-size",
+        "--samplers",
+        "--sampler-seq",
+        "--sampling-seq",
+        "-s",
+        "--seed",
+        "--temp",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--top-nsigma",
+        "--top-n-sigma",
+        "--xtc-probability",
+        "--xtc-threshold",
+        "--typical",
+        "--typical-p",
+        "--repeat-last-n",
+        "--repeat-penalty",
+        "--presence-penalty",
+        "--frequency-penalty",
+        "--dry-multiplier",
+        "--dry-base",
+        "--dry-allowed-length",
+        "--dry-penalty-last-n",
+        "--dry-sequence-breaker",
+        "--dynatemp-range",
+        "--dynatemp-exp",
+        "--mirostat",
+        "--mirostat-lr",
+        "--mirostat-ent",
+        "--ignore-eos",
+        "-l",
+        "--logit-bias",
+        "-n",
+        "--predict",
+        "--n-predict",
+        "--keep",
+        "--rope-scaling",
+        "--rope-scale",
+        "--rope-freq-base",
+        "--rope-freq-scale",
+        "--yarn-orig-ctx",
+        "--yarn-ext-factor",
+        "--yarn-attn-factor",
+        "--yarn-beta-slow",
+        "--yarn-beta-fast",
+        "--api-prefix",
+        "-to",
+        "--timeout",
+        "--metrics",
+        "--no-slots",
+        "--no-ui",
+        "--no-webui",
+        "--cache-reuse",
+        "-cb",
+        "--cont-batching",
+        "-nocb",
+        "--no-cont-batching",
+        "--context-shift",
+        "--no-context-shift",
+        "--warmup",
+        "--no-warmup",
+        "-sps",
+        "--slot-prompt-similarity",
+        "--cache-prompt",
+        "--no-cache-prompt",
+        "-dt",
+        "--defrag-thold",
+        "--jinja",
+        "--no-jinja",
+        "--chat-template",
+        "--reasoning-format",
+        "--reasoning-budget",
+        "--no-prefill-assistant",
+        "--embedding",
+        "--embeddings",
+        "--pooling",
+        "--rerank",
+        "--reranking",
+        "--log-disable",
+        "--log-colors",
+        "--log-prefix",
+        "--no-log-prefix",
+        "--log-timestamps",
+        "--no-log-timestamps",
+    )
+)
 
 # Ollama server environment allowed under a policy that does not list its own (Ollama's envconfig): switches
 # that change neither who can reach the server, nor where it reads or writes, nor which GPUs it sees.
-DEFAULT_OLLAMA_ENV = ("OLLAMA_DEBUG", "OLLAMA_KV_CACHE_TYPE", "OLLAMA_MAX_QUEUE", "OLLAMA_LOAD_TIMEOUT",
-                      "OLLAMA_GPU_OVERHEAD", "OLLAMA_SCHED_SPREAD", "OLLAMA_NOPRUNE", "OLLAMA_MULTIUSER_CACHE",
-                      "OLLAMA_NEW_ENGINE", "OLLAMA_NOHISTORY")
+DEFAULT_OLLAMA_ENV = (
+    "OLLAMA_DEBUG",
+    "OLLAMA_KV_CACHE_TYPE",
+    "OLLAMA_MAX_QUEUE",
+    "OLLAMA_LOAD_TIMEOUT",
+    "OLLAMA_GPU_OVERHEAD",
+    "OLLAMA_SCHED_SPREAD",
+    "OLLAMA_NOPRUNE",
+    "OLLAMA_MULTIUSER_CACHE",
+    "OLLAMA_NEW_ENGINE",
+    "OLLAMA_NOHISTORY",
+)
 
 # Environment refused whatever the policy says: the dynamic loader's and the C library's (code injection,
 # resolver and locale files), PATH, and the NVIDIA runtime's (it would hand the server GPUs beyond its own).
-_DENIED_ENV_PREFIXES = {"LD_": "the dynamic loader reads it (code injection)",
-                        "NVIDIA_": "the NVIDIA runtime reads it (GPUs beyond the server's own)"}
-_DENIED_ENV = {"PATH": "it chooses the programs the server runs",
-               **dict.fromkeys(("GCONV_PATH", "NLSPATH", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS"),
-                               "the C library loads files or changes name resolution by it")}
+_DENIED_ENV_PREFIXES = {
+    "LD_": "the dynamic loader reads it (code injection)",
+    "NVIDIA_": "the NVIDIA runtime reads it (GPUs beyond the server's own)",
+}
+_DENIED_ENV = {
+    "PATH": "it chooses the programs the server runs",
+    **dict.fromkeys(
+        ("GCONV_PATH", "NLSPATH", "HOSTALIASES", "LOCALDOMAIN", "RES_OPTIONS"),
+        "the C library loads files or changes name resolution by it",
+    ),
+}
 
 _IMAGE_PATTERN = re.compile(r"^(\*|[^*\s]+[:@/]\*|[^*\s]+)$")
 _ENV_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
@@ -106,8 +262,10 @@ class Policy(Strict):
     def _image_patterns(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             if not _IMAGE_PATTERN.match(pattern):
-                raise ValueError(f"'{pattern}': an image reference, or one ending in ':*', '@*' or '/*' (any tag, "
-                                 "digest or image under a prefix), or '*' alone")
+                raise ValueError(
+                    f"'{pattern}': an image reference, or one ending in ':*', '@*' or '/*' (any tag, "
+                    "digest or image under a prefix), or '*' alone"
+                )
         return patterns
 
     @field_validator("models_root")
@@ -181,14 +339,20 @@ def escapes(path: Path, root: Path) -> str | None:
     return f"{shown} is outside daemon.policy.models_root {root}"
 
 
-def policy_problems(config: Config, policy: Policy | None, profiles: dict[str, Profile],
-                    check_files: bool = True) -> list[Problem]:
+def policy_problems(
+    config: Config, policy: Policy | None, profiles: dict[str, Profile], check_files: bool = True
+) -> list[Problem]:
     """Every way ``config`` breaks ``policy`` (None: only the rules that always hold), as (location, reason)."""
     problems = always_denied(config)
     if policy is None:
         return problems
-    return (problems + image_problems(config, policy, profiles) + path_problems(config, policy, check_files)
-            + extra_arg_problems(config, policy) + env_problems(config, policy))
+    return (
+        problems
+        + image_problems(config, policy, profiles)
+        + path_problems(config, policy, check_files)
+        + extra_arg_problems(config, policy)
+        + env_problems(config, policy)
+    )
 
 
 def always_denied(config: Config) -> list[Problem]:
@@ -197,8 +361,12 @@ def always_denied(config: Config) -> list[Problem]:
         for position, arg in enumerate(entry.extra_args):
             flag = flag_of(arg)
             if flag in ALWAYS_DENIED_FLAGS:
-                problems.append((("models", index, "extra_args", position),
-                                 f"'{arg}' is never allowed: {ALWAYS_DENIED_FLAGS[flag]}"))
+                problems.append(
+                    (
+                        ("models", index, "extra_args", position),
+                        f"'{arg}' is never allowed: {ALWAYS_DENIED_FLAGS[flag]}",
+                    )
+                )
     for name in config.ollama.env:
         why = denied_env(name)
         if why:
@@ -210,28 +378,39 @@ def image_problems(config: Config, policy: Policy, profiles: dict[str, Profile])
     """Each image named in ``config``, and each profile default it falls back on, must be allowed."""
     allowed = policy.allowed_images
     if allowed is None:
-        allowed = sorted({image for p in profiles.values() for image in (p.defaults.images.llamacpp,
-                                                                         p.defaults.images.ollama)})
+        allowed = sorted(
+            {image for p in profiles.values() for image in (p.defaults.images.llamacpp, p.defaults.images.ollama)}
+        )
     rule = "is not in daemon.policy.allowed_images"
-    problems: list[Problem] = [(("models", index, "image"), f"image '{entry.image}' {rule}")
-                               for index, entry in enumerate(config.models)
-                               if entry.image is not None and not matches(entry.image, allowed)]
+    problems: list[Problem] = [
+        (("models", index, "image"), f"image '{entry.image}' {rule}")
+        for index, entry in enumerate(config.models)
+        if entry.image is not None and not matches(entry.image, allowed)
+    ]
     if config.ollama.image is not None and not matches(config.ollama.image, allowed):
         problems.append((("ollama", "image"), f"image '{config.ollama.image}' {rule}"))
     # A model without an image runs its profile's; under profile: auto that is any profile's the host may match.
     candidates = [profiles[config.profile]] if config.profile in profiles else list(profiles.values())
-    own_image: dict[str, Callable[[ModelEntry], str | None]] = {"llamacpp": lambda e: e.image,
-                                                                "ollama": lambda e: config.ollama.image}
-    users = {backend: [i for i, e in enumerate(config.models) if e.backend == backend and image_of(e) is None]
-             for backend, image_of in own_image.items()}
+    own_image: dict[str, Callable[[ModelEntry], str | None]] = {
+        "llamacpp": lambda e: e.image,
+        "ollama": lambda e: config.ollama.image,
+    }
+    users = {
+        backend: [i for i, e in enumerate(config.models) if e.backend == backend and image_of(e) is None]
+        for backend, image_of in own_image.items()
+    }
     for backend, indexes in users.items():
         for profile in candidates if indexes else []:
             image = getattr(profile.defaults.images, backend)
             if not matches(image, allowed):
                 users_text = ", ".join(f"models[{i}]" for i in indexes)
-                problems.append((("daemon", "policy", "allowed_images"),
-                                 f"profile {profile.name}'s {backend} image '{image}', which {users_text} would run, "
-                                 f"{rule}: allow it, set the image, or name another profile"))
+                problems.append(
+                    (
+                        ("daemon", "policy", "allowed_images"),
+                        f"profile {profile.name}'s {backend} image '{image}', which {users_text} would run, "
+                        f"{rule}: allow it, set the image, or name another profile",
+                    )
+                )
     return problems
 
 
@@ -242,8 +421,11 @@ def path_problems(config: Config, policy: Policy, check_files: bool) -> list[Pro
     if check_files and not policy.models_root.is_dir():
         return [(("daemon", "policy", "models_root"), f"{policy.models_root} is not a directory")]
     root = Path(os.path.realpath(policy.models_root))
-    problems: list[Problem] = [(("models", index, "gguf"), why) for index, entry in enumerate(config.models)
-                               if entry.gguf is not None and (why := escapes(entry.gguf, root))]
+    problems: list[Problem] = [
+        (("models", index, "gguf"), why)
+        for index, entry in enumerate(config.models)
+        if entry.gguf is not None and (why := escapes(entry.gguf, root))
+    ]
     store = config.ollama.models_dir
     if store is not None:
         real = Path(os.path.realpath(store))
@@ -262,12 +444,16 @@ def extra_arg_problems(config: Config, policy: Policy) -> list[Problem]:
         for position, arg in enumerate(entry.extra_args):
             flag = flag_of(arg)
             if flag is not None and flag not in allowed and flag not in ALWAYS_DENIED_FLAGS:
-                problems.append((("models", index, "extra_args", position),
-                                 f"'{flag}' is not in daemon.policy.allowed_extra_args"))
+                problems.append(
+                    (("models", index, "extra_args", position), f"'{flag}' is not in daemon.policy.allowed_extra_args")
+                )
     return problems
 
 
 def env_problems(config: Config, policy: Policy) -> list[Problem]:
     allowed = DEFAULT_OLLAMA_ENV if policy.allowed_ollama_env is None else policy.allowed_ollama_env
-    return [(("ollama", "env", name), f"{name} is not in daemon.policy.allowed_ollama_env")
-            for name in config.ollama.env if not matches(name, allowed) and denied_env(name) is None]
+    return [
+        (("ollama", "env", name), f"{name} is not in daemon.policy.allowed_ollama_env")
+        for name in config.ollama.env
+        if not matches(name, allowed) and denied_env(name) is None
+    ]

@@ -45,9 +45,26 @@ def parse_duration(value: object) -> object:
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
-_UNIT_BYTES = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "KI": 2**10, "KIB": 2**10, "M": 10**6, "MB": 10**6,
-               "MI": 2**20, "MIB": 2**20, "G": 10**9, "GB": 10**9, "GI": 2**30, "GIB": 2**30, "T": 10**12,
-               "TB": 10**12, "TI": 2**40, "TIB": 2**40}
+_UNIT_BYTES = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "KI": 2**10,
+    "KIB": 2**10,
+    "M": 10**6,
+    "MB": 10**6,
+    "MI": 2**20,
+    "MIB": 2**20,
+    "G": 10**9,
+    "GB": 10**9,
+    "GI": 2**30,
+    "GIB": 2**30,
+    "T": 10**12,
+    "TB": 10**12,
+    "TI": 2**40,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value: object) -> object:
@@ -68,8 +85,9 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 Problem = tuple[Loc, str]  # (location, reason): ``describe`` makes it a line of a ConfigError
 
 
-def read_model(path: Path, model: type[ModelT], context: dict[str, Any] | None = None,
-               text: str | None = None) -> tuple[ModelT, YamlDoc]:
+def read_model(
+    path: Path, model: type[ModelT], context: dict[str, Any] | None = None, text: str | None = None
+) -> tuple[ModelT, YamlDoc]:
     """Read ``path`` (or ``text``, named ``path``) as YAML and validate it as ``model``; raise ConfigError."""
     if text is None:
         try:
@@ -86,9 +104,7 @@ def read_model(path: Path, model: type[ModelT], context: dict[str, Any] | None =
     try:
         return model.model_validate(doc.data, context=context), doc
     except ValidationError as exc:
-        problems = [
-            describe(path, doc, tuple(err["loc"]), _reason(err)) for err in exc.errors(include_url=False)
-        ]
+        problems = [describe(path, doc, tuple(err["loc"]), _reason(err)) for err in exc.errors(include_url=False)]
         raise ConfigError(str(path), problems) from None
 
 

@@ -36,8 +36,9 @@ LLAMA_FLAGS_SET_BY_LOCALLLM = {
     **dict.fromkeys(("-ctk", "--cache-type-k"), "cache_type_k"),
     **dict.fromkeys(("-ctv", "--cache-type-v"), "cache_type_v"),
     **dict.fromkeys(("-fa", "--flash-attn"), "flash_attention"),
-    **dict.fromkeys(("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"),
-                    "nothing (localllm pins --fit off)"),
+    **dict.fromkeys(
+        ("-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx"), "nothing (localllm pins --fit off)"
+    ),
     **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers"), "gpu_layers"),
     **dict.fromkeys(("-dev", "--device"), "the scheduler's placement"),
 }
@@ -78,8 +79,10 @@ class ModelEntry(Strict):
         for arg in args:
             flag = flag_of(arg)
             if flag in LLAMA_FLAGS_SET_BY_LOCALLLM:
-                raise ValueError(f"'{flag}' is set by localllm, which sizes the model's memory by it; "
-                                 f"set {LLAMA_FLAGS_SET_BY_LOCALLLM[flag]} instead")
+                raise ValueError(
+                    f"'{flag}' is set by localllm, which sizes the model's memory by it; "
+                    f"set {LLAMA_FLAGS_SET_BY_LOCALLLM[flag]} instead"
+                )
         return args
 
     @field_validator("gguf")
@@ -95,21 +98,27 @@ class ModelEntry(Strict):
             if self.tag is not None or self.pull:
                 raise ValueError("'tag' and 'pull' are for backend: ollama")
             if not self.flash_attention and self.cache_type_v not in UNQUANTIZED:
-                raise ValueError(f"cache_type_v: {self.cache_type_v} needs flash_attention: true (llama.cpp refuses "
-                                 "a quantized V cache without flash attention)")
+                raise ValueError(
+                    f"cache_type_v: {self.cache_type_v} needs flash_attention: true (llama.cpp refuses "
+                    "a quantized V cache without flash attention)"
+                )
             return self
         if self.tag is None:
             raise ValueError("an ollama model needs 'tag' (its name in Ollama, e.g. llama3.2:1b)")
         if self.context_size is not None:
-            raise ValueError("context_size: an Ollama model runs with the server's context (ollama.context_size): "
-                             "Ollama reloads a model at every request whose context differs")
+            raise ValueError(
+                "context_size: an Ollama model runs with the server's context (ollama.context_size): "
+                "Ollama reloads a model at every request whose context differs"
+            )
         llama_only = [name for name in ("gguf", "gpu_layers", "image", "parallel") if getattr(self, name) is not None]
         llama_only += [name for name in ("extra_args",) if getattr(self, name)]
         llama_only += [name for name in ("cache_type_k", "cache_type_v") if getattr(self, name) != "f16"]
         llama_only += [name for name in ("flash_attention",) if not getattr(self, name)]
         if llama_only:
-            raise ValueError(f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull "
-                             "and memory, and the ollama: section sets up its server")
+            raise ValueError(
+                f"{', '.join(llama_only)}: llama.cpp settings; an ollama model takes tag, pull "
+                "and memory, and the ollama: section sets up its server"
+            )
         return self
 
     @property
@@ -178,8 +187,10 @@ class ProxyLimits(Strict):
     @model_validator(mode="after")
     def _budget_holds_a_body(self) -> ProxyLimits:
         if self.body_budget < self.max_body:
-            raise ValueError(f"body_budget ({self.body_budget} bytes) is smaller than max_body ({self.max_body} "
-                             "bytes): a body of max_body could never be accepted")
+            raise ValueError(
+                f"body_budget ({self.body_budget} bytes) is smaller than max_body ({self.max_body} "
+                "bytes): a body of max_body could never be accepted"
+            )
         return self
 
 
@@ -241,9 +252,16 @@ class DaemonSettings(Strict):
         return self.control_socket or self.state_dir / "control.sock"
 
 
-OLLAMA_ENV_SET_BY_LOCALLLM = {"OLLAMA_HOST", "OLLAMA_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_NUM_PARALLEL",
-                              "OLLAMA_FLASH_ATTENTION", "OLLAMA_CONTEXT_LENGTH", "OLLAMA_MAX_LOADED_MODELS",
-                              "HOME"}  # HOME: where the store is mounted for a server that is not root
+OLLAMA_ENV_SET_BY_LOCALLLM = {
+    "OLLAMA_HOST",
+    "OLLAMA_MODELS",
+    "OLLAMA_KEEP_ALIVE",
+    "OLLAMA_NUM_PARALLEL",
+    "OLLAMA_FLASH_ATTENTION",
+    "OLLAMA_CONTEXT_LENGTH",
+    "OLLAMA_MAX_LOADED_MODELS",
+    "HOME",
+}  # HOME: where the store is mounted for a server that is not root
 
 
 class OllamaSettings(Strict):
@@ -297,8 +315,7 @@ class Config(Strict):
         return None
 
 
-def load_config(path: Path, check_files: bool = True, text: str | None = None,
-                running: Config | None = None) -> Config:
+def load_config(path: Path, check_files: bool = True, text: str | None = None, running: Config | None = None) -> Config:
     """Read, validate and cross-check a config file (or its ``text``, sent from elsewhere); raise ConfigError.
 
     The file is held to its own ``daemon.policy``, or to ``running``'s when given: a config applied to a
@@ -307,9 +324,14 @@ def load_config(path: Path, check_files: bool = True, text: str | None = None,
     path = Path(path)
     config, doc = read_model(path, Config, context={"base_dir": path.resolve().parent}, text=text)
     policy = (running or config).daemon.policy
-    found = (check_ports(config) + check_exposure(config) + control_problems(config.daemon, check_files)
-             + cross_check(config, check_files) + check_profile(config)
-             + policy_problems(config, policy, known_profiles(config) if policy else {}, check_files))
+    found = (
+        check_ports(config)
+        + check_exposure(config)
+        + control_problems(config.daemon, check_files)
+        + cross_check(config, check_files)
+        + check_profile(config)
+        + policy_problems(config, policy, known_profiles(config) if policy else {}, check_files)
+    )
     problems = [describe(path, doc, loc, reason) for loc, reason in found]
     if problems:
         raise ConfigError(str(path), problems)
@@ -321,8 +343,13 @@ def check_ports(config: Config) -> list[Problem]:
     daemon = config.daemon
     problems: list[Problem] = []
     if daemon.control_listen is not None and daemon.control_listen.port in {lst.port for lst in daemon.proxy_listen}:
-        problems.append((("daemon", "control_listen"), f"control_listen {daemon.control_listen} uses a proxy_listen "
-                                                       "port: the control API needs a port of its own"))
+        problems.append(
+            (
+                ("daemon", "control_listen"),
+                f"control_listen {daemon.control_listen} uses a proxy_listen "
+                "port: the control API needs a port of its own",
+            )
+        )
     return problems
 
 
@@ -331,11 +358,16 @@ def check_exposure(config: Config) -> list[Problem]:
     daemon = config.daemon
     if daemon.api_keys or daemon.allow_anonymous:
         return []
-    return [(("daemon", "proxy_listen", index),
-             f"{listen} is not a loopback address, and daemon.api_keys is empty: anyone who can reach it could "
-             f"use every model. Set daemon.api_keys (each at least {MIN_API_KEY} characters, e.g. from "
-             "`openssl rand -hex 32`), listen on 127.0.0.1, or set daemon.allow_anonymous: true")
-            for index, listen in enumerate(daemon.proxy_listen) if not is_loopback(listen.host)]
+    return [
+        (
+            ("daemon", "proxy_listen", index),
+            f"{listen} is not a loopback address, and daemon.api_keys is empty: anyone who can reach it could "
+            f"use every model. Set daemon.api_keys (each at least {MIN_API_KEY} characters, e.g. from "
+            "`openssl rand -hex 32`), listen on 127.0.0.1, or set daemon.allow_anonymous: true",
+        )
+        for index, listen in enumerate(daemon.proxy_listen)
+        if not is_loopback(listen.host)
+    ]
 
 
 def check_profile(config: Config) -> list[Problem]:
@@ -389,11 +421,21 @@ def cross_check(config: Config, check_files: bool = True) -> list[Problem]:
                 problems.append((loc, f"duplicate model name '{name}' (also models[{first_owner[name]}])"))
             first_owner.setdefault(name, index)
         if entry.tag is not None:
-            twin = next((i for i, other in enumerate(config.models[:index])
-                         if other.tag is not None and same_tag(other.tag, entry.tag)), None)
+            twin = next(
+                (
+                    i
+                    for i, other in enumerate(config.models[:index])
+                    if other.tag is not None and same_tag(other.tag, entry.tag)
+                ),
+                None,
+            )
             if twin is not None:
-                problems.append((("models", index, "tag"), f"tag '{entry.tag}' is also models[{twin}]'s: unloading "
-                                                           "one would unload the other"))
+                problems.append(
+                    (
+                        ("models", index, "tag"),
+                        f"tag '{entry.tag}' is also models[{twin}]'s: unloading one would unload the other",
+                    )
+                )
         if check_files and entry.gguf is not None and not entry.gguf.is_file():
             what = "is not a file" if entry.gguf.exists() else "does not exist"
             problems.append((("models", index, "gguf"), f"model file {entry.gguf} {what}"))

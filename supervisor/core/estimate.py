@@ -45,8 +45,15 @@ DEFAULT_UBATCH = 512
 DEFAULT_BATCH = 2048  # llama-server's -b, which we leave alone: it caps the micro-batch
 KV_PAD = 256  # llama.cpp pads the context, each stream and the sliding-window cache to this
 CACHE_TYPE_BYTES = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0,
-    "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
 }
 
 
@@ -79,9 +86,17 @@ class Estimate:
         return self.weights + self.kv_cache + self.compute + self.outputs + self.overhead
 
     def as_dict(self) -> dict[str, int]:
-        return {"weights": self.weights, "output_head": self.output_head, "kv_cache": self.kv_cache,
-                "compute": self.compute, "outputs": self.outputs, "overhead": self.overhead, "total": self.total,
-                "offloaded_layers": self.offloaded_layers, "total_layers": self.total_layers}
+        return {
+            "weights": self.weights,
+            "output_head": self.output_head,
+            "kv_cache": self.kv_cache,
+            "compute": self.compute,
+            "outputs": self.outputs,
+            "overhead": self.overhead,
+            "total": self.total,
+            "offloaded_layers": self.offloaded_layers,
+            "total_layers": self.total_layers,
+        }
 
 
 def estimate(facts: GgufFacts, launch: LaunchSettings) -> Estimate:

@@ -99,12 +99,21 @@ def devices_for(profile: Profile, readings: list[GpuReading] | None) -> list[Dev
         return [Device("cpu", max(0, budget))]
     reserve = int(profile.defaults.vram_reserve_gib * gib)
     if readings:
-        return [Device(f"gpu{r.index}", 0, 0, r.index, r.uuid or None, r.problem) if r.problem else
-                Device(f"gpu{r.index}", max(0, r.total_bytes - r.reserved_bytes - reserve),
-                       max(0, r.free_bytes - reserve), r.index, r.uuid or None)
-                for r in readings]
-    return [Device(f"gpu{i}", max(0, int(g.vram_gib * gib) - reserve), None, i)
-            for i, g in enumerate(profile.hardware.gpus)]
+        return [
+            Device(f"gpu{r.index}", 0, 0, r.index, r.uuid or None, r.problem)
+            if r.problem
+            else Device(
+                f"gpu{r.index}",
+                max(0, r.total_bytes - r.reserved_bytes - reserve),
+                max(0, r.free_bytes - reserve),
+                r.index,
+                r.uuid or None,
+            )
+            for r in readings
+        ]
+    return [
+        Device(f"gpu{i}", max(0, int(g.vram_gib * gib) - reserve), None, i) for i, g in enumerate(profile.hardware.gpus)
+    ]
 
 
 def free_on(device: Device, residents: Sequence[Resident]) -> int:
@@ -117,8 +126,9 @@ def expired(resident: Resident, now: float) -> bool:
     return resident.ttl is not None and now - resident.last_used >= resident.ttl
 
 
-def plan_admission(name: str, need: int, devices: Sequence[Device], residents: Sequence[Resident],
-                   now: float, min_residency: float) -> Decision:
+def plan_admission(
+    name: str, need: int, devices: Sequence[Device], residents: Sequence[Resident], now: float, min_residency: float
+) -> Decision:
     """Where ``name`` (needing ``need`` bytes) goes now, what must go first, or why it must wait or cannot run."""
     if not devices:
         return Refuse(f"no device to place '{name}' on: the devices it may use are not on this host")
@@ -130,16 +140,22 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
     others = [r for r in residents if r.name != name]
     largest = max(devices, key=lambda d: d.budget)
     if need > largest.budget:
-        return Refuse(f"'{name}' needs {_mib(need)} but the largest device budget is {_mib(largest.budget)} "
-                      f"({largest.id}); lower its context_size, or set gpu_layers for partial offload")
+        return Refuse(
+            f"'{name}' needs {_mib(need)} but the largest device budget is {_mib(largest.budget)} "
+            f"({largest.id}); lower its context_size, or set gpu_layers for partial offload"
+        )
     pinned_room = {d.id: d.budget - sum(r.bytes for r in others if r.device == d.id and r.pinned) for d in devices}
     if all(need > room for room in pinned_room.values()):
-        return Refuse(f"'{name}' needs {_mib(need)} but pinned models leave at most "
-                      f"{_mib(max(pinned_room.values()))} on any device")
+        return Refuse(
+            f"'{name}' needs {_mib(need)} but pinned models leave at most "
+            f"{_mib(max(pinned_room.values()))} on any device"
+        )
     hopeless = [d for d in devices if _never_fits(d, need, others, pinned_room[d.id])]
     if len(hopeless) == len(devices):
-        return Refuse(f"'{name}' needs {_mib(need)}, more than any device can give: "
-                      + "; ".join(_room_in_words(d, others, pinned_room[d.id]) for d in devices))
+        return Refuse(
+            f"'{name}' needs {_mib(need)}, more than any device can give: "
+            + "; ".join(_room_in_words(d, others, pinned_room[d.id]) for d in devices)
+        )
 
     fitting = [(free_on(d, others) - need, d.id) for d in devices if need <= free_on(d, others)]
     if fitting:
@@ -165,8 +181,10 @@ def plan_admission(name: str, need: int, devices: Sequence[Device], residents: S
     if options:
         _, freed, device_id, chosen = min(options, key=lambda o: o[:3])
         names = tuple(r.name for r in chosen)
-        details = ", ".join(f"{r.name} ({_mib(r.bytes)}, {'ttl expired' if expired(r, now) else 'idle'} "
-                            f"{now - r.last_used:.0f}s)" for r in chosen)
+        details = ", ".join(
+            f"{r.name} ({_mib(r.bytes)}, {'ttl expired' if expired(r, now) else 'idle'} {now - r.last_used:.0f}s)"
+            for r in chosen
+        )
         return Admit(device_id, names, f"'{name}' ({_mib(need)}) goes on {device_id} after evicting {details}")
     reasons = "; ".join(f"{n}: {why}" for n, why in sorted(blocked.items())) or "nothing can be evicted"
     return Wait(f"'{name}' ({_mib(need)}) waits for room: {reasons}", tuple(sorted(blockers)))
@@ -186,8 +204,10 @@ def _room_in_words(device: Device, others: Sequence[Resident], pinned_room: int)
     if pinned_room < device.budget:
         return f"{device.id} has {_mib(pinned_room)} beside pinned models"
     if device.measured_free is not None and not any(r.device == device.id for r in others):
-        return (f"{device.id} has {_mib(device.measured_free)} free of its {_mib(device.budget)} budget "
-                "with none of our models on it (the driver or other processes use the rest)")
+        return (
+            f"{device.id} has {_mib(device.measured_free)} free of its {_mib(device.budget)} budget "
+            "with none of our models on it (the driver or other processes use the rest)"
+        )
     return f"{device.id} has a budget of {_mib(device.budget)}"
 
 
@@ -208,8 +228,9 @@ def _why_not_evictable(r: Resident, now: float, min_residency: float) -> str | N
     return None
 
 
-def _covering_evictions(on_device: list[Resident], shortfall: int, now: float,
-                        min_residency: float) -> list[Resident] | None:
+def _covering_evictions(
+    on_device: list[Resident], shortfall: int, now: float, min_residency: float
+) -> list[Resident] | None:
     """The smallest set, taken in eviction order, whose bytes cover ``shortfall``; None if none does."""
     evictable = eviction_order((r for r in on_device if _why_not_evictable(r, now, min_residency) is None), now)
     chosen: list[Resident] = []

@@ -75,9 +75,16 @@ class Scheduler:
         if slot.gave_up and slot.error is not None:
             return ticket.id, [Reject(ticket.id, model, slot.error)]
         if self.waiting() >= self.limits.max_queue:
-            return ticket.id, [Reject(ticket.id, model, QueueFull(
-                f"{self.waiting()} requests are already waiting (max_queue {self.limits.max_queue})",
-                retry_after=RETRY_AFTER))]
+            return ticket.id, [
+                Reject(
+                    ticket.id,
+                    model,
+                    QueueFull(
+                        f"{self.waiting()} requests are already waiting (max_queue {self.limits.max_queue})",
+                        retry_after=RETRY_AFTER,
+                    ),
+                )
+            ]
         self.queue.setdefault(model, []).append(ticket)
         return ticket.id, self._pump(now)
 
@@ -197,9 +204,15 @@ class Scheduler:
 
         A backoff already over needs no wake-up: the start was tried, or waits for room (the tick retries).
         """
-        due = [s.retry_at for s in self.slots.values()
-               if s.phase is Phase.FAILED and not s.gave_up and not s.held and s.retry_at > now
-               and (s.wanted or s.name in self.queue)]
+        due = [
+            s.retry_at
+            for s in self.slots.values()
+            if s.phase is Phase.FAILED
+            and not s.gave_up
+            and not s.held
+            and s.retry_at > now
+            and (s.wanted or s.name in self.queue)
+        ]
         return min(due) if due else None
 
     def unload(self, model: str, now: float, reason: str, cause: StopCause = StopCause.UNLOAD) -> list[Action]:
@@ -226,16 +239,29 @@ class Scheduler:
             keep = [t for t in tickets if now - t.since < self.limits.queue_timeout]
             for t in tickets:
                 if t not in keep:
-                    actions.append(Reject(t.id, model, QueueTimeout(
-                        f"waited {now - t.since:.0f}s for '{model}' (queue_timeout {self.limits.queue_timeout:g}s)",
-                        retry_after=RETRY_AFTER)))
+                    actions.append(
+                        Reject(
+                            t.id,
+                            model,
+                            QueueTimeout(
+                                f"waited {now - t.since:.0f}s for '{model}' "
+                                f"(queue_timeout {self.limits.queue_timeout:g}s)",
+                                retry_after=RETRY_AFTER,
+                            ),
+                        )
+                    )
             if keep:
                 self.queue[model] = keep
             else:
                 del self.queue[model]
         for slot in self.slots.values():
-            if (slot.phase is Phase.READY and slot.in_flight == 0 and not slot.pinned and slot.ttl
-                    and now - slot.last_used >= slot.ttl):
+            if (
+                slot.phase is Phase.READY
+                and slot.in_flight == 0
+                and not slot.pinned
+                and slot.ttl
+                and now - slot.last_used >= slot.ttl
+            ):
                 self._move(slot, Phase.STOPPING)
                 slot.wanted = False
                 idle = f"idle for {now - slot.last_used:.0f}s (ttl {slot.ttl:g}s)"
@@ -246,8 +272,18 @@ class Scheduler:
 
     def view(self, model: str) -> SlotView:
         slot = self.slots[model]
-        return SlotView(slot.phase, slot.device, slot.need, slot.in_flight, len(self.queue.get(model, ())),
-                        slot.held, slot.error, slot.ttl, slot.failures, slot.gave_up)
+        return SlotView(
+            slot.phase,
+            slot.device,
+            slot.need,
+            slot.in_flight,
+            len(self.queue.get(model, ())),
+            slot.held,
+            slot.error,
+            slot.ttl,
+            slot.failures,
+            slot.gave_up,
+        )
 
     def views(self) -> dict[str, SlotView]:
         """Every model's view, in catalog order."""
@@ -261,21 +297,32 @@ class Scheduler:
         return sum(len(tickets) for tickets in self.queue.values())
 
     def residents(self) -> list[Resident]:
-        held = [Resident(f"{name}#new", device, need, busy_changing=True)
-                for name, (device, need) in self._launches.items()]
+        held = [
+            Resident(f"{name}#new", device, need, busy_changing=True) for name, (device, need) in self._launches.items()
+        ]
         return held + [
-            Resident(s.name, s.device or "", s.need, s.in_flight, s.pinned,
-                     busy_changing=s.phase is not Phase.READY, last_used=s.last_used,
-                     loaded_at=s.loaded_at, ttl=s.ttl)
-            for s in self.slots.values() if s.holds_memory
+            Resident(
+                s.name,
+                s.device or "",
+                s.need,
+                s.in_flight,
+                s.pinned,
+                busy_changing=s.phase is not Phase.READY,
+                last_used=s.last_used,
+                loaded_at=s.loaded_at,
+                ttl=s.ttl,
+            )
+            for s in self.slots.values()
+            if s.holds_memory
         ]
 
     def replace_slots(self, slots: list[ModelSlot], now: float) -> list[Action]:
         """A new catalog: keep the live state of models that stay, reject requests for models that went."""
         actions: list[Action] = []
         for name in set(self.slots) - {s.name for s in slots}:
-            actions += [Reject(t.id, name, UnknownModel(name, [s.name for s in slots]))
-                        for t in self.queue.pop(name, [])]
+            actions += [
+                Reject(t.id, name, UnknownModel(name, [s.name for s in slots])) for t in self.queue.pop(name, [])
+            ]
         kept = {s.name for s in slots}
         for slot in self.slots.values():
             slot.awaiting &= kept  # a dropped model's stop is no longer awaited
@@ -305,11 +352,17 @@ class Scheduler:
                 if not slot.draining and not slot.held and model in self.queue:
                     actions += [self._grant(t, now) for t in self.queue.pop(model)]
                 continue
-            if (blocked or slot.phase not in (Phase.STOPPED, Phase.FAILED) or slot.gave_up or slot.held
-                    or slot.retry_at > now):
+            if (
+                blocked
+                or slot.phase not in (Phase.STOPPED, Phase.FAILED)
+                or slot.gave_up
+                or slot.held
+                or slot.retry_at > now
+            ):
                 continue  # behind a waiting group, busy starting or stopping, given up, or backing off
-            decision = plan_admission(model, slot.need, self.devices_for(slot), self.residents(), now,
-                                      self.limits.min_residency)
+            decision = plan_admission(
+                model, slot.need, self.devices_for(slot), self.residents(), now, self.limits.min_residency
+            )
             if isinstance(decision, Refuse):
                 error = ModelTooLarge(decision.reason)
                 slot.wanted = False
@@ -351,15 +404,17 @@ class Scheduler:
             slot.gave_up = True
             slot.error = ModelGaveUp(
                 f"'{slot.name}' failed {slot.failures} times in a row and will not be restarted until an "
-                f"operator acts or the config changes; last error: {error.message}")
+                f"operator acts or the config changes; last error: {error.message}"
+            )
             rejected: list[Action] = [Reject(t.id, slot.name, slot.error) for t in self.queue.pop(slot.name, [])]
             return rejected + [Note(slot.name, slot.error.message)]
         delay = self.limits.restart_delay_after(slot.failures)
         slot.retry_at = now + delay
         rejected = [Reject(t.id, slot.name, error) for t in self.queue.pop(slot.name, [])]
         what = "restarting" if slot.wanted else "next start possible"
-        return rejected + [Note(slot.name, f"failure {slot.failures} of {self.limits.max_failures}: "
-                                           f"{what} in {delay:g}s")]
+        return rejected + [
+            Note(slot.name, f"failure {slot.failures} of {self.limits.max_failures}: {what} in {delay:g}s")
+        ]
 
     def _admit(self, slot: ModelSlot, decision: Admit) -> list[Action]:
         actions: list[Action] = []
@@ -391,4 +446,3 @@ class Scheduler:
             return []
         self._last_note[model] = message
         return [Note(model, message)]
-

@@ -143,8 +143,15 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: DaemonSettings) -> Limits:
         restart = settings.restart
-        return cls(settings.max_queue, settings.queue_timeout, settings.min_residency,
-                   restart.delay, restart.max_delay, restart.stable_after, restart.max_failures)
+        return cls(
+            settings.max_queue,
+            settings.queue_timeout,
+            settings.min_residency,
+            restart.delay,
+            restart.max_delay,
+            restart.stable_after,
+            restart.max_failures,
+        )
 
     def restart_delay_after(self, failures: int) -> float:
         return min(self.restart_max_delay, self.restart_delay * 2.0 ** (failures - 1))

@@ -70,8 +70,9 @@ class Adopter:
         if device is None:
             return adoption.Wanted(problem="its config changed (its device is not one of this host's now)")
         try:
-            return adoption.Wanted(spec=fleet.hosting_of(instance.entry).spec_for(
-                instance.entry, endpoint, device.id, fleet.config))
+            return adoption.Wanted(
+                spec=fleet.hosting_of(instance.entry).spec_for(instance.entry, endpoint, device.id, fleet.config)
+            )
         except LocalllmError as exc:
             return adoption.Wanted(problem=exc.message)
 
@@ -98,8 +99,11 @@ class Adopter:
         fleet = self.fleet
         owned = {i.container_id for i in fleet.instances.values() if i.container_id} | fleet.ledger.protected()
         owned = owned.union(*(h.containers() for h in fleet.hostings.values()))  # their own servers
-        removals = [step for step in adoption.plan(found, {}, frozenset(owned), sweep_only=True)
-                    if step.action is adoption.Action.REMOVE]
+        removals = [
+            step
+            for step in adoption.plan(found, {}, frozenset(owned), sweep_only=True)
+            if step.action is adoption.Action.REMOVE
+        ]
         for step in removals:
             logger.warning("removing container {}: {}", step.container.name, step.reason)
             await self.fleet.runtime.stop_and_remove(step.container.id, grace)

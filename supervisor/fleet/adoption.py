@@ -50,8 +50,9 @@ class Step:
     spec: object | None = None  # what an adopted container runs
 
 
-def plan(found: list[ContainerInfo], wanted: dict[str, Wanted], owned: frozenset[str] = frozenset(),
-         sweep_only: bool = False) -> list[Step]:
+def plan(
+    found: list[ContainerInfo], wanted: dict[str, Wanted], owned: frozenset[str] = frozenset(), sweep_only: bool = False
+) -> list[Step]:
     """The step for every found container, running ones first, each model's first one claiming it.
 
     ``wanted``: container id -> what it should be. ``owned``: ids a running model already holds (left

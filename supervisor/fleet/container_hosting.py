@@ -48,8 +48,15 @@ class ContainerHosting:
     def spec_for(self, entry: ModelEntry, endpoint: Endpoint, device_id: str | None, config: Config) -> ContainerSpec:
         fleet = self.fleet
         try:
-            return self.backend.container_spec(entry, fleet.profile, fleet.settings, endpoint, fleet.device(device_id),
-                                               self._memory_need(entry), server_user())
+            return self.backend.container_spec(
+                entry,
+                fleet.profile,
+                fleet.settings,
+                endpoint,
+                fleet.device(device_id),
+                self._memory_need(entry),
+                server_user(),
+            )
         except ValueError as exc:  # no such GPU here: say so rather than run it on every GPU
             raise ModelStartFailed(entry.name, str(exc)) from None
 
@@ -74,9 +81,14 @@ class ContainerHosting:
         info = await fleet.runtime.run(instance.spec)  # a cancelled start leaves no container: the runtime removes it
         instance.container_id = info.id
         logger.bind(model=name).info("container {} started ({})", info.name, endpoint)
-        await wait_until_ready(fleet.runtime, fleet.session, model=name, container_id=info.id,
-                               url=endpoint.url + self.backend.readiness_path,
-                               deadline=entry.startup_timeout or fleet.settings.startup_timeout)
+        await wait_until_ready(
+            fleet.runtime,
+            fleet.session,
+            model=name,
+            container_id=info.id,
+            url=endpoint.url + self.backend.readiness_path,
+            deadline=entry.startup_timeout or fleet.settings.startup_timeout,
+        )
         if fleet.meter is not None:  # a ready GPU model must show up in NVML on its GPU
             used = await fleet.meter.on_its_gpu(instance, fleet.device(device_id))
             if used:
@@ -96,14 +108,16 @@ class ContainerHosting:
         if container_id is not None:
             for attempt in range(DISCARD_ATTEMPTS):
                 try:
-                    await fleet.runtime.stop_and_remove(container_id,
-                                                        fleet.settings.stop_grace if grace is None else grace)
+                    await fleet.runtime.stop_and_remove(
+                        container_id, fleet.settings.stop_grace if grace is None else grace
+                    )
                     break
                 except LocalllmError as exc:
                     if attempt == DISCARD_ATTEMPTS - 1:
                         raise
-                    logger.bind(model=instance.name).warning("removing {} failed ({}); retrying",
-                                                             container_id[:12], exc.message)
+                    logger.bind(model=instance.name).warning(
+                        "removing {} failed ({}); retrying", container_id[:12], exc.message
+                    )
                     await asyncio.sleep(0.5 * 2**attempt)
             logger.bind(model=instance.name).info("container {} stopped and removed", container_id[:12])
         instance.forget_server(container_id)
@@ -122,9 +136,14 @@ class ContainerHosting:
                 spec = self.spec_for(entry, endpoint, device_id, config)
                 container_id = (await fleet.runtime.run(spec)).id
                 fleet.ledger.protect(container_id)
-                await wait_until_ready(fleet.runtime, fleet.session, model=entry.name, container_id=container_id,
-                                       url=endpoint.url + self.backend.readiness_path,
-                                       deadline=entry.startup_timeout or fleet.settings.startup_timeout)
+                await wait_until_ready(
+                    fleet.runtime,
+                    fleet.session,
+                    model=entry.name,
+                    container_id=container_id,
+                    url=endpoint.url + self.backend.readiness_path,
+                    deadline=entry.startup_timeout or fleet.settings.startup_timeout,
+                )
                 return spec, container_id
             except BaseException:
                 if container_id is not None:
@@ -165,8 +184,11 @@ class ContainerHosting:
         fleet = self.fleet
         if fleet.meter is None:
             return
-        ready = [i for i in fleet.instances_of(self) if fleet.phase(i) is Phase.READY and i.container_id
-                 and i.sizing.launch.on_gpu]
+        ready = [
+            i
+            for i in fleet.instances_of(self)
+            if fleet.phase(i) is Phase.READY and i.container_id and i.sizing.launch.on_gpu
+        ]
         if not ready:
             return
         used = await fleet.meter.used_by(i.container_id for i in ready if i.container_id)
@@ -190,8 +212,9 @@ class ContainerHosting:
         if not fleet.admit_adopted(instance, spec, info.id):
             return "it does not fit the memory budget"
         logger.bind(model=instance.name).info("adopted running container {} ({})", info.name, spec.endpoint)
-        fleet.events.publish(EventKind.ADOPT, f"adopted running container {info.name}", instance.name,
-                             container=info.id[:12])
+        fleet.events.publish(
+            EventKind.ADOPT, f"adopted running container {info.name}", instance.name, container=info.id[:12]
+        )
         return None
 
     def replaces_server(self, config: Config) -> bool:

@@ -48,8 +48,9 @@ class EventKind(StrEnum):
 
 def stop_event_kind(cause: StopCause) -> EventKind:
     """The kind a stop is published as: a crash, an eviction (ours or the server's own), else an unload."""
-    return {StopCause.CRASH: EventKind.CRASH, StopCause.EVICT: EventKind.EVICT,
-            StopCause.SERVER: EventKind.EVICT}.get(cause, EventKind.UNLOAD)
+    return {StopCause.CRASH: EventKind.CRASH, StopCause.EVICT: EventKind.EVICT, StopCause.SERVER: EventKind.EVICT}.get(
+        cause, EventKind.UNLOAD
+    )
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,14 @@ class Event:
     data: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
-        return {"id": self.id, "time": self.time, "kind": self.kind, "model": self.model,
-                "message": self.message, "data": self.data}
+        return {
+            "id": self.id,
+            "time": self.time,
+            "kind": self.kind,
+            "model": self.model,
+            "message": self.message,
+            "data": self.data,
+        }
 
 
 class Subscription:

@@ -39,8 +39,9 @@ class Measured(Protocol):
 
 
 class GpuMeter:
-    def __init__(self, watch: GpuWatch, learned: LearnedSizes | None, events: EventBus, profile: Profile,
-                 devices: list[Device]):
+    def __init__(
+        self, watch: GpuWatch, learned: LearnedSizes | None, events: EventBus, profile: Profile, devices: list[Device]
+    ):
         self.watch = watch
         self.learned = learned
         self.events = events
@@ -58,12 +59,24 @@ class GpuMeter:
             self._problems[device.id] = device.problem
             if device.problem:
                 logger.bind(device=device.id).error("unusable: {}", device.problem)
-                self.events.publish(EventKind.DEVICE, f"{device.id} is unusable: {device.problem}", None,
-                                    device=device.id, uuid=device.uuid, problem=device.problem)
+                self.events.publish(
+                    EventKind.DEVICE,
+                    f"{device.id} is unusable: {device.problem}",
+                    None,
+                    device=device.id,
+                    uuid=device.uuid,
+                    problem=device.problem,
+                )
             else:
                 logger.bind(device=device.id).warning("usable again (was: {})", before)
-                self.events.publish(EventKind.DEVICE, f"{device.id} is usable again", None, device=device.id,
-                                    uuid=device.uuid, problem=None)
+                self.events.publish(
+                    EventKind.DEVICE,
+                    f"{device.id} is usable again",
+                    None,
+                    device=device.id,
+                    uuid=device.uuid,
+                    problem=None,
+                )
         return devices
 
     async def used_by(self, containers: Iterable[str]) -> dict[str, int]:
@@ -101,12 +114,16 @@ class GpuMeter:
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(MEMORY_POLL)
-        raise ModelStartFailed(model.name, (
-            f"the server answers, but no process of its container uses {device.id} ({device.gpu_request}) in NVML "
-            f"{GPU_CHECK_WAIT:g}s after it became ready: it is running on the CPU. Likely causes: Docker gave the "
-            "container no GPU (is the NVIDIA Container Toolkit installed and set up as a Docker runtime?), the "
-            "driver is older than the image's CUDA needs (the container log says), or the GPU is a MIG parent; "
-            "localllmd itself must run in the host's PID namespace to see the container's processes"))
+        raise ModelStartFailed(
+            model.name,
+            (
+                f"the server answers, but no process of its container uses {device.id} ({device.gpu_request}) in NVML "
+                f"{GPU_CHECK_WAIT:g}s after it became ready: it is running on the CPU. Likely causes: Docker gave the "
+                "container no GPU (is the NVIDIA Container Toolkit installed and set up as a Docker runtime?), the "
+                "driver is older than the image's CUDA needs (the container log says), or the GPU is a MIG parent; "
+                "localllmd itself must run in the host's PID namespace to see the container's processes"
+            ),
+        )
 
     async def held(self, model: Measured, device: Device | None, shared: bool) -> tuple[Usage, int]:
         """What the model's container holds on ``device`` now, and how much of it stopping the model frees.
@@ -136,9 +153,19 @@ class GpuMeter:
                 return
             await asyncio.sleep(MEMORY_POLL)
         still, left = sum(now.get(pid, 0) for pid in held), len([pid for pid in held if pid in now])
-        message = (f"memory on {device.id} did not come back within {MEMORY_WAIT:g}s: {left} "
-                   f"process(es) still hold {still / 2**20:.1f} MiB of the {sum(held.values()) / 2**20:.1f} MiB "
-                   f"they held (expected to free {figure / 2**20:.1f} MiB)")
+        message = (
+            f"memory on {device.id} did not come back within {MEMORY_WAIT:g}s: {left} "
+            f"process(es) still hold {still / 2**20:.1f} MiB of the {sum(held.values()) / 2**20:.1f} MiB "
+            f"they held (expected to free {figure / 2**20:.1f} MiB)"
+        )
         logger.bind(model=name, device=device.id).warning("{}", message)
-        self.events.publish(EventKind.MEMORY_WAIT, message, name, device=device.id, held=sum(held.values()),
-                            still_held=still, expected=figure, seconds=MEMORY_WAIT)
+        self.events.publish(
+            EventKind.MEMORY_WAIT,
+            message,
+            name,
+            device=device.id,
+            held=sum(held.values()),
+            still_held=still,
+            expected=figure,
+            seconds=MEMORY_WAIT,
+        )

@@ -114,7 +114,7 @@ class EndpointPool:
             sweep_socket_dirs(self.servers, self.in_use())
             make_socket_dir(self.servers, endpoint, user or server_user())
         except OSError as exc:
-            raise ModelStartFailed(model, f"cannot make the directory for its socket in {self.servers}: "
-                                          f"{exc.strerror or exc}") from None
+            raise ModelStartFailed(
+                model, f"cannot make the directory for its socket in {self.servers}: {exc.strerror or exc}"
+            ) from None
         return endpoint
-

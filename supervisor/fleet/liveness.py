@@ -43,17 +43,25 @@ class Watch:
     async def _probe_liveness(self) -> None:
         fleet, liveness = self.fleet, self.fleet.settings.liveness
         ready = [i for i in fleet.instances.values() if fleet.phase(i) is Phase.READY and i.spec is not None]
-        answers = await asyncio.gather(*(
-            probe(fleet.session, i.base_url + backend_for(i.entry.backend).readiness_path, liveness.timeout)
-            for i in ready))
+        answers = await asyncio.gather(
+            *(
+                probe(fleet.session, i.base_url + backend_for(i.entry.backend).readiness_path, liveness.timeout)
+                for i in ready
+            )
+        )
         for instance, answer in zip(ready, answers, strict=True):
             if answer == 200:
                 instance.failed_probes = 0
                 continue
             instance.failed_probes += 1
             seen = f"HTTP {answer}" if answer else f"no answer within {liveness.timeout:g}s"
-            fleet.events.publish(EventKind.HEALTH_FAILURE, f"liveness probe failed ({seen})", instance.name,
-                                 failures=instance.failed_probes, seen=seen)
+            fleet.events.publish(
+                EventKind.HEALTH_FAILURE,
+                f"liveness probe failed ({seen})",
+                instance.name,
+                failures=instance.failed_probes,
+                seen=seen,
+            )
             if await self.check_exited(instance, "server exited"):
                 continue
             busy = answer is None and fleet.scheduler.view(instance.name).in_flight > 0

@@ -28,9 +28,15 @@ from supervisor.runtime.ollama_api import OllamaApi
 
 
 class OllamaHost:
-    def __init__(self, runtime: ContainerRuntime, session: aiohttp.ClientSession, profile: Profile,
-                 new_socket: Callable[[str, tuple[int, int]], Endpoint], stop_grace: float,
-                 device_of: Callable[[Config, str], Device | None]):
+    def __init__(
+        self,
+        runtime: ContainerRuntime,
+        session: aiohttp.ClientSession,
+        profile: Profile,
+        new_socket: Callable[[str, tuple[int, int]], Endpoint],
+        stop_grace: float,
+        device_of: Callable[[Config, str], Device | None],
+    ):
         self.runtime = runtime
         self.session = session
         self.profile = profile
@@ -62,8 +68,9 @@ class OllamaHost:
         try:
             Path(config.ollama_store).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ModelStartFailed(model, f"cannot create the Ollama store {config.ollama_store}: "
-                                          f"{exc.strerror or exc}") from None
+            raise ModelStartFailed(
+                model, f"cannot create the Ollama store {config.ollama_store}: {exc.strerror or exc}"
+            ) from None
         owner = store_owner(Path(config.ollama_store)) or (0, 0)  # the relay makes the socket as the server's user
         spec = self.server_spec(config, self.new_socket(model, owner), model)
         self.spec = spec
@@ -74,9 +81,14 @@ class OllamaHost:
             raise
         logger.info("Ollama server {} started ({})", spec.name, spec.endpoint)
         try:
-            await wait_until_ready(self.runtime, self.session, model=model, container_id=self.container_id,
-                                   url=spec.endpoint.url + ollama.readiness_path,
-                                   deadline=config.ollama.startup_timeout)
+            await wait_until_ready(
+                self.runtime,
+                self.session,
+                model=model,
+                container_id=self.container_id,
+                url=spec.endpoint.url + ollama.readiness_path,
+                deadline=config.ollama.startup_timeout,
+            )
         except BaseException as exc:
             if isinstance(exc, ModelStartFailed):
                 exc.message = f"the Ollama server did not start: {exc.message}"
@@ -86,8 +98,9 @@ class OllamaHost:
 
     def server_spec(self, config: Config, endpoint: Endpoint, model: str = "ollama") -> ContainerSpec:
         """The server for ``config`` on ``endpoint``: on its GPU, as the owner of its store."""
-        return ollama.server_spec(config, self.profile, endpoint, self.device_of(config, model),
-                                  store_owner(Path(config.ollama_store)))
+        return ollama.server_spec(
+            config, self.profile, endpoint, self.device_of(config, model), store_owner(Path(config.ollama_store))
+        )
 
     def adopt(self, spec: ContainerSpec, container_id: str) -> None:
         self.spec, self.container_id = spec, container_id
@@ -125,4 +138,3 @@ def store_owner(store: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_uid, info.st_gid
-

@@ -50,8 +50,9 @@ class OllamaHosting:
 
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
-        self.server = OllamaHost(fleet.runtime, fleet.session, fleet.profile, fleet.endpoints.new,
-                                 fleet.settings.stop_grace, self._device)
+        self.server = OllamaHost(
+            fleet.runtime, fleet.session, fleet.profile, fleet.endpoints.new, fleet.settings.stop_grace, self._device
+        )
         self._poll: asyncio.Task | None = None
         self._estimated_in: str | None = None  # the server whose /api/show estimates were taken
         self._pull_reported: dict[str, tuple[str, float]] = {}  # model -> last pull status published, and when
@@ -71,14 +72,16 @@ class OllamaHosting:
     def devices(self, config: Config) -> tuple[str, ...]:
         return (ollama.device_id(config.ollama, self.fleet.profile),)
 
-    def spec_for(self, entry: ModelEntry, endpoint: Endpoint, device_id: str | None,
-                 config: Config) -> ollama.ModelSpec:
+    def spec_for(
+        self, entry: ModelEntry, endpoint: Endpoint, device_id: str | None, config: Config
+    ) -> ollama.ModelSpec:
         return ollama.model_spec(entry, self.server.server_spec(config, endpoint, entry.name), device_id)
 
     def _patience(self, entry: ModelEntry | None = None) -> float:
         """How long an Ollama call may take that waits on a load (Ollama loads one model at a time)."""
-        return (entry.startup_timeout if entry and entry.startup_timeout else None) or \
-            self.fleet.settings.startup_timeout
+        return (
+            entry.startup_timeout if entry and entry.startup_timeout else None
+        ) or self.fleet.settings.startup_timeout
 
     # -- a model's start and stop -------------------------------------------------------------
 
@@ -98,10 +101,15 @@ class OllamaHosting:
             return  # measured at the next poll
         entry = find_loaded(loaded, instance.upstream_model)
         if entry is not None and fleet.profile.has_gpus and offload_of(entry)[0] == 0:
-            raise ModelStartFailed(instance.name, (
-                f"Ollama loaded '{spec.tag}' entirely on the CPU (size_vram 0 of {offload_of(entry)[1]} bytes): its "
-                f"server does not see {spec.device}. Likely causes: the NVIDIA Container Toolkit is not set up as a "
-                "Docker runtime, or the driver is older than the Ollama image needs (the server's log says)"))
+            raise ModelStartFailed(
+                instance.name,
+                (
+                    f"Ollama loaded '{spec.tag}' entirely on the CPU (size_vram 0 of {offload_of(entry)[1]} "
+                    f"bytes): its server does not see {spec.device}. Likely causes: the NVIDIA Container Toolkit "
+                    "is not set up as a Docker runtime, or the driver is older than the Ollama image needs (the "
+                    "server's log says)"
+                ),
+            )
         if entry is not None:
             self._observe(instance, entry)
 
@@ -111,8 +119,11 @@ class OllamaHosting:
         api, name = self.server.api(entry.name), entry.name
         if not await api.has(spec.tag):
             if not entry.pull:
-                raise ModelStartFailed(name, f"the Ollama server has no '{spec.tag}', and pull is off for it "
-                                             "(set pull: true, or pull it into the server yourself)")
+                raise ModelStartFailed(
+                    name,
+                    f"the Ollama server has no '{spec.tag}', and pull is off for it "
+                    "(set pull: true, or pull it into the server yourself)",
+                )
             await api.pull(spec.tag, lambda line: self._pull_progress(name, spec.tag, line))
         show: dict = {}
         with contextlib.suppress(LocalllmError):
@@ -123,9 +134,12 @@ class OllamaHosting:
         if guess and instance is not None and not entry.memory and instance.sizing.learned is None:
             instance.show_estimate = guess
         embedding = embedding_only(show)
-        logger.bind(model=name).info("loading '{}' into the Ollama server ({}{})", spec.tag,
-                                     f"the Modelfile's context {modelfile_context}" if modelfile_context
-                                     else f"context {spec.context}", ", an embedding model" if embedding else "")
+        logger.bind(model=name).info(
+            "loading '{}' into the Ollama server ({}{})",
+            spec.tag,
+            f"the Modelfile's context {modelfile_context}" if modelfile_context else f"context {spec.context}",
+            ", an embedding model" if embedding else "",
+        )
         deadline = self._patience(entry)
         try:
             async with asyncio.timeout(deadline):
@@ -229,8 +243,7 @@ class OllamaHosting:
     def _estimate_from_show(self, show: dict, context: int) -> int | None:
         """Ollama's own sizing, from ``/api/show``: every slot's KV cache, in the server's cache type."""
         settings = self.fleet.config.ollama
-        return estimate_from_show(show, context, settings.num_parallel,
-                                  settings.env.get("OLLAMA_KV_CACHE_TYPE", "f16"))
+        return estimate_from_show(show, context, settings.num_parallel, settings.env.get("OLLAMA_KV_CACHE_TYPE", "f16"))
 
     async def estimate(self, instance: Instance) -> dict | None:
         """``/api/show``'s estimate for a model nothing declares a size for, while the server runs."""
@@ -240,8 +253,9 @@ class OllamaHosting:
             show = await self.server.api(instance.name).show(instance.upstream_model)
         except LocalllmError as exc:
             return {"problem": exc.message}
-        instance.show_estimate = self._estimate_from_show(show, instance.sizing.launch.context) or \
-            instance.show_estimate
+        instance.show_estimate = (
+            self._estimate_from_show(show, instance.sizing.launch.context) or instance.show_estimate
+        )
         return {"details": show.get("details"), "estimate": instance.show_estimate}
 
     def _pull_progress(self, name: str, tag: str, line: dict) -> None:
@@ -254,8 +268,9 @@ class OllamaHosting:
             return
         self._pull_reported[name] = (status, now)
         share = f" {100 * completed / total:.0f}%" if total and completed is not None else ""
-        self.fleet.events.publish(EventKind.PULL, f"pulling {tag}: {status}{share}", name, status=status,
-                                  total=total, completed=completed)
+        self.fleet.events.publish(
+            EventKind.PULL, f"pulling {tag}: {status}{share}", name, status=status, total=total, completed=completed
+        )
 
     def _observe(self, instance: Instance, entry: dict) -> None:
         """What ``/api/ps`` says the loaded model uses: its size where it is budgeted, and a partial offload."""
@@ -264,8 +279,10 @@ class OllamaHosting:
         partial = (size_vram, size) if fleet.profile.has_gpus and 0 < size_vram < size else None
         reported, instance.offload = instance.offload, partial
         if partial and not reported:
-            message = (f"Ollama put part of '{instance.upstream_model}' on the CPU: {size_vram // 2**20} MiB of "
-                       f"{size // 2**20} MiB on the GPU (it thought too little was free); it runs slower")
+            message = (
+                f"Ollama put part of '{instance.upstream_model}' on the CPU: {size_vram // 2**20} MiB of "
+                f"{size // 2**20} MiB on the GPU (it thought too little was free); it runs slower"
+            )
             logger.bind(model=instance.name).warning("{}", message)
             fleet.events.publish(EventKind.PARTIAL_OFFLOAD, message, instance.name, size_vram=size_vram, size=size)
         measured = memory_in_use(entry, fleet.profile.has_gpus)
@@ -277,8 +294,7 @@ class OllamaHosting:
         if self._poll is not None and not self._poll.done():
             return
         fleet = self.fleet
-        if self.server.container_id is None or not any(
-                fleet.phase(i) is Phase.READY for i in fleet.instances_of(self)):
+        if self.server.container_id is None or not any(fleet.phase(i) is Phase.READY for i in fleet.instances_of(self)):
             return
         self._poll = fleet.spawn(self._poll_loaded(), "poll:ollama")
 
@@ -298,8 +314,9 @@ class OllamaHosting:
             if entry is not None:
                 self._observe(instance, entry)
                 continue
-            fleet.server_dropped(instance, "evicted by Ollama: it unloaded the model on its own (for room, or its "
-                                           "runner exited)")
+            fleet.server_dropped(
+                instance, "evicted by Ollama: it unloaded the model on its own (for room, or its runner exited)"
+            )
 
     # -- adoption ------------------------------------------------------------------------------------
 
@@ -318,8 +335,9 @@ class OllamaHosting:
             return "its server is not healthy"
         self.server.adopt(spec, info.id)
         logger.info("adopted the running Ollama server {} ({})", info.name, spec.endpoint)
-        fleet.events.publish(EventKind.ADOPT, f"adopted the running Ollama server {info.name}", None,
-                             container=info.id[:12])
+        fleet.events.publish(
+            EventKind.ADOPT, f"adopted the running Ollama server {info.name}", None, container=info.id[:12]
+        )
         try:
             loaded = await self.server.api("ollama").loaded(self._patience())
         except LocalllmError as exc:
@@ -337,8 +355,9 @@ class OllamaHosting:
                 model.measured = measured
                 adopted.add(entry["name"])
                 logger.bind(model=model.name).info("adopted: loaded in the Ollama server")
-                fleet.events.publish(EventKind.ADOPT, "adopted: loaded in the Ollama server", model.name,
-                                     container=info.id[:12])
+                fleet.events.publish(
+                    EventKind.ADOPT, "adopted: loaded in the Ollama server", model.name, container=info.id[:12]
+                )
         for tag in set(loaded) - adopted:  # not in the catalog, or over budget: nobody would account for it
             logger.warning("unloading '{}' from the adopted Ollama server: no catalog model holds it", tag)
             with contextlib.suppress(LocalllmError):

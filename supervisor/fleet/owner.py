@@ -56,10 +56,18 @@ from supervisor.state.learned import LearnedSizes
 
 
 class Fleet:
-    def __init__(self, config: Config, profile: Profile, runtime: ContainerRuntime, session: aiohttp.ClientSession,
-                 sizings: dict[str, Sizing], learned: LearnedSizes | None = None,
-                 gpu_readings: list[GpuReading] | None = None, events: EventBus | None = None,
-                 gpu: GpuWatch | None = None):
+    def __init__(
+        self,
+        config: Config,
+        profile: Profile,
+        runtime: ContainerRuntime,
+        session: aiohttp.ClientSession,
+        sizings: dict[str, Sizing],
+        learned: LearnedSizes | None = None,
+        gpu_readings: list[GpuReading] | None = None,
+        events: EventBus | None = None,
+        gpu: GpuWatch | None = None,
+    ):
         self.config = config
         self.events = events or EventBus()
         self.profile = profile
@@ -109,8 +117,14 @@ class Fleet:
         return next((h for h in self.hostings.values() if h.server_label and h.server_label == label), None)
 
     def _slot_for(self, entry: ModelEntry, sizing: Sizing) -> ModelSlot:
-        return ModelSlot(entry.name, sizing.need, entry.pinned, self._ttl(entry), wanted=entry.preload,
-                         devices=self.hosting_of(entry).devices(self.config))
+        return ModelSlot(
+            entry.name,
+            sizing.need,
+            entry.pinned,
+            self._ttl(entry),
+            wanted=entry.preload,
+            devices=self.hosting_of(entry).devices(self.config),
+        )
 
     def _ttl(self, entry: ModelEntry) -> float | None:
         ttl = self.settings.default_ttl if entry.ttl is None else entry.ttl
@@ -215,8 +229,9 @@ class Fleet:
                 raise Conflict(f"'{instance.name}' is starting; unload it once it is ready")
             busy = slot.in_flight + self.scheduler.view(instance.name).waiting
             if slot.phase is Phase.READY and busy:
-                raise ModelBusy(f"'{instance.name}' has {busy} request(s) in flight or waiting; unload it when "
-                                "they are done")
+                raise ModelBusy(
+                    f"'{instance.name}' has {busy} request(s) in flight or waiting; unload it when they are done"
+                )
             self.carry_out(self.scheduler.unload(instance.name, time.monotonic(), "unloaded by an operator"))
             while slot.phase is Phase.STOPPING:
                 await asyncio.sleep(0.05)
@@ -266,7 +281,8 @@ class Fleet:
 
     def _sockets_in_use(self) -> set[str]:
         in_use = self.ledger.launching_sockets() | {
-            i.spec.endpoint.socket for i in self.instances.values() if i.spec is not None and i.spec.endpoint.socket}
+            i.spec.endpoint.socket for i in self.instances.values() if i.spec is not None and i.spec.endpoint.socket
+        }
         return in_use.union(*(h.endpoints() for h in self.hostings.values()))
 
     # -- lifecycle ---------------------------------------------------------------
@@ -331,12 +347,17 @@ class Fleet:
         self._publish_phases()
         for name in set(self.instances) - set(instances):
             before = self.scheduler.view(name).phase
-            self.events.publish(EventKind.STATE, f"{before} -> removed (no longer in the catalog)", name,
-                                **{"from": str(before), "to": "removed"})
+            self.events.publish(
+                EventKind.STATE,
+                f"{before} -> removed (no longer in the catalog)",
+                name,
+                **{"from": str(before), "to": "removed"},
+            )
         self.config, self.instances = config, instances
         self._by_name = {name: instances[e.name] for e in config.models for name in e.names}
-        self.carry_out(self.scheduler.replace_slots([self._slot_for(e, sizings[e.name]) for e in config.models],
-                                                    time.monotonic()))
+        self.carry_out(
+            self.scheduler.replace_slots([self._slot_for(e, sizings[e.name]) for e in config.models], time.monotonic())
+        )
 
     # -- carrying out the scheduler's actions --------------------------------------
 
@@ -357,16 +378,19 @@ class Fleet:
                 logger.bind(model=action.model, device=action.device).info("start: {}", action.reason)
                 failures = self.scheduler.slots[action.model].failures
                 if failures:
-                    self.events.publish(EventKind.RESTART, f"starting again after {failures} failure(s)", action.model,
-                                        failures=failures)
+                    self.events.publish(
+                        EventKind.RESTART,
+                        f"starting again after {failures} failure(s)",
+                        action.model,
+                        failures=failures,
+                    )
                 self.spawn(self._start(action.model), f"start:{action.model}")
             elif isinstance(action, Stop):
                 log = logger.bind(model=action.model)
                 (log.error if action.crashed else log.info)("stop: {}", action.reason)
                 kind = stop_event_kind(action.cause)
                 self.events.publish(kind, action.reason, action.model, reason=action.reason, cause=action.cause)
-                self.spawn(self._stop(action.model, action.reason if action.crashed else None),
-                            f"stop:{action.model}")
+                self.spawn(self._stop(action.model, action.reason if action.crashed else None), f"stop:{action.model}")
             elif isinstance(action, Note):
                 logger.bind(model=action.model).info("{}", action.message)
         self._publish_phases()
@@ -375,8 +399,12 @@ class Fleet:
     def _publish_phases(self) -> None:
         """One ``state`` event per phase change the scheduler made (``Scheduler.moves``), in order."""
         for move in self.scheduler.moves():
-            self.events.publish(EventKind.STATE, f"{move.before} -> {move.after}", move.model,
-                                **{"from": str(move.before), "to": str(move.after)})
+            self.events.publish(
+                EventKind.STATE,
+                f"{move.before} -> {move.after}",
+                move.model,
+                **{"from": str(move.before), "to": str(move.after)},
+            )
 
     def _arm_wakeup(self) -> None:
         """Wake the scheduler exactly when the earliest backoff ends, not at the next tick."""
@@ -429,8 +457,13 @@ class Fleet:
         instance.ready_at = time.time()
         log.info("ready in {:.2f}s", instance.load_seconds)
         self.carry_out(self.scheduler.started(name, time.monotonic()))
-        self.events.publish(EventKind.LOAD, f"ready in {instance.load_seconds:.2f}s", name,
-                            seconds=round(instance.load_seconds, 4), container=(instance.container_id or "")[:12])
+        self.events.publish(
+            EventKind.LOAD,
+            f"ready in {instance.load_seconds:.2f}s",
+            name,
+            seconds=round(instance.load_seconds, 4),
+            container=(instance.container_id or "")[:12],
+        )
 
     async def _stop(self, name: str, crash_reason: str | None = None) -> None:
         """Take the model down (keeping a crashed one's last words); always report ``stopped``."""
@@ -461,5 +494,6 @@ class Fleet:
         try:
             await self.hosting_of(instance.entry).stop(instance, None, crashed=False)
         except LocalllmError as exc:
-            logger.bind(model=instance.name).error("could not remove its container ({}); the shutdown sweep "
-                                                   "or the next start removes it", exc.message)
+            logger.bind(model=instance.name).error(
+                "could not remove its container ({}); the shutdown sweep or the next start removes it", exc.message
+            )

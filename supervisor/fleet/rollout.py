@@ -75,8 +75,9 @@ class Rollout:
         async with self._lock:
             self._task = asyncio.current_task()
             if rollback_to is not None:
-                self.fleet.events.publish(EventKind.ROLLBACK, f"rolling back to generation {rollback_to}",
-                                          generation=rollback_to)
+                self.fleet.events.publish(
+                    EventKind.ROLLBACK, f"rolling back to generation {rollback_to}", generation=rollback_to
+                )
             try:
                 config = load_config(path, text=text, running=self.fleet.config)
                 self._refuse_restart_only_changes(config)
@@ -111,20 +112,33 @@ class Rollout:
         except OSError:
             before = ""
         after = split_secrets(text)[0]
-        diff = difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                    f"generation {active} (active)", source)
-        return {"valid": True, "profile": config.profile, "models": len(config.models),
-                "plan": asdict(self._plan(config)[0]), "diff": "".join(diff)}
+        diff = difflib.unified_diff(
+            before.splitlines(keepends=True), after.splitlines(keepends=True), f"generation {active} (active)", source
+        )
+        return {
+            "valid": True,
+            "profile": config.profile,
+            "models": len(config.models),
+            "plan": asdict(self._plan(config)[0]),
+            "diff": "".join(diff),
+        }
 
     def _plan(self, config: Config):
         """The change plan for ``config`` against what runs now, and the wanted config hash of each running model."""
         fleet = self.fleet
         running = fleet.switching.ready_specs()
-        wanted = {e.name: fleet.hosting_of(e).spec_for(e, running[e.name].endpoint, running[e.name].device, config)
-                  .config_hash()
-                  for e in config.models if e.name in running}
-        plan = plan_change({n: s.config_hash() for n, s in running.items()}, wanted | {
-            e.name: "" for e in config.models if e.name not in running}, set(fleet.instances))
+        wanted = {
+            e.name: fleet.hosting_of(e)
+            .spec_for(e, running[e.name].endpoint, running[e.name].device, config)
+            .config_hash()
+            for e in config.models
+            if e.name in running
+        }
+        plan = plan_change(
+            {n: s.config_hash() for n, s in running.items()},
+            wanted | {e.name: "" for e in config.models if e.name not in running},
+            set(fleet.instances),
+        )
         return plan, running, wanted
 
     async def rollback(self, number: int | None) -> dict:
@@ -132,8 +146,9 @@ class Rollout:
         if self._lock.locked():
             raise Conflict("another apply or rollback is in progress; try again when it is done")
         if number is None:
-            earlier = [g for g in self.store.generations
-                       if g.status == GenerationStatus.GOOD and g.number != self.store.active]
+            earlier = [
+                g for g in self.store.generations if g.status == GenerationStatus.GOOD and g.number != self.store.active
+            ]
             if not earlier:
                 raise ApplyRefused("there is no earlier good generation to roll back to")
             number = earlier[-1].number
@@ -142,15 +157,18 @@ class Rollout:
         try:
             text = self.store.config_text(number)  # secrets included, as it was applied
         except (OSError, ValueError) as exc:
-            raise ApplyRefused(f"generation {number} cannot be read back: {getattr(exc, 'strerror', None) or exc}") \
-                from None
+            raise ApplyRefused(
+                f"generation {number} cannot be read back: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         path = self.store.get(number).path or self.store.directory / f"{number:06d}.yaml"  # relative paths' base
         return await self.apply(text, f"rollback to generation {number}", Path(path), rollback_to=number)
 
-    def _event(self, number: int, status: ApplyStep | GenerationStatus, message: str, model: str | None = None,
-               **data) -> None:
-        self.fleet.events.publish(EventKind.APPLY, f"generation {number}: {message}", model, generation=number,
-                                  status=status, **data)
+    def _event(
+        self, number: int, status: ApplyStep | GenerationStatus, message: str, model: str | None = None, **data
+    ) -> None:
+        self.fleet.events.publish(
+            EventKind.APPLY, f"generation {number}: {message}", model, generation=number, status=status, **data
+        )
 
     def _refuse_restart_only_changes(self, config: Config) -> None:
         """The profile and the daemon's settings, its policy above all, are the running daemon's own.
@@ -165,8 +183,10 @@ class Rollout:
         if config.daemon.model_copy(update={"policy": None}) != live.daemon.model_copy(update={"policy": None}):
             changed.append("daemon")
         if changed:
-            raise ApplyRefused(f"the new config changes {', '.join(changed)}, which only a restart of localllmd "
-                               "applies; apply changes to the model catalog, or restart the daemon")
+            raise ApplyRefused(
+                f"the new config changes {', '.join(changed)}, which only a restart of localllmd "
+                "applies; apply changes to the model catalog, or restart the daemon"
+            )
 
     async def _apply(self, config: Config, text: str, source: str, path: Path) -> dict:
         fleet = self.fleet
@@ -174,8 +194,11 @@ class Rollout:
         plan, running, wanted = self._plan(config)
         entries = {e.name: e for e in config.models}
         gone = set(fleet.instances) - set(entries)  # removing a model that is starting would orphan its start
-        busy = [n for n in sorted(set(plan.replace) | gone)
-                if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)]
+        busy = [
+            n
+            for n in sorted(set(plan.replace) | gone)
+            if fleet.scheduler.view(n).phase in (Phase.STARTING, Phase.STOPPING)
+        ]
         if busy:
             raise Conflict(f"{', '.join(busy)} is starting or stopping; try again in a moment")
         shared = [n for n, i in fleet.instances.items() if fleet.hosting_of(i.entry).shared]
@@ -187,8 +210,13 @@ class Rollout:
         generation = self.store.record(text, source, wanted, path)
         report = {"generation": generation.number, "source": source, "plan": asdict(plan)}
         log = logger.bind(generation=generation.number)
-        log.info("applying from {}: replace {}, remove {}, add {}", source, list(plan.replace) or "-",
-                 list(plan.remove) or "-", list(plan.add) or "-")
+        log.info(
+            "applying from {}: replace {}, remove {}, add {}",
+            source,
+            list(plan.replace) or "-",
+            list(plan.remove) or "-",
+            list(plan.add) or "-",
+        )
         self._event(generation.number, ApplyStep.APPLYING, f"from {source}", plan=asdict(plan))
         held = shared if hold_shared else []  # no Ollama model starts on the old server meanwhile
         for name in held:
@@ -227,8 +255,9 @@ class Rollout:
             with contextlib.suppress(ApplyFailed):
                 await asyncio.shield(self._revert(request, switched, offline, error))
             raise
-        retire = fleet.switching.commit(request.config, request.sizings,
-                              {n: v for n, v in switched.items() if n not in offline})
+        retire = fleet.switching.commit(
+            request.config, request.sizings, {n: v for n, v in switched.items() if n not in offline}
+        )
         for name in offline:
             fleet.switching.attach(name, *switched[name])
         for name, container_id, entry in retire:
@@ -245,8 +274,7 @@ class Rollout:
         offline.append(name)  # before waiting: a revert must release it whatever happens
         await self.fleet.switching.take_offline(name, DRAIN_PATIENCE)
 
-    async def _revert(self, request: SwitchRequest, switched: dict, offline: list[str],
-                      error: LocalllmError) -> dict:
+    async def _revert(self, request: SwitchRequest, switched: dict, offline: list[str], error: LocalllmError) -> dict:
         """Remove what the change started (``switched``) and bring back what it stopped (``offline``); whatever
         fails is reported as degraded, and no model stays held."""
         fleet, number, running = self.fleet, request.number, request.running
@@ -274,10 +302,16 @@ class Rollout:
         with contextlib.suppress(LocalllmError):
             self.store.mark(number, GenerationStatus.FAILED, reason)
         if lost:
-            fleet.degraded = (f"generation {number} failed and its last-good spec could not be brought back for "
-                              + "; ".join(lost) + "; not retrying on its own: apply a config that works")
+            fleet.degraded = (
+                f"generation {number} failed and its last-good spec could not be brought back for "
+                + "; ".join(lost)
+                + "; not retrying on its own: apply a config that works"
+            )
             log.error("degraded: {}", fleet.degraded)
         report = {**request.report, "status": GenerationStatus.FAILED, "reason": reason, "degraded": fleet.degraded}
         self._event(number, GenerationStatus.FAILED, f"reverted to last-good: {reason}", degraded=fleet.degraded)
-        raise ApplyFailed(f"generation {number} failed and was reverted to last-good: {reason}"
-                          + (f"; DEGRADED: {fleet.degraded}" if lost else ""), report)
+        raise ApplyFailed(
+            f"generation {number} failed and was reverted to last-good: {reason}"
+            + (f"; DEGRADED: {fleet.degraded}" if lost else ""),
+            report,
+        )

@@ -44,14 +44,25 @@ class Sizing:
 OLLAMA_PLACEHOLDER = 4 * 2**30  # an Ollama model never seen: admitted as 4 GiB until Ollama tells its size
 
 
-def size_model(entry: ModelEntry, profile: Profile, learned: LearnedSizes | None = None,
-               ollama_settings: OllamaSettings | None = None) -> Sizing:
+def size_model(
+    entry: ModelEntry,
+    profile: Profile,
+    learned: LearnedSizes | None = None,
+    ollama_settings: OllamaSettings | None = None,
+) -> Sizing:
     if entry.backend == "ollama":
         settings = ollama_settings or OllamaSettings()
         launch = ollama.launch_settings(settings, profile)
         key = learned_key(str(entry.tag), launch, settings.image or profile.defaults.images.ollama)
-        return Sizing(launch, None, learned.get(key) if learned else None, key,
-                      "Ollama reports its size once it has the model", OLLAMA_PLACEHOLDER, entry.memory)
+        return Sizing(
+            launch,
+            None,
+            learned.get(key) if learned else None,
+            key,
+            "Ollama reports its size once it has the model",
+            OLLAMA_PLACEHOLDER,
+            entry.memory,
+        )
     launch = launch_settings(entry, profile)
     try:
         facts = read_gguf_facts(entry.gguf)
@@ -73,14 +84,20 @@ def size_catalog(config: Config, profile: Profile, learned: LearnedSizes | None)
         if sizing.declared:
             log.info("needs {:.1f} MiB, as declared", sizing.need / 2**20)
         elif entry.backend == "ollama":
-            log.info("needs {:.1f} MiB ({})", sizing.need / 2**20,
-                     "learned" if sizing.learned else "a placeholder until Ollama reports its size")
+            log.info(
+                "needs {:.1f} MiB ({})",
+                sizing.need / 2**20,
+                "learned" if sizing.learned else "a placeholder until Ollama reports its size",
+            )
         elif sizing.estimate is None:
             log.warning("cannot estimate its memory ({}); admitting with the file size", sizing.problem)
         else:
             parts = sizing.estimate.as_dict()
-            log.info("needs {:.1f} MiB: weights {:.1f}, KV {:.1f}, compute {:.1f}, overhead {:.1f}{}",
-                     sizing.need / 2**20, *(parts[k] / 2**20 for k in ("weights", "kv_cache", "compute", "overhead")),
-                     f"; learned {sizing.learned / 2**20:.1f}" if sizing.learned else "")
+            log.info(
+                "needs {:.1f} MiB: weights {:.1f}, KV {:.1f}, compute {:.1f}, overhead {:.1f}{}",
+                sizing.need / 2**20,
+                *(parts[k] / 2**20 for k in ("weights", "kv_cache", "compute", "overhead")),
+                f"; learned {sizing.learned / 2**20:.1f}" if sizing.learned else "",
+            )
         sizings[entry.name] = sizing
     return sizings

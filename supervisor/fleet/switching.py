@@ -30,16 +30,20 @@ class Switching:
 
     def ready_specs(self) -> dict[str, Spec]:
         fleet = self.fleet
-        return {i.name: i.spec for i in fleet.instances.values()
-                if fleet.phase(i) is Phase.READY and i.spec is not None and i.container_id}
+        return {
+            i.name: i.spec
+            for i in fleet.instances.values()
+            if fleet.phase(i) is Phase.READY and i.spec is not None and i.container_id
+        }
 
     def room_on(self, device_id: str) -> int:
         scheduler = self.fleet.scheduler
         device = next(d for d in scheduler.devices if d.id == device_id)
         return device.budget - sum(r.bytes for r in scheduler.residents() if r.device == device_id)
 
-    async def launch(self, entry: ModelEntry, device_id: str | None, need: int,
-                     config: Config | None = None) -> tuple[Spec, str]:
+    async def launch(
+        self, entry: ModelEntry, device_id: str | None, need: int, config: Config | None = None
+    ) -> tuple[Spec, str]:
         """Start ``entry`` beside whatever runs, and gate it (``Hosting.launch``).
 
         Its room stays reserved until ``Fleet.commit`` or ``attach`` takes it, or ``abandon`` removes it.
@@ -96,8 +100,9 @@ class Switching:
             fleet.scheduler.release(name)
             fleet.carry_out(fleet.scheduler.tick(time.monotonic()))
 
-    def commit(self, config: Config, sizings: dict[str, Sizing],
-               switched: dict[str, tuple[Spec, str]]) -> list[tuple[str, str, ModelEntry]]:
+    def commit(
+        self, config: Config, sizings: dict[str, Sizing], switched: dict[str, tuple[Spec, str]]
+    ) -> list[tuple[str, str, ModelEntry]]:
         """Make ``config`` the live catalog; running models in ``switched`` move to their new servers.
 
         Returns the (model, container id, its old entry) to retire: replaced containers and removed models'.

@@ -48,8 +48,9 @@ def describe(fleet: Fleet, instance: Instance) -> dict:
             "learned": sizing.learned,
             "measured": instance.measured,
             "peak": instance.peak,
-            "partial_offload": ({"size_vram": instance.offload[0], "size": instance.offload[1]}
-                                if instance.offload else None),
+            "partial_offload": (
+                {"size_vram": instance.offload[0], "size": instance.offload[1]} if instance.offload else None
+            ),
         },
         "error": instance.error,
         "failures": slot.failures,
@@ -59,8 +60,10 @@ def describe(fleet: Fleet, instance: Instance) -> dict:
 
 def devices(fleet: Fleet) -> list[dict]:
     """Each device's budget, what was measured free, and why it cannot be used (if so)."""
-    return [{"id": d.id, "uuid": d.uuid, "budget": d.budget, "measured_free": d.measured_free,
-             "problem": d.problem} for d in fleet.scheduler.devices]
+    return [
+        {"id": d.id, "uuid": d.uuid, "budget": d.budget, "measured_free": d.measured_free, "problem": d.problem}
+        for d in fleet.scheduler.devices
+    ]
 
 
 def status_line(fleet: Fleet) -> str:
@@ -77,15 +80,32 @@ async def memory_estimate(fleet: Fleet, name: str) -> dict:
     """What the model needs and where that number comes from; its server may say more (Ollama's /api/show)."""
     instance = fleet.resolve(name)
     sizing, slot = instance.sizing, fleet.scheduler.view(instance.name)
-    answer = {"model": instance.name, "backend": instance.entry.backend, "need": slot.need,
-              "declared": sizing.declared, "learned": sizing.learned, "measured": instance.measured,
-              "estimate": sizing.estimate.as_dict() if sizing.estimate else None, "source": None}
+    answer = {
+        "model": instance.name,
+        "backend": instance.entry.backend,
+        "need": slot.need,
+        "declared": sizing.declared,
+        "learned": sizing.learned,
+        "measured": instance.measured,
+        "estimate": sizing.estimate.as_dict() if sizing.estimate else None,
+        "source": None,
+    }
     server_says = await fleet.hosting_of(instance.entry).estimate(instance)
     if server_says is not None:
         answer["show"] = server_says
-    answer["source"] = ("declared" if sizing.declared else "measured" if instance.measured
-                        else "learned" if sizing.learned else "ollama /api/show" if instance.show_estimate
-                        else "gguf header" if sizing.estimate else "placeholder")
+    answer["source"] = (
+        "declared"
+        if sizing.declared
+        else "measured"
+        if instance.measured
+        else "learned"
+        if sizing.learned
+        else "ollama /api/show"
+        if instance.show_estimate
+        else "gguf header"
+        if sizing.estimate
+        else "placeholder"
+    )
     return answer
 
 

@@ -53,8 +53,9 @@ def container_of(pid: int, proc: Path = Path("/proc")) -> str | None:
     return container_in_cgroup(text)
 
 
-def usage_by_container(processes: Iterable[GpuProcess], container_ids: Iterable[str],
-                       lookup: Callable[[int], str | None] = container_of) -> dict[str, dict[int, int]]:
+def usage_by_container(
+    processes: Iterable[GpuProcess], container_ids: Iterable[str], lookup: Callable[[int], str | None] = container_of
+) -> dict[str, dict[int, int]]:
     """For each wanted container, ``{pid: GPU bytes summed over GPUs}`` of its processes ({} when none).
 
     Pure apart from ``lookup``, which is asked once per pid. Processes of other

@@ -55,7 +55,8 @@ class DockerRuntime:
             return self._out_of_files_named(action, fn, *args, **kwargs)
         except (requests.exceptions.ConnectionError, ConnectionError) as exc:
             raise DockerUnavailable(
-                f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}") from None
+                f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}"
+            ) from None
         except requests.exceptions.RequestException as exc:  # e.g. a read timeout: the engine is there but stuck
             raise DockerFailure(f"Docker did not answer in time to {action}: {exc}") from None
         except docker.errors.ImageNotFound as exc:
@@ -63,7 +64,8 @@ class DockerRuntime:
         except docker.errors.DockerException as exc:
             if "Connection" in str(exc) or "FileNotFoundError" in str(exc):
                 raise DockerUnavailable(
-                    f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}") from None
+                    f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}"
+                ) from None
             raise DockerFailure(f"Docker failed to {action}: {_explain(exc)}") from None
 
     @staticmethod
@@ -73,8 +75,9 @@ class DockerRuntime:
             return fn(*args, **kwargs)
         except Exception as exc:
             if "Too many open files" in str(exc):
-                raise DockerFailure(f"cannot {action}: localllmd is out of file descriptors (raise its "
-                                    "LimitNOFILE)") from None
+                raise DockerFailure(
+                    f"cannot {action}: localllmd is out of file descriptors (raise its LimitNOFILE)"
+                ) from None
             raise
 
     @property
@@ -114,7 +117,8 @@ class DockerRuntime:
                 probe.connect(path)
             except OSError as exc:
                 raise DockerUnavailable(
-                    f"Docker engine not reachable at {self.base_url}: {exc.strerror or exc}; {ENGINE_HINT}") from None
+                    f"Docker engine not reachable at {self.base_url}: {exc.strerror or exc}; {ENGINE_HINT}"
+                ) from None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -183,7 +187,8 @@ class DockerRuntime:
         if spec.gpu_device_ids is not None:
             ids = list(spec.gpu_device_ids)
             kwargs["device_requests"] = [
-                DeviceRequest(device_ids=ids, capabilities=[["gpu"]]) if ids
+                DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
+                if ids
                 else DeviceRequest(count=-1, capabilities=[["gpu"]])
             ]
         try:
@@ -217,7 +222,8 @@ class DockerRuntime:
         stale = self.client.containers.get(spec.name)
         if stale.labels.get(LABEL_OWNER) != spec.owner:
             raise DockerFailure(
-                f"a container named {spec.name} exists and is not ours; remove it or rename the instance")
+                f"a container named {spec.name} exists and is not ours; remove it or rename the instance"
+            )
         stale.remove(force=True)
 
     async def remove_networks(self, owner: str) -> None:
@@ -309,8 +315,9 @@ class DockerRuntime:
     async def list_labelled(self, labels: dict[str, str]) -> list[ContainerInfo]:
         """Every container (running or not) carrying all of ``labels``."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        found = await self._run("list containers", self.client.containers.list, all=True, filters=filters,
-                                ignore_removed=True)
+        found = await self._run(
+            "list containers", self.client.containers.list, all=True, filters=filters, ignore_removed=True
+        )
         return [_info(c) for c in found]
 
 
@@ -351,10 +358,14 @@ def _check_mounts_readable(spec: ContainerSpec) -> None:
         except OSError:
             continue
         if not readable_by(user, st.st_mode, st.st_uid, st.st_gid):
-            raise ModelStartFailed(spec.model, (
-                f"{mount.source} is not readable by the container's user {user} (mode "
-                f"{st.st_mode & 0o777:04o}, owner {st.st_uid}:{st.st_gid}); the server runs without "
-                f"privileges, so make the file world-readable: chmod o+r {mount.source}"))
+            raise ModelStartFailed(
+                spec.model,
+                (
+                    f"{mount.source} is not readable by the container's user {user} (mode "
+                    f"{st.st_mode & 0o777:04o}, owner {st.st_uid}:{st.st_gid}); the server runs without "
+                    f"privileges, so make the file world-readable: chmod o+r {mount.source}"
+                ),
+            )
 
 
 def _info(container: Any) -> ContainerInfo:

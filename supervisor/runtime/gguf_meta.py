@@ -165,7 +165,7 @@ class _Cursor:
         length = self.scalar("<Q")
         if self.offset + length > len(self.data):
             raise ValueError("a string runs past the end of the file (truncated?)")
-        text = self.data[self.offset:self.offset + length].decode("utf-8", "replace")
+        text = self.data[self.offset : self.offset + length].decode("utf-8", "replace")
         self.offset += length
         return text
 
@@ -199,4 +199,3 @@ class _Cursor:
         if kind not in _SCALARS:
             raise ValueError(f"unsupported GGUF value type {kind}")
         return self.scalar(_SCALARS[kind])
-

@@ -66,11 +66,19 @@ def _reading_from(row: dict[str, str], raw: str) -> GpuReading:
     row = {**row, "memory.reserved": "0" if _unreadable(reserved) else reserved}
     unreadable = [f"{field} is {value}" for field, value in row.items() if _unreadable(value)]
     if unreadable:
-        return GpuReading(index, "" if _unreadable(name) else name, 0, 0, 0, "" if _unreadable(uuid) else uuid,
-                          problem="nvidia-smi could not read it: " + ", ".join(unreadable))
+        return GpuReading(
+            index,
+            "" if _unreadable(name) else name,
+            0,
+            0,
+            0,
+            "" if _unreadable(uuid) else uuid,
+            problem="nvidia-smi could not read it: " + ", ".join(unreadable),
+        )
     try:
-        total, used, free, reserved_mib = (int(float(row[f])) for f in
-                                           ("memory.total", "memory.used", "memory.free", "memory.reserved"))
+        total, used, free, reserved_mib = (
+            int(float(row[f])) for f in ("memory.total", "memory.used", "memory.free", "memory.reserved")
+        )
     except ValueError:
         raise ValueError(f"unexpected nvidia-smi line: {raw!r}") from None
     return GpuReading(index, name, total * MIB, used * MIB, free * MIB, uuid, reserved_mib * MIB)
@@ -109,10 +117,16 @@ def facts_from(readings: list[GpuReading] | None, source: str, ram_bytes: int, c
     """Pure: turn readings into the facts profile selection works on; unusable GPUs are named, not counted."""
     readings = readings or []
     gpus = tuple(r.total_bytes / GIB for r in readings if r.problem is None)
-    unusable = tuple(f"GPU {r.index}{f' ({r.uuid})' if r.uuid else ''}: {r.problem}"
-                     for r in readings if r.problem is not None)
-    return HostFacts(gpu_vram_gib=gpus, ram_gib=ram_bytes / GIB, cpu_cores=cpu_cores,
-                     gpu_source=source if readings else "none", unusable_gpus=unusable)
+    unusable = tuple(
+        f"GPU {r.index}{f' ({r.uuid})' if r.uuid else ''}: {r.problem}" for r in readings if r.problem is not None
+    )
+    return HostFacts(
+        gpu_vram_gib=gpus,
+        ram_gib=ram_bytes / GIB,
+        cpu_cores=cpu_cores,
+        gpu_source=source if readings else "none",
+        unusable_gpus=unusable,
+    )
 
 
 def detect_host(nvml: Nvml | None = None) -> HostFacts:

@@ -83,8 +83,21 @@ def compile_server(version: str, say: Callable[[str], None]) -> Path:
     sdist = root / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.is_file():
         say(f"downloading llama-cpp-python {version} sdist from PyPI")
-        _check_call([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                     f"llama-cpp-python=={version}", "-d", str(root)], root / "download.log")
+        _check_call(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={version}",
+                "-d",
+                str(root),
+            ],
+            root / "download.log",
+        )
     source = root / f"llama_cpp_python-{version}"
     if not source.is_dir():
         say("unpacking the sdist")

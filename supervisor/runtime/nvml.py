@@ -160,8 +160,10 @@ class Nvml:
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
                 return int(memory.total), int(memory.used), int(memory.free), int(memory.reserved)
             except nvml.NVMLError as error:
-                if error.value in (getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", None),
-                                   getattr(nvml, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", None)):
+                if error.value in (
+                    getattr(nvml, "NVML_ERROR_FUNCTION_NOT_FOUND", None),
+                    getattr(nvml, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", None),
+                ):
                     self._memory_v2 = False  # the driver predates v2: no use asking again
                 # Otherwise v1 may still answer for this device; if it fails too, its error is the one reported.
         memory = self._query(index, "memory info", nvml.nvmlDeviceGetMemoryInfo, handle)

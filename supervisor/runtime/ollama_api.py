@@ -33,9 +33,27 @@ LOAD_WAIT = 600.0
 PULL_SILENCE = 30 * 60.0
 BUSY_RETRY_AFTER = 5  # seconds; Ollama's 503 "server busy" (OLLAMA_MAX_QUEUE) carries no Retry-After
 TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)  # ValueError: an answer that is not JSON
-BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7, "Q5_K_S": 5.5,
-                   "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K_M": 4.85, "Q4_K_S": 4.6, "Q4_0": 4.5, "Q4_1": 5.0,
-                   "Q3_K_M": 3.9, "Q3_K_S": 3.5, "Q3_K_L": 4.3, "Q2_K": 3.35, "IQ4_NL": 4.5, "IQ4_XS": 4.25}
+BITS_PER_WEIGHT = {
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "Q8_0": 8.5,
+    "Q6_K": 6.6,
+    "Q5_K_M": 5.7,
+    "Q5_K_S": 5.5,
+    "Q5_0": 5.5,
+    "Q5_1": 6.0,
+    "Q4_K_M": 4.85,
+    "Q4_K_S": 4.6,
+    "Q4_0": 4.5,
+    "Q4_1": 5.0,
+    "Q3_K_M": 3.9,
+    "Q3_K_S": 3.5,
+    "Q3_K_L": 4.3,
+    "Q2_K": 3.35,
+    "IQ4_NL": 4.5,
+    "IQ4_XS": 4.25,
+}
 # OLLAMA_KV_CACHE_TYPE's bytes per cached element, as kvCacheBytesPerElement (fs/ggml/ggml.go); others are f16.
 KV_CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0, "q4_0": 0.5}
 NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)  # a line of /api/show's "parameters" ("%-30s %#v")
@@ -101,12 +119,14 @@ class OllamaApi:
         """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=silence)
         try:
-            async with self.session.post(self.base_url + "/api/pull", json={"model": tag, "stream": True},
-                                         timeout=timeout) as response:
+            async with self.session.post(
+                self.base_url + "/api/pull", json={"model": tag, "stream": True}, timeout=timeout
+            ) as response:
                 if response.status >= 400:
                     detail = (await response.text())[:500]
-                    raise ModelStartFailed(self.model,
-                                           f"Ollama could not pull '{tag}': HTTP {response.status} {detail}")
+                    raise ModelStartFailed(
+                        self.model, f"Ollama could not pull '{tag}': HTTP {response.status} {detail}"
+                    )
                 last = {}
                 async for line in response.content:
                     if not line.strip():
@@ -204,6 +224,7 @@ def offload_of(entry: dict) -> tuple[int, int]:
     On a GPU host ``size_vram < size`` means Ollama put part of the model on the CPU (it did not
     fit what Ollama thought was free); ``size_vram == 0``, all of it.
     """
+
     def number(key: str) -> int:
         value = entry.get(key)
         return int(value) if isinstance(value, (int, float)) and value > 0 else 0
@@ -285,8 +306,9 @@ def kv_cache_bytes(info: dict, context: int, parallel: int, cache_type: str = "f
 
 def _recurrent_state(info: dict) -> int:
     """A recurrent (SSM) layer's f32 state, as GraphSize counts it: it does not grow with the context."""
-    conv, state, inner, groups = (_count(_arch(info, f"ssm.{key}")) or 0
-                                  for key in ("conv_kernel", "state_size", "inner_size", "group_count"))
+    conv, state, inner, groups = (
+        _count(_arch(info, f"ssm.{key}")) or 0 for key in ("conv_kernel", "state_size", "inner_size", "group_count")
+    )
     rolling = (conv - 1) * (inner + 2 * groups * state) if conv > 0 else 0
     return (rolling + state * inner) * 4
 

@@ -14,12 +14,60 @@ from pathlib import Path
 import numpy as np
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
-WORDS = ["hello", "world", "the", "a", "model", "local", "llm", "ok", "yes", "no",
-         "▁hello", "▁world", "▁the", "▁a", "▁is", "▁ok", "▁yes", "▁no", "▁model", "▁test",
-         "▁local", "▁llm", "▁chat", "▁answer", "▁question", "▁ping", "▁pong", "▁data",
-         "▁one", "▁two", "▁three", "▁four", "▁five", "▁six", "▁seven", "▁eight", "▁nine",
-         "▁ten", "▁red", "▁blue", "▁green", "▁cat", "▁dog", "▁sun", "▁moon", "▁sky",
-         "▁tree", "▁rock", "▁fish", "▁bird", "▁car", "▁road"]
+WORDS = [
+    "hello",
+    "world",
+    "the",
+    "a",
+    "model",
+    "local",
+    "llm",
+    "ok",
+    "yes",
+    "no",
+    "▁hello",
+    "▁world",
+    "▁the",
+    "▁a",
+    "▁is",
+    "▁ok",
+    "▁yes",
+    "▁no",
+    "▁model",
+    "▁test",
+    "▁local",
+    "▁llm",
+    "▁chat",
+    "▁answer",
+    "▁question",
+    "▁ping",
+    "▁pong",
+    "▁data",
+    "▁one",
+    "▁two",
+    "▁three",
+    "▁four",
+    "▁five",
+    "▁six",
+    "▁seven",
+    "▁eight",
+    "▁nine",
+    "▁ten",
+    "▁red",
+    "▁blue",
+    "▁green",
+    "▁cat",
+    "▁dog",
+    "▁sun",
+    "▁moon",
+    "▁sky",
+    "▁tree",
+    "▁rock",
+    "▁fish",
+    "▁bird",
+    "▁car",
+    "▁road",
+]
 
 
 @dataclass(frozen=True)
@@ -118,8 +166,11 @@ def _write_metadata(writer, gguf, shape: Shape, name: str) -> None:
     words = shape.words
     writer.add_token_list(shape.tokens)
     writer.add_token_scores([0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(words))])
-    writer.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                           + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(words))
+    writer.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        + [gguf.TokenType.BYTE] * 256
+        + [gguf.TokenType.NORMAL] * len(words)
+    )
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)

@@ -98,8 +98,9 @@ def split_secrets(text: str) -> tuple[str, dict[str, str]]:
     try:
         data = yaml.safe_load(text)
         secrets = {}
-        data["daemon"] = {k: _blank(v, f"daemon.{k}", secrets) if k in SECRET_SETTINGS else v
-                          for k, v in data["daemon"].items()}
+        data["daemon"] = {
+            k: _blank(v, f"daemon.{k}", secrets) if k in SECRET_SETTINGS else v for k, v in data["daemon"].items()
+        }
         redacted = yaml.safe_dump(data, sort_keys=False)
     except (yaml.YAMLError, TypeError, ValueError):
         return NOT_STORED, {}
@@ -218,8 +219,10 @@ class GenerationStore:
         return restore_secrets(self.text_of(number), secrets)
 
     def as_list(self) -> list[dict]:
-        return [{**asdict(g), "active": g.number == self.active, "last_good": g.number == self.last_good}
-                for g in self.generations]
+        return [
+            {**asdict(g), "active": g.number == self.active, "last_good": g.number == self.last_good}
+            for g in self.generations
+        ]
 
     # -- writing ----------------------------------------------------------------
 
@@ -229,8 +232,15 @@ class GenerationStore:
         on_disk = [int(p.stem) for p in self.directory.glob("[0-9]*.yaml") if p.stem.isdigit()]
         number = max([g.number for g in self.generations] + on_disk, default=0) + 1  # never overwrite a file
         redacted, secrets = split_secrets(text)
-        generation = Generation(number, time.time(), source, GenerationStatus.PENDING, hashes, secrets=bool(secrets),
-                                path=str(path.resolve()) if path else "")
+        generation = Generation(
+            number,
+            time.time(),
+            source,
+            GenerationStatus.PENDING,
+            hashes,
+            secrets=bool(secrets),
+            path=str(path.resolve()) if path else "",
+        )
         try:
             if secrets:
                 self._write(self._secrets_path(number), json.dumps(secrets))
@@ -303,14 +313,19 @@ class GenerationStore:
             try:
                 index.replace(aside)
             except OSError as move_failed:
-                self.problem = (f"generation index {index} is unreadable ({exc}) and could not be moved aside "
-                                f"({move_failed.strerror or move_failed}); history starts empty")
+                self.problem = (
+                    f"generation index {index} is unreadable ({exc}) and could not be moved aside "
+                    f"({move_failed.strerror or move_failed}); history starts empty"
+                )
                 return
             self.problem = f"generation index {index} was unreadable ({exc}); moved it to {aside}"
 
     def _save_index(self) -> None:
-        data = {"active": self.active, "last_good": self.last_good,
-                "generations": [asdict(g) for g in self.generations]}
+        data = {
+            "active": self.active,
+            "last_good": self.last_good,
+            "generations": [asdict(g) for g in self.generations],
+        }
         self._write(self.directory / "index.json", json.dumps(data, indent=1))
 
     def _path(self, number: int) -> Path:

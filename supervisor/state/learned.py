@@ -75,8 +75,7 @@ class LearnedSizes:
     def _load(self) -> dict[str, dict]:
         try:
             data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or not all(
-                    _valid_entry(v) for v in data.values()):
+            if not isinstance(data, dict) or not all(_valid_entry(v) for v in data.values()):
                 raise ValueError("unexpected structure")
             return data
         except FileNotFoundError:

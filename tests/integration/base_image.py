@@ -109,7 +109,9 @@ def build_rootfs_tarball(target: Path, suite: str = SUITE, include: Sequence[str
         log(f"running {' '.join(command)}")
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"debootstrap failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+            raise RuntimeError(
+                f"debootstrap failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+            )
         log(f"debootstrap took {time.monotonic() - started:.1f}s")
         # What a container never needs: downloaded packages and package lists.
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -125,8 +127,9 @@ def build_rootfs_tarball(target: Path, suite: str = SUITE, include: Sequence[str
     return target
 
 
-def ensure_base_image(client: docker.DockerClient, tag: str = BASE_TAG, suite: str = SUITE,
-                      include: Sequence[str] = DEFAULT_INCLUDE) -> str:
+def ensure_base_image(
+    client: docker.DockerClient, tag: str = BASE_TAG, suite: str = SUITE, include: Sequence[str] = DEFAULT_INCLUDE
+) -> str:
     """Return ``tag``, an image of Debian ``suite`` (minbase) with the ``include`` packages.
 
     Reused when the tag exists with this recipe's key; else imported from the cached tarball;
@@ -146,9 +149,12 @@ def ensure_base_image(client: docker.DockerClient, tag: str = BASE_TAG, suite: s
             log(f"root filesystem for {tag} built in {time.monotonic() - started:.1f}s")
         started = time.monotonic()
         repository, _, image_tag = tag.rpartition(":") if ":" in tag.split("/")[-1] else (tag, "", "latest")
-        client.api.import_image_from_file(str(tarball), repository=repository, tag=image_tag,
-                                          changes=[f"LABEL {KEY_LABEL}={key}", 'CMD ["/bin/bash"]',
-                                                   "ENV LANG=C.UTF-8"])
+        client.api.import_image_from_file(
+            str(tarball),
+            repository=repository,
+            tag=image_tag,
+            changes=[f"LABEL {KEY_LABEL}={key}", 'CMD ["/bin/bash"]', "ENV LANG=C.UTF-8"],
+        )
         if _image_key(client, tag) != key:
             raise RuntimeError(f"docker import of {tarball} did not give {tag} with {KEY_LABEL}={key}")
         log(f"imported {tag} in {time.monotonic() - started:.1f}s")

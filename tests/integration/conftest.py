@@ -94,8 +94,9 @@ def engine() -> docker.DockerClient:
     except docker.errors.ImageNotFound:
         pytest.fail(f"image {cpu_image_tag()} missing; run `localllmctl image build` or `bash scripts/dev.sh test`")
     yield client
-    for container in client.containers.list(all=True, filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"},
-                                            ignore_removed=True):
+    for container in client.containers.list(
+        all=True, filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"}, ignore_removed=True
+    ):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
     for network in client.networks.list(filters={"label": f"{TEST_RUN_LABEL}={RUN_ID}"}):
@@ -131,8 +132,12 @@ class DaemonProcess:
     config: dict = field(default_factory=dict)
 
     def status(self) -> dict:
-        done = subprocess.run([executable("localllmctl"), "--socket", str(self.socket), "status", "--json"],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [executable("localllmctl"), "--socket", str(self.socket), "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
@@ -166,8 +171,9 @@ def start_daemon(engine, models_dir, tmp_path):
     """Factory: write a config for the given models and start localllmd on it; waits for the control API."""
     started: list[DaemonProcess] = []
 
-    def start(models: list[dict], wait_ready: bool = True, top: dict | None = None, env: dict | None = None,
-              **daemon_settings) -> DaemonProcess:
+    def start(
+        models: list[dict], wait_ready: bool = True, top: dict | None = None, env: dict | None = None, **daemon_settings
+    ) -> DaemonProcess:
         instance = daemon_settings.pop("instance", f"t{RUN_ID}-{next(INSTANCE_NUMBERS)}")
         proxy_port = free_tcp_port()
         # per instance: a daemon started again as the same instance finds its state (and its sockets) again
@@ -184,18 +190,31 @@ def start_daemon(engine, models_dir, tmp_path):
                 "log_level": "DEBUG",
                 **daemon_settings,
             },
-            "models": [m if m.get("backend") == "ollama" else {"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])}
-                       for m in models],
+            "models": [
+                m if m.get("backend") == "ollama" else {"context_size": 256, **m, "gguf": str(models_dir / m["gguf"])}
+                for m in models
+            ],
             **(top or {}),
         }
         config_path = tmp_path / f"{instance}-{len(started)}.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = tmp_path / f"{instance}-{len(started)}.log"
         with log_path.open("w") as log_file:
-            process = subprocess.Popen([executable("localllmd"), "--config", str(config_path)],
-                                       stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        daemon = DaemonProcess(config_path, instance, f"http://127.0.0.1:{proxy_port}/v1",
-                               state_dir / "control.sock", process, log_path, config)
+            process = subprocess.Popen(
+                [executable("localllmd"), "--config", str(config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
+        daemon = DaemonProcess(
+            config_path,
+            instance,
+            f"http://127.0.0.1:{proxy_port}/v1",
+            state_dir / "control.sock",
+            process,
+            log_path,
+            config,
+        )
         started.append(daemon)
         poll_for(lambda: process.poll() is not None or daemon.try_status(), 30, "the control API")
         assert process.poll() is None, f"localllmd exited early:\n{daemon.log()}"
@@ -221,8 +240,9 @@ def start_daemon(engine, models_dir, tmp_path):
                 network.remove()
 
 
-def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str,
-               body: dict | None = None) -> bytes:
+def ask_server(
+    engine: docker.DockerClient, daemon: DaemonProcess, model: str, path: str, body: dict | None = None
+) -> bytes:
     """``GET path`` (``POST`` with a JSON ``body``) of ``model``'s own server, on its socket, the way only the
     daemon can reach it: the raw answer, which must be 200."""
     [container] = [c for c in our_containers(engine, daemon.instance) if c.labels["io.localllm.model"] == model]
@@ -231,8 +251,11 @@ def ask_server(engine: docker.DockerClient, daemon: DaemonProcess, model: str, p
     async def call():
         async with open_session(servers_dir(Path(daemon.config["daemon"]["state_dir"]))) as session:
             limit = aiohttp.ClientTimeout(total=60)
-            request = session.post(endpoint.url + path, json=body, timeout=limit) if body is not None else \
-                session.get(endpoint.url + path, timeout=limit)
+            request = (
+                session.post(endpoint.url + path, json=body, timeout=limit)
+                if body is not None
+                else session.get(endpoint.url + path, timeout=limit)
+            )
             async with request as answer:
                 raw = await answer.read()
                 assert answer.status == 200, raw
@@ -262,8 +285,13 @@ def assert_invariants(daemon: DaemonProcess, engine: docker.DockerClient) -> Non
     for model in status["models"]:
         if model["backend"] == "ollama" and model["state"] == "ready":
             assert servers and servers[0].status == "running" and servers[0].id.startswith(model["container"])
-    generations = json.loads(subprocess.run(
-        [executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
-        capture_output=True, text=True, check=True).stdout)
+    generations = json.loads(
+        subprocess.run(
+            [executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert all(g["status"] == "good" for g in generations if g["last_good"])
     assert not list(daemon.socket.parent.rglob("*.tmp")), "temp files left behind"

@@ -17,8 +17,7 @@ from .conftest import (
     our_containers,
 )
 
-TWO = [{"name": "tiny", "gguf": "tiny.gguf", "preload": True},
-       {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True}]
+TWO = [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}, {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True}]
 
 
 def kill_9(daemon) -> None:
@@ -32,13 +31,17 @@ def started_at(engine, container_id: str) -> str:
 
 def test_kill_9_five_times_adopts_both_models_each_time(start_daemon, engine):
     daemon = start_daemon(TWO)
-    before = {c.labels["io.localllm.model"]: (c.id, started_at(engine, c.id)) for c in our_containers(engine, daemon.instance)}
+    before = {
+        c.labels["io.localllm.model"]: (c.id, started_at(engine, c.id)) for c in our_containers(engine, daemon.instance)
+    }
     assert sorted(before) == ["tiny", "tiny2"]
     for _ in range(5):
         kill_9(daemon)
         daemon = start_daemon(TWO, instance=daemon.instance)
-        now = {c.labels["io.localllm.model"]: (c.id, started_at(engine, c.id))
-               for c in our_containers(engine, daemon.instance)}
+        now = {
+            c.labels["io.localllm.model"]: (c.id, started_at(engine, c.id))
+            for c in our_containers(engine, daemon.instance)
+        }
         assert now == before  # same containers, never restarted, no duplicates
         assert daemon.log().count("adopted running container") == 2
         assert daemon.chat("tiny").status_code == 200 and daemon.chat("tiny2").status_code == 200
@@ -50,8 +53,13 @@ def test_drifted_containers_are_recreated_and_unwanted_ones_removed(start_daemon
     daemon = start_daemon(TWO)
     old = {c.labels["io.localllm.model"]: c.id for c in our_containers(engine, daemon.instance)}
     lookalike = engine.containers.run(
-        "localllm/llama-server:0.3.36-cpu", ["--version"], name=f"localllm-{daemon.instance}-lookalike",
-        labels={TEST_RUN_LABEL: RUN_ID}, detach=True, network_mode="none")
+        "localllm/llama-server:0.3.36-cpu",
+        ["--version"],
+        name=f"localllm-{daemon.instance}-lookalike",
+        labels={TEST_RUN_LABEL: RUN_ID},
+        detach=True,
+        network_mode="none",
+    )
     kill_9(daemon)
     changed = [{"name": "tiny", "gguf": "tiny.gguf", "preload": True, "context_size": 512}]  # tiny2 is gone
     daemon = start_daemon(changed, instance=daemon.instance)

@@ -37,12 +37,18 @@ else:
 """
 
 
-
 def connect_as(socket_path: Path, *groups: str) -> str:
     """Connect to the socket as the user nobody, with these supplementary groups."""
-    command = ["setpriv", "--reuid=nobody", "--regid=nogroup",
-               f"--groups={','.join(groups)}" if groups else "--clear-groups", "/usr/bin/python3", "-c", CONNECT,
-               str(socket_path)]
+    command = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        f"--groups={','.join(groups)}" if groups else "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        CONNECT,
+        str(socket_path),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
 
 
@@ -73,11 +79,21 @@ def test_tcp_control_needs_the_bearer_token(start_daemon):
         assert answer.json()["error"]["code"] == "invalid_token"
     good = requests.get(f"{url}/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert good.status_code == 200 and good.json()["daemon"]["instance"] == daemon.instance
-    via_ctl = subprocess.run([executable("localllmctl"), "--url", url, "status", "--json"], capture_output=True,
-                             text=True, timeout=30, env={**os.environ, "LOCALLLM_TOKEN": TOKEN})
+    via_ctl = subprocess.run(
+        [executable("localllmctl"), "--url", url, "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LOCALLLM_TOKEN": TOKEN},
+    )
     assert via_ctl.returncode == 0, via_ctl.stderr
-    no_token = subprocess.run([executable("localllmctl"), "--url", url, "status"], capture_output=True, text=True,
-                              timeout=30, env={k: v for k, v in os.environ.items() if k != "LOCALLLM_TOKEN"})
+    no_token = subprocess.run(
+        [executable("localllmctl"), "--url", url, "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if k != "LOCALLLM_TOKEN"},
+    )
     assert no_token.returncode == 1 and "missing or wrong token" in no_token.stderr
     proxy_root = daemon.proxy_url.removesuffix("/v1")
     for route in ("/status", "/models/tiny/load", "/apply"):  # the proxy never exposes control routes
@@ -85,9 +101,28 @@ def test_tcp_control_needs_the_bearer_token(start_daemon):
 
 
 def post(daemon, route: str, body: dict | None = None) -> tuple[int, dict]:
-    done = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket", str(daemon.socket),
-                           "-X", "POST", "-H", "Content-Type: application/json", "-d", json.dumps(body or {}),
-                           f"http://localllmd{route}"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            str(daemon.socket),
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body or {}),
+            f"http://localllmd{route}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text, _, code = done.stdout.rpartition("\n")
     return int(code), json.loads(text) if text else {}
 
@@ -113,12 +148,18 @@ def test_conflicting_operations_get_409(start_daemon, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(broken := yaml.safe_dump(config))
     applying: dict = {}
-    thread = threading.Thread(target=lambda: applying.update(answer=post(
-        daemon, "/apply", {"config": broken, "source": str(changed)})), daemon=True)
+    thread = threading.Thread(
+        target=lambda: applying.update(answer=post(daemon, "/apply", {"config": broken, "source": str(changed)})),
+        daemon=True,
+    )
     thread.start()
     poll_for(lambda: any(g["status"] == "pending" for g in history(daemon)), 10, "the apply to begin")
-    for route, body in (("/apply", {"config": broken, "source": str(changed)}), ("/models/tiny/unload", {}),
-                        ("/models/tiny/load", {}), ("/rollback", {})):
+    for route, body in (
+        ("/apply", {"config": broken, "source": str(changed)}),
+        ("/models/tiny/unload", {}),
+        ("/models/tiny/load", {}),
+        ("/rollback", {}),
+    ):
         code, answer = post(daemon, route, body)
         assert (code, answer["error"]["code"]) == (409, "conflict"), (route, answer)
     thread.join(60)
@@ -126,26 +167,55 @@ def test_conflicting_operations_get_409(start_daemon, tmp_path):
 
 
 def history(daemon) -> list[dict]:
-    done = subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), "history", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return json.loads(done.stdout)
 
 
 def test_openapi_document_and_schemathesis_find_no_server_error(start_daemon, tmp_path):
     port = free_tcp_port()
-    daemon = start_daemon([TINY, {"name": "tiny3", "gguf": "tiny3.gguf"}], control_listen=f"127.0.0.1:{port}",
-                          control_token=TOKEN)
+    daemon = start_daemon(
+        [TINY, {"name": "tiny3", "gguf": "tiny3.gguf"}], control_listen=f"127.0.0.1:{port}", control_token=TOKEN
+    )
     url = f"http://127.0.0.1:{port}"
     document = requests.get(f"{url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
     assert document["openapi"].startswith("3.") and "/models/{name}/load" in document["paths"]
     report = tmp_path / "schemathesis.json"
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/openapi.json",
-         "--header", f"Authorization: Bearer {TOKEN}", "--checks", "not_a_server_error",
-         "--max-examples", "25", "--request-timeout", "30", "--seed", "1", "--workers", "1",
-         "--exclude-path", "/events", "--exclude-path", "/models/{name}/logs",
-         "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"{url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--request-timeout",
+            "30",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--exclude-path",
+            "/events",
+            "--exclude-path",
+            "/models/{name}/logs",
+            "--report",
+            "ndjson",
+            "--report-ndjson-path",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     events = [json.loads(line) for line in report.read_text().splitlines()]
     loaded = next(e["LoadingFinished"] for e in events if "LoadingFinished" in e)
@@ -163,15 +233,23 @@ def test_metrics_follow_loads_and_requests(start_daemon):
     daemon = start_daemon([TINY, {"name": "tiny3", "gguf": "tiny3.gguf"}])
     assert daemon.chat("tiny").status_code == 200
     assert daemon.chat("tiny").status_code == 200
-    text = subprocess.run(["curl", "-s", "--unix-socket", str(daemon.socket), "http://localllmd/metrics"],
-                          capture_output=True, text=True, timeout=30).stdout
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    text = subprocess.run(
+        ["curl", "-s", "--unix-socket", str(daemon.socket), "http://localllmd/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
     assert samples[("localllm_model_state", (("model", "tiny"), ("state", "ready")))] == 1
     assert samples[("localllm_model_state", (("model", "tiny3"), ("state", "stopped")))] == 1
     assert samples[("localllm_model_loads_total", (("model", "tiny"), ("outcome", "ok")))] == 1
     assert samples[("localllm_model_load_duration_seconds_count", (("model", "tiny"),))] == 1
     assert samples[("localllm_device_budget_bytes", (("device", "cpu"),))] > 0
     proxied = {k: v for k, v in samples.items() if k[0] == "localllm_requests_total"}
-    assert proxied == {("localllm_requests_total", (("code", "200"), ("endpoint", "chat/completions"),
-                                                    ("model", "tiny"))): 2}, proxied
+    assert proxied == {
+        ("localllm_requests_total", (("code", "200"), ("endpoint", "chat/completions"), ("model", "tiny"))): 2
+    }, proxied

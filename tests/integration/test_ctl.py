@@ -19,8 +19,13 @@ TWO = [{"name": "tiny", "gguf": "tiny.gguf", "aliases": ["small"]}, {"name": "ti
 
 
 def ctl(daemon, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def ok(done: subprocess.CompletedProcess) -> str:
@@ -60,8 +65,7 @@ def test_load_shows_progress_then_unload_stops_it(start_daemon, engine):
 
 
 def test_load_and_unload_errors_have_distinct_exit_codes(start_daemon, models_dir):
-    daemon = start_daemon([*TWO, {"name": "broken", "gguf": "broken.gguf"}],
-                          restart={"max_failures": 1, "delay": 0.1})
+    daemon = start_daemon([*TWO, {"name": "broken", "gguf": "broken.gguf"}], restart={"max_failures": 1, "delay": 0.1})
     unknown = ctl(daemon, "load", "nope")
     assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr.lower() or "nope" in unknown.stderr
     failed = ctl(daemon, "load", "broken")
@@ -76,8 +80,13 @@ def test_load_and_unload_errors_have_distinct_exit_codes(start_daemon, models_di
 
 def test_unload_is_refused_while_the_model_serves(start_daemon, engine):
     daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "preload": True, "context_size": 2048}])
-    body = {"model": "slow", "stream": True, "max_tokens": 600, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "count"}]}
+    body = {
+        "model": "slow",
+        "stream": True,
+        "max_tokens": 600,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "count"}],
+    }
     streaming = threading.Event()
 
     def stream():
@@ -104,8 +113,12 @@ def test_logs_tail_and_follow(start_daemon):
     assert len(tail.splitlines()) == 5
     whole = ok(ctl(daemon, "logs", "tiny", "--tail", "100000"))
     assert "server is listening on" in whole or "HTTP server listening" in whole or "listening" in whole
-    with subprocess.Popen([executable("localllmctl"), "--socket", str(daemon.socket), "logs", "-f", "tiny",
-                           "--tail", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
+    with subprocess.Popen(
+        [executable("localllmctl"), "--socket", str(daemon.socket), "logs", "-f", "tiny", "--tail", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as follower:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True)
         reader.start()
@@ -125,22 +138,31 @@ def test_events_list_and_follow(start_daemon):
     daemon = start_daemon(TWO)
     seen: list[dict] = []
     notices: list[str] = []
-    with subprocess.Popen([executable("localllmctl"), "--socket", str(daemon.socket), "events", "-f", "--json",
-                           "--limit", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
+    with subprocess.Popen(
+        [executable("localllmctl"), "--socket", str(daemon.socket), "events", "-f", "--json", "--limit", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as follower:
         reader = threading.Thread(
-            target=lambda: seen.extend(json.loads(line) for line in iter(follower.stdout.readline, "")), daemon=True)
+            target=lambda: seen.extend(json.loads(line) for line in iter(follower.stdout.readline, "")), daemon=True
+        )
         reader.start()
         threading.Thread(target=lambda: notices.extend(iter(follower.stderr.readline, "")), daemon=True).start()
-        poll_for(lambda: f"following localllmd's events on {daemon.socket} (Ctrl-C to stop)\n" in notices, 20,
-                 "the subscription")  # said once the daemon has subscribed it: no later event can be missed
+        poll_for(
+            lambda: f"following localllmd's events on {daemon.socket} (Ctrl-C to stop)\n" in notices,
+            20,
+            "the subscription",
+        )  # said once the daemon has subscribed it: no later event can be missed
         ok(ctl(daemon, "load", "tiny", "--json"))
         ok(ctl(daemon, "load", "tiny2", "--json"))
         poll_for(lambda: [e for e in seen if e["kind"] == "load" and e["model"] == "tiny2"], 20, "tiny2's load event")
         follower.terminate()
         reader.join(10)
     kinds = [(e["kind"], e["model"], e["data"].get("to")) for e in seen]
-    assert kinds[:3] == [("state", "tiny", "starting"), ("load", "tiny", None), ("state", "tiny", "ready")] or \
-        kinds[:3] == [("state", "tiny", "starting"), ("state", "tiny", "ready"), ("load", "tiny", None)], kinds
+    assert kinds[:3] == [("state", "tiny", "starting"), ("load", "tiny", None), ("state", "tiny", "ready")] or kinds[
+        :3
+    ] == [("state", "tiny", "starting"), ("state", "tiny", "ready"), ("load", "tiny", None)], kinds
     ids = [e["id"] for e in seen]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
@@ -225,8 +247,14 @@ def test_completion_scripts_and_model_names(start_daemon, shell, tmp_path):
     out = tmp_path / "completions"
 
     def complete(line: str) -> list[str]:
-        env = {**os.environ, "_ARGCOMPLETE": "1", "_ARGCOMPLETE_IFS": "\n", "COMP_LINE": line,
-               "COMP_POINT": str(len(line)), "_ARGCOMPLETE_STDOUT_FILENAME": str(out)}
+        env = {
+            **os.environ,
+            "_ARGCOMPLETE": "1",
+            "_ARGCOMPLETE_IFS": "\n",
+            "COMP_LINE": line,
+            "COMP_POINT": str(len(line)),
+            "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
+        }
         subprocess.run([executable("localllmctl")], env=env, capture_output=True, timeout=30)
         return out.read_text().split("\n")
 
@@ -249,12 +277,16 @@ def test_status_check_against_a_stopped_daemon_exits_1_within_its_deadline(start
         took_status = time.monotonic() - started
     finally:
         os.kill(daemon.process.pid, signal.SIGCONT)
-    print(f"status --check against the stopped daemon: exit {check.returncode} after {took:.2f}s; "
-          f"status --timeout 2: exit {status.returncode} after {took_status:.2f}s")
+    print(
+        f"status --check against the stopped daemon: exit {check.returncode} after {took:.2f}s; "
+        f"status --timeout 2: exit {status.returncode} after {took_status:.2f}s"
+    )
     assert check.returncode == 1 and 5 <= took < 7, (check, took)
-    assert check.stdout == (f"unresponsive\n  localllmd on {daemon.socket} did not answer GET /health within 5s "
-                            "(--timeout): it is stopped, stuck or overloaded; its log may say why "
-                            "(journalctl -u localllm)\n")
+    assert check.stdout == (
+        f"unresponsive\n  localllmd on {daemon.socket} did not answer GET /health within 5s "
+        "(--timeout): it is stopped, stuck or overloaded; its log may say why "
+        "(journalctl -u localllm)\n"
+    )
     assert status.returncode == 3 and 2 <= took_status < 4, (status, took_status)
     assert f"localllmd on {daemon.socket} did not answer GET /status within 2s (--timeout)" in status.stderr
     assert ok(ctl(daemon, "status", "--check")) == "ok\n"  # running again, it answers again

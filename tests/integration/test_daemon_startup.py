@@ -22,15 +22,22 @@ from .conftest import RUN_ID, executable, free_tcp_port, our_containers, poll_fo
 
 
 def run_daemon(config_path, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([executable("localllmd"), "--config", str(config_path)],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [executable("localllmd"), "--config", str(config_path)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def write_config(tmp_path, models_dir, instance, **daemon) -> str:
-    config = {"profile": "cpu-only",
-              "daemon": {"instance": instance, "state_dir": str(tmp_path / "state"),
-                         "proxy_listen": f"127.0.0.1:{free_tcp_port()}", **daemon},
-              "models": [{"name": "tiny", "gguf": str(models_dir / "tiny.gguf"), "preload": True}]}
+    config = {
+        "profile": "cpu-only",
+        "daemon": {
+            "instance": instance,
+            "state_dir": str(tmp_path / "state"),
+            "proxy_listen": f"127.0.0.1:{free_tcp_port()}",
+            **daemon,
+        },
+        "models": [{"name": "tiny", "gguf": str(models_dir / "tiny.gguf"), "preload": True}],
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -96,8 +103,10 @@ def test_under_systemd_it_notifies_ready_status_watchdog_and_stopping(start_daem
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
-                          env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"},
+    )
     poll_for(lambda: any(m == b"STATUS=1 ready" for _, m in received), timeout=10, what="the ready status")
     assert daemon.terminate() == 0
     server.close()
@@ -145,14 +154,18 @@ def test_the_demo_runs_in_a_private_directory_of_its_own_and_removes_it(engine, 
 def test_a_second_sigterm_ends_a_slow_shutdown_at_once(start_daemon, engine):
     # The model's server is stopped (SIGSTOP), so the shutdown's SIGTERM to it goes unheard and its stop takes
     # all of stop_grace; liveness would replace it first, so it is not probed in this test's time.
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], stop_grace=60,
-                          liveness={"period": 600})
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], stop_grace=60, liveness={"period": 600}
+    )
     [container] = our_containers(engine, daemon.instance)
     container.kill(signal="SIGSTOP")
     daemon.process.send_signal(signal.SIGTERM)
     first = time.monotonic()
-    poll_for(lambda: "SIGTERM: shutting down; a second SIGTERM or SIGINT exits at once" in daemon.log(), 10,
-             "the graceful shutdown")
+    poll_for(
+        lambda: "SIGTERM: shutting down; a second SIGTERM or SIGINT exits at once" in daemon.log(),
+        10,
+        "the graceful shutdown",
+    )
     with pytest.raises(subprocess.TimeoutExpired):  # a shutdown not held up takes about a second here
         daemon.process.wait(timeout=5)
     daemon.process.send_signal(signal.SIGTERM)

@@ -46,23 +46,44 @@ def daemon(engine, models_dir, tmp_path_factory):
     port, base = free_tcp_port(), 30000 + (int(RUN_ID, 16) % 50) * 40 + 33 * 10
     config = {
         "profile": "cpu-only",
-        "daemon": {"instance": instance, "proxy_listen": f"127.0.0.1:{port}", "port_range": [base, base + 9],
-                   "state_dir": str(directory / "state"), "labels": {TEST_RUN_LABEL: RUN_ID}, "startup_timeout": 30,
-                   "stop_grace": 5, "log_level": "DEBUG", "proxy_limits": {"header_timeout": HEADER_TIMEOUT},
-                   "request_fields": {"max_tokens": CAP}},
-        "models": [{"name": "tiny", "gguf": str(models_dir / "tiny.gguf"), "context_size": 256, "parallel": 2,
-                    "preload": True},
-                   {"name": "leaky", "gguf": str(models_dir / "tiny2.gguf"), "context_size": 256,
-                    "extra_args": [f"--{MARKER}"]}],
+        "daemon": {
+            "instance": instance,
+            "proxy_listen": f"127.0.0.1:{port}",
+            "port_range": [base, base + 9],
+            "state_dir": str(directory / "state"),
+            "labels": {TEST_RUN_LABEL: RUN_ID},
+            "startup_timeout": 30,
+            "stop_grace": 5,
+            "log_level": "DEBUG",
+            "proxy_limits": {"header_timeout": HEADER_TIMEOUT},
+            "request_fields": {"max_tokens": CAP},
+        },
+        "models": [
+            {
+                "name": "tiny",
+                "gguf": str(models_dir / "tiny.gguf"),
+                "context_size": 256,
+                "parallel": 2,
+                "preload": True,
+            },
+            {
+                "name": "leaky",
+                "gguf": str(models_dir / "tiny2.gguf"),
+                "context_size": 256,
+                "extra_args": [f"--{MARKER}"],
+            },
+        ],
     }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     log = directory / "localllmd.log"
     with log.open("w") as out:
-        process = subprocess.Popen([executable("localllmd"), "--config", str(path)], stdout=out,
-                                   stderr=subprocess.STDOUT)
-    started = DaemonProcess(path, instance, f"http://127.0.0.1:{port}/v1", directory / "state" / "control.sock",
-                            process, log, config)
+        process = subprocess.Popen(
+            [executable("localllmd"), "--config", str(path)], stdout=out, stderr=subprocess.STDOUT
+        )
+    started = DaemonProcess(
+        path, instance, f"http://127.0.0.1:{port}/v1", directory / "state" / "control.sock", process, log, config
+    )
     try:
         poll_for(lambda: process.poll() is not None or started.try_status(), 30, "the control API")
         assert process.poll() is None, f"localllmd exited early:\n{started.log()}"
@@ -90,8 +111,7 @@ def health_seconds(daemon) -> float:
     return time.monotonic() - started
 
 
-def test_health_answers_within_a_second_while_2000_slow_sockets_are_open_and_they_are_dropped_at_the_deadline(
-        daemon):
+def test_health_answers_within_a_second_while_2000_slow_sockets_are_open_and_they_are_dropped_at_the_deadline(daemon):
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -130,9 +150,11 @@ def test_health_answers_within_a_second_while_2000_slow_sockets_are_open_and_the
                     watch.unregister(key.fileobj)
         stop.set()
         trickler.join()
-        print(f"\n/health with {SLOW_SOCKETS} slow sockets: max {max(latencies) * 1000:.1f} ms, median "
-              f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} requests; slow sockets "
-              f"closed after {min(closed_after.values()):.2f}-{max(closed_after.values()):.2f} s")
+        print(
+            f"\n/health with {SLOW_SOCKETS} slow sockets: max {max(latencies) * 1000:.1f} ms, median "
+            f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms over {len(latencies)} requests; slow sockets "
+            f"closed after {min(closed_after.values()):.2f}-{max(closed_after.values()):.2f} s"
+        )
         assert max(latencies) < 1.0
         assert len(closed_after) == SLOW_SOCKETS, f"{SLOW_SOCKETS - len(closed_after)} slow sockets still open"
         assert HEADER_TIMEOUT - 0.5 < min(closed_after.values()) and max(closed_after.values()) < HEADER_TIMEOUT + 5
@@ -147,8 +169,10 @@ def send_body(address: tuple[str, int], size: int, chunk: bytes, hold: bool = Fa
     """POST a body of ``size`` bytes, reading the answer as soon as one comes; ``hold``: send a little and keep the
     socket (its body counts against the budget until it is closed)."""
     sock = socket.create_connection(address, timeout=30)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % size)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % size
+    )
     if hold:
         sock.sendall(b'{"model": "tiny", "pad": "')
         return sock
@@ -166,7 +190,7 @@ def send_body(address: tuple[str, int], size: int, chunk: bytes, hold: bool = Fa
                     return answer
             elif any(event & selectors.EVENT_WRITE for event in events):
                 with contextlib.suppress(BlockingIOError):
-                    sent += sock.send(chunk[:size - sent])
+                    sent += sock.send(chunk[: size - sent])
                 if sent >= size:
                     watch.modify(sock, selectors.EVENT_READ)
     return answer
@@ -199,8 +223,9 @@ def test_twenty_concurrent_64mib_bodies_get_503_without_the_daemon_reading_them_
     assert answer.status_code == 200, answer.text
 
 
-@pytest.mark.parametrize("headers", [{"Content-Type": "text/plain"}, {},
-                                     {"Content-Type": "application/x-www-form-urlencoded"}])
+@pytest.mark.parametrize(
+    "headers", [{"Content-Type": "text/plain"}, {}, {"Content-Type": "application/x-www-form-urlencoded"}]
+)
 def test_a_json_route_without_application_json_gets_415(daemon, headers):
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     answer = requests.post(f"{daemon.proxy_url}/chat/completions", data=body, headers=headers, timeout=30)
@@ -218,14 +243,17 @@ def test_a_model_that_prints_a_marker_and_exits_tells_the_client_nothing_of_it(d
         assert secret not in answer.text, secret
     error_id = error["message"].split("(error id ")[1].split(")")[0]
     assert error["message"].startswith("model 'leaky' failed to start (error id ")
-    streamed = requests.post(f"{daemon.proxy_url}/chat/completions", timeout=120, json={
-        "model": "leaky", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    streamed = requests.post(
+        f"{daemon.proxy_url}/chat/completions",
+        timeout=120,
+        json={"model": "leaky", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert streamed.status_code == 200 and "leaky" in streamed.text
     assert MARKER not in streamed.text and str(models_dir) not in streamed.text
     # The operator still sees everything: in the log under the error id, and on the control API.
     log = daemon.log()
     assert f"error {error_id} (not shown to the proxy client): model 'leaky' failed to start" in log
-    assert MARKER in log[log.index(error_id):][:4000]  # the container's last lines follow, on lines of their own
+    assert MARKER in log[log.index(error_id) :][:4000]  # the container's last lines follow, on lines of their own
     assert MARKER in daemon.model("leaky")["error"]
 
 
@@ -235,7 +263,11 @@ def test_the_proxy_caps_generation_and_drops_the_slot_fields(daemon):
     assert unbounded.json()["usage"]["completion_tokens"] == CAP
     huge = daemon.chat("tiny", max_tokens=10**6, ignore_eos=True)
     assert huge.status_code == 200 and huge.json()["usage"]["completion_tokens"] == CAP
-    logs = subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), "logs", "tiny"],
-                          capture_output=True, text=True, timeout=30)
+    logs = subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), "logs", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert logs.returncode == 0 and "selected slot by " in logs.stdout  # llama-server says how it picks a slot
     assert "selected slot by id" not in logs.stdout  # and never by the id a client sent

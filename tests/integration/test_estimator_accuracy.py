@@ -28,43 +28,88 @@ _OUTPUT_LINE = re.compile(r"\bCPU\s+output buffer size =\s+([\d.]+) MiB")
 # fit the compute formula with flash attention, the first two without it its formula; the rest were not.
 CASES = [
     ("shallow-narrow", dict(embedding=64, blocks=2, heads=4, kv_heads=2), LaunchSettings(context=2048)),
-    ("deep-8-layers", dict(embedding=512, blocks=8, heads=4, kv_heads=2, feed_forward=1024),
-     LaunchSettings(context=1024)),
-    ("wide-mha", dict(embedding=1024, blocks=2, heads=16, kv_heads=4, feed_forward=4096),
-     LaunchSettings(context=1024)),
-    ("long-context", dict(embedding=512, blocks=4, heads=8, kv_heads=8, feed_forward=2048),
-     LaunchSettings(context=16384)),
+    (
+        "deep-8-layers",
+        dict(embedding=512, blocks=8, heads=4, kv_heads=2, feed_forward=1024),
+        LaunchSettings(context=1024),
+    ),
+    ("wide-mha", dict(embedding=1024, blocks=2, heads=16, kv_heads=4, feed_forward=4096), LaunchSettings(context=1024)),
+    (
+        "long-context",
+        dict(embedding=512, blocks=4, heads=8, kv_heads=8, feed_forward=2048),
+        LaunchSettings(context=16384),
+    ),
     ("big-vocab", dict(embedding=256, blocks=3, heads=4, kv_heads=1, extra_vocab=40000), LaunchSettings(context=2048)),
     ("four-slots", dict(embedding=384, blocks=6, heads=6, kv_heads=2), LaunchSettings(context=4096, parallel=4)),
-    ("q8-cache", dict(embedding=256, blocks=12, heads=8, kv_heads=2),
-     LaunchSettings(context=8192, cache_type_k="q8_0", cache_type_v="q8_0")),
+    (
+        "q8-cache",
+        dict(embedding=256, blocks=12, heads=8, kv_heads=2),
+        LaunchSettings(context=8192, cache_type_k="q8_0", cache_type_v="q8_0"),
+    ),
     # a tied head: on the CPU the duplicate is the mmap'd token_embd, so the model buffer is the file
-    ("tied-head", dict(embedding=256, blocks=3, heads=4, kv_heads=1, extra_vocab=40000, tied_embeddings=True),
-     LaunchSettings(context=2048)),
+    (
+        "tied-head",
+        dict(embedding=256, blocks=3, heads=4, kv_heads=1, extra_vocab=40000, tied_embeddings=True),
+        LaunchSettings(context=2048),
+    ),
     # the GPU bench's model: a 150k vocabulary, tied, two slots (two rows of logits)
-    ("tied-150k-vocab", dict(embedding=64, blocks=2, heads=4, kv_heads=2, extra_vocab=150_000, tied_embeddings=True),
-     LaunchSettings(context=2048, parallel=2)),
+    (
+        "tied-150k-vocab",
+        dict(embedding=64, blocks=2, heads=4, kv_heads=2, extra_vocab=150_000, tied_embeddings=True),
+        LaunchSettings(context=2048, parallel=2),
+    ),
     # one KV stream shared by four slots: the mask spans the whole context
-    ("unified-four-slots", dict(embedding=384, blocks=6, heads=6, kv_heads=2),
-     LaunchSettings(context=4096, parallel=4, kv_unified=True)),
+    (
+        "unified-four-slots",
+        dict(embedding=384, blocks=6, heads=6, kv_heads=2),
+        LaunchSettings(context=4096, parallel=4, kv_unified=True),
+    ),
     # 3000 is padded to 3072, a third of it to 1280 a slot: 3840 cells; the micro-batch becomes 513
-    ("three-slots-padded", dict(embedding=256, blocks=4, heads=4, kv_heads=2), LaunchSettings(context=3000, parallel=3)),
-    ("no-flash-attention", dict(embedding=256, blocks=4, heads=8, kv_heads=2),
-     LaunchSettings(context=4096, flash_attention=False)),
-    ("no-flash-attention-slots", dict(embedding=512, blocks=2, heads=16, kv_heads=4, feed_forward=2048),
-     LaunchSettings(context=2048, parallel=2, flash_attention=False)),
-    ("no-flash-attention-long", dict(embedding=384, blocks=3, heads=6, kv_heads=2),
-     LaunchSettings(context=8192, flash_attention=False)),
+    (
+        "three-slots-padded",
+        dict(embedding=256, blocks=4, heads=4, kv_heads=2),
+        LaunchSettings(context=3000, parallel=3),
+    ),
+    (
+        "no-flash-attention",
+        dict(embedding=256, blocks=4, heads=8, kv_heads=2),
+        LaunchSettings(context=4096, flash_attention=False),
+    ),
+    (
+        "no-flash-attention-slots",
+        dict(embedding=512, blocks=2, heads=16, kv_heads=4, feed_forward=2048),
+        LaunchSettings(context=2048, parallel=2, flash_attention=False),
+    ),
+    (
+        "no-flash-attention-long",
+        dict(embedding=384, blocks=3, heads=6, kv_heads=2),
+        LaunchSettings(context=8192, flash_attention=False),
+    ),
 ]
 
 
 def run_llama_server(engine, path, launch: LaunchSettings) -> str:
-    command = ["-m", "/models/m.gguf", "--host", "127.0.0.1", "--port", str(free_tcp_port()), "-lv", "4",
-               *launch_flags(launch)]
+    command = [
+        "-m",
+        "/models/m.gguf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_tcp_port()),
+        "-lv",
+        "4",
+        *launch_flags(launch),
+    ]
     container = engine.containers.run(
-        "localllm/llama-server:0.3.36-cpu", command, detach=True, network_mode="host",
-        labels={TEST_RUN_LABEL: RUN_ID}, volumes={str(path): {"bind": "/models/m.gguf", "mode": "ro"}})
+        "localllm/llama-server:0.3.36-cpu",
+        command,
+        detach=True,
+        network_mode="host",
+        labels={TEST_RUN_LABEL: RUN_ID},
+        volumes={str(path): {"bind": "/models/m.gguf", "mode": "ro"}},
+    )
     try:
+
         def report() -> str | None:
             container.reload()
             text = container.logs().decode()
@@ -87,9 +132,11 @@ def test_estimate_is_within_10_percent_of_llama_servers_own_total(case, engine, 
     facts = read_gguf_facts(path)
     ours = estimate(facts, launch)
     theirs = (sum(reported.values()) + outputs) * MIB
-    print(f"\n{name}: llama-server {reported} output {outputs:.2f} = {theirs / MIB:.2f} MiB; estimate weights "
-          f"{ours.weights / MIB:.2f} kv {ours.kv_cache / MIB:.2f} compute {ours.compute / MIB:.2f} "
-          f"outputs {ours.outputs / MIB:.2f} = {ours.total / MIB:.2f} MiB; ratio {ours.total / theirs:.3f}")
+    print(
+        f"\n{name}: llama-server {reported} output {outputs:.2f} = {theirs / MIB:.2f} MiB; estimate weights "
+        f"{ours.weights / MIB:.2f} kv {ours.kv_cache / MIB:.2f} compute {ours.compute / MIB:.2f} "
+        f"outputs {ours.outputs / MIB:.2f} = {ours.total / MIB:.2f} MiB; ratio {ours.total / theirs:.3f}"
+    )
     assert set(reported) == {"model", "kv", "compute"}
     assert abs(ours.total - theirs) <= 0.10 * theirs
     assert ours.kv_cache / MIB == pytest.approx(reported["kv"], abs=0.01)  # cells and streams exactly

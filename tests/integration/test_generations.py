@@ -17,8 +17,9 @@ LONG = {"stream": True, "max_tokens": 1500, "ignore_eos": True, "messages": [{"r
 
 
 def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def write_config(daemon, tmp_path, name: str, change) -> str:
@@ -43,7 +44,12 @@ class Streamer(threading.Thread):
 
     def __init__(self, daemon, name: str):
         super().__init__(daemon=True)
-        self.url, self.body, self.lines, self.error = f"{daemon.proxy_url}/chat/completions", {"model": name, **LONG}, [], None
+        self.url, self.body, self.lines, self.error = (
+            f"{daemon.proxy_url}/chat/completions",
+            {"model": name, **LONG},
+            [],
+            None,
+        )
         self.started_streaming = threading.Event()
 
     def run(self) -> None:
@@ -61,10 +67,15 @@ class Streamer(threading.Thread):
         return self.error is None and self.lines[-1] == b"data: [DONE]" and b'"error"' not in b"".join(self.lines)
 
 
-def test_a_good_change_replaces_only_the_changed_container_without_interrupting_a_stream(start_daemon, engine,
-                                                                                          tmp_path):
-    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 2048, "preload": True},
-                           {"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+def test_a_good_change_replaces_only_the_changed_container_without_interrupting_a_stream(
+    start_daemon, engine, tmp_path
+):
+    daemon = start_daemon(
+        [
+            {"name": "slow", "gguf": "slow.gguf", "context_size": 2048, "preload": True},
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
+        ]
+    )
     before = {c.labels["io.localllm.model"]: c.id for c in our_containers(engine, daemon.instance)}
     streamer = Streamer(daemon, "slow")
     streamer.start()
@@ -75,8 +86,11 @@ def test_a_good_change_replaces_only_the_changed_container_without_interrupting_
     assert "replace  slow" in done.stdout and ": good" in done.stdout
     streamer.join(60)
     assert streamer.completed, streamer.lines[-2:]
-    poll_for(lambda: before["slow"] not in [c.id for c in our_containers(engine, daemon.instance)], timeout=30,
-             what="the old container to be retired once its stream ended")
+    poll_for(
+        lambda: before["slow"] not in [c.id for c in our_containers(engine, daemon.instance)],
+        timeout=30,
+        what="the old container to be retired once its stream ended",
+    )
     after = {c.labels["io.localllm.model"]: c.id for c in our_containers(engine, daemon.instance)}
     assert after["tiny"] == before["tiny"] and after["slow"] != before["slow"] and len(after) == 2
     assert daemon.chat("slow").status_code == 200
@@ -104,8 +118,9 @@ def test_bad_changes_are_reverted_recorded_and_never_interrupt_serving(start_dae
         assert [c.id for c in our_containers(engine, daemon.instance)] == [original.id]
         assert daemon.chat("slow").status_code == 200
         assert history(daemon)[-1]["status"] == "failed"
-    missing_file = write_config(daemon, tmp_path, "missing-file.yaml",
-                                lambda c: model(c, "slow").update(gguf=str(tmp_path / "nowhere.gguf")))
+    missing_file = write_config(
+        daemon, tmp_path, "missing-file.yaml", lambda c: model(c, "slow").update(gguf=str(tmp_path / "nowhere.gguf"))
+    )
     done = ctl(daemon, "apply", missing_file)  # refused by the daemon's validation, recorded as invalid
     assert done.returncode == 2 and f"{missing_file}:" in done.stderr and "nowhere.gguf does not exist" in done.stderr
     assert history(daemon)[-1]["status"] == "invalid"
@@ -122,15 +137,21 @@ def test_an_invalid_config_sent_to_the_daemon_is_recorded_as_invalid(start_daemo
     assert history(daemon)[-1]["status"] == "invalid"
 
 
-def test_when_last_good_cannot_come_back_the_daemon_is_degraded_and_does_not_loop(start_daemon, engine,
-                                                                                   models_dir, tmp_path):
+def test_when_last_good_cannot_come_back_the_daemon_is_degraded_and_does_not_loop(
+    start_daemon, engine, models_dir, tmp_path
+):
     own = tmp_path / "own.gguf"
     own.write_bytes((models_dir / "tiny.gguf").read_bytes())
-    daemon = start_daemon([{"name": "tiny", "gguf": str(own), "preload": True}], top=one_model_budget(tmp_path,
-                                                                                                       models_dir))
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": str(own), "preload": True}], top=one_model_budget(tmp_path, models_dir)
+    )
     own.unlink()  # the running container keeps its mount; a restart of the last-good spec cannot work
-    bad = write_config(daemon, tmp_path, "bad.yaml", lambda c: model(c, "tiny").update(
-        gguf=str(models_dir / "tiny.gguf"), extra_args=["--no-such-flag"]))
+    bad = write_config(
+        daemon,
+        tmp_path,
+        "bad.yaml",
+        lambda c: model(c, "tiny").update(gguf=str(models_dir / "tiny.gguf"), extra_args=["--no-such-flag"]),
+    )
     done = ctl(daemon, "apply", bad)
     assert done.returncode == 1 and "DEGRADED" in done.stderr
     status = json.loads(ctl(daemon, "status", "--json").stdout)
@@ -148,8 +169,9 @@ def one_model_budget(tmp_path, models_dir) -> dict:
     from supervisor.config.settings import ModelEntry
     from supervisor.fleet.sizing import size_model
 
-    need = size_model(ModelEntry(name="m", gguf=models_dir / "tiny.gguf", context_size=256),
-                      load_profiles()["cpu-only"]).need
+    need = size_model(
+        ModelEntry(name="m", gguf=models_dir / "tiny.gguf", context_size=256), load_profiles()["cpu-only"]
+    ).need
     profile = yaml.safe_load((builtin_profiles_dir() / "cpu-only.yaml").read_text())
     profile.update(name="one-model")
     profile["hardware"]["ram_gib"] = 1.5 * need / 1024**3
@@ -163,10 +185,19 @@ def one_model_budget(tmp_path, models_dir) -> dict:
 def test_rollback_returns_to_an_earlier_generation(start_daemon, engine, tmp_path):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
     [first] = our_containers(engine, daemon.instance)
-    assert ctl(daemon, "apply", write_config(daemon, tmp_path, "c512.yaml",
-                                             lambda c: model(c, "tiny").update(context_size=512))).returncode == 0
-    poll_for(lambda: first.id not in [c.id for c in our_containers(engine, daemon.instance)], timeout=30,
-             what="the first container to be retired")
+    assert (
+        ctl(
+            daemon,
+            "apply",
+            write_config(daemon, tmp_path, "c512.yaml", lambda c: model(c, "tiny").update(context_size=512)),
+        ).returncode
+        == 0
+    )
+    poll_for(
+        lambda: first.id not in [c.id for c in our_containers(engine, daemon.instance)],
+        timeout=30,
+        what="the first container to be retired",
+    )
     done = ctl(daemon, "rollback")
     assert done.returncode == 0, done.stderr
     assert "rollback to generation 1" in done.stdout and ": good" in done.stdout
@@ -188,8 +219,11 @@ def test_a_corrupt_state_file_is_set_aside_and_the_containers_are_adopted(start_
     index = state_dir / "generations" / "index.json"
     index.write_text("{ this is not json")
     config = yaml.safe_load(daemon.config_path.read_text())
-    again = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], instance=daemon.instance,
-                         state_dir=config["daemon"]["state_dir"])
+    again = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+        instance=daemon.instance,
+        state_dir=config["daemon"]["state_dir"],
+    )
     assert [c.id for c in our_containers(engine, again.instance)] == [container.id]
     [aside] = list((state_dir / "generations").glob("index.json.corrupt-*"))
     assert aside.read_text() == "{ this is not json"
@@ -205,8 +239,11 @@ def test_a_full_state_directory_refuses_apply_cleanly_and_keeps_the_old_state(st
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state_dir)], check=True)
     try:
         daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], state_dir=str(state_dir))
-        poll_for(lambda: history(daemon) and history(daemon)[0]["status"] == "good", timeout=10,
-                 what="the startup generation to be good")
+        poll_for(
+            lambda: history(daemon) and history(daemon)[0]["status"] == "good",
+            timeout=10,
+            what="the startup generation to be good",
+        )
         index = state_dir / "generations" / "index.json"
         before = index.read_bytes()
         filler = state_dir / "filler"
@@ -217,8 +254,11 @@ def test_a_full_state_directory_refuses_apply_cleanly_and_keeps_the_old_state(st
                         out.write(b"\0" * size)
                 except OSError:
                     pass
-        done = ctl(daemon, "apply", write_config(daemon, tmp_path, "c512.yaml",
-                                                 lambda c: model(c, "tiny").update(context_size=512)))
+        done = ctl(
+            daemon,
+            "apply",
+            write_config(daemon, tmp_path, "c512.yaml", lambda c: model(c, "tiny").update(context_size=512)),
+        )
         assert done.returncode == 1, done.stdout + done.stderr
         assert "cannot write" in done.stderr and "nothing was changed" in done.stderr
         assert index.read_bytes() == before
@@ -237,8 +277,11 @@ def test_sighup_re_reads_the_config_file_and_applies_it(start_daemon, engine):
     model(config, "tiny")["context_size"] = 512
     daemon.config_path.write_text(yaml.safe_dump(config))
     daemon.process.send_signal(signal.SIGHUP)
-    poll_for(lambda: len(history(daemon)) == 2 and history(daemon)[-1]["status"] == "good", timeout=30,
-             what="the SIGHUP generation")
+    poll_for(
+        lambda: len(history(daemon)) == 2 and history(daemon)[-1]["status"] == "good",
+        timeout=30,
+        what="the SIGHUP generation",
+    )
     assert history(daemon)[-1]["source"] == f"sighup: {daemon.config_path}"
     poll_for(lambda: len(our_containers(engine, daemon.instance)) == 1, timeout=30, what="the old one to retire")
     [container] = our_containers(engine, daemon.instance)
@@ -246,13 +289,18 @@ def test_sighup_re_reads_the_config_file_and_applies_it(start_daemon, engine):
     assert_invariants(daemon, engine)
 
 
-def test_without_room_for_both_the_old_container_stops_first_and_the_change_still_lands(start_daemon, engine,
-                                                                                        models_dir, tmp_path):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
-                          top=one_model_budget(tmp_path, models_dir))
+def test_without_room_for_both_the_old_container_stops_first_and_the_change_still_lands(
+    start_daemon, engine, models_dir, tmp_path
+):
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], top=one_model_budget(tmp_path, models_dir)
+    )
     [old] = our_containers(engine, daemon.instance)
-    done = ctl(daemon, "apply", write_config(daemon, tmp_path, "args.yaml",
-                                             lambda c: model(c, "tiny").update(extra_args=["--threads", "1"])))
+    done = ctl(
+        daemon,
+        "apply",
+        write_config(daemon, tmp_path, "args.yaml", lambda c: model(c, "tiny").update(extra_args=["--threads", "1"])),
+    )
     assert done.returncode == 0, done.stderr
     assert "no room for both, stopping the old one first" in daemon.log()
     [new] = our_containers(engine, daemon.instance)
@@ -266,13 +314,18 @@ CONTROL_TOKEN = "control-token-0123456789abcdef0123456789"
 
 
 def test_stored_generations_hold_no_secret_and_a_rollback_gets_them_back(start_daemon, engine, tmp_path):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], api_keys=[API_KEY],
-                          control_listen=f"127.0.0.1:{free_tcp_port()}", control_token=CONTROL_TOKEN)
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+        api_keys=[API_KEY],
+        control_listen=f"127.0.0.1:{free_tcp_port()}",
+        control_token=CONTROL_TOKEN,
+    )
     config = yaml.safe_load(daemon.config_path.read_text())
     model(config, "tiny").update(context_size=512)
     changed = tmp_path / "c512.yaml"  # the daemon section last: the diff shows all of it
-    changed.write_text(yaml.safe_dump({k: config[k] for k in sorted(config, key=lambda k: k == "daemon")},
-                                      sort_keys=False))
+    changed.write_text(
+        yaml.safe_dump({k: config[k] for k in sorted(config, key=lambda k: k == "daemon")}, sort_keys=False)
+    )
     preview = ctl(daemon, "apply", str(changed))
     assert preview.returncode == 0, preview.stderr
     assert '   api_keys:\n   - "<redacted>"\n' in preview.stderr, preview.stderr
@@ -284,12 +337,14 @@ def test_stored_generations_hold_no_secret_and_a_rollback_gets_them_back(start_d
     stored = {p.relative_to(directory): p for p in directory.rglob("*") if p.is_file()}
     assert {p.stat().st_mode & 0o777 for p in stored.values()} == {0o600}
     kept_apart = {name for name, p in stored.items() if API_KEY in p.read_text() or CONTROL_TOKEN in p.read_text()}
-    assert {str(name) for name in kept_apart} == {"secrets/000001.json", "secrets/000002.json",
-                                                  "secrets/000003.json"}
+    assert {str(name) for name in kept_apart} == {"secrets/000001.json", "secrets/000002.json", "secrets/000003.json"}
     assert daemon.chat("tiny").status_code == 401
-    answer = requests.post(f"{daemon.proxy_url}/chat/completions", timeout=60,
-                           headers={"Authorization": f"Bearer {API_KEY}"},
-                           json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    answer = requests.post(
+        f"{daemon.proxy_url}/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert answer.status_code == 200
     assert_invariants(daemon, engine)
 

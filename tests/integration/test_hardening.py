@@ -43,8 +43,9 @@ async def while_ready(spec, health_url: str, body, servers: Path | None = None):
     info = await runtime.run(spec)
     try:
         async with open_session(servers or Path("/nonexistent")) as session:
-            await wait_until_ready(runtime, session, model=spec.model, container_id=info.id, url=health_url,
-                                   deadline=30)
+            await wait_until_ready(
+                runtime, session, model=spec.model, container_id=info.id, url=health_url, deadline=30
+            )
         return await body(info)
     finally:
         await runtime.stop_and_remove(info.id, 0)
@@ -80,12 +81,18 @@ def test_a_llamacpp_container_gets_the_memory_limit_of_its_need(engine, models_d
     need = 128 << 20
     entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256)
     settings = DaemonSettings(instance=f"hd{RUN_ID}", labels={TEST_RUN_LABEL: RUN_ID}, state_dir=server_state)
-    spec = llamacpp.container_spec(entry, CPU, settings, socket_endpoint(server_state), memory_need=need,
-                                   user=server_user())
+    spec = llamacpp.container_spec(
+        entry, CPU, settings, socket_endpoint(server_state), memory_need=need, user=server_user()
+    )
 
-    host, _ = asyncio.run(while_ready(spec, spec.endpoint.url + llamacpp.readiness_path,
-                                      lambda info: asyncio.to_thread(host_config, engine, info.id),
-                                      servers_dir(server_state)))
+    host, _ = asyncio.run(
+        while_ready(
+            spec,
+            spec.endpoint.url + llamacpp.readiness_path,
+            lambda info: asyncio.to_thread(host_config, engine, info.id),
+            servers_dir(server_state),
+        )
+    )
     assert host["Memory"] == host["MemorySwap"] == memory_limit_for(need)  # no swap beyond the limit
     assert our_containers(engine, spec.owner) == []
 
@@ -96,10 +103,16 @@ def standin(engine) -> str:
 
 
 def test_the_ollama_server_is_confined_and_still_serves(start_daemon, standin, engine, tmp_path):
-    section = {"image": standin, "models_dir": str(tmp_path / "ollama-store"), "startup_timeout": 30,
-               "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.2"}}
-    daemon = start_daemon([{"name": "chat-a", "backend": "ollama", "tag": "tiny-a:1b", "pull": True,
-                            "preload": True}], top={"ollama": section})
+    section = {
+        "image": standin,
+        "models_dir": str(tmp_path / "ollama-store"),
+        "startup_timeout": 30,
+        "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.2"},
+    }
+    daemon = start_daemon(
+        [{"name": "chat-a", "backend": "ollama", "tag": "tiny-a:1b", "pull": True, "preload": True}],
+        top={"ollama": section},
+    )
     assert daemon.model("chat-a")["state"] == "ready"
     [server] = our_containers(engine, daemon.instance)
     host, _ = host_config(engine, server)
@@ -116,12 +129,17 @@ def test_the_ollama_server_runs_as_the_owner_of_a_store_root_cannot_write(engine
     store = tmp_path / "store"
     store.mkdir(mode=0o700)
     os.chown(store, 4242, 4242)
-    config = Config.model_validate({
-        "profile": "cpu-only",
-        "daemon": {"instance": f"hd{RUN_ID}", "labels": {TEST_RUN_LABEL: RUN_ID}, "state_dir": str(tmp_path)},
-        "ollama": {"image": standin, "models_dir": str(store),
-                   "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.1"}},
-    })
+    config = Config.model_validate(
+        {
+            "profile": "cpu-only",
+            "daemon": {"instance": f"hd{RUN_ID}", "labels": {TEST_RUN_LABEL: RUN_ID}, "state_dir": str(tmp_path)},
+            "ollama": {
+                "image": standin,
+                "models_dir": str(store),
+                "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.1"},
+            },
+        }
+    )
     spec = ollama.server_spec(config, CPU, socket_endpoint(tmp_path, (4242, 4242)), store_owner=(4242, 4242))
     url = spec.endpoint.url
 
@@ -130,8 +148,9 @@ def test_the_ollama_server_runs_as_the_owner_of_a_store_root_cannot_write(engine
             async with session.post(f"{url}/api/pull", json={"model": "tiny-a:1b", "stream": False}) as pulled:
                 return pulled.status, await pulled.text(), host_config(engine, info.id)
 
-    status, text, (host, container_config) = asyncio.run(while_ready(spec, url + ollama.readiness_path,
-                                                                     pull_then_inspect, servers_dir(tmp_path)))
+    status, text, (host, container_config) = asyncio.run(
+        while_ready(spec, url + ollama.readiness_path, pull_then_inspect, servers_dir(tmp_path))
+    )
     assert status == 200, text
     assert_confined(host)
     assert container_config["User"] == "4242:4242"

@@ -74,8 +74,21 @@ def ensure_wheelhouse() -> Path:
             if old.is_dir() and old != target:
                 shutil.rmtree(old, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
-        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                               "--wheel-dir", str(work), *requirements], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--disable-pip-version-check",
+                "--wheel-dir",
+                str(work),
+                *requirements,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             shutil.rmtree(work, ignore_errors=True)
             raise RuntimeError(f"pip wheel failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -125,15 +138,22 @@ def box(client):
         with contextlib.suppress(docker.errors.NotFound):
             stale.remove(force=True)
     container = client.containers.run(
-        image, ["sleep", "infinity"], detach=True, auto_remove=True, network_mode="none",
-        name=f"localllm-install-test-{RUN_ID}", labels={TEST_RUN_LABEL: RUN_ID, KIND_LABEL: "install"},
-        volumes={str(REPO): {"bind": "/src", "mode": "ro"}, str(wheels): {"bind": "/wheels", "mode": "ro"}})
+        image,
+        ["sleep", "infinity"],
+        detach=True,
+        auto_remove=True,
+        network_mode="none",
+        name=f"localllm-install-test-{RUN_ID}",
+        labels={TEST_RUN_LABEL: RUN_ID, KIND_LABEL: "install"},
+        volumes={str(REPO): {"bind": "/src", "mode": "ro"}, str(wheels): {"bind": "/wheels", "mode": "ro"}},
+    )
     box = Box(container)
     try:
         version = box.sh("python3 -c 'import sys; print(\"cp%d%d\" % sys.version_info[:2])'").strip()
         assert python_tag().startswith(version + "-"), (
             f"the wheelhouse is for {python_tag()}, the container's Python is {version}: run the tests with "
-            "a venv of the same Python version as Debian bookworm's")
+            "a venv of the same Python version as Debian bookworm's"
+        )
         yield box
     finally:
         with contextlib.suppress(docker.errors.NotFound):
@@ -196,9 +216,13 @@ def assert_installed(box: Box) -> None:
 def test_install_twice_then_uninstall_then_purge(box):
     with timed("first install"):
         first = box.sh(f"{INSTALL} --wheels /wheels")
-    for step in ("creating the system group localllm", "creating the system user localllm",
-                 "creating the venv /opt/localllm/venv", f"writing {CONFIG}",
-                 "systemd is not running here; start the daemon by hand"):
+    for step in (
+        "creating the system group localllm",
+        "creating the system user localllm",
+        "creating the venv /opt/localllm/venv",
+        f"writing {CONFIG}",
+        "systemd is not running here; start the daemon by hand",
+    ):
         assert step in first, f"no '{step}' in the first run's output\n{box.log()}"
     assert_installed(box)
     uid = box.sh("id -u localllm")
@@ -220,8 +244,12 @@ def test_install_twice_then_uninstall_then_purge(box):
     with timed("uninstall"):
         out = box.sh(f"{INSTALL} --uninstall")
     assert "kept: /etc/localllm/config.yaml, /var/lib/localllm, the user and group localllm, the models" in out
-    for gone in ("/opt/localllm", "/etc/systemd/system/localllm.service", "/usr/local/bin/localllmctl",
-                 "/usr/local/bin/localllmd"):
+    for gone in (
+        "/opt/localllm",
+        "/etc/systemd/system/localllm.service",
+        "/usr/local/bin/localllmctl",
+        "/usr/local/bin/localllmd",
+    ):
         assert not box.ok(f"[ -e {gone} ] || [ -L {gone} ]"), f"{gone} is still there\n{box.log()}"
     assert box.sh(f"sha256sum {CONFIG}") == edited
     box.sh("[ -f /var/lib/localllm/learned-sizes.json ]")

@@ -44,8 +44,12 @@ with socket.socket(family) as s:
 
 
 def connect(*args: str, as_nobody: bool) -> str:
-    done = subprocess.run([*(NOBODY if as_nobody else []), sys.executable, "-c", CONNECT, *args],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [*(NOBODY if as_nobody else []), sys.executable, "-c", CONNECT, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.stdout + done.stderr
 
 
@@ -56,11 +60,16 @@ def hosted(request, start_daemon, engine, tmp_path):
         daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
         name = "tiny"
     else:
-        section = {"image": ensure_standin_image(engine), "models_dir": str(tmp_path / "store"),
-                   "startup_timeout": 30, "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY),
-                                                  "STANDIN_PULL_SECONDS": "0.1"}}
-        daemon = start_daemon([{"name": "chat-a", "backend": "ollama", "tag": "tiny-a:1b", "pull": True,
-                                "preload": True}], top={"ollama": section})
+        section = {
+            "image": ensure_standin_image(engine),
+            "models_dir": str(tmp_path / "store"),
+            "startup_timeout": 30,
+            "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.1"},
+        }
+        daemon = start_daemon(
+            [{"name": "chat-a", "backend": "ollama", "tag": "tiny-a:1b", "pull": True, "preload": True}],
+            top={"ollama": section},
+        )
         name = "chat-a"
     assert daemon.model(name)["state"] == "ready", daemon.model(name)["error"]
     [container] = our_containers(engine, daemon.instance)

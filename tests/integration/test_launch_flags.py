@@ -24,8 +24,13 @@ CPU_IMAGE = "localllm/llama-server:0.3.36-cpu"
 
 def run_to_exit(engine, models_dir, command) -> tuple[int, str]:
     container = engine.containers.run(
-        CPU_IMAGE, list(command), detach=True, network_mode="host", labels={TEST_RUN_LABEL: RUN_ID},
-        volumes={str(models_dir / "tiny.gguf"): {"bind": "/models/tiny.gguf", "mode": "ro"}})
+        CPU_IMAGE,
+        list(command),
+        detach=True,
+        network_mode="host",
+        labels={TEST_RUN_LABEL: RUN_ID},
+        volumes={str(models_dir / "tiny.gguf"): {"bind": "/models/tiny.gguf", "mode": "ro"}},
+    )
     try:
         status = poll_for(lambda: container.reload() or container.status == "exited", 60, "llama-server to exit")
         assert status
@@ -39,8 +44,13 @@ def test_a_gpu_command_exits_on_a_server_without_cuda(engine, models_dir):
     # its CUDA backend is not there, so CUDA0 is unknown and it exits, rather than serving on the CPU.
     gpu = load_profiles()["gpu-1x24g"]
     entry = ModelEntry(name="tiny", gguf=models_dir / "tiny.gguf", context_size=256)
-    spec = llamacpp.container_spec(entry, gpu, DaemonSettings(), Endpoint(socket="0123456789abcdef"),
-                                   Device(id="gpu0", budget=1 << 30, index=0, uuid="GPU-0"))
+    spec = llamacpp.container_spec(
+        entry,
+        gpu,
+        DaemonSettings(),
+        Endpoint(socket="0123456789abcdef"),
+        Device(id="gpu0", budget=1 << 30, index=0, uuid="GPU-0"),
+    )
     assert spec.command[-4:] == ("--n-gpu-layers", "999", "--device", "CUDA0")
     code, log = run_to_exit(engine, models_dir, spec.command)
     assert code != 0
@@ -63,8 +73,16 @@ def test_every_pinned_flag_is_known_to_the_server(engine, models_dir):
 def test_every_flag_the_config_and_the_policy_name_is_one_the_vendored_llama_server_knows():
     # The sources the test bed's image was built from (scripts/dev.sh setup unpacks them): a renamed flag
     # in a new llama.cpp would silently stop being refused or allowed.
-    arg_cpp = (cache_root() / "llama-server" / LLAMA_CPP_PYTHON_VERSION
-               / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp" / "common" / "arg.cpp")
+    arg_cpp = (
+        cache_root()
+        / "llama-server"
+        / LLAMA_CPP_PYTHON_VERSION
+        / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+        / "vendor"
+        / "llama.cpp"
+        / "common"
+        / "arg.cpp"
+    )
     assert arg_cpp.is_file(), f"{arg_cpp} is missing: run `bash scripts/dev.sh setup` (it builds the image from it)"
     known = set(re.findall(r'"(--?[A-Za-z][A-Za-z0-9.-]*)"', arg_cpp.read_text(encoding="utf-8", errors="replace")))
     assert set(ALWAYS_DENIED_FLAGS) - known == set()

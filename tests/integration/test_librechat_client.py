@@ -7,9 +7,11 @@ import subprocess
 
 import requests
 
-PING = ("wget --header='Content-Type: application/json' --header='Authorization: Bearer no-key' "
-        "--post-data='{\"model\":\"Llama-xLAM-2-8B-fc-r-Q8_0.gguf\",\"messages\":[{\"role\":\"user\","
-        "\"content\":\"ping\"}]}' -qO- http://127.0.0.1:8081/v1/chat/completions")
+PING = (
+    "wget --header='Content-Type: application/json' --header='Authorization: Bearer no-key' "
+    '--post-data=\'{"model":"Llama-xLAM-2-8B-fc-r-Q8_0.gguf","messages":[{"role":"user",'
+    '"content":"ping"}]}\' -qO- http://127.0.0.1:8081/v1/chat/completions'
+)
 FIRST, SECOND = "sk-local-first-0123456789abcdef0123456789", "sk-local-second-0123456789abcdef012345678"
 
 
@@ -23,8 +25,7 @@ def test_the_ping_from_the_original_plan_is_answered_on_port_8081(start_daemon):
 
 
 def test_with_api_keys_set_a_wrong_or_missing_key_gets_401(start_daemon):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
-                          api_keys=[FIRST, SECOND])
+    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}], api_keys=[FIRST, SECOND])
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     url = f"{daemon.proxy_url}/chat/completions"
     for headers in ({}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": f"Basic {FIRST}"}):

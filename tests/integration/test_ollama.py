@@ -26,8 +26,10 @@ from .ollama_standin import ensure_standin_image
 
 REAL_IMAGE = os.environ.get("LOCALLLM_OLLAMA_IMAGE")
 TAG_A, TAG_B = (os.environ.get("LOCALLLM_OLLAMA_TAGS") or "tiny-a:1b,tiny-b:1b").split(",")
-REGISTRY = {TAG_A: {"size": 200_000_000, "parameter_size": "1.1B", "quantization_level": "Q4_0"},
-            TAG_B: {"size": 300_000_000, "parameter_size": "1.5B", "quantization_level": "Q8_0"}}
+REGISTRY = {
+    TAG_A: {"size": 200_000_000, "parameter_size": "1.1B", "quantization_level": "Q4_0"},
+    TAG_B: {"size": 300_000_000, "parameter_size": "1.5B", "quantization_level": "Q8_0"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +41,20 @@ def ollama_image(engine) -> str:
 def with_ollama(start_daemon, ollama_image, tmp_path):
     """Start a daemon whose catalog holds Ollama models (and any others given)."""
 
-    def start(models: list[dict], env: dict | None = None, top: dict | None = None,
-              ollama_settings: dict | None = None, **settings):
-        section = {"image": ollama_image, "models_dir": str(tmp_path / "ollama-store"), "startup_timeout": 30,
-                   "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.5",
-                           **(env or {})}, **(ollama_settings or {})}
+    def start(
+        models: list[dict],
+        env: dict | None = None,
+        top: dict | None = None,
+        ollama_settings: dict | None = None,
+        **settings,
+    ):
+        section = {
+            "image": ollama_image,
+            "models_dir": str(tmp_path / "ollama-store"),
+            "startup_timeout": 30,
+            "env": {"STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": "0.5", **(env or {})},
+            **(ollama_settings or {}),
+        }
         settings.setdefault("liveness", {"period": 0.5, "timeout": 1, "failure_threshold": 2})
         return start_daemon(models, top={"ollama": section, **(top or {})}, **settings)
 
@@ -55,8 +66,9 @@ def ollama_model(name: str, tag: str, **extra) -> dict:
 
 
 def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 SERVER = "_ollama"  # the model label of the Ollama server's container
@@ -82,8 +94,9 @@ def crash_and_restart(daemon) -> None:
     daemon.process.kill()
     daemon.process.wait(10)
     with daemon.log_path.open("a") as log:
-        daemon.process = subprocess.Popen([executable("localllmd"), "--config", str(daemon.config_path)],
-                                          stdout=log, stderr=subprocess.STDOUT)
+        daemon.process = subprocess.Popen(
+            [executable("localllmd"), "--config", str(daemon.config_path)], stdout=log, stderr=subprocess.STDOUT
+        )
     poll_for(lambda: daemon.try_status(), 30, "the daemon back")
 
 
@@ -101,8 +114,13 @@ def test_start_pull_with_progress_then_ready_and_served(with_ollama, engine):
     assert ollama_ps(daemon, engine) == [TAG_A]
 
     client = OpenAI(base_url=daemon.proxy_url, api_key="none")
-    stream = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], stream=True,
-                                            max_tokens=5, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="a",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        max_tokens=5,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
@@ -145,10 +163,10 @@ def test_swap_between_an_ollama_model_and_a_llamacpp_model_in_one_budget(with_ol
     from .test_generations import one_model_budget
 
     top = one_model_budget(tmp_path, models_dir)
-    need = int(yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"]
-               * 1024**3 / 1.5)
-    daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
-                         top=top)
+    need = int(
+        yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"] * 1024**3 / 1.5
+    )
+    daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}], top=top)
     assert daemon.chat("chat-a").status_code == 200
     server = server_of(engine, daemon)
     assert daemon.chat("tiny").status_code == 200  # evicts chat-a: unloaded through the API
@@ -228,8 +246,13 @@ def test_a_model_ollama_evicts_on_its_own_is_shown_stopped_with_an_event(with_ol
     # Ollama evicts idle models by its own rules, and a runner can die: the daemon polls /api/ps each tick.
     daemon = with_ollama([ollama_model("chat-a", TAG_A)])
     assert ctl(daemon, "load", "chat-a").returncode == 0
-    ask_server(engine, daemon, SERVER, "/api/generate",  # behind our back: the raw API, on its socket
-               {"model": TAG_A, "prompt": "", "keep_alive": 0, "stream": False})
+    ask_server(
+        engine,
+        daemon,
+        SERVER,
+        "/api/generate",  # behind our back: the raw API, on its socket
+        {"model": TAG_A, "prompt": "", "keep_alive": 0, "stream": False},
+    )
     daemon.wait_state("chat-a", "stopped", timeout=10)
     events = [json.loads(line) for line in ctl(daemon, "events", "--json", "-n", "1000").stdout.splitlines()]
     [evicted] = [e for e in events if e["kind"] == "evict" and e["model"] == "chat-a"]
@@ -255,8 +278,10 @@ def events_of(daemon, kind: str) -> list[dict]:
 def test_a_load_that_times_out_is_unloaded_and_leaves_nothing_loaded(with_ollama, engine):
     # The load runs on in Ollama after our deadline (here: its client leaving does not abort it) and would stay
     # loaded forever (keep_alive -1) in memory our budget counts as free.
-    daemon = with_ollama([ollama_model("chat-a", TAG_A, startup_timeout=1)],
-                         env={"STANDIN_LOAD_SECONDS": "2.5", "STANDIN_ABORT_ON_DISCONNECT": "0"})
+    daemon = with_ollama(
+        [ollama_model("chat-a", TAG_A, startup_timeout=1)],
+        env={"STANDIN_LOAD_SECONDS": "2.5", "STANDIN_ABORT_ON_DISCONNECT": "0"},
+    )
     done = ctl(daemon, "load", "chat-a")
     assert done.returncode != 0 and "did not load" in done.stderr
     poll_for(lambda: standin_stats(daemon, engine)["loads"] >= 1, 10, "the late load to finish inside Ollama")
@@ -268,10 +293,14 @@ def test_a_swap_from_an_ollama_model_waits_for_its_runner_to_go(with_ollama, eng
     from .test_generations import one_model_budget
 
     top = one_model_budget(tmp_path, models_dir)
-    need = int(yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"]
-               * 1024**3 / 1.5)
-    daemon = with_ollama([ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
-                         top=top, env={"STANDIN_UNLOAD_SECONDS": "2"})
+    need = int(
+        yaml.safe_load((tmp_path / "profiles" / "one-model.yaml").read_text())["hardware"]["ram_gib"] * 1024**3 / 1.5
+    )
+    daemon = with_ollama(
+        [ollama_model("chat-a", TAG_A, memory=need), {"name": "tiny", "gguf": "tiny.gguf"}],
+        top=top,
+        env={"STANDIN_UNLOAD_SECONDS": "2"},
+    )
     assert daemon.chat("chat-a").status_code == 200
     assert daemon.chat("tiny").status_code == 200  # evicts chat-a
     [evicted] = [e for e in events_of(daemon, "evict") if e["model"] == "chat-a"]
@@ -282,8 +311,15 @@ def test_a_swap_from_an_ollama_model_waits_for_its_runner_to_go(with_ollama, eng
 
 
 def test_an_embedding_model_starts_through_api_embed_and_serves_embeddings(with_ollama, engine):
-    registry = {**REGISTRY, "embed:1b": {"size": 100_000_000, "parameter_size": "0.3B",
-                                         "quantization_level": "F16", "capabilities": ["embedding"]}}
+    registry = {
+        **REGISTRY,
+        "embed:1b": {
+            "size": 100_000_000,
+            "parameter_size": "0.3B",
+            "quantization_level": "F16",
+            "capabilities": ["embedding"],
+        },
+    }
     daemon = with_ollama([ollama_model("embedder", "embed:1b")], env={"STANDIN_REGISTRY": json.dumps(registry)})
     done = ctl(daemon, "load", "embedder")
     assert done.returncode == 0, done.stderr  # /api/generate would answer 400 "does not support generate"
@@ -293,10 +329,21 @@ def test_an_embedding_model_starts_through_api_embed_and_serves_embeddings(with_
 
 
 def test_a_model_whose_modelfile_sets_num_ctx_is_not_reloaded_by_its_first_chat(with_ollama, engine):
-    registry = {**REGISTRY, "ctx-8k:1b": {"size": 200_000_000, "parameter_size": "1.1B",
-                                          "quantization_level": "Q4_0", "num_ctx": 8192, "context_length": 32768}}
-    daemon = with_ollama([ollama_model("long", "ctx-8k:1b")], env={"STANDIN_REGISTRY": json.dumps(registry)},
-                         ollama_settings={"context_size": 4096})
+    registry = {
+        **REGISTRY,
+        "ctx-8k:1b": {
+            "size": 200_000_000,
+            "parameter_size": "1.1B",
+            "quantization_level": "Q4_0",
+            "num_ctx": 8192,
+            "context_length": 32768,
+        },
+    }
+    daemon = with_ollama(
+        [ollama_model("long", "ctx-8k:1b")],
+        env={"STANDIN_REGISTRY": json.dumps(registry)},
+        ollama_settings={"context_size": 4096},
+    )
     assert ctl(daemon, "load", "long").returncode == 0
     assert daemon.chat("long").status_code == 200  # /v1 uses the Modelfile's num_ctx
     stats = standin_stats(daemon, engine)
@@ -306,13 +353,16 @@ def test_a_model_whose_modelfile_sets_num_ctx_is_not_reloaded_by_its_first_chat(
 def test_models_started_at_once_are_all_measured(with_ollama, engine):
     # Ollama loads one model at a time, and /api/ps waits while one loads: measuring the first model waits for
     # the second's whole load (11 s here, past the 10 s the client used to allow).
-    daemon = with_ollama([ollama_model(n, t, preload=True) for n, t in (("chat-a", TAG_A), ("chat-b", TAG_B))],
-                         env={"STANDIN_LOAD_SECONDS": "11"})
+    daemon = with_ollama(
+        [ollama_model(n, t, preload=True) for n, t in (("chat-a", TAG_A), ("chat-b", TAG_B))],
+        env={"STANDIN_LOAD_SECONDS": "11"},
+    )
     for name in ("chat-a", "chat-b"):
         daemon.wait_state(name, "ready", timeout=60)
     sizes = ollama_ps_sizes(daemon, engine)
-    poll_for(lambda: all(daemon.model(n)["memory"]["measured"] for n in ("chat-a", "chat-b")), 5,
-             "both models measured")
+    poll_for(
+        lambda: all(daemon.model(n)["memory"]["measured"] for n in ("chat-a", "chat-b")), 5, "both models measured"
+    )
     assert {daemon.model(n)["memory"]["measured"] for n in ("chat-a", "chat-b")} == set(sizes.values())
 
 
@@ -341,8 +391,10 @@ def test_a_stream_ollama_cuts_off_reaches_the_client_as_an_error(with_ollama, en
 def test_ollama_refusing_a_request_past_its_queue_is_a_clear_503(with_ollama, engine):
     # Requests for a runner that must be (re)loaded queue inside Ollama, and past OLLAMA_MAX_QUEUE get 503
     # "server busy". Here the runner dies during a first answer; it stays listed, and the next requests reload it.
-    daemon = with_ollama([ollama_model("chat-a", TAG_A, preload=True)],
-                         env={"OLLAMA_MAX_QUEUE": "1", "STANDIN_STREAM_FAIL_AFTER": "1", "STANDIN_LOAD_SECONDS": "1.5"})
+    daemon = with_ollama(
+        [ollama_model("chat-a", TAG_A, preload=True)],
+        env={"OLLAMA_MAX_QUEUE": "1", "STANDIN_STREAM_FAIL_AFTER": "1", "STANDIN_LOAD_SECONDS": "1.5"},
+    )
     assert daemon.chat("chat-a", stream=True).status_code == 200  # cut off: its runner died
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: daemon.chat("chat-a"), range(4)))

@@ -32,8 +32,16 @@ from .ollama_standin import STANDIN_IMAGE, ensure_standin_image
 KIND_LABEL = "io.localllm.kind"
 PULL_SECONDS = 0.5
 REGISTRY = {
-    "tiny-a:1b": {"size": 600_000_000, "parameter_size": "1.1B", "quantization_level": "Q4_0", "block_count": 22,
-                  "embedding_length": 2048, "head_count": 32, "head_count_kv": 4, "context_length": 8192},
+    "tiny-a:1b": {
+        "size": 600_000_000,
+        "parameter_size": "1.1B",
+        "quantization_level": "Q4_0",
+        "block_count": 22,
+        "embedding_length": 2048,
+        "head_count": 32,
+        "head_count_kv": 4,
+        "context_length": 8192,
+    },
     "tiny-b:1b": {"size": 300_000_000, "parameter_size": "0.5B", "quantization_level": "Q8_0"},
 }
 CANNED = "Hello from the Ollama stand-in: no model ran, these are canned tokens."
@@ -65,8 +73,11 @@ class Standin:
     def lines(self, path: str, body: dict) -> tuple[int, str, list[dict]]:
         """A streamed NDJSON answer: status, content type, the objects in order."""
         with requests.post(self.url + path, json=body, stream=True, timeout=30) as response:
-            return (response.status_code, response.headers.get("Content-Type", ""),
-                    [json.loads(line) for line in response.iter_lines() if line])
+            return (
+                response.status_code,
+                response.headers.get("Content-Type", ""),
+                [json.loads(line) for line in response.iter_lines() if line],
+            )
 
     def ps(self) -> list[dict]:
         return self.get("/api/ps")[1]["models"]
@@ -86,14 +97,25 @@ def alive(url: str) -> bool:
 def run_standin(client: docker.DockerClient, store: Path, env: dict | None = None, wait: bool = True) -> Standin:
     """Start the stand-in as localllm's backend does: host network, 127.0.0.1, the store mounted at /root/.ollama."""
     port = free_tcp_port()
-    environment = {"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": "/root/.ollama/models",
-                   "STANDIN_REGISTRY": json.dumps(REGISTRY), "STANDIN_PULL_SECONDS": str(PULL_SECONDS),
-                   "STANDIN_LOAD_SECONDS": "0.1", "STANDIN_TOKEN_SECONDS": "0.005", **(env or {})}
+    environment = {
+        "OLLAMA_HOST": f"127.0.0.1:{port}",
+        "OLLAMA_MODELS": "/root/.ollama/models",
+        "STANDIN_REGISTRY": json.dumps(REGISTRY),
+        "STANDIN_PULL_SECONDS": str(PULL_SECONDS),
+        "STANDIN_LOAD_SECONDS": "0.1",
+        "STANDIN_TOKEN_SECONDS": "0.005",
+        **(env or {}),
+    }
     container = client.containers.run(
-        STANDIN_IMAGE, ["serve"], detach=True, network_mode="host", environment=environment,
+        STANDIN_IMAGE,
+        ["serve"],
+        detach=True,
+        network_mode="host",
+        environment=environment,
         name=f"localllm-ollama-standin-{RUN_ID}-{next(NUMBERS)}",
         labels={TEST_RUN_LABEL: RUN_ID, KIND_LABEL: "ollama-standin"},
-        volumes={str(store): {"bind": "/root/.ollama", "mode": "rw"}})
+        volumes={str(store): {"bind": "/root/.ollama", "mode": "rw"}},
+    )
     standin = Standin(container, f"http://127.0.0.1:{port}", store)
     if wait:
         wait_until_serving(standin)
@@ -118,8 +140,9 @@ def remove(container) -> None:
 def client(engine):
     """The session's Docker client (conftest); this module's stand-in containers go when it ends."""
     yield engine
-    for container in engine.containers.list(all=True, ignore_removed=True, filters={
-            "label": [f"{TEST_RUN_LABEL}={RUN_ID}", f"{KIND_LABEL}=ollama-standin"]}):
+    for container in engine.containers.list(
+        all=True, ignore_removed=True, filters={"label": [f"{TEST_RUN_LABEL}={RUN_ID}", f"{KIND_LABEL}=ollama-standin"]}
+    ):
         remove(container)
 
 
@@ -183,8 +206,14 @@ def test_tags_and_v1_models_list_what_the_store_holds(standin):
     assert set(entry) == {"name", "model", "modified_at", "size", "digest", "details"}
     assert entry["model"] == "tiny-a:1b" and entry["size"] == 600_000_000
     assert re.fullmatch(r"[0-9a-f]{64}", entry["digest"]) and GO_TIME.match(entry["modified_at"])
-    assert entry["details"] == {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                                "parameter_size": "1.1B", "quantization_level": "Q4_0"}
+    assert entry["details"] == {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "1.1B",
+        "quantization_level": "Q4_0",
+    }
     status, models = standin.get("/v1/models")
     assert status == 200 and models["object"] == "list"
     assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [("tiny-a:1b", "model", "library")]
@@ -195,7 +224,9 @@ def test_pull_of_an_unknown_model_fails_and_the_old_name_field_works(standin):
     assert status == 200  # the stream has started when the manifest turns out missing
     assert lines == [{"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
     assert standin.post("/api/pull", {"model": "nope:1b", "stream": False}) == (
-        500, {"error": "pull model manifest: file does not exist"})
+        500,
+        {"error": "pull model manifest: file does not exist"},
+    )
     # Older clients send "name"; without streaming the answer is one object.
     assert standin.post("/api/pull", {"name": "tiny-b:1b", "stream": False}) == (200, {"status": "success"})
     assert sorted(m["name"] for m in standin.get("/api/tags")[1]["models"]) == ["tiny-a:1b", "tiny-b:1b"]
@@ -210,17 +241,28 @@ def test_show_reports_details_and_model_info(standin):
     assert show["details"]["parameter_size"] == "1.1B" and show["details"]["quantization_level"] == "Q4_0"
     info = show["model_info"]
     assert info["general.architecture"] == "llama" and info["general.parameter_count"] == 1_100_000_000
-    assert (info["llama.block_count"], info["llama.context_length"], info["llama.embedding_length"],
-            info["llama.attention.head_count"], info["llama.attention.head_count_kv"]) == (22, 8192, 2048, 32, 4)
+    assert (
+        info["llama.block_count"],
+        info["llama.context_length"],
+        info["llama.embedding_length"],
+        info["llama.attention.head_count"],
+        info["llama.attention.head_count_kv"],
+    ) == (22, 8192, 2048, 32, 4)
     assert standin.post("/api/show", {"model": "nope:1b"}) == (404, {"error": "model 'nope:1b' not found"})
 
 
 def test_generate_with_no_prompt_loads_and_ps_lists_the_model(standin):
-    status, answer = standin.post("/api/generate", {"model": "tiny-a:1b", "prompt": "", "keep_alive": -1,
-                                                    "options": {"num_ctx": 2048}, "stream": False})
+    status, answer = standin.post(
+        "/api/generate",
+        {"model": "tiny-a:1b", "prompt": "", "keep_alive": -1, "options": {"num_ctx": 2048}, "stream": False},
+    )
     assert status == 200
     assert {k: answer[k] for k in ("model", "response", "done", "done_reason")} == {
-        "model": "tiny-a:1b", "response": "", "done": True, "done_reason": "load"}
+        "model": "tiny-a:1b",
+        "response": "",
+        "done": True,
+        "done_reason": "load",
+    }
     assert GO_TIME.match(answer["created_at"])
     [loaded] = standin.ps()
     assert loaded["name"] == loaded["model"] == "tiny-a:1b"
@@ -231,14 +273,17 @@ def test_generate_with_no_prompt_loads_and_ps_lists_the_model(standin):
     assert loaded["details"] == next(m["details"] for m in tags if m["name"] == "tiny-a:1b")
     assert GO_TIME.match(loaded["expires_at"]) and int(loaded["expires_at"][:4]) > 2200  # keep_alive -1: forever
     assert standin.post("/api/generate", {"model": "nope:1b", "prompt": ""}) == (
-        404, {"error": "model 'nope:1b' not found"})
+        404,
+        {"error": "model 'nope:1b' not found"},
+    )
     assert standin.post("/api/generate", {"model": "tiny-a:1b", "keep_alive": "-1"})[0] == 400  # not a Go duration
     assert "loaded model" in standin.logs()
 
 
 def test_generate_streams_text_until_num_predict(standin):
-    status, content_type, lines = standin.lines("/api/generate", {"model": "tiny-a:1b", "prompt": "hi",
-                                                                  "options": {"num_ctx": 2048, "num_predict": 3}})
+    status, content_type, lines = standin.lines(
+        "/api/generate", {"model": "tiny-a:1b", "prompt": "hi", "options": {"num_ctx": 2048, "num_predict": 3}}
+    )
     assert status == 200 and content_type.startswith("application/x-ndjson")
     assert [line["response"] for line in lines[:-1]] == ["Hello", " from", " the"]
     assert not any(line["done"] for line in lines[:-1])
@@ -246,8 +291,9 @@ def test_generate_streams_text_until_num_predict(standin):
 
 
 def test_generate_with_keep_alive_0_unloads(standin):
-    status, answer = standin.post("/api/generate", {"model": "tiny-a:1b", "prompt": "", "keep_alive": 0,
-                                                    "stream": False})
+    status, answer = standin.post(
+        "/api/generate", {"model": "tiny-a:1b", "prompt": "", "keep_alive": 0, "stream": False}
+    )
     assert status == 200 and answer["done"] is True and answer["done_reason"] == "unload"
     deadline = time.monotonic() + 5  # the runner goes after STANDIN_UNLOAD_SECONDS (0.5 s by default)
     while standin.ps() and time.monotonic() < deadline:
@@ -258,9 +304,13 @@ def test_generate_with_keep_alive_0_unloads(standin):
 def test_openai_chat_through_the_sdk_loads_the_model_and_streams_with_usage(standin):
     with openai.OpenAI(base_url=standin.url + "/v1", api_key="ollama", max_retries=0) as sdk:
         chunks = []
-        with sdk.chat.completions.create(model="tiny-a:1b", messages=[{"role": "user", "content": "hi"}],
-                                         max_tokens=5, stream=True,
-                                         stream_options={"include_usage": True}) as stream:
+        with sdk.chat.completions.create(
+            model="tiny-a:1b",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        ) as stream:
             chunks = list(stream)
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert content == "Hello from the Ollama stand"
@@ -310,11 +360,16 @@ def test_a_restart_keeps_the_store_and_forgets_the_loaded_models(standin):
 
 def test_max_loaded_models_evicts_and_a_gpu_reports_vram_and_sigterm_exits_0(client, image, store):
     """A second server on the same store (it sees the models pulled above) with one model at a time on a GPU."""
-    second = run_standin(client, store, {"OLLAMA_MAX_LOADED_MODELS": "1", "OLLAMA_NUM_PARALLEL": "2",
-                                         "STANDIN_GPU": "1", "OLLAMA_KEEP_ALIVE": "-1"})
+    second = run_standin(
+        client,
+        store,
+        {"OLLAMA_MAX_LOADED_MODELS": "1", "OLLAMA_NUM_PARALLEL": "2", "STANDIN_GPU": "1", "OLLAMA_KEEP_ALIVE": "-1"},
+    )
     try:
         for name in ("tiny-a:1b", "tiny-b:1b"):
-            assert second.post("/api/generate", {"model": name, "options": {"num_ctx": 2048}})[1]["done_reason"] == "load"
+            assert (
+                second.post("/api/generate", {"model": name, "options": {"num_ctx": 2048}})[1]["done_reason"] == "load"
+            )
         [loaded] = second.ps()
         assert loaded["name"] == "tiny-b:1b"
         assert loaded["size"] == loaded["size_vram"] == 300_000_000 + kv_bytes(16, 2048, 32, 8, 2048 * 2)
@@ -340,10 +395,22 @@ def test_fail_start_exits_1_with_a_message(client, image, store):
 
 # ------------------------------------------------------------------- behaviours read in Ollama's source
 
-SMALL = {"size": 100_000_000, "block_count": 4, "embedding_length": 256, "head_count": 4, "head_count_kv": 2,
-         "context_length": 32768}
-EMBED = {"size": 50_000_000, "capabilities": ["embedding"], "embedding_length": 16, "block_count": 4,
-         "head_count": 4, "context_length": 2048}
+SMALL = {
+    "size": 100_000_000,
+    "block_count": 4,
+    "embedding_length": 256,
+    "head_count": 4,
+    "head_count_kv": 2,
+    "context_length": 32768,
+}
+EMBED = {
+    "size": 50_000_000,
+    "capabilities": ["embedding"],
+    "embedding_length": 16,
+    "block_count": 4,
+    "head_count": 4,
+    "context_length": 2048,
+}
 
 
 def stats(standin: Standin) -> dict:
@@ -358,9 +425,16 @@ def fresh(client, image, tmp_path):
     def start(env: dict | None = None, registry: dict | None = None, pull: tuple[str, ...] = ()) -> Standin:
         store = tmp_path / f"store-{len(started)}"
         store.mkdir()
-        standin = run_standin(client, store, {"STANDIN_PULL_SECONDS": "0", "STANDIN_LOAD_SECONDS": "0.05",
-                                              "STANDIN_REGISTRY": json.dumps(registry or {"small:1b": SMALL}),
-                                              **(env or {})})
+        standin = run_standin(
+            client,
+            store,
+            {
+                "STANDIN_PULL_SECONDS": "0",
+                "STANDIN_LOAD_SECONDS": "0.05",
+                "STANDIN_REGISTRY": json.dumps(registry or {"small:1b": SMALL}),
+                **(env or {}),
+            },
+        )
         started.append(standin)
         for name in pull:
             assert standin.post("/api/pull", {"model": name, "stream": False}) == (200, {"status": "success"})
@@ -396,8 +470,11 @@ def test_delayed_unload_answers_at_once_and_the_runner_goes_after_its_requests(f
 def test_vram_eviction_and_partial_offload_with_memory_used_elsewhere(fresh):
     """sched.go load: a load needing more than 80% of free VRAM evicts first; alone, it offloads part to the CPU."""
     registry = {"a:1b": {**SMALL, "size": 500_000_000}, "b:1b": {**SMALL, "size": 400_000_000}}
-    standin = fresh({"STANDIN_VRAM_BYTES": str(10**9), "STANDIN_VRAM_USED_ELSEWHERE": str(3 * 10**8),
-                     "OLLAMA_KEEP_ALIVE": "-1"}, registry, pull=("a:1b", "b:1b"))
+    standin = fresh(
+        {"STANDIN_VRAM_BYTES": str(10**9), "STANDIN_VRAM_USED_ELSEWHERE": str(3 * 10**8), "OLLAMA_KEEP_ALIVE": "-1"},
+        registry,
+        pull=("a:1b", "b:1b"),
+    )
     standin.post("/api/generate", {"model": "a:1b"})
     [a] = standin.ps()
     assert a["size_vram"] == a["size"]  # 700 MB free: it fits
@@ -428,7 +505,9 @@ def test_an_embedding_model_has_its_capability_embeds_and_cannot_generate(fresh)
     assert show["capabilities"] == ["embedding"] and show["model_info"]["llama.pooling_type"] == 1
     assert standin.post("/api/generate", {"model": "emb:1b"}) == (400, {"error": '"emb:1b" does not support generate'})
     assert standin.post("/api/chat", {"model": "emb:1b", "messages": [{"role": "user", "content": "hi"}]}) == (
-        400, {"error": '"emb:1b" does not support chat'})
+        400,
+        {"error": '"emb:1b" does not support chat'},
+    )
     assert standin.ps() == []
     status, answer = standin.post("/api/embed", {"model": "emb:1b", "input": ["a", "b"]})
     assert status == 200 and answer["model"] == "emb:1b" and [len(v) for v in answer["embeddings"]] == [16, 16]
@@ -439,7 +518,9 @@ def test_an_embedding_model_has_its_capability_embeds_and_cannot_generate(fresh)
         vectors = sdk.embeddings.create(model="emb:1b", input=["a", "c"])
     assert vectors.data[0].embedding == pytest.approx(answer["embeddings"][0], abs=1e-6)
     assert standin.post("/api/embed", {"model": "nope:1b", "input": "x"}) == (
-        404, {"error": 'model "nope:1b" not found, try pulling it first'})
+        404,
+        {"error": 'model "nope:1b" not found, try pulling it first'},
+    )
     assert standin.post("/api/generate", {"model": "emb:1b", "keep_alive": 0})[0] == 200  # unloading comes first
 
 
@@ -467,8 +548,10 @@ def test_one_load_at_a_time_and_ps_waits_for_a_load(fresh):
     registry = {"a:1b": SMALL, "b:1b": SMALL}
     standin = fresh({"STANDIN_LOAD_SECONDS": "0.6"}, registry, pull=tuple(registry))
     started = time.monotonic()
-    loads = [in_thread(lambda name=name: (standin.post("/api/generate", {"model": name}), time.monotonic()))
-             for name in registry]
+    loads = [
+        in_thread(lambda name=name: (standin.post("/api/generate", {"model": name}), time.monotonic()))
+        for name in registry
+    ]
     time.sleep(0.2)
     listed = standin.ps()
     waited = time.monotonic() - started
@@ -505,8 +588,13 @@ def test_names_match_whatever_their_case_with_default_registry_and_namespace(fre
 
 def test_show_gives_kv_lengths_and_nulls_arrays_unless_verbose(fresh):
     """routes.go GetModelInfo/getModelData: the GGUF is read with maxArraySize 0, so arrays are null unless verbose."""
-    layered = {**SMALL, "head_count": [4, 4, 8, 8], "head_count_kv": [2, 2, 4, 4], "key_length": 128,
-               "value_length": 96}
+    layered = {
+        **SMALL,
+        "head_count": [4, 4, 8, 8],
+        "head_count_kv": [2, 2, 4, 4],
+        "key_length": 128,
+        "value_length": 96,
+    }
     standin = fresh(registry={"layered:1b": layered}, pull=("layered:1b",))
     info = standin.post("/api/show", {"model": "layered:1b"})[1]["model_info"]
     assert info["llama.attention.head_count"] is None and info["llama.attention.head_count_kv"] is None
@@ -519,9 +607,10 @@ def test_show_gives_kv_lengths_and_nulls_arrays_unless_verbose(fresh):
 
 def sse(standin: Standin, body: dict) -> tuple[int, list]:
     """A /v1 stream as sent: each ``data:`` payload, parsed unless it is ``[DONE]``."""
-    with requests.post(standin.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True,
-                       timeout=30) as response:
-        events = [line[len(b"data: "):] for line in response.iter_lines() if line.startswith(b"data: ")]
+    with requests.post(
+        standin.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=30
+    ) as response:
+        events = [line[len(b"data: ") :] for line in response.iter_lines() if line.startswith(b"data: ")]
         return response.status_code, [e.decode() if e == b"[DONE]" else json.loads(e) for e in events]
 
 
@@ -529,8 +618,9 @@ def test_v1_chunks_and_errors_are_shaped_as_ollamas(fresh):
     """middleware/openai.go ChatWriter, openai/openai.go ToStreamChunks/FinishChunk/NewError."""
     standin = fresh(pull=("small:1b",))
     hi = [{"role": "user", "content": "hi"}]
-    status, events = sse(standin, {"model": "small:1b", "messages": hi, "max_tokens": 3,
-                                   "stream_options": {"include_usage": True}})
+    status, events = sse(
+        standin, {"model": "small:1b", "messages": hi, "max_tokens": 3, "stream_options": {"include_usage": True}}
+    )
     assert status == 200 and events[-1] == "[DONE]"
     deltas = [e["choices"][0]["delta"] for e in events[:-1] if e["choices"]]
     assert deltas == [{"role": "assistant", "content": "Hello"}, {"content": " from"}, {"content": " the"}, {}]
@@ -539,12 +629,15 @@ def test_v1_chunks_and_errors_are_shaped_as_ollamas(fresh):
     _, ignored = sse(standin, {"model": "small:1b", "messages": hi, "max_completion_tokens": 2})
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in ignored[:-1]) == CANNED  # not read
     assert ignored[-2]["choices"][0]["finish_reason"] == "stop"
-    with requests.post(standin.url + "/v1/chat/completions", json={"model": "nope:1b", "messages": hi},
-                       timeout=10) as response:
-        assert response.status_code == 404 and response.json() == {"error": {
-            "message": "model 'nope:1b' not found", "type": "not_found_error", "param": None, "code": None}}
-    with requests.post(standin.url + "/v1/chat/completions", json={"model": "small:1b", "messages": []},
-                       timeout=10) as response:
+    with requests.post(
+        standin.url + "/v1/chat/completions", json={"model": "nope:1b", "messages": hi}, timeout=10
+    ) as response:
+        assert response.status_code == 404 and response.json() == {
+            "error": {"message": "model 'nope:1b' not found", "type": "not_found_error", "param": None, "code": None}
+        }
+    with requests.post(
+        standin.url + "/v1/chat/completions", json={"model": "small:1b", "messages": []}, timeout=10
+    ) as response:
         assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -557,9 +650,12 @@ def test_a_stream_that_fails_after_n_tokens_ends_as_ollamas_does(fresh):
     status, events = sse(standin, {"model": "small:1b", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and "[DONE]" not in events and len(events) == 3
     assert events[-1]["model"] == "" and events[-1]["choices"] == [
-        {"index": 0, "delta": {"content": ""}, "finish_reason": None}]  # no finish reason, no [DONE]
+        {"index": 0, "delta": {"content": ""}, "finish_reason": None}
+    ]  # no finish reason, no [DONE]
     assert standin.post("/api/generate", {"model": "small:1b", "prompt": "hi", "stream": False}) == (
-        500, {"error": "an error was encountered while running the model: unexpected EOF"})
+        500,
+        {"error": "an error was encountered while running the model: unexpected EOF"},
+    )
     assert stats(standin)["reloads"] == 2  # each request after a crash found the runner dead and reloaded it
 
 
@@ -572,9 +668,14 @@ def test_503_past_the_queue(fresh):
     second, _ = in_thread(lambda: standin.post("/api/generate", {"model": "b:1b"}))  # queued
     time.sleep(0.15)
     assert standin.post("/api/generate", {"model": "c:1b"}) == (
-        503, {"error": "server busy, please try again.  maximum pending requests exceeded"})
-    with requests.post(standin.url + "/v1/chat/completions", timeout=10,
-                       json={"model": "c:1b", "messages": [{"role": "user", "content": "hi"}]}) as response:
+        503,
+        {"error": "server busy, please try again.  maximum pending requests exceeded"},
+    )
+    with requests.post(
+        standin.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "c:1b", "messages": [{"role": "user", "content": "hi"}]},
+    ) as response:
         assert response.status_code == 503 and response.json()["error"]["type"] == "api_error"
     first.join(10)
     second.join(10)
@@ -591,7 +692,7 @@ def test_a_pull_has_a_silent_phase_while_verifying(fresh):
                 times.append((time.monotonic(), json.loads(line)["status"]))
     statuses = [status for _, status in times]
     verify = statuses.index("verifying sha256 digest")
-    assert statuses[verify + 1:] == ["writing manifest", "success"]
+    assert statuses[verify + 1 :] == ["writing manifest", "success"]
     assert times[verify + 1][0] - times[verify][0] >= 0.9
 
 
@@ -601,7 +702,9 @@ def test_unloading_a_deleted_model_is_a_404_and_its_runner_stays(fresh):
     standin.post("/api/generate", {"model": "small:1b"})
     assert requests.delete(standin.url + "/api/delete", json={"model": "small:1b"}, timeout=10).ok
     assert standin.post("/api/generate", {"model": "small:1b", "keep_alive": 0}) == (
-        404, {"error": "model 'small:1b' not found"})
+        404,
+        {"error": "model 'small:1b' not found"},
+    )
     assert [m["name"] for m in standin.ps()] == ["small:1b"]
 
 
@@ -609,5 +712,7 @@ def test_a_load_past_ollama_load_timeout_fails(fresh):
     """llm/llama_server.go WaitUntilRunning: a load stalled past OLLAMA_LOAD_TIMEOUT fails; the runner goes."""
     standin = fresh({"OLLAMA_LOAD_TIMEOUT": "300ms", "STANDIN_LOAD_SECONDS": "5"}, pull=("small:1b",))
     assert standin.post("/api/generate", {"model": "small:1b"}) == (
-        500, {"error": "timed out waiting for llama-server to start - "})
+        500,
+        {"error": "timed out waiting for llama-server to start - "},
+    )
     assert standin.ps() == [] and stats(standin)["failed_loads"] == 1

@@ -48,19 +48,32 @@ Call one as {"name": NAME, "arguments": ARGS}<|end|>
 {%- if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                   "required": ["city"], "additionalProperties": False},
-}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
 # With tool_choice "required" the grammar admits free text up to the "{" that opens the call, or the call at
 # once. A random model may ramble forever, so "{" (a byte token in the generated vocabulary) is made certain;
 # from there the grammar spells out the call, and the enum keeps the arguments short.
 OPEN_BRACE_TOKEN = len(SPECIAL_TOKENS) + ord("{")
-TOOL_REQUEST = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "max_tokens": 200,
-                "tools": [WEATHER_TOOL], "tool_choice": "required", "parallel_tool_calls": False,
-                "logit_bias": {str(OPEN_BRACE_TOKEN): 100}, **GREEDY}
+TOOL_REQUEST = {
+    "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "max_tokens": 200,
+    "tools": [WEATHER_TOOL],
+    "tool_choice": "required",
+    "parallel_tool_calls": False,
+    "logit_bias": {str(OPEN_BRACE_TOKEN): 100},
+    **GREEDY,
+}
 
 
 def client_for(daemon) -> openai.OpenAI:
@@ -138,10 +151,12 @@ def test_streaming_through_the_sdk_assembles_the_same_answer_as_a_plain_call(sta
     with client_for(daemon) as client:
         reply = client.chat.completions.create(model="tiny-chat", **request, extra_body=extra)
         chunks = list(client.chat.completions.create(model="tiny-chat", stream=True, **request, extra_body=extra))
-    direct = ask_server(engine, daemon, "tiny", "/v1/chat/completions",
-                        {"model": "tiny", **request, **extra, "stream": True})
-    direct_content = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
-                             for e in sse_events(direct) if e != b"[DONE]")
+    direct = ask_server(
+        engine, daemon, "tiny", "/v1/chat/completions", {"model": "tiny", **request, **extra, "stream": True}
+    )
+    direct_content = "".join(
+        json.loads(e)["choices"][0]["delta"].get("content") or "" for e in sse_events(direct) if e != b"[DONE]"
+    )
 
     assert isinstance(reply, openai.types.chat.ChatCompletion)
     assert reply.object == "chat.completion" and reply.model == "tiny"
@@ -164,9 +179,16 @@ def test_streaming_through_the_sdk_assembles_the_same_answer_as_a_plain_call(sta
 def test_include_usage_adds_a_final_chunk_with_usage_and_no_choices(start_daemon):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
     with client_for(daemon) as client:
-        chunks = list(client.chat.completions.create(model="tiny", messages=HI, max_tokens=7, stream=True,
-                                                     stream_options={"include_usage": True},
-                                                     extra_body={"ignore_eos": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny",
+                messages=HI,
+                max_tokens=7,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+        )
     *answer, last = chunks
     assert last.choices == []
     assert last.usage is not None
@@ -180,8 +202,9 @@ def test_include_usage_adds_a_final_chunk_with_usage_and_no_choices(start_daemon
 
 
 def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_model, engine):
-    daemon = start_daemon([{"name": "tools", "gguf": str(tool_model), "context_size": 1024, "preload": True}],
-                          **KEEP_CACHE_FIELD)
+    daemon = start_daemon(
+        [{"name": "tools", "gguf": str(tool_model), "context_size": 1024, "preload": True}], **KEEP_CACHE_FIELD
+    )
     body = {"model": "tools", **TOOL_REQUEST, **NO_CACHE}
     # Raw bytes: the proxy's stream is llama-server's own, event for event, byte for byte.
     direct = ask_server(engine, daemon, "tools", "/v1/chat/completions", {**body, "stream": True})
@@ -196,8 +219,7 @@ def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_
 
     # Through the SDK: the deltas put together give the same call (its id is drawn anew by each request).
     with client_for(daemon) as client:
-        chunks = list(client.chat.completions.create(model="tools", stream=True, **TOOL_REQUEST,
-                                                     extra_body=NO_CACHE))
+        chunks = list(client.chat.completions.create(model="tools", stream=True, **TOOL_REQUEST, extra_body=NO_CACHE))
         reply = client.chat.completions.create(model="tools", **TOOL_REQUEST, extra_body=NO_CACHE)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
@@ -209,15 +231,19 @@ def test_streamed_tool_calls_arrive_intact_through_the_proxy(start_daemon, tool_
     # Not streamed, the SDK parses the same call out of the message.
     assert reply.choices[0].finish_reason == "tool_calls"
     [whole] = reply.choices[0].message.tool_calls
-    assert (whole.type, whole.function.name, whole.function.arguments) == ("function", "get_weather",
-                                                                            expected["arguments"])
+    assert (whole.type, whole.function.name, whole.function.arguments) == (
+        "function",
+        "get_weather",
+        expected["arguments"],
+    )
     assert whole.id
 
 
 def test_closing_the_sdk_stream_stops_the_generation_in_llama_server(start_daemon, long_model, engine):
     # --slots: llama-server's slot view (off by default: it shows prompts), on the server's socket only
-    daemon = start_daemon([{"name": "long", "gguf": str(long_model), "context_size": 16384, "preload": True,
-                            "extra_args": ["--slots"]}])
+    daemon = start_daemon(
+        [{"name": "long", "gguf": str(long_model), "context_size": 16384, "preload": True, "extra_args": ["--slots"]}]
+    )
 
     def slot() -> dict:
         [only] = json.loads(ask_server(engine, daemon, "long", "/slots"))  # the profile runs one slot
@@ -227,8 +253,13 @@ def test_closing_the_sdk_stream_stops_the_generation_in_llama_server(start_daemo
         return state["next_token"][0]["n_decoded"]
 
     with client_for(daemon) as client:
-        stream = client.chat.completions.create(model="long", messages=[{"role": "user", "content": "count"}],
-                                                stream=True, max_tokens=100000, extra_body={"ignore_eos": True})
+        stream = client.chat.completions.create(
+            model="long",
+            messages=[{"role": "user", "content": "count"}],
+            stream=True,
+            max_tokens=100000,
+            extra_body={"ignore_eos": True},
+        )
         chunks = iter(stream)
         for _ in range(3):
             assert next(chunks).choices

@@ -41,8 +41,9 @@ def post_apply(daemon, path: str) -> tuple[int, dict]:
 
 
 def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([executable("localllmctl"), "--socket", str(daemon.socket), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [executable("localllmctl"), "--socket", str(daemon.socket), *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -52,8 +53,9 @@ def policed(start_daemon, models_dir, tmp_path):
     root.mkdir()
     shutil.copy(models_dir / "tiny.gguf", root / "tiny.gguf")
     (root / "shadow.gguf").symlink_to("/etc/shadow")
-    daemon = start_daemon([{"name": "tiny", "gguf": str(root / "tiny.gguf"), "preload": True}],
-                          policy={"models_root": str(root)})
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": str(root / "tiny.gguf"), "preload": True}], policy={"models_root": str(root)}
+    )
     assert daemon.model("tiny")["state"] == "ready"
     return daemon, root
 
@@ -71,25 +73,42 @@ def tiny(config: dict) -> dict:
 
 
 BREACHES = {
-    "ollama-store-at-root": (lambda c: c.setdefault("ollama", {}).update(models_dir="/"),
-                             "ollama.models_dir: / is outside daemon.policy.models_root"),
-    "gguf-etc-shadow": (lambda c: tiny(c).update(gguf="/etc/shadow"),
-                        "models[0].gguf: /etc/shadow is outside daemon.policy.models_root"),
-    "gguf-symlink-to-etc-shadow": (lambda c: tiny(c).update(gguf=tiny(c)["gguf"].replace("tiny", "shadow")),
-                                   "(which resolves to /etc/shadow) is outside daemon.policy.models_root"),
-    "foreign-image": (lambda c: tiny(c).update(image=FOREIGN_IMAGE),
-                      f"models[0].image: image '{FOREIGN_IMAGE}' is not in daemon.policy.allowed_images"),
-    "extra-args-host": (lambda c: tiny(c).update(extra_args=["--host", "0.0.0.0"]),
-                        "models[0].extra_args: '--host' is set by localllm"),
-    "extra-args-api-key": (lambda c: tiny(c).update(extra_args=["--api-key", "x"]),
-                           "models[0].extra_args[0]: '--api-key' is never allowed"),
-    "extra-args-not-allowed": (lambda c: tiny(c).update(extra_args=["--chat-template-file", "/etc/passwd"]),
-                               "models[0].extra_args[0]: '--chat-template-file' is not in "
-                               "daemon.policy.allowed_extra_args"),
-    "ollama-env-ld-preload": (lambda c: c.setdefault("ollama", {}).update(env={"LD_PRELOAD": "/tmp/x.so"}),
-                              "ollama.env.LD_PRELOAD: LD_PRELOAD is never allowed"),
-    "ollama-env-not-allowed": (lambda c: c.setdefault("ollama", {}).update(env={"OLLAMA_ORIGINS": "*"}),
-                               "ollama.env.OLLAMA_ORIGINS: OLLAMA_ORIGINS is not in daemon.policy.allowed_ollama_env"),
+    "ollama-store-at-root": (
+        lambda c: c.setdefault("ollama", {}).update(models_dir="/"),
+        "ollama.models_dir: / is outside daemon.policy.models_root",
+    ),
+    "gguf-etc-shadow": (
+        lambda c: tiny(c).update(gguf="/etc/shadow"),
+        "models[0].gguf: /etc/shadow is outside daemon.policy.models_root",
+    ),
+    "gguf-symlink-to-etc-shadow": (
+        lambda c: tiny(c).update(gguf=tiny(c)["gguf"].replace("tiny", "shadow")),
+        "(which resolves to /etc/shadow) is outside daemon.policy.models_root",
+    ),
+    "foreign-image": (
+        lambda c: tiny(c).update(image=FOREIGN_IMAGE),
+        f"models[0].image: image '{FOREIGN_IMAGE}' is not in daemon.policy.allowed_images",
+    ),
+    "extra-args-host": (
+        lambda c: tiny(c).update(extra_args=["--host", "0.0.0.0"]),
+        "models[0].extra_args: '--host' is set by localllm",
+    ),
+    "extra-args-api-key": (
+        lambda c: tiny(c).update(extra_args=["--api-key", "x"]),
+        "models[0].extra_args[0]: '--api-key' is never allowed",
+    ),
+    "extra-args-not-allowed": (
+        lambda c: tiny(c).update(extra_args=["--chat-template-file", "/etc/passwd"]),
+        "models[0].extra_args[0]: '--chat-template-file' is not in daemon.policy.allowed_extra_args",
+    ),
+    "ollama-env-ld-preload": (
+        lambda c: c.setdefault("ollama", {}).update(env={"LD_PRELOAD": "/tmp/x.so"}),
+        "ollama.env.LD_PRELOAD: LD_PRELOAD is never allowed",
+    ),
+    "ollama-env-not-allowed": (
+        lambda c: c.setdefault("ollama", {}).update(env={"OLLAMA_ORIGINS": "*"}),
+        "ollama.env.OLLAMA_ORIGINS: OLLAMA_ORIGINS is not in daemon.policy.allowed_ollama_env",
+    ),
 }
 
 
@@ -120,8 +139,12 @@ def test_the_policy_changes_only_with_a_restart(policed, engine, tmp_path):
         status, answer = post_apply(daemon, path)
         assert status == 409 and answer["error"]["code"] == "apply_refused", answer
     # Loosening the policy and using it at once is refused for what it uses, under the running policy.
-    path = variant(daemon, tmp_path, "loosened-and-used", lambda c: (c["daemon"].update(policy={"models_root": "/"}),
-                                                                     tiny(c).update(gguf="/etc/shadow")))
+    path = variant(
+        daemon,
+        tmp_path,
+        "loosened-and-used",
+        lambda c: (c["daemon"].update(policy={"models_root": "/"}), tiny(c).update(gguf="/etc/shadow")),
+    )
     done = ctl(daemon, "apply", path)
     assert done.returncode == 2 and "models[0].gguf: /etc/shadow is outside" in done.stderr, done.stderr
     assert sorted(c.id for c in our_containers(engine, daemon.instance)) == before

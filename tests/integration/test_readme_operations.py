@@ -29,14 +29,23 @@ def operations_commands() -> list[str]:
 
 def test_the_readme_shows_every_kind_of_operation():
     programs = {" ".join(c.split()[:2]) for c in operations_commands()}
-    assert {"localllmctl status", "localllmctl apply", "localllmctl rollback", "localllmctl logs",
-            "localllmctl history", "localllmctl load", "localllmctl unload", "localllmctl events",
-            "sudo bash"} <= programs, programs
+    assert {
+        "localllmctl status",
+        "localllmctl apply",
+        "localllmctl rollback",
+        "localllmctl logs",
+        "localllmctl history",
+        "localllmctl load",
+        "localllmctl unload",
+        "localllmctl events",
+        "sudo bash",
+    } <= programs, programs
 
 
 def test_every_operations_command_works(start_daemon, tmp_path):
-    daemon = start_daemon([{"name": "llama3", "gguf": "tiny.gguf", "preload": True},
-                           {"name": "qwen", "gguf": "tiny2.gguf"}])
+    daemon = start_daemon(
+        [{"name": "llama3", "gguf": "tiny.gguf", "preload": True}, {"name": "qwen", "gguf": "tiny2.gguf"}]
+    )
     proxy = daemon.proxy_url.removeprefix("http://").removesuffix("/v1")
     replacements = {
         "/etc/localllm/config.yaml": str(daemon.config_path),
@@ -44,8 +53,11 @@ def test_every_operations_command_works(start_daemon, tmp_path):
         "127.0.0.1:8081": proxy,
         "io.localllm.owner=localllmd": f"io.localllm.owner={daemon.instance}",
     }
-    env = {**os.environ, "LOCALLLM_SOCKET": str(daemon.socket),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "LOCALLLM_SOCKET": str(daemon.socket),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     ran = []
     for command in operations_commands():
         if command.startswith("sudo bash install.sh"):
@@ -68,8 +80,9 @@ def test_every_operations_command_works(start_daemon, tmp_path):
 
 def run_for_a_while(command: str, env: dict, seconds: float = 2.0) -> str:
     """A following command: let it print for a while, then stop it as Ctrl-C would."""
-    with subprocess.Popen(["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env=env) as process:
+    with subprocess.Popen(
+        ["bash", "-c", f"exec {command}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    ) as process:
         time.sleep(seconds)
         assert process.poll() is None, f"{command}: ended early with {process.returncode}: {process.stderr.read()}"
         process.send_signal(2)  # SIGINT

@@ -40,9 +40,14 @@ async def start_and_gate(spec, deadline: float) -> tuple[DockerRuntime, str, flo
     info = await runtime.run(spec)
     async with open_session(servers_dir_of(spec)) as session:
         try:
-            took = await wait_until_ready(runtime, session, model=spec.model, container_id=info.id,
-                                          url=spec.endpoint.url + llamacpp.readiness_path,
-                                          deadline=deadline)
+            took = await wait_until_ready(
+                runtime,
+                session,
+                model=spec.model,
+                container_id=info.id,
+                url=spec.endpoint.url + llamacpp.readiness_path,
+                deadline=deadline,
+            )
         except BaseException:
             await runtime.stop_and_remove(info.id, 0)
             await runtime.close()
@@ -134,11 +139,13 @@ def test_a_start_cancelled_while_the_engine_creates_leaves_no_container(engine, 
 
 
 def test_missing_image_names_the_command_that_builds_it(engine, models_dir, server_state):
-    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state,
-                    llamacpp="localllm/llama-server:0.0.0-cpu")
+    spec = spec_for(models_dir, "tiny.gguf", f"rt{RUN_ID}", server_state, llamacpp="localllm/llama-server:0.0.0-cpu")
 
-    with pytest.raises(ImageNotFound, match=r"image 'localllm/llama-server:0.0.0-cpu' not found.*"
-                                            r"localllmctl image build --version 0.0.0"):
+    with pytest.raises(
+        ImageNotFound,
+        match=r"image 'localllm/llama-server:0.0.0-cpu' not found.*"
+        r"localllmctl image build --version 0.0.0",
+    ):
         asyncio.run(run_once(spec))
 
 
@@ -156,8 +163,7 @@ def test_unreachable_engine_is_named(tmp_path):
         asyncio.run(scenario())
 
 
-def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engine, models_dir, tmp_path,
-                                                                          server_state):
+def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engine, models_dir, tmp_path, server_state):
     # llama-server runs as nobody: a 0600 file would make it exit with "Permission denied" on the path
     # inside the container; the runtime names the host's file and the fix instead.
     private = tmp_path / "private.gguf"
@@ -165,7 +171,10 @@ def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engi
     private.chmod(0o600)
     spec = spec_for(tmp_path, "private.gguf", f"rt{RUN_ID}", server_state)
 
-    with pytest.raises(ModelStartFailed, match=rf"{private} is not readable by the container's user 65534:65534 "
-                                               rf"\(mode 0600.*chmod o\+r {private}"):
+    with pytest.raises(
+        ModelStartFailed,
+        match=rf"{private} is not readable by the container's user 65534:65534 "
+        rf"\(mode 0600.*chmod o\+r {private}",
+    ):
         asyncio.run(run_once(spec))
     assert our_containers(engine, spec.owner) == []

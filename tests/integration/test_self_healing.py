@@ -12,17 +12,27 @@ from .conftest import assert_invariants, our_containers, poll_for
 
 def start_events(engine, instance: str, since: float) -> int:
     """How many of our containers the engine started since ``since`` (from the engine's own event log)."""
-    events = engine.events(since=int(since), until=int(time.time()) + 1, decode=True,
-                           filters={"type": "container", "event": "start", "label": f"io.localllm.owner={instance}"})
+    events = engine.events(
+        since=int(since),
+        until=int(time.time()) + 1,
+        decode=True,
+        filters={"type": "container", "event": "start", "label": f"io.localllm.owner={instance}"},
+    )
     return sum(1 for _ in events)
 
 
 def test_docker_kill_mid_stream_ends_the_stream_with_an_error_and_the_model_comes_back(start_daemon, engine):
-    daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True}],
-                          restart={"delay": "1s"})
+    daemon = start_daemon(
+        [{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True}], restart={"delay": "1s"}
+    )
     [container] = our_containers(engine, daemon.instance)
-    body = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "count"}]}
+    body = {
+        "model": "slow",
+        "stream": True,
+        "max_tokens": 4000,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "count"}],
+    }
     with requests.post(f"{daemon.proxy_url}/chat/completions", json=body, stream=True, timeout=30) as response:
         lines = response.iter_lines()
         assert next(lines).startswith(b"data: {")
@@ -33,8 +43,11 @@ def test_docker_kill_mid_stream_ends_the_stream_with_an_error_and_the_model_come
     error = json.loads(tail[-1][6:])["error"]
     assert error["code"] == "upstream_failed" and "broke off" in error["message"]
     assert ended_after < 5.0
-    poll_for(lambda: [c for c in our_containers(engine, daemon.instance) if c.id != container.id],
-             timeout=15, what="a replacement container")
+    poll_for(
+        lambda: [c for c in our_containers(engine, daemon.instance) if c.id != container.id],
+        timeout=15,
+        what="a replacement container",
+    )
     poll_for(lambda: daemon.model("slow")["state"] == "ready", timeout=15, what="the model to come back")
     [replacement] = our_containers(engine, daemon.instance)
     assert replacement.id != container.id
@@ -45,8 +58,11 @@ def test_docker_kill_mid_stream_ends_the_stream_with_an_error_and_the_model_come
 
 def test_a_crash_loop_backs_off_then_marks_the_model_failed_with_bounded_docker_calls(start_daemon, engine):
     since = time.time()
-    daemon = start_daemon([{"name": "bad", "gguf": "tiny.gguf", "preload": True, "extra_args": ["--no-such-flag"]}],
-                          wait_ready=False, restart={"delay": "0.2s", "max_delay": "1s", "max_failures": 4})
+    daemon = start_daemon(
+        [{"name": "bad", "gguf": "tiny.gguf", "preload": True, "extra_args": ["--no-such-flag"]}],
+        wait_ready=False,
+        restart={"delay": "0.2s", "max_delay": "1s", "max_failures": 4},
+    )
     poll_for(lambda: daemon.model("bad")["gave_up"], timeout=30, what="the model to be marked failed")
     log = daemon.log()
     for n, delay in ((1, "0.2s"), (2, "0.4s"), (3, "0.8s")):
@@ -64,13 +80,20 @@ def test_a_crash_loop_backs_off_then_marks_the_model_failed_with_bounded_docker_
 
 
 def test_a_frozen_container_is_detected_and_replaced(start_daemon, engine):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
-                          liveness={"period": "0.5s", "timeout": "0.3s", "failure_threshold": 2})
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}],
+        liveness={"period": "0.5s", "timeout": "0.3s", "failure_threshold": 2},
+    )
     [container] = our_containers(engine, daemon.instance)
     container.pause()
     paused_at = time.monotonic()
-    poll_for(lambda: [c.id for c in our_containers(engine, daemon.instance) if c.status == "running"
-                      and c.id != container.id], timeout=15, what="a replacement container")
+    poll_for(
+        lambda: [
+            c.id for c in our_containers(engine, daemon.instance) if c.status == "running" and c.id != container.id
+        ],
+        timeout=15,
+        what="a replacement container",
+    )
     replaced_after = time.monotonic() - paused_at
     assert "server unhealthy: 2 failed probes" in daemon.log()
     assert replaced_after < 2 * 0.5 + 0.3 + 5  # threshold x period, plus probe timeout and the restart

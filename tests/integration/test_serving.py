@@ -24,16 +24,23 @@ def test_preload_then_chat_non_streaming_and_streaming(start_daemon, engine):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
     # Random weights sample the end-of-text token now and then: ignore_eos makes max_tokens the only end.
-    reply = client.chat.completions.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
-                                           extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="tiny", max_tokens=5, messages=[{"role": "user", "content": "hi"}], extra_body={"ignore_eos": True}
+    )
     assert reply.object == "chat.completion"
     assert reply.model == "tiny"
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.usage.completion_tokens == 5
 
-    chunks = list(client.chat.completions.create(model="tiny-chat", max_tokens=6, stream=True,
-                                                 messages=[{"role": "user", "content": "hi"}],
-                                                 extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-chat",
+            max_tokens=6,
+            stream=True,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"  # llama-server sometimes omits it; the proxy adds it
     assert chunks[-1].choices[0].finish_reason == "length"
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
@@ -49,10 +56,12 @@ def test_preload_then_chat_non_streaming_and_streaming(start_daemon, engine):
 
 
 def test_request_for_a_stopped_model_starts_it_then_answers(start_daemon, engine):
-    daemon = start_daemon([
-        {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
-        {"name": "tiny2", "aliases": ["second"], "gguf": "tiny2.gguf"},
-    ])
+    daemon = start_daemon(
+        [
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
+            {"name": "tiny2", "aliases": ["second"], "gguf": "tiny2.gguf"},
+        ]
+    )
     assert daemon.model("tiny2")["state"] == "stopped"
     response = daemon.chat("second")
     assert response.status_code == 200, response.text
@@ -83,18 +92,21 @@ def test_unknown_model_gets_404_with_an_openai_error_object(start_daemon):
 
 def test_bad_requests_get_400(start_daemon):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf"}])
-    not_json = requests.post(f"{daemon.proxy_url}/chat/completions", data=b"{nope", timeout=10,
-                             headers={"Content-Type": "application/json"})
+    not_json = requests.post(
+        f"{daemon.proxy_url}/chat/completions", data=b"{nope", timeout=10, headers={"Content-Type": "application/json"}
+    )
     assert not_json.status_code == 400 and not_json.json()["error"]["code"] == "bad_request"
     no_model = requests.post(f"{daemon.proxy_url}/chat/completions", json={"messages": []}, timeout=10)
     assert no_model.status_code == 400 and "model" in no_model.json()["error"]["message"]
 
 
 def test_server_that_exits_gives_the_log_tail_while_others_keep_serving(start_daemon, engine):
-    daemon = start_daemon([
-        {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
-        {"name": "broken", "gguf": "broken.gguf"},
-    ])
+    daemon = start_daemon(
+        [
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
+            {"name": "broken", "gguf": "broken.gguf"},
+        ]
+    )
     response = daemon.chat("broken")
     assert response.status_code == 503
     error = response.json()["error"]
@@ -110,8 +122,9 @@ def test_server_that_exits_gives_the_log_tail_while_others_keep_serving(start_da
 def test_model_file_removed_after_start_is_a_clear_error(start_daemon, models_dir, tmp_path):
     doomed = tmp_path / "doomed.gguf"
     doomed.write_bytes((models_dir / "tiny.gguf").read_bytes())
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True},
-                           {"name": "doomed", "gguf": str(doomed)}])
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True}, {"name": "doomed", "gguf": str(doomed)}]
+    )
     doomed.unlink()
     response = daemon.chat("doomed")
     assert response.status_code == 503 and str(doomed) not in response.json()["error"]["message"]
@@ -120,8 +133,12 @@ def test_model_file_removed_after_start_is_a_clear_error(start_daemon, models_di
 
 
 def test_sigterm_stops_and_removes_every_container(start_daemon, engine):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True},
-                           {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True}])
+    daemon = start_daemon(
+        [
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
+            {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True},
+        ]
+    )
     assert len([c for c in our_containers(engine, daemon.instance) if c.status == "running"]) == 2
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=60) == 0
@@ -132,8 +149,10 @@ def test_sigterm_stops_and_removes_every_container(start_daemon, engine):
 
 def test_sigterm_during_a_start_cancels_it_and_leaves_nothing(start_daemon, engine):
     # The server answers under another path than the one the gate probes, so the start never completes.
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True,
-                            "extra_args": ["--api-prefix", "/elsewhere"]}], wait_ready=False)
+    daemon = start_daemon(
+        [{"name": "tiny", "gguf": "tiny.gguf", "preload": True, "extra_args": ["--api-prefix", "/elsewhere"]}],
+        wait_ready=False,
+    )
     daemon.wait_state("tiny", "starting")
     poll_for(lambda: our_containers(engine, daemon.instance), timeout=30, what="the container to exist")
     daemon.process.send_signal(signal.SIGTERM)
@@ -157,8 +176,10 @@ def test_a_server_killed_while_ready_is_reported_then_started_again(start_daemon
 def test_a_request_body_of_33_mib_is_accepted(start_daemon):
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf"}])
     image = "data:image/png;base64," + "A" * (33 * 1024 * 1024)
-    body = {"model": "nope", "messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                         "image_url": {"url": image}}]}]}
+    body = {
+        "model": "nope",
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}],
+    }
     response = requests.post(f"{daemon.proxy_url}/chat/completions", json=body, timeout=60)
     assert response.status_code == 404  # read and routed, not refused as too large (413)
     assert response.json()["error"]["code"] == "model_not_found"

@@ -29,7 +29,7 @@ IMAGE = "localllm/truncating-upstream:test"
 KEY_LABEL = "io.localllm.truncating-upstream-key"
 CUT = "please cut"  # a prompt ending in this makes the server end its body after two tokens
 
-SERVER = r'''
+SERVER = r"""
 import json, socketserver, sys, time
 from http.server import BaseHTTPRequestHandler
 
@@ -105,7 +105,7 @@ class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 Server(SOCKET, Handler).serve_forever()
-'''
+"""
 DOCKERFILE = """\
 FROM {base}
 COPY server.py /server.py
@@ -127,8 +127,9 @@ def ensure_truncating_image(client: docker.DockerClient) -> str:
         with tempfile.TemporaryDirectory(prefix="truncating-upstream-") as context:
             (Path(context) / "server.py").write_text(SERVER)
             (Path(context) / "Dockerfile").write_text(DOCKERFILE.format(base=base))
-            client.images.build(path=context, tag=IMAGE, labels={KEY_LABEL: key}, pull=False, rm=True,
-                                forcerm=True, network_mode="none")
+            client.images.build(
+                path=context, tag=IMAGE, labels={KEY_LABEL: key}, pull=False, rm=True, forcerm=True, network_mode="none"
+            )
     return IMAGE
 
 
@@ -136,21 +137,27 @@ def ensure_truncating_image(client: docker.DockerClient) -> str:
 def daemon(start_daemon, engine):
     image = ensure_truncating_image(engine)
     # "cutter" is not preloaded: its first stream waits for the load (SSE comments first), the next go straight.
-    return start_daemon([{"name": "cutter", "gguf": "tiny.gguf", "image": image},
-                         {"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
+    return start_daemon(
+        [
+            {"name": "cutter", "gguf": "tiny.gguf", "image": image},
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True},
+        ]
+    )
 
 
 def data_lines(daemon, path: str, body: dict) -> list[bytes]:
-    with requests.post(f"{daemon.proxy_url}/{path}", json={**body, "stream": True}, stream=True,
-                       timeout=60) as response:
+    with requests.post(
+        f"{daemon.proxy_url}/{path}", json={**body, "stream": True}, stream=True, timeout=60
+    ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         return [line for line in response.iter_lines() if line.startswith(b"data:")]
 
 
 def chat_lines(daemon, model: str, prompt: str) -> list[bytes]:
-    return data_lines(daemon, "chat/completions", {"model": model, "max_tokens": 4,
-                                                   "messages": [{"role": "user", "content": prompt}]})
+    return data_lines(
+        daemon, "chat/completions", {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": prompt}]}
+    )
 
 
 def assert_truncation_error(lines: list[bytes], tokens: int) -> None:
@@ -163,11 +170,18 @@ def assert_truncation_error(lines: list[bytes], tokens: int) -> None:
 
 
 def requests_counted(daemon) -> dict[tuple[str, str, str], float]:
-    text = subprocess.run(["curl", "-s", "--unix-socket", str(daemon.socket), "http://localllmd/metrics"],
-                          capture_output=True, text=True, timeout=30).stdout
-    return {(s.labels["model"], s.labels["endpoint"], s.labels["code"]): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples
-            if s.name == "localllm_requests_total"}
+    text = subprocess.run(
+        ["curl", "-s", "--unix-socket", str(daemon.socket), "http://localllmd/metrics"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return {
+        (s.labels["model"], s.labels["endpoint"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "localllm_requests_total"
+    }
 
 
 def test_a_stream_cut_off_cleanly_ends_with_an_error_event_while_complete_ones_pass(daemon):
@@ -179,8 +193,10 @@ def test_a_stream_cut_off_cleanly_ends_with_an_error_event_while_complete_ones_p
     assert finished[-1] == b"data: [DONE]" and b'"finish_reason":"length"' in finished[-2]
     assert not any(b'"error"' in line for line in finished)
     # Real llama-server streams, chat and /completions, end as they should and are left alone.
-    for lines in (chat_lines(daemon, "tiny", "hi"), data_lines(daemon, "completions", {"model": "tiny", "prompt": "hi",
-                                                                                       "max_tokens": 4})):
+    for lines in (
+        chat_lines(daemon, "tiny", "hi"),
+        data_lines(daemon, "completions", {"model": "tiny", "prompt": "hi", "max_tokens": 4}),
+    ):
         assert lines[-1] == b"data: [DONE]" and not any(b'"error"' in line for line in lines), lines
     assert "ended its stream without [DONE] or a finish reason" in daemon.log()
     counted = requests_counted(daemon)
@@ -193,10 +209,12 @@ def test_the_openai_sdk_raises_instead_of_returning_a_short_answer(daemon):
     client = openai.OpenAI(base_url=daemon.proxy_url, api_key="unused", max_retries=0)
     received = []
     with pytest.raises(openai.APIError, match=r"truncated"):
-        for chunk in client.chat.completions.create(model="cutter", stream=True, max_tokens=4,
-                                                    messages=[{"role": "user", "content": f"hi, {CUT}"}]):
+        for chunk in client.chat.completions.create(
+            model="cutter", stream=True, max_tokens=4, messages=[{"role": "user", "content": f"hi, {CUT}"}]
+        ):
             received.extend(choice.delta.content or "" for choice in chunk.choices)
     assert "".join(received) == "one two"
-    streamed = client.chat.completions.create(model="cutter", stream=True, max_tokens=4,
-                                              messages=[{"role": "user", "content": "hi"}])
+    streamed = client.chat.completions.create(
+        model="cutter", stream=True, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    )
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "length"

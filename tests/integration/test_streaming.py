@@ -12,22 +12,28 @@ import requests
 
 from .conftest import ask_server, poll_for
 
-LONG_GENERATION = {"max_tokens": 400, "ignore_eos": True, "stream": True,
-                   "messages": [{"role": "user", "content": "count"}]}
+LONG_GENERATION = {
+    "max_tokens": 400,
+    "ignore_eos": True,
+    "stream": True,
+    "messages": [{"role": "user", "content": "count"}],
+}
 
 
 @pytest.fixture
 def daemon(start_daemon):
     # --slots: llama-server's slot view (off by default: it shows prompts), reachable on the socket only
-    return start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 1024, "preload": True,
-                          "extra_args": ["--slots"]}])
+    return start_daemon(
+        [{"name": "slow", "gguf": "slow.gguf", "context_size": 1024, "preload": True, "extra_args": ["--slots"]}]
+    )
 
 
 def test_chunks_arrive_while_the_model_is_still_generating(daemon):
     started = time.monotonic()
     arrivals = []
-    with requests.post(f"{daemon.proxy_url}/chat/completions", json={"model": "slow", **LONG_GENERATION},
-                       stream=True, timeout=120) as response:
+    with requests.post(
+        f"{daemon.proxy_url}/chat/completions", json={"model": "slow", **LONG_GENERATION}, stream=True, timeout=120
+    ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
         for line in response.iter_lines():
@@ -43,8 +49,12 @@ def test_client_disconnect_stops_generation_upstream(daemon, engine):
     def slot_busy() -> bool:
         return any(slot.get("is_processing") for slot in json.loads(ask_server(engine, daemon, "slow", "/slots")))
 
-    response = requests.post(f"{daemon.proxy_url}/chat/completions",
-                             json={"model": "slow", **LONG_GENERATION, "max_tokens": 5000}, stream=True, timeout=120)
+    response = requests.post(
+        f"{daemon.proxy_url}/chat/completions",
+        json={"model": "slow", **LONG_GENERATION, "max_tokens": 5000},
+        stream=True,
+        timeout=120,
+    )
     lines = response.iter_lines()  # keep the generator: dropping it closes the connection
     next(lines)
     assert slot_busy()
@@ -60,11 +70,22 @@ def test_a_stream_then_a_plain_request_never_reuses_a_connection_llama_server_cl
     daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True}])
     with requests.Session() as client:  # a keep-alive client, as LibreChat's
         for _ in range(60):
-            with client.post(f"{daemon.proxy_url}/chat/completions", stream=True, timeout=60, json={
-                    "model": "tiny", "stream": True, "max_tokens": 4,
-                    "messages": [{"role": "user", "content": "hi"}]}) as streamed:
+            with client.post(
+                f"{daemon.proxy_url}/chat/completions",
+                stream=True,
+                timeout=60,
+                json={
+                    "model": "tiny",
+                    "stream": True,
+                    "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            ) as streamed:
                 assert streamed.status_code == 200
                 assert b"[DONE]" in b"".join(streamed.iter_content(None))
-            plain = client.post(f"{daemon.proxy_url}/chat/completions", timeout=60, json={
-                "model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+            plain = client.post(
+                f"{daemon.proxy_url}/chat/completions",
+                timeout=60,
+                json={"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert plain.status_code == 200, plain.text

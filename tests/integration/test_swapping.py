@@ -115,15 +115,26 @@ def test_a_model_bigger_than_the_budget_gets_a_clear_error(start_daemon, engine,
     assert daemon.chat("tiny").status_code == 200
 
 
-LONG_STREAM = {"model": "slow", "stream": True, "max_tokens": 4000, "ignore_eos": True,
-               "messages": [{"role": "user", "content": "count"}]}
+LONG_STREAM = {
+    "model": "slow",
+    "stream": True,
+    "max_tokens": 4000,
+    "ignore_eos": True,
+    "messages": [{"role": "user", "content": "count"}],
+}
 
 
 def one_slot(start_daemon, budget_profile, **settings):
     """Two slow models and room for one: a request for slow2 must wait while slow serves."""
-    return start_daemon([{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
-                         {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096}],
-                        top=budget_profile(1, "slow.gguf", 4096), min_residency=0, **settings)
+    return start_daemon(
+        [
+            {"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True},
+            {"name": "slow2", "gguf": "slow2.gguf", "context_size": 4096},
+        ],
+        top=budget_profile(1, "slow.gguf", 4096),
+        min_residency=0,
+        **settings,
+    )
 
 
 def test_a_streaming_client_waiting_for_a_swap_gets_headers_and_keepalives_at_once(start_daemon, budget_profile):
@@ -133,8 +144,12 @@ def test_a_streaming_client_waiting_for_a_swap_gets_headers_and_keepalives_at_on
     assert next(busy_lines).startswith(b"data: ")
 
     started = time.monotonic()
-    waiting = requests.post(f"{daemon.proxy_url}/chat/completions", stream=True, timeout=60, json={
-        "model": "slow2", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+    waiting = requests.post(
+        f"{daemon.proxy_url}/chat/completions",
+        stream=True,
+        timeout=60,
+        json={"model": "slow2", "stream": True, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    )
     lines = waiting.iter_lines()
     assert waiting.status_code == 200
     assert next(lines) == b": localllm: loading model slow2"
@@ -151,8 +166,12 @@ def test_a_full_queue_gets_503_with_retry_after(start_daemon, budget_profile):
     with requests.post(f"{daemon.proxy_url}/chat/completions", json=LONG_STREAM, stream=True, timeout=60) as busy:
         busy_lines = busy.iter_lines()  # keep the generator: dropping it closes the connection
         next(busy_lines)
-        with requests.post(f"{daemon.proxy_url}/chat/completions", stream=True, timeout=60, json={
-                "model": "slow2", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as queued:
+        with requests.post(
+            f"{daemon.proxy_url}/chat/completions",
+            stream=True,
+            timeout=60,
+            json={"model": "slow2", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        ) as queued:
             queued_lines = queued.iter_lines()
             assert next(queued_lines).startswith(b": localllm: loading")
             refused = daemon.chat("slow2")
@@ -162,8 +181,12 @@ def test_a_full_queue_gets_503_with_retry_after(start_daemon, budget_profile):
 
 
 def test_idle_models_unload_after_their_ttl_but_pinned_ones_stay(start_daemon, engine):
-    daemon = start_daemon([{"name": "tiny", "gguf": "tiny.gguf", "preload": True, "ttl": "1s"},
-                           {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True, "ttl": "1s", "pinned": True}])
+    daemon = start_daemon(
+        [
+            {"name": "tiny", "gguf": "tiny.gguf", "preload": True, "ttl": "1s"},
+            {"name": "tiny2", "gguf": "tiny2.gguf", "preload": True, "ttl": "1s", "pinned": True},
+        ]
+    )
     assert running_models(engine, daemon.instance) == {"tiny", "tiny2"}
     poll_for(lambda: running_models(engine, daemon.instance) == {"tiny2"}, timeout=10, what="tiny to unload")
     assert daemon.model("tiny")["state"] == "stopped"
@@ -179,8 +202,10 @@ def test_a_client_that_leaves_while_queued_gives_up_its_place(start_daemon, budg
         next(busy_lines)
         with socket.create_connection(("127.0.0.1", int(daemon.proxy_url.split(":")[2].split("/")[0]))) as client:
             body = json.dumps({"model": "slow2", "messages": [{"role": "user", "content": "hi"}]}).encode()
-            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            client.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             poll_for(lambda: daemon.model("slow2")["waiting"] == 1, timeout=5, what="the request to queue")
         poll_for(lambda: daemon.model("slow2")["waiting"] == 0, timeout=5, what="the queued request to leave")
     poll_for(lambda: daemon.model("slow")["in_flight"] == 0, timeout=10, what="the busy stream to end")

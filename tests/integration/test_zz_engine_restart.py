@@ -55,8 +55,11 @@ def test_the_daemon_survives_an_engine_restart_and_brings_its_models_back(start_
     [before] = our_containers(engine, daemon.instance)
     restart_dockerd()
     poll_for(lambda: "Docker engine is back" in daemon.log(), timeout=60, what="the daemon to notice")
-    poll_for(lambda: [c for c in our_containers(engine, daemon.instance)
-                      if c.status == "running" and c.id != before.id], timeout=30, what="a new container")
+    poll_for(
+        lambda: [c for c in our_containers(engine, daemon.instance) if c.status == "running" and c.id != before.id],
+        timeout=30,
+        what="a new container",
+    )
     assert len(our_containers(engine, daemon.instance)) == 1  # the dead one was removed
     poll_for(lambda: daemon.model("tiny")["state"] == "ready", timeout=30, what="tiny to be ready")
     assert daemon.process.poll() is None

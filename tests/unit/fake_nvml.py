@@ -56,8 +56,14 @@ class FakeNvml:
     NVML_DEVICE_MIG_ENABLE = 1
     nvmlMemory_v2 = 0x02000028
 
-    def __init__(self, *devices: FakeDevice, init_error: int | None = None, has_v2: bool = True,
-                 has_v3_processes: bool = True, as_bytes: bool = False):
+    def __init__(
+        self,
+        *devices: FakeDevice,
+        init_error: int | None = None,
+        has_v2: bool = True,
+        has_v3_processes: bool = True,
+        as_bytes: bool = False,
+    ):
         self.devices = list(devices)
         self.init_error = init_error
         self.count_error: int | None = None
@@ -124,8 +130,9 @@ class FakeNvml:
         self.inside -= 1
         free = device.total - device.used - device.reserved
         if version:
-            return SimpleNamespace(version=version, total=device.total, reserved=device.reserved, free=free,
-                                   used=device.used)
+            return SimpleNamespace(
+                version=version, total=device.total, reserved=device.reserved, free=free, used=device.used
+            )
         # v1 counts the reserved memory as used
         return SimpleNamespace(total=device.total, free=free, used=device.used + device.reserved)
 

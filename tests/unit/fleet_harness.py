@@ -55,6 +55,7 @@ FAKE_CONTAINER_HEADER = "X-Fake-Container"  # each fake llama-server names its c
 def _llama_server(name: str) -> web.Application:
     """A loaded llama-server, as far as the fleet and a test's requests look: ``/health`` answers 200, and
     ``/slow?seconds=S`` too, after S seconds (a long request)."""
+
     async def healthy(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"}, headers={FAKE_CONTAINER_HEADER: name})
 
@@ -131,8 +132,11 @@ class FakeOllamaApi:
         self.store.add(tag)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
-        for line in ({"status": "pulling manifest"}, {"status": "pulling 0123", "total": 10, "completed": 10},
-                     {"status": "success"}):
+        for line in (
+            {"status": "pulling manifest"},
+            {"status": "pulling 0123", "total": 10, "completed": 10},
+            {"status": "success"},
+        ):
             await response.write(json.dumps(line).encode() + b"\n")
         await response.write_eof()
         return response
@@ -147,7 +151,7 @@ class FakeOllamaApi:
             self.loaded.pop(self._is_loaded(tag) or tag, None)
             return web.json_response({"model": tag, "response": "", "done": True, "done_reason": "unload"})
         if tag in self.embedding:
-            return web.json_response({"error": f"\"{tag}\" does not support generate"}, status=400)
+            return web.json_response({"error": f'"{tag}" does not support generate'}, status=400)
         self._load(tag, body, "generate")
         return web.json_response({"model": tag, "response": "", "done": True, "done_reason": "load"})
 
@@ -161,8 +165,14 @@ class FakeOllamaApi:
 
     def _load(self, tag: str, body: dict, via: str) -> None:
         self.loads[tag] += 1
-        self.loaded[tag] = {"name": tag, "model": tag, "size": self.size, "size_vram": 0, "via": via,
-                            "num_ctx": (body.get("options") or {}).get("num_ctx")}
+        self.loaded[tag] = {
+            "name": tag,
+            "model": tag,
+            "size": self.size,
+            "size_vram": 0,
+            "via": via,
+            "num_ctx": (body.get("options") or {}).get("num_ctx"),
+        }
 
 
 @dataclass
@@ -243,8 +253,11 @@ class RecordingFakeRuntime:
     def timeline(self) -> list[tuple[str, str]]:
         """("run" | "remove", container name) in the order the engine was asked."""
         names = {cid: spec.name for cid, spec in self.specs.items()}
-        return [("run", arg) if call == "run" else ("remove", names.get(arg, arg)) for call, arg, *_ in self.calls
-                if call in ("run", "stop_and_remove")]
+        return [
+            ("run", arg) if call == "run" else ("remove", names.get(arg, arg))
+            for call, arg, *_ in self.calls
+            if call in ("run", "stop_and_remove")
+        ]
 
     async def exit(self, container_id: str, code: int = 137) -> None:
         """The container's server dies: it exits, and its socket goes with it."""
@@ -253,8 +266,11 @@ class RecordingFakeRuntime:
         await container.runner.cleanup()
 
     def running(self, model: str) -> list[str]:
-        return [cid for cid, c in self.containers.items() if c.info.labels.get("io.localllm.model") == model
-                and c.info.running]
+        return [
+            cid
+            for cid, c in self.containers.items()
+            if c.info.labels.get("io.localllm.model") == model and c.info.running
+        ]
 
 
 def socket_path(spec) -> str:
@@ -299,9 +315,11 @@ CPU = "cpu-only"
 
 def scenario(body, state_dir: Path):
     """Run ``body(session)`` on a fresh loop with the daemon's kind of session (sockets under ``state_dir``)."""
+
     async def run():
         async with open_session(servers_dir(state_dir)) as session:
             return await body(session)
+
     return asyncio.run(run())
 
 
@@ -318,9 +336,14 @@ def kinds(bus: EventBus) -> list[str]:
     return [event.kind for event in bus.recent()]
 
 
-def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, int],
-              runtime: RecordingFakeRuntime | None = None, models: dict[str, dict] | None = None,
-              **daemon) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
+def cpu_fleet(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    needs: dict[str, int],
+    runtime: RecordingFakeRuntime | None = None,
+    models: dict[str, dict] | None = None,
+    **daemon,
+) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
     """A fleet of llama.cpp models (``needs``: name -> bytes) on the CPU profile, with the recording fake.
 
     ``models`` adds catalog settings per model (preload, context_size...); ``daemon`` the daemon's."""
@@ -330,8 +353,14 @@ def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, i
         path = tmp_path / f"{name}.gguf"
         path.write_bytes(b"GGUF")
         entries.append(ModelEntry(name=name, gguf=path, ttl=0, **(models or {}).get(name, {})))
-    settings = {"instance": "unit", "state_dir": str(tmp_path), "stop_grace": 0, "min_residency": 0,
-                "startup_timeout": 5, **daemon}
+    settings = {
+        "instance": "unit",
+        "state_dir": str(tmp_path),
+        "stop_grace": 0,
+        "min_residency": 0,
+        "startup_timeout": 5,
+        **daemon,
+    }
     config = Config(profile=CPU, models=entries, daemon=settings)
     launch = LaunchSettings(context=4096)
     sizings = {n: Sizing(launch, None, None, None, "test", need) for n, need in needs.items()}
@@ -340,9 +369,15 @@ def cpu_fleet(tmp_path: Path, session: aiohttp.ClientSession, needs: dict[str, i
     return fleet, runtime, bus
 
 
-def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, gpus: FakeGpuSession,
-              needs: dict[str, int], learned: LearnedSizes | None = None,
-              runtime: RecordingFakeRuntime | None = None) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
+def gpu_fleet(
+    tmp_path: Path,
+    profile: Profile,
+    session: aiohttp.ClientSession,
+    gpus: FakeGpuSession,
+    needs: dict[str, int],
+    learned: LearnedSizes | None = None,
+    runtime: RecordingFakeRuntime | None = None,
+) -> tuple[Fleet, RecordingFakeRuntime, EventBus]:
     """A fleet of llama.cpp models (``needs``: name -> bytes) on a GPU profile, with the fakes above."""
     runtime = runtime or RecordingFakeRuntime()
     models = []
@@ -350,9 +385,17 @@ def gpu_fleet(tmp_path: Path, profile: Profile, session: aiohttp.ClientSession, 
         path = tmp_path / f"{name}.gguf"
         path.write_bytes(b"GGUF")
         models.append(ModelEntry(name=name, gguf=path, ttl=0))
-    config = Config(profile=profile.name, models=models,
-                    daemon={"instance": "unit", "state_dir": str(tmp_path),
-                            "stop_grace": 0, "min_residency": 0, "startup_timeout": 5})
+    config = Config(
+        profile=profile.name,
+        models=models,
+        daemon={
+            "instance": "unit",
+            "state_dir": str(tmp_path),
+            "stop_grace": 0,
+            "min_residency": 0,
+            "startup_timeout": 5,
+        },
+    )
     launch = LaunchSettings(context=4096, on_gpu=True)
     sizings = {n: Sizing(launch, None, None, f"key-{n}", "test", need) for n, need in needs.items()}
     bus = EventBus()
@@ -371,13 +414,13 @@ def config_text(tmp_path: Path, models: list[dict], **sections) -> str:
             path.write_bytes(b"GGUF")
             model = {"gguf": str(path), **model}
         entries.append({"ttl": 0, **model})
-    daemon = {"instance": "unit", "state_dir": str(tmp_path), "stop_grace": 0, "min_residency": 0,
-              "startup_timeout": 5}
+    daemon = {"instance": "unit", "state_dir": str(tmp_path), "stop_grace": 0, "min_residency": 0, "startup_timeout": 5}
     return yaml.safe_dump({"profile": CPU, "daemon": daemon, **sections, "models": entries}, sort_keys=False)
 
 
-def text_fleet(tmp_path: Path, session: aiohttp.ClientSession, text: str,
-               runtime: RecordingFakeRuntime | None = None) -> tuple[Fleet, RecordingFakeRuntime, EventBus, Path]:
+def text_fleet(
+    tmp_path: Path, session: aiohttp.ClientSession, text: str, runtime: RecordingFakeRuntime | None = None
+) -> tuple[Fleet, RecordingFakeRuntime, EventBus, Path]:
     """A fleet started as the daemon starts one from the config file ``text`` (saved as ``config.yaml``), sized
     as the daemon sizes it; a rollout may apply other texts of the same file to it."""
     path = tmp_path / "config.yaml"

@@ -79,8 +79,17 @@ def test_every_served_route_has_the_role_the_issue_gives_it():
     assert by_role[Role.OPERATOR] == {("POST", "/models/{name}/load"), ("POST", "/models/{name}/unload")}
     assert by_role[Role.ADMIN] == {("POST", "/apply"), ("POST", "/rollback"), ("GET", "/models/{name}/logs")}
     assert {path for _, path in by_role[Role.VIEWER]} == {
-        "/openapi.json", "/health", "/status", "/models", "/models/{name}", "/models/{name}/memory", "/events",
-        "/metrics", "/history", "/validate"}
+        "/openapi.json",
+        "/health",
+        "/status",
+        "/models",
+        "/models/{name}",
+        "/models/{name}/memory",
+        "/events",
+        "/metrics",
+        "/history",
+        "/validate",
+    }
 
 
 def test_a_token_needs_32_printable_characters():
@@ -88,8 +97,10 @@ def test_a_token_needs_32_printable_characters():
     with pytest.raises(ValidationError) as caught:
         ControlToken(token=short, role="viewer")
     [error] = caught.value.errors()
-    assert error["msg"] == ("Value error, a control token needs at least 32 characters, this one has 31 (make one "
-                            "with: openssl rand -hex 32)")
+    assert error["msg"] == (
+        "Value error, a control token needs at least 32 characters, this one has 31 (make one "
+        "with: openssl rand -hex 32)"
+    )
     assert error["type"] == "value_error"  # the type whose input a config error never shows (schema._reason)
     with pytest.raises(ValidationError, match="printable ASCII without spaces"):
         ControlToken(token="with space " + "x" * 30, role="viewer")
@@ -116,30 +127,47 @@ def test_tls_paths_are_relative_to_the_config_file(tmp_path):
     assert (tls.cert, tls.key) == (tmp_path / "tls" / "cert.pem", Path("/etc/key.pem"))
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
-                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
-                                            ("192.168.1.5", False), ("example.org", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+    ],
+)
 def test_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
 
 def test_role_sockets_sit_beside_the_admin_socket():
-    assert role_socket_path(Path("/var/lib/localllm/control.sock"), Role.VIEWER) == \
-        Path("/var/lib/localllm/control-viewer.sock")
+    assert role_socket_path(Path("/var/lib/localllm/control.sock"), Role.VIEWER) == Path(
+        "/var/lib/localllm/control-viewer.sock"
+    )
     assert role_socket_path(Path("/run/llm.sock"), Role.OPERATOR) == Path("/run/llm-operator.sock")
 
 
 def test_a_refusal_says_where_each_role_is_given():
-    plan = [SocketListener(Role.ADMIN, Path("/s/control.sock"), "localllm", 0o660, "daemon.socket_group"),
-            SocketListener(Role.OPERATOR, Path("/s/control-operator.sock"), "ops", 0o660, "x"),
-            SocketListener(Role.VIEWER, Path("/s/control-viewer.sock"), None, 0o666, "x"),
-            TcpListener("127.0.0.1", 8090, ((VIEWER_TOKEN, Role.VIEWER),), None)]
+    plan = [
+        SocketListener(Role.ADMIN, Path("/s/control.sock"), "localllm", 0o660, "daemon.socket_group"),
+        SocketListener(Role.OPERATOR, Path("/s/control-operator.sock"), "ops", 0o660, "x"),
+        SocketListener(Role.VIEWER, Path("/s/control-viewer.sock"), None, 0o666, "x"),
+        TcpListener("127.0.0.1", 8090, ((VIEWER_TOKEN, Role.VIEWER),), None),
+    ]
     ways = ways_to_roles(plan)
     assert ways[Role.ADMIN] == "the socket /s/control.sock (group localllm)"
-    assert ways[Role.OPERATOR] == "the socket /s/control.sock (group localllm), or the socket /s/control-operator.sock " \
-                                  "(group ops)"
-    assert ways[Role.VIEWER].endswith("the socket /s/control-viewer.sock (every local user), or a token with role "
-                                      "viewer or operator or admin on the TCP control API (127.0.0.1:8090)")
+    assert (
+        ways[Role.OPERATOR] == "the socket /s/control.sock (group localllm), or the socket /s/control-operator.sock "
+        "(group ops)"
+    )
+    assert ways[Role.VIEWER].endswith(
+        "the socket /s/control-viewer.sock (every local user), or a token with role "
+        "viewer or operator or admin on the TCP control API (127.0.0.1:8090)"
+    )
     assert VIEWER_TOKEN not in repr(plan)  # a listener in a log line shows no token
 
 
@@ -161,8 +189,10 @@ def test_tcp_tokens_give_their_roles():
                 assert (await ask(session, "GET", url + "/openapi.json", VIEWER_TOKEN))[0] == 200
                 status, body = await ask(session, "POST", url + "/apply", VIEWER_TOKEN, json={})
                 assert (status, body["error"]["code"], body["error"]["needed_role"]) == (403, "forbidden", "admin")
-                assert body["error"]["message"].startswith("POST /apply needs the admin role; this connection has "
-                                                           "viewer. The admin role comes with a token with role admin")
+                assert body["error"]["message"].startswith(
+                    "POST /apply needs the admin role; this connection has "
+                    "viewer. The admin role comes with a token with role admin"
+                )
                 status, body = await ask(session, "POST", url + "/models/m/load", VIEWER_TOKEN)
                 assert (status, body["error"]["needed_role"]) == (403, "operator")
                 status, body = await ask(session, "POST", url + "/apply", OPERATOR_TOKEN, json={})
@@ -183,7 +213,6 @@ def test_tcp_tokens_give_their_roles():
 # -- unix sockets: mode, group, refusals -----------------------------------------------------
 
 
-
 def my_group() -> tuple[str, int]:
     gid = os.getgroups()[0] if os.getgroups() else os.getgid()
     return grp.getgrgid(gid).gr_name, gid
@@ -191,11 +220,13 @@ def my_group() -> tuple[str, int]:
 
 def test_each_role_socket_has_its_mode_and_group_and_refuses_above_its_role(tmp_path):
     group, gid = my_group()
-    plan = [SocketListener(Role.ADMIN, tmp_path / "control.sock", None, 0o660, "daemon.socket_group"),
-            SocketListener(Role.OPERATOR, tmp_path / "control-operator.sock", group, 0o660,
-                           "daemon.role_sockets.operator.group"),
-            SocketListener(Role.VIEWER, tmp_path / "control-viewer.sock", None, 0o666,
-                           "daemon.role_sockets.viewer.group")]
+    plan = [
+        SocketListener(Role.ADMIN, tmp_path / "control.sock", None, 0o660, "daemon.socket_group"),
+        SocketListener(
+            Role.OPERATOR, tmp_path / "control-operator.sock", group, 0o660, "daemon.role_sockets.operator.group"
+        ),
+        SocketListener(Role.VIEWER, tmp_path / "control-viewer.sock", None, 0o666, "daemon.role_sockets.viewer.group"),
+    ]
 
     async def post(path: Path, route: str) -> tuple[int, dict]:
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
@@ -205,14 +236,18 @@ def test_each_role_socket_has_its_mode_and_group_and_refuses_above_its_role(tmp_
         runners = await open_control(plan, bare_app, 0.1)
         try:
             modes = {p.name: (stat.S_IMODE(p.stat().st_mode), p.stat().st_gid) for p in tmp_path.iterdir()}
-            assert modes == {"control.sock": (0o660, os.getegid()), "control-operator.sock": (0o660, gid),
-                             "control-viewer.sock": (0o666, os.getegid())}
+            assert modes == {
+                "control.sock": (0o660, os.getegid()),
+                "control-operator.sock": (0o660, gid),
+                "control-viewer.sock": (0o666, os.getegid()),
+            }
             status, body = await post(tmp_path / "control-viewer.sock", "/models/m/load")
             assert (status, body["error"]["needed_role"]) == (403, "operator")
             assert body["error"]["message"] == (
                 f"POST /models/{{name}}/load needs the operator role; this connection has viewer. The operator role "
                 f"comes with the socket {tmp_path}/control.sock (the daemon's own user and group), or the socket "
-                f"{tmp_path}/control-operator.sock (group {group})")
+                f"{tmp_path}/control-operator.sock (group {group})"
+            )
             status, body = await post(tmp_path / "control-operator.sock", "/apply")
             assert (status, body["error"]["needed_role"]) == (403, "admin")
             status, body = await post(tmp_path / "control.sock", "/apply")
@@ -227,8 +262,10 @@ def test_each_role_socket_has_its_mode_and_group_and_refuses_above_its_role(tmp_
 def test_a_file_in_a_sockets_place_is_left_alone(tmp_path):
     precious = tmp_path / "control-viewer.sock"
     precious.write_text("not a socket")
-    plan = [SocketListener(Role.ADMIN, tmp_path / "control.sock", None, 0o660, "daemon.socket_group"),
-            SocketListener(Role.VIEWER, precious, None, 0o666, "daemon.role_sockets.viewer.group")]
+    plan = [
+        SocketListener(Role.ADMIN, tmp_path / "control.sock", None, 0o660, "daemon.socket_group"),
+        SocketListener(Role.VIEWER, precious, None, 0o666, "daemon.role_sockets.viewer.group"),
+    ]
     with pytest.raises(CannotListen, match="something else is there"):
         asyncio.run(open_control(plan, bare_app, 0.1))
     assert precious.read_text() == "not a socket"
@@ -239,10 +276,14 @@ def test_a_file_in_a_sockets_place_is_left_alone(tmp_path):
 
 
 def test_an_unknown_group_is_named_with_its_setting(tmp_path):
-    plan = [SocketListener(Role.VIEWER, tmp_path / "v.sock", "no-such-group-here", 0o660,
-                           "daemon.role_sockets.viewer.group")]
-    with pytest.raises(CannotListen, match="daemon.role_sockets.viewer.group: there is no group 'no-such-group-here' "
-                                           "on this host"):
+    plan = [
+        SocketListener(
+            Role.VIEWER, tmp_path / "v.sock", "no-such-group-here", 0o660, "daemon.role_sockets.viewer.group"
+        )
+    ]
+    with pytest.raises(
+        CannotListen, match="daemon.role_sockets.viewer.group: there is no group 'no-such-group-here' on this host"
+    ):
         asyncio.run(open_control(plan, bare_app, 0.1))
 
 
@@ -281,10 +322,31 @@ def test_localllmctl_takes_the_most_capable_socket_it_may_open(tmp_path):
 def certificate(tmp_path_factory) -> ControlTls:
     """A self-signed certificate for 127.0.0.1 and localhost, made with the openssl command."""
     directory = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"), "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(directory / "key.pem"),
+            "-out",
+            str(directory / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return ControlTls(cert=directory / "cert.pem", key=directory / "key.pem")
 
 
@@ -295,8 +357,14 @@ def test_tcp_control_with_tls_answers_over_https_only(certificate, tmp_path):
 
     async def localllmctl(*args: str, **env: str) -> tuple[int, str]:
         process = await asyncio.create_subprocess_exec(
-            LOCALLLMCTL, "--url", f"https://127.0.0.1:{port}", *args, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "LOCALLLM_TOKEN": VIEWER_TOKEN, **env})
+            LOCALLLMCTL,
+            "--url",
+            f"https://127.0.0.1:{port}",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "LOCALLLM_TOKEN": VIEWER_TOKEN, **env},
+        )
         out, err = await process.communicate()
         return process.returncode, out.decode() + err.decode()
 
@@ -354,9 +422,11 @@ def test_the_settings_plan_one_listener_per_role(config_file, tmp_path):
     assert plan_listeners(daemon) == [
         SocketListener(Role.ADMIN, tmp_path / "state" / "control.sock", "localllm", 0o660, "daemon.socket_group"),
         SocketListener(Role.OPERATOR, tmp_path / "ops.sock", "ops", 0o660, "daemon.role_sockets.operator.group"),
-        SocketListener(Role.VIEWER, tmp_path / "state" / "control-viewer.sock", None, 0o666,
-                       "daemon.role_sockets.viewer.group"),
-        TcpListener("127.0.0.1", 8090, ((ADMIN_TOKEN, Role.ADMIN), (VIEWER_TOKEN, Role.VIEWER)), None)]
+        SocketListener(
+            Role.VIEWER, tmp_path / "state" / "control-viewer.sock", None, 0o666, "daemon.role_sockets.viewer.group"
+        ),
+        TcpListener("127.0.0.1", 8090, ((ADMIN_TOKEN, Role.ADMIN), (VIEWER_TOKEN, Role.VIEWER)), None),
+    ]
 
 
 def test_a_config_of_before_roles_means_what_it_meant(config_file, tmp_path):
@@ -370,7 +440,8 @@ def test_a_config_of_before_roles_means_what_it_meant(config_file, tmp_path):
     daemon = load_config(path).daemon
     assert plan_listeners(daemon) == [
         SocketListener(Role.ADMIN, tmp_path / "llm.sock", "localllm", 0o660, "daemon.socket_group"),
-        TcpListener("127.0.0.1", 8090, ((ADMIN_TOKEN, Role.ADMIN),), None)]
+        TcpListener("127.0.0.1", 8090, ((ADMIN_TOKEN, Role.ADMIN),), None),
+    ]
 
 
 def test_a_config_error_about_a_token_never_shows_it(config_file):
@@ -378,8 +449,10 @@ def test_a_config_error_about_a_token_never_shows_it(config_file):
     path = config_file(f"daemon:\n  control_listen: 127.0.0.1:8090\n  control_token: {token}\n")
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.problems == [f"{path}:3: daemon.control_token: a control token needs at least 32 characters, "
-                                     "this one has 16 (make one with: openssl rand -hex 32)"]
+    assert caught.value.problems == [
+        f"{path}:3: daemon.control_token: a control token needs at least 32 characters, "
+        "this one has 16 (make one with: openssl rand -hex 32)"
+    ]
     assert token not in caught.value.message
 
 

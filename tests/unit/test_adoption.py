@@ -23,16 +23,28 @@ def found(cid: str, model: str, digest: str = "h1", status: str = "running") -> 
     return ContainerInfo(cid, f"c-{cid}", status, None if status == "running" else 1, False, labels)
 
 
-@pytest.mark.parametrize("container, wanted, action, reason", [
-    (found("a", "tiny"), Wanted(FakeSpec("h1")), Action.ADOPT, "running, healthy-looking, with the wanted config"),
-    (found("a", "tiny", "h0"), Wanted(FakeSpec("h1")), Action.RECREATE, "its config changed (config hash differs)"),
-    (found("a", "gone"), Wanted(), Action.REMOVE, "its model is not in the catalog"),
-    (found("a", "tiny", status="exited"), Wanted(FakeSpec("h1")), Action.REMOVE, "not running (exited)"),
-    (found("a", "tiny"), Wanted(problem="its config changed (its device is not one of this host's now)"),
-     Action.RECREATE, "its config changed (its device is not one of this host's now)"),
-    (found("a", "tiny"), Wanted(problem="its endpoint label is unreadable (made by an older localllm)"),
-     Action.REMOVE, "its endpoint label is unreadable (made by an older localllm)"),
-], ids=["matching", "drifted", "foreign-model", "exited", "moved-device", "unreadable"])
+@pytest.mark.parametrize(
+    "container, wanted, action, reason",
+    [
+        (found("a", "tiny"), Wanted(FakeSpec("h1")), Action.ADOPT, "running, healthy-looking, with the wanted config"),
+        (found("a", "tiny", "h0"), Wanted(FakeSpec("h1")), Action.RECREATE, "its config changed (config hash differs)"),
+        (found("a", "gone"), Wanted(), Action.REMOVE, "its model is not in the catalog"),
+        (found("a", "tiny", status="exited"), Wanted(FakeSpec("h1")), Action.REMOVE, "not running (exited)"),
+        (
+            found("a", "tiny"),
+            Wanted(problem="its config changed (its device is not one of this host's now)"),
+            Action.RECREATE,
+            "its config changed (its device is not one of this host's now)",
+        ),
+        (
+            found("a", "tiny"),
+            Wanted(problem="its endpoint label is unreadable (made by an older localllm)"),
+            Action.REMOVE,
+            "its endpoint label is unreadable (made by an older localllm)",
+        ),
+    ],
+    ids=["matching", "drifted", "foreign-model", "exited", "moved-device", "unreadable"],
+)
 def test_each_container_gets_an_action_and_its_reason(container, wanted, action, reason):
     [step] = plan([container], {container.id: wanted})
     assert (step.action, step.reason, step.model) == (action, reason, container.labels["io.localllm.model"])

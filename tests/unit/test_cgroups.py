@@ -18,30 +18,39 @@ INNER = "17a3c5e7f9b2d4068e1a3c5f7b9d2e4a6c8e0f2b4d6a8c1e3f5b7d9a2c4e6f81"
 KUBE = "5d7f9b1c3e5a7092c4e6b8d0f2a4c6e8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a1"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("cgroup-v2-systemd.txt", SYSTEMD),         # 0::/system.slice/docker-<id>.scope
-    ("cgroup-v2-cgroupfs.txt", CGROUPFS),       # 0::/docker/<id>
-    ("cgroup-v1.txt", V1),                      # one line per hierarchy; the unified line names containerd
-    ("cgroup-v2-host-process.txt", None),       # a desktop process: in no container
-    ("cgroup-v2-docker-in-docker.txt", INNER),  # the innermost container is the process's own
-    ("cgroup-v2-kubepods-containerd.txt", KUBE),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cgroup-v2-systemd.txt", SYSTEMD),  # 0::/system.slice/docker-<id>.scope
+        ("cgroup-v2-cgroupfs.txt", CGROUPFS),  # 0::/docker/<id>
+        ("cgroup-v1.txt", V1),  # one line per hierarchy; the unified line names containerd
+        ("cgroup-v2-host-process.txt", None),  # a desktop process: in no container
+        ("cgroup-v2-docker-in-docker.txt", INNER),  # the innermost container is the process's own
+        ("cgroup-v2-kubepods-containerd.txt", KUBE),
+    ],
+)
 def test_recorded_cgroup_files(fixture_text, name, expected):
     assert container_in_cgroup(fixture_text(name)) == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("", None),
-    ("0::/\n", None),                                      # inside a container with its own cgroup namespace
-    ("0::/system.slice/docker.service\n", None),           # dockerd itself
-    ("0::/init.scope\n", None),
-    (f"11:memory:/system.slice/docker-{V1}.scope\n1:name=systemd:/system.slice/docker-{V1}.scope\n", V1),  # v1, systemd
-    (f"0::/system.slice/libpod-{V1}.scope/container\n", V1),                                               # podman
-    (f"5:cpuset:/kubepods/burstable/pod6f3c8a2e-5b1d-4e7a-9c0f-2d8b7e1a4c55/{KUBE}\n", KUBE),              # k8s, cgroupfs
-    (f"0::/docker/{V1}0\n", None),                         # 65 hex digits: not an id
-    (f"0::/docker/{V1[:12]}\n", None),                     # a short id is not what the file holds
-    ("not a cgroup file\n", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", None),
+        ("0::/\n", None),  # inside a container with its own cgroup namespace
+        ("0::/system.slice/docker.service\n", None),  # dockerd itself
+        ("0::/init.scope\n", None),
+        (
+            f"11:memory:/system.slice/docker-{V1}.scope\n1:name=systemd:/system.slice/docker-{V1}.scope\n",
+            V1,
+        ),  # v1, systemd
+        (f"0::/system.slice/libpod-{V1}.scope/container\n", V1),  # podman
+        (f"5:cpuset:/kubepods/burstable/pod6f3c8a2e-5b1d-4e7a-9c0f-2d8b7e1a4c55/{KUBE}\n", KUBE),  # k8s, cgroupfs
+        (f"0::/docker/{V1}0\n", None),  # 65 hex digits: not an id
+        (f"0::/docker/{V1[:12]}\n", None),  # a short id is not what the file holds
+        ("not a cgroup file\n", None),
+    ],
+)
 def test_cgroup_texts(text, expected):
     assert container_in_cgroup(text) == expected
 
@@ -73,9 +82,9 @@ def test_usage_by_container_sums_a_process_over_two_gpus():
     processes = [
         GpuProcess(100, 3 * GIB, 0, "GPU-a"),
         GpuProcess(100, 2 * GIB, 1, "GPU-b"),  # one llama-server split over two GPUs
-        GpuProcess(101, GIB, 1, "GPU-b"),      # an Ollama runner: a child, not State.Pid
+        GpuProcess(101, GIB, 1, "GPU-b"),  # an Ollama runner: a child, not State.Pid
         GpuProcess(200, 7 * GIB, 0, "GPU-a"),  # another container, not asked about
-        GpuProcess(300, GIB, 0, "GPU-a"),      # a host process
+        GpuProcess(300, GIB, 0, "GPU-a"),  # a host process
     ]
     asked = []
 

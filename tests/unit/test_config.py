@@ -41,12 +41,22 @@ def test_missing_model_file_is_allowed_when_files_are_not_checked(config_file):
     assert config.models[0].gguf == path.resolve().parent / "nope.gguf"
 
 
-@pytest.mark.parametrize("written, seconds", [
-    ('"5m"', 300.0), ('"250ms"', 0.25), ("30", 30.0), ('"30s"', 30.0), ('"1h"', 3600.0),
-    ('"1.5h"', 5400.0), ("0.5", 0.5), ('"0"', 0.0),
-])
+@pytest.mark.parametrize(
+    "written, seconds",
+    [
+        ('"5m"', 300.0),
+        ('"250ms"', 0.25),
+        ("30", 30.0),
+        ('"30s"', 30.0),
+        ('"1h"', 3600.0),
+        ('"1.5h"', 5400.0),
+        ("0.5", 0.5),
+        ('"0"', 0.0),
+    ],
+)
 def test_durations_become_seconds(config_file, written, seconds):
-    config = load_config(config_file(f"""\
+    config = load_config(
+        config_file(f"""\
         daemon:
           default_ttl: {written}
         models:
@@ -54,7 +64,8 @@ def test_durations_become_seconds(config_file, written, seconds):
             gguf: m.gguf
             ttl: {written}
             startup_timeout: {written if seconds else 1}
-        """))
+        """)
+    )
     assert config.daemon.default_ttl == seconds
     assert config.models[0].ttl == seconds
     assert config.models[0].startup_timeout == (seconds or 1.0)
@@ -80,7 +91,8 @@ def test_defaults(config_file):
 
 
 def test_daemon_settings_as_written(config_file, tmp_path):
-    config = load_config(config_file(f"""\
+    config = load_config(
+        config_file(f"""\
         profile: gpu-1x24g
         daemon:
           instance: lab-1
@@ -89,7 +101,8 @@ def test_daemon_settings_as_written(config_file, tmp_path):
           port_range: 30000-30010
           state_dir: {tmp_path}/state
           labels: {{team: ml}}
-        """))
+        """)
+    )
     daemon = config.daemon
     assert config.profile == "gpu-1x24g"
     assert daemon.instance == "lab-1"
@@ -112,26 +125,30 @@ def test_relative_gguf_resolves_against_config_directory(config_file, tmp_path, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    config = load_config(config_file(f"""\
+    config = load_config(
+        config_file(f"""\
         models:
           - name: rel
             gguf: sub/x.gguf
           - name: abs
             gguf: {tmp_path}/m.gguf
-        """))
+        """)
+    )
     base = tmp_path.resolve()
     assert [m.gguf for m in config.models] == [base / "sub" / "x.gguf", tmp_path / "m.gguf"]
 
 
 def test_model_named_finds_names_and_aliases(config_file):
-    config = load_config(config_file("""\
+    config = load_config(
+        config_file("""\
         models:
           - name: qwen
             aliases: [gpt-4o, "org/qwen:7b"]
             gguf: m.gguf
           - name: tiny
             gguf: m.gguf
-        """))
+        """)
+    )
     assert config.model_named("qwen").name == "qwen"
     assert config.model_named("org/qwen:7b").name == "qwen"
     assert config.model_named("tiny").names == ["tiny"]
@@ -143,7 +160,8 @@ def test_relative_profiles_dir_resolves_against_config_directory(config_file, tm
     # (localllmctl runs beside the file; the daemon under systemd runs in /).
     (tmp_path / "myprofiles").mkdir()
     (tmp_path / "myprofiles" / "lab-box.yaml").write_text(
-        "name: lab-box\nhardware: {ram_gib: 8, cpu_cores: 2}\ndefaults: {images: {llamacpp: img:1}}\n")
+        "name: lab-box\nhardware: {ram_gib: 8, cpu_cores: 2}\ndefaults: {images: {llamacpp: img:1}}\n"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -167,8 +185,9 @@ def test_the_shipped_example_config_is_valid_apart_from_its_model_file():
     assert [m.name for m in config.models] == ["llama-3.1-8b"]
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:8081", "127.0.0.2:8081", "[::1]:8081", "localhost:8081",
-                                    "LOCALHOST:8081"])
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:8081", "127.0.0.2:8081", "[::1]:8081", "localhost:8081", "LOCALHOST:8081"]
+)
 def test_a_loopback_proxy_needs_no_keys(config_file, listen):
     assert load_config(config_file(f"daemon:\n  proxy_listen: '{listen}'\n")).daemon.api_keys == []
 
@@ -180,13 +199,15 @@ def test_a_proxy_beyond_loopback_needs_keys_or_anonymous_access_said_in_so_many_
 
 
 def test_edge_settings_as_written(config_file):
-    config = load_config(config_file("""\
+    config = load_config(
+        config_file("""\
         daemon:
           allowed_hosts: [llm.example.com, "[::1]", 127.0.0.1]
           proxy_limits: {header_timeout: 2s, body_timeout: 30s, keep_alive: 1s, max_connections: 100,
                          max_body: 1MiB, body_budget: 1MiB}
           request_fields: {drop: [id_slot], max_tokens: 512}
-        """))
+        """)
+    )
     daemon = config.daemon
     assert daemon.allowed_hosts == ["llm.example.com", "[::1]", "127.0.0.1"]
     limits = daemon.proxy_limits
@@ -195,11 +216,15 @@ def test_edge_settings_as_written(config_file):
     assert (daemon.request_fields.drop, daemon.request_fields.max_tokens) == (["id_slot"], 512)
 
 
-@pytest.mark.parametrize("daemon", [
-    "api_keys: [hunter2-short-key]",
-    "control_token: hunter2-short-key",
-    "control_tokens: [{token: hunter2-short-key, role: viewer}]",
-], ids=["api_key", "control_token", "control_tokens"])
+@pytest.mark.parametrize(
+    "daemon",
+    [
+        "api_keys: [hunter2-short-key]",
+        "control_token: hunter2-short-key",
+        "control_tokens: [{token: hunter2-short-key, role: viewer}]",
+    ],
+    ids=["api_key", "control_token", "control_tokens"],
+)
 def test_a_problem_with_a_secret_never_quotes_it(config_file, daemon):
     with pytest.raises(ConfigError) as caught:
         load_config(config_file(f"daemon:\n  {daemon}\n"))

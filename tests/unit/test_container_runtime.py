@@ -11,13 +11,20 @@ from supervisor.runtime.docker_runtime import DockerRuntime
 
 from .fleet_harness import RecordingFakeRuntime
 
-METHODS = sorted(name for name, value in vars(ContainerRuntime).items()
-                 if callable(value) and not name.startswith("_"))
+METHODS = sorted(name for name, value in vars(ContainerRuntime).items() if callable(value) and not name.startswith("_"))
 
 
 def test_the_protocol_names_what_the_fleet_uses():
-    assert METHODS == ["inspect", "list_labelled", "logs_stream", "logs_tail", "ping", "remove_networks", "run",
-                       "stop_and_remove"]
+    assert METHODS == [
+        "inspect",
+        "list_labelled",
+        "logs_stream",
+        "logs_tail",
+        "ping",
+        "remove_networks",
+        "run",
+        "stop_and_remove",
+    ]
 
 
 @pytest.mark.parametrize("implementation", [DockerRuntime, RecordingFakeRuntime], ids=["docker", "fake"])

@@ -44,25 +44,34 @@ from supervisor.state.generations import GenerationStore
 from .fleet_harness import GIB, FakeGpuSession, gpu_fleet, gpu_reading
 
 ONE_GPU = load_profiles()["gpu-1x24g"]
-FAILED_REPORT = {"generation": 2, "source": "/etc/localllm/config.yaml",
-                 "plan": {"keep": [], "replace": ["m"], "remove": [], "add": [], "update": []},
-                 "status": "failed", "reason": "health gate failed: m: exited", "degraded": None}
+FAILED_REPORT = {
+    "generation": 2,
+    "source": "/etc/localllm/config.yaml",
+    "plan": {"keep": [], "replace": ["m"], "remove": [], "add": [], "update": []},
+    "status": "failed",
+    "reason": "health gate failed: m: exited",
+    "degraded": None,
+}
 
 
 def scenario(body, state_dir: Path):
     """Run ``body(session)`` on a fresh loop with the daemon's kind of session (sockets under ``state_dir``)."""
+
     async def run():
         async with open_session(servers_dir(state_dir)) as session:
             return await body(session)
+
     return asyncio.run(run())
 
 
 async def load_on_gpu(fleet, runtime, gpus, name: str, load) -> None:
     """Run ``load`` (a coroutine that loads ``name``); its container shows up on the GPU as soon as it runs."""
+
     async def show_up():
         while not fleet.instances[name].container_id:
             await asyncio.sleep(0.01)
         gpus.put(runtime.containers[fleet.instances[name].container_id].pids[0], GIB)
+
     helper = asyncio.ensure_future(show_up())
     result = await load
     await helper
@@ -130,10 +139,19 @@ def test_a_key_the_model_lacks_or_misses_is_refused_at_the_boundary(tmp_path):
 
 def config_text(tmp_path: Path) -> str:
     """The harness fleet's own config, as a file would say it."""
-    return yaml.safe_dump({"profile": ONE_GPU.name, "models": [{"name": "m", "gguf": str(tmp_path / "m.gguf"),
-                                                                "ttl": 0}],
-                           "daemon": {"instance": "unit", "state_dir": str(tmp_path), "stop_grace": 0,
-                                      "min_residency": 0, "startup_timeout": 5}})
+    return yaml.safe_dump(
+        {
+            "profile": ONE_GPU.name,
+            "models": [{"name": "m", "gguf": str(tmp_path / "m.gguf"), "ttl": 0}],
+            "daemon": {
+                "instance": "unit",
+                "state_dir": str(tmp_path),
+                "stop_grace": 0,
+                "min_residency": 0,
+                "startup_timeout": 5,
+            },
+        }
+    )
 
 
 def test_the_control_api_serves_what_the_fleet_and_the_rollout_returned(tmp_path):
@@ -147,6 +165,7 @@ def test_the_control_api_serves_what_the_fleet_and_the_rollout_returned(tmp_path
         rollout = Rollout(fleet, GenerationStore(tmp_path / "generations"))
         served = {}
         async with test_utils.TestClient(test_utils.TestServer(create_control_app(fleet, facts, rollout, bus))) as c:
+
             async def call(method: str, path: str, expected: int = 200, **kwargs) -> dict:
                 async with c.request(method, path, **kwargs) as response:
                     assert response.status == expected, await response.text()
@@ -180,12 +199,25 @@ def test_the_control_api_serves_what_the_fleet_and_the_rollout_returned(tmp_path
     assert served["status"]["daemon"]["generation"] is None  # read before the apply
     assert served["health"]["status"] == "ok"
     assert served["validate"]["valid"] is True and served["validate"]["plan"]["keep"] == ["m"]
-    assert served["apply"] == {"generation": 1, "source": source, "status": "good",
-                               "plan": {"keep": ["m"], "replace": [], "remove": [], "add": [], "update": []}}
+    assert served["apply"] == {
+        "generation": 1,
+        "source": source,
+        "status": "good",
+        "plan": {"keep": ["m"], "replace": [], "remove": [], "add": [], "update": []},
+    }
     assert served["rollback"]["generation"] == 2 and served["rollback"]["source"] == "rollback to generation 1"
-    for name, model in (("load", Model), ("status", Status), ("models", ModelList), ("model", Model),
-                        ("health", Health), ("validate", Preview), ("apply", ApplyReport), ("rollback", ApplyReport),
-                        ("history", History), ("unload", Model)):
+    for name, model in (
+        ("load", Model),
+        ("status", Status),
+        ("models", ModelList),
+        ("model", Model),
+        ("health", Health),
+        ("validate", Preview),
+        ("apply", ApplyReport),
+        ("rollback", ApplyReport),
+        ("history", History),
+        ("unload", Model),
+    ):
         model.model_validate(served[name])  # each fits the schema the document names for it
 
 
@@ -200,18 +232,27 @@ def every_error_class() -> list[type[errors.LocalllmError]]:
 
 # A value for each constructor argument the hierarchy's classes take: a class with a new one fails here until
 # it is named (and its to_json checked against the Error model).
-ARGUMENTS = {"message": "it went wrong", "source": "/etc/localllm/config.yaml",
-             "problems": ["config.yaml:3: models[0].gguf: no such file"], "name": "nope", "known": ["m"],
-             "model": "m", "reason": "exited", "retry_after": 5, "report": FAILED_REPORT, "needed": "admin",
-             "path": "/models/m.gguf", "code": "conflict"}
+ARGUMENTS = {
+    "message": "it went wrong",
+    "source": "/etc/localllm/config.yaml",
+    "problems": ["config.yaml:3: models[0].gguf: no such file"],
+    "name": "nope",
+    "known": ["m"],
+    "model": "m",
+    "reason": "exited",
+    "retry_after": 5,
+    "report": FAILED_REPORT,
+    "needed": "admin",
+    "path": "/models/m.gguf",
+    "code": "conflict",
+}
 
 
 def test_every_error_of_the_hierarchy_fits_the_error_model():
     classes = every_error_class()
     assert errors.ApplyFailed in classes and errors.Forbidden in classes and errors.UnknownModel in classes
     for cls in classes:
-        needed = [p for p in list(inspect.signature(cls).parameters.values())
-                  if p.default is inspect.Parameter.empty]
+        needed = [p for p in list(inspect.signature(cls).parameters.values()) if p.default is inspect.Parameter.empty]
         error = cls(*[ARGUMENTS[p.name] for p in needed])
         body = json.loads(json.dumps(error.to_json()))
         parsed = Error.model_validate(body)
@@ -231,9 +272,14 @@ def test_the_web_layers_own_errors_fit_the_error_model(tmp_path):
         app = create_control_app(fleet, facts, rollout, bus, gate=Gate(Role.VIEWER))
         answers = []
         async with test_utils.TestClient(test_utils.TestServer(app)) as client:
-            for method, path, kwargs in (("GET", "/no-such-route", {}), ("DELETE", "/status", {}),
-                                         ("GET", "/models/nope", {}), ("POST", "/validate", {"data": b"[1]"}),
-                                         ("GET", "/events?limit=x", {}), ("POST", "/apply", {"json": {}})):
+            for method, path, kwargs in (
+                ("GET", "/no-such-route", {}),
+                ("DELETE", "/status", {}),
+                ("GET", "/models/nope", {}),
+                ("POST", "/validate", {"data": b"[1]"}),
+                ("GET", "/events?limit=x", {}),
+                ("POST", "/apply", {"json": {}}),
+            ):
                 async with client.request(method, path, **kwargs) as response:
                     answers.append((response.status, await response.json()))
         await fleet.shutdown()
@@ -241,12 +287,18 @@ def test_the_web_layers_own_errors_fit_the_error_model(tmp_path):
 
     answers = scenario(body, tmp_path)
     assert [(status, body["error"]["code"]) for status, body in answers] == [
-        (404, "not_found"), (405, "method_not_allowed"), (404, "model_not_found"), (400, "bad_request"),
-        (400, "bad_request"), (403, "forbidden")]
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+        (404, "model_not_found"),
+        (400, "bad_request"),
+        (400, "bad_request"),
+        (403, "forbidden"),
+    ]
     for _, body in answers:
         Error.model_validate(body)
 
 
 def test_the_backends_are_the_configs():
-    assert typing.get_args(Model.model_fields["backend"].annotation) == \
-        typing.get_args(ModelEntry.model_fields["backend"].annotation)
+    assert typing.get_args(Model.model_fields["backend"].annotation) == typing.get_args(
+        ModelEntry.model_fields["backend"].annotation
+    )

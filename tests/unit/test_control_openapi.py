@@ -92,7 +92,9 @@ def test_the_schemas_are_generated_from_the_answers_models():
     assert model["properties"]["endpoint"]["nullable"] is True
     assert model["properties"]["memory"] == {"$ref": "#/components/schemas/ModelMemory"}
     assert schemas["ModelMemory"]["properties"]["estimate"] == {
-        "allOf": [{"$ref": "#/components/schemas/MemoryEstimate"}], "nullable": True}
+        "allOf": [{"$ref": "#/components/schemas/MemoryEstimate"}],
+        "nullable": True,
+    }
     assert "additionalProperties" not in model  # a later version may add keys
 
 
@@ -102,10 +104,18 @@ def test_each_route_names_the_schema_of_its_answer():
     def schema_of(path: str, method: str, status: str = "200") -> dict:
         return paths[path][method]["responses"][status]["content"]["application/json"]["schema"]
 
-    expected = {("/status", "get"): "Status", ("/models", "get"): "ModelList", ("/models/{name}", "get"): "Model",
-                ("/models/{name}/load", "post"): "Model", ("/models/{name}/unload", "post"): "Model",
-                ("/health", "get"): "Health", ("/history", "get"): "History", ("/validate", "post"): "Preview",
-                ("/apply", "post"): "ApplyReport", ("/rollback", "post"): "ApplyReport"}
+    expected = {
+        ("/status", "get"): "Status",
+        ("/models", "get"): "ModelList",
+        ("/models/{name}", "get"): "Model",
+        ("/models/{name}/load", "post"): "Model",
+        ("/models/{name}/unload", "post"): "Model",
+        ("/health", "get"): "Health",
+        ("/history", "get"): "History",
+        ("/validate", "post"): "Preview",
+        ("/apply", "post"): "ApplyReport",
+        ("/rollback", "post"): "ApplyReport",
+    }
     for (path, method), name in expected.items():
         assert schema_of(path, method) == {"$ref": f"#/components/schemas/{name}"}, path
     assert schema_of("/health", "get", "503") == {"$ref": "#/components/schemas/Health"}

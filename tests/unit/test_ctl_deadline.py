@@ -28,8 +28,13 @@ SLACK = 2.0  # seconds beyond a deadline for the interpreter to start and exit
 
 def localllmctl(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    done = subprocess.run([LOCALLLMCTL, *args], capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("LOCALLLM_")})
+    done = subprocess.run(
+        [LOCALLLMCTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LOCALLLM_")},
+    )
     return done, time.monotonic() - started
 
 
@@ -47,15 +52,20 @@ def test_status_check_against_a_daemon_that_never_answers_exits_1_within_5_secon
     done, took = localllmctl("--socket", str(silent_socket), "status", "--check")
     assert done.returncode == 1, done
     assert CHECK_TIMEOUT <= took < CHECK_TIMEOUT + SLACK, took
-    assert done.stdout == (f"unresponsive\n  localllmd on {silent_socket} did not answer GET /health within 5s "
-                           "(--timeout): it is stopped, stuck or overloaded; its log may say why "
-                           "(journalctl -u localllm)\n")
+    assert done.stdout == (
+        f"unresponsive\n  localllmd on {silent_socket} did not answer GET /health within 5s "
+        "(--timeout): it is stopped, stuck or overloaded; its log may say why "
+        "(journalctl -u localllm)\n"
+    )
     assert done.stderr == ""
 
 
 def test_status_check_takes_its_timeout_before_or_after_the_command(silent_socket):
-    for args in (["status", "--check", "--timeout", "1"], ["--timeout", "1", "status", "--check"],
-                 ["--timeout", "30", "status", "--check", "--timeout", "1"]):  # after the command wins
+    for args in (
+        ["status", "--check", "--timeout", "1"],
+        ["--timeout", "1", "status", "--check"],
+        ["--timeout", "30", "status", "--check", "--timeout", "1"],
+    ):  # after the command wins
         done, took = localllmctl("--socket", str(silent_socket), *args)
         assert done.returncode == 1 and 1 <= took < 1 + SLACK, (args, took, done)
         assert "did not answer GET /health within 1s (--timeout)" in done.stdout, done.stdout
@@ -64,9 +74,20 @@ def test_status_check_takes_its_timeout_before_or_after_the_command(silent_socke
     assert health["status"] == "unresponsive" and "within 0.5s" in health["problems"][0]
 
 
-@pytest.mark.parametrize("command", [["status"], ["history"], ["events"], ["events", "--follow"],
-                                     ["logs", "-f", "tiny"], ["load", "tiny"], ["unload", "tiny", "--json"],
-                                     ["rollback"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["history"],
+        ["events"],
+        ["events", "--follow"],
+        ["logs", "-f", "tiny"],
+        ["load", "tiny"],
+        ["unload", "tiny", "--json"],
+        ["rollback"],
+    ],
+    ids=" ".join,
+)
 def test_every_command_gives_up_on_a_daemon_that_never_answers_with_exit_3(silent_socket, command):
     done, took = localllmctl("--socket", str(silent_socket), "--timeout", "0.5", *command)
     assert done.returncode == 3, done
@@ -106,8 +127,9 @@ def slow_daemon(load_seconds: float) -> web.Application:
 
     async def load(request: web.Request) -> web.Response:
         await asyncio.sleep(load_seconds)
-        return web.json_response({"name": "tiny", "state": "ready", "container": "c0ffee", "endpoint": None,
-                                  "load_seconds": load_seconds})
+        return web.json_response(
+            {"name": "tiny", "state": "ready", "container": "c0ffee", "endpoint": None, "load_seconds": load_seconds}
+        )
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response({"daemon": {"last_event_id": 0}})
@@ -128,8 +150,9 @@ async def serve(app: web.Application, path: Path) -> web.AppRunner:
 
 async def run_localllmctl(*args: str) -> tuple[int, str, str, float]:
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(LOCALLLMCTL, *args, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        LOCALLLMCTL, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await process.communicate()
     return process.returncode, out.decode(), err.decode(), time.monotonic() - started
 
@@ -151,8 +174,16 @@ def test_a_followed_stream_outlasts_the_deadline_once_it_is_open(tmp_path):
     async def scenario():
         runner = await serve(slow_daemon(load_seconds=0), tmp_path / "control.sock")
         process = await asyncio.create_subprocess_exec(
-            LOCALLLMCTL, "--socket", str(tmp_path / "control.sock"), "--timeout", "0.5", "events", "--follow",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            LOCALLLMCTL,
+            "--socket",
+            str(tmp_path / "control.sock"),
+            "--timeout",
+            "0.5",
+            "events",
+            "--follow",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         try:
             notice = await asyncio.wait_for(process.stderr.readline(), 10)
             await asyncio.sleep(2)  # four deadlines

@@ -20,8 +20,9 @@ from supervisor.daemon import Daemon
 
 
 def daemon_for(tmp_path, **settings) -> Daemon:
-    config = Config.model_validate({"profile": "cpu-only", "models": [],
-                                    "daemon": {"state_dir": str(tmp_path / "state"), **settings}})
+    config = Config.model_validate(
+        {"profile": "cpu-only", "models": [], "daemon": {"state_dir": str(tmp_path / "state"), **settings}}
+    )
     return Daemon(config, None)
 
 
@@ -42,11 +43,11 @@ async def until(condition, what: str, timeout: float = 5.0) -> None:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
-@pytest.mark.parametrize("first, second, status", [(signal.SIGTERM, signal.SIGTERM, 143),
-                                                   (signal.SIGINT, signal.SIGINT, 130),
-                                                   (signal.SIGTERM, signal.SIGINT, 130)])
-def test_the_first_signal_stops_the_daemon_and_a_second_one_ends_it_at_once(tmp_path, messages, first, second,
-                                                                             status):
+@pytest.mark.parametrize(
+    "first, second, status",
+    [(signal.SIGTERM, signal.SIGTERM, 143), (signal.SIGINT, signal.SIGINT, 130), (signal.SIGTERM, signal.SIGINT, 130)],
+)
+def test_the_first_signal_stops_the_daemon_and_a_second_one_ends_it_at_once(tmp_path, messages, first, second, status):
     daemon = daemon_for(tmp_path)
     exits: list[int] = []
     daemon._exit = exits.append
@@ -67,9 +68,11 @@ def test_the_first_signal_stops_the_daemon_and_a_second_one_ends_it_at_once(tmp_
     assert exits == [status]
     assert ran == ["removed the demo's directory"]
     assert messages[0] == f"{first.name}: shutting down; a second SIGTERM or SIGINT exits at once"
-    assert messages[-1] == (f"{second.name} again during the shutdown: exiting now with status {status}, without "
-                            "waiting for it to finish; model containers still running are adopted or removed at "
-                            "the next start")
+    assert messages[-1] == (
+        f"{second.name} again during the shutdown: exiting now with status {status}, without "
+        "waiting for it to finish; model containers still running are adopted or removed at "
+        "the next start"
+    )
 
 
 def test_a_sighup_during_the_shutdown_is_ignored_and_no_exit_is_forced(tmp_path, messages):

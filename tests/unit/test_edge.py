@@ -31,8 +31,13 @@ from supervisor.core.errors import BadRequest, LocalllmError, ModelStartFailed, 
 FAST = dict(header_timeout=0.4, keep_alive=0.4, body_timeout=0.4)
 
 
-def app_for(intake: Intake, hold: asyncio.Event | None = None, hosts: list[str] | None = None,
-            raises: LocalllmError | None = None, redact: bool = True) -> web.Application:
+def app_for(
+    intake: Intake,
+    hold: asyncio.Event | None = None,
+    hosts: list[str] | None = None,
+    raises: LocalllmError | None = None,
+    redact: bool = True,
+) -> web.Application:
     """A JSON route read as the proxy reads it, /health, and /fail, which raises ``raises``."""
     middlewares = [proxy_error_middleware if redact else error_middleware]
     if hosts:
@@ -99,8 +104,10 @@ def parse(answer: bytes) -> tuple[int, dict, bytes]:
 
 def post(body: bytes, content_type: str | None = "application/json", extra: str = "") -> bytes:
     typed = f"Content-Type: {content_type}\r\n" if content_type is not None else ""
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n{typed}Content-Length: {len(body)}\r\n"
-            f"Connection: close\r\n{extra}\r\n").encode() + body
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n{typed}Content-Length: {len(body)}\r\n"
+        f"Connection: close\r\n{extra}\r\n"
+    ).encode() + body
 
 
 async def closed_after(reader: asyncio.StreamReader, started: float, timeout: float = 5.0) -> tuple[float, bytes]:
@@ -236,8 +243,12 @@ def test_a_body_that_would_exceed_the_budget_gets_503_before_a_byte_of_it_is_rea
             status, headers, body = await exchange(port, head_only, timeout=2)
             assert status == 503 and headers["retry-after"] == "2" and headers["connection"] == "close"
             error = json.loads(body)["error"]
-            assert error == {"message": "the proxy is receiving too many large request bodies at once; try again "
-                                        "in 2s", "type": "server_error", "param": None, "code": "body_budget_exceeded"}
+            assert error == {
+                "message": "the proxy is receiving too many large request bodies at once; try again in 2s",
+                "type": "server_error",
+                "param": None,
+                "code": "body_budget_exceeded",
+            }
             status, _, body = await exchange(port, post(b'{"a": 1}'))  # a small one still fits
             assert status == 200 and json.loads(body) == {"got": 8}
             hold.set()
@@ -252,8 +263,10 @@ def test_a_body_that_would_exceed_the_budget_gets_503_before_a_byte_of_it_is_rea
 def test_bodies_without_a_size_or_above_max_body_or_too_slow_are_refused():
     async def scenario():
         async with serving(ProxyLimits(max_body=100, **FAST)) as (port, _, _):
-            chunked = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+            chunked = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+            )
             status, _, body = await exchange(port, chunked)
             assert status == 411 and json.loads(body)["error"]["code"] == "length_required"
             status, _, body = await exchange(port, post(b"z" * 101)[:-101])  # refused on its Content-Length
@@ -266,19 +279,22 @@ def test_bodies_without_a_size_or_above_max_body_or_too_slow_are_refused():
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("content_type, accepted", [
-    ("application/json", True),
-    ("Application/JSON; charset=UTF-8", True),
-    ('application/json;charset="utf-8"', True),
-    (None, False),
-    ("text/plain", False),
-    ("text/plain; charset=utf-8", False),
-    ("application/x-www-form-urlencoded", False),
-    ("multipart/form-data; boundary=x", False),
-    ("application/json; charset=latin-1", False),
-    ("application/json; boundary=x", False),
-    ("application/jsonp", False),
-])
+@pytest.mark.parametrize(
+    "content_type, accepted",
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=UTF-8", True),
+        ('application/json;charset="utf-8"', True),
+        (None, False),
+        ("text/plain", False),
+        ("text/plain; charset=utf-8", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        ("application/json; charset=latin-1", False),
+        ("application/json; boundary=x", False),
+        ("application/jsonp", False),
+    ],
+)
 def test_a_json_route_takes_only_application_json(content_type, accepted):
     async def scenario():
         async with serving(ProxyLimits()) as (port, _, _):
@@ -305,8 +321,14 @@ def test_a_compressed_body_is_refused():
 def test_with_allowed_hosts_other_hosts_get_421():
     async def scenario():
         async with serving(ProxyLimits(), hosts=["llm.example.com", "[::1]"]) as (port, _, _):
-            for host, status in [("llm.example.com", 200), ("LLM.example.com:8081", 200), ("[::1]:8081", 200),
-                                 ("evil.example.com", 421), ("localhost", 421), ("", 421)]:
+            for host, status in [
+                ("llm.example.com", 200),
+                ("LLM.example.com:8081", 200),
+                ("[::1]:8081", 200),
+                ("evil.example.com", 421),
+                ("localhost", 421),
+                ("", 421),
+            ]:
                 raw = f"GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
                 answer = await exchange(port, raw)
                 assert answer[0] == status, (host, answer)
@@ -316,8 +338,17 @@ def test_with_allowed_hosts_other_hosts_get_421():
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("header, name", [("llm.example.com:8081", "llm.example.com"), ("LOCALHOST", "localhost"),
-                                          ("[::1]:8081", "::1"), ("[::1]", "::1"), ("::1", "::1"), ("", "")])
+@pytest.mark.parametrize(
+    "header, name",
+    [
+        ("llm.example.com:8081", "llm.example.com"),
+        ("LOCALHOST", "localhost"),
+        ("[::1]:8081", "::1"),
+        ("[::1]", "::1"),
+        ("::1", "::1"),
+        ("", ""),
+    ],
+)
 def test_host_name(header, name):
     assert host_name(header) == name
 
@@ -326,27 +357,44 @@ CHAT, EMBED = "/v1/chat/completions", "/v1/embeddings"
 DEFAULT = RequestFields()
 
 
-@pytest.mark.parametrize("payload, path, fields, expected", [
-    # nothing to change: None, so the body goes as it came
-    ({"model": "m", "max_tokens": 16}, CHAT, DEFAULT, None),
-    ({"model": "m", "n_predict": 512, "max_tokens": 4}, CHAT, DEFAULT, None),
-    ({"model": "m", "input": "x"}, EMBED, DEFAULT, None),
-    # dropped fields
-    ({"model": "m", "max_tokens": 8, "id_slot": 0, "cache_prompt": True}, CHAT, DEFAULT, {"model": "m", "max_tokens": 8}),
-    ({"model": "m", "input": "x", "id_slot": 1}, EMBED, DEFAULT, {"model": "m", "input": "x"}),
-    ({"model": "m", "max_tokens": 8, "id_slot": 0}, CHAT, RequestFields(drop=[]), None),
-    # lengths capped at the model's context (512 here) or at max_tokens
-    ({"model": "m", "n_predict": -1, "ignore_eos": True}, CHAT, DEFAULT, {"model": "m", "n_predict": 512, "ignore_eos": True}),
-    ({"model": "m", "max_tokens": 10**9}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
-    ({"model": "m", "max_completion_tokens": 600, "max_tokens": 5}, CHAT, DEFAULT,
-     {"model": "m", "max_completion_tokens": 512, "max_tokens": 5}),
-    ({"model": "m", "max_tokens": 100}, CHAT, RequestFields(max_tokens=64), {"model": "m", "max_tokens": 64}),
-    ({"prompt": "p", "model": "m", "max_tokens": 512}, "/v1/completions", DEFAULT, None),
-    # no length at all (or only nulls): one is added
-    ({"model": "m"}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
-    ({"model": "m", "max_tokens": None}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
-    ({"model": "m", "max_tokens": None, "n_predict": 3}, CHAT, DEFAULT, {"model": "m", "n_predict": 3}),
-])
+@pytest.mark.parametrize(
+    "payload, path, fields, expected",
+    [
+        # nothing to change: None, so the body goes as it came
+        ({"model": "m", "max_tokens": 16}, CHAT, DEFAULT, None),
+        ({"model": "m", "n_predict": 512, "max_tokens": 4}, CHAT, DEFAULT, None),
+        ({"model": "m", "input": "x"}, EMBED, DEFAULT, None),
+        # dropped fields
+        (
+            {"model": "m", "max_tokens": 8, "id_slot": 0, "cache_prompt": True},
+            CHAT,
+            DEFAULT,
+            {"model": "m", "max_tokens": 8},
+        ),
+        ({"model": "m", "input": "x", "id_slot": 1}, EMBED, DEFAULT, {"model": "m", "input": "x"}),
+        ({"model": "m", "max_tokens": 8, "id_slot": 0}, CHAT, RequestFields(drop=[]), None),
+        # lengths capped at the model's context (512 here) or at max_tokens
+        (
+            {"model": "m", "n_predict": -1, "ignore_eos": True},
+            CHAT,
+            DEFAULT,
+            {"model": "m", "n_predict": 512, "ignore_eos": True},
+        ),
+        ({"model": "m", "max_tokens": 10**9}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
+        (
+            {"model": "m", "max_completion_tokens": 600, "max_tokens": 5},
+            CHAT,
+            DEFAULT,
+            {"model": "m", "max_completion_tokens": 512, "max_tokens": 5},
+        ),
+        ({"model": "m", "max_tokens": 100}, CHAT, RequestFields(max_tokens=64), {"model": "m", "max_tokens": 64}),
+        ({"prompt": "p", "model": "m", "max_tokens": 512}, "/v1/completions", DEFAULT, None),
+        # no length at all (or only nulls): one is added
+        ({"model": "m"}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
+        ({"model": "m", "max_tokens": None}, CHAT, DEFAULT, {"model": "m", "max_tokens": 512}),
+        ({"model": "m", "max_tokens": None, "n_predict": 3}, CHAT, DEFAULT, {"model": "m", "n_predict": 3}),
+    ],
+)
 def test_planned_fields(payload, path, fields, expected):
     before = json.dumps(payload)
     assert planned_fields(payload, path, fields, context=512) == expected
@@ -385,8 +433,9 @@ def test_large_bodies_are_parsed_and_written_off_the_event_loop_with_the_same_re
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("body, message", [(b"{nope", "request body is not valid JSON"),
-                                           (b"[1]", "request body must be a JSON object")])
+@pytest.mark.parametrize(
+    "body, message", [(b"{nope", "request body is not valid JSON"), (b"[1]", "request body must be a JSON object")]
+)
 def test_a_body_that_is_not_a_json_object_is_a_bad_request(body, message):
     with pytest.raises(BadRequest, match=message):
         asyncio.run(parse_object(body))
@@ -400,22 +449,56 @@ def test_a_number_json_cannot_carry_is_a_bad_request_when_the_body_is_rewritten(
 # Whether each error's message may reach a proxy client as it is. A new class must be decided on here:
 # no when its message could carry what a container printed, a host path, the Docker socket or an address.
 CLIENT_SAFE = {
-    "LocalllmError": False, "ConfigError": False, "BadRequest": True, "UnknownModel": True,
-    "DockerUnavailable": False, "ImageNotFound": False, "DockerFailure": False, "ModelStartFailed": False,
-    "UpstreamFailed": False, "ShuttingDown": True, "ControlUnreachable": False, "CannotListen": False,
-    "AlreadyRunning": False, "ModelTooLarge": True, "Overloaded": True, "QueueFull": True, "QueueTimeout": True,
-    "UpstreamBusy": True, "BodyBudgetExceeded": True, "TooManyConnections": True, "ModelGaveUp": False,
-    "StateWriteFailed": False, "ApplyRefused": False, "Conflict": False, "ModelBusy": False,
-    "ModelNotRunning": False, "ApplyFailed": False, "InvalidToken": False, "Forbidden": False,
-    "InvalidApiKey": True, "EdgeRefusal": True, "UnsupportedMediaType": True, "LengthRequired": True,
-    "RequestTooLarge": True, "RequestTimeout": True, "HeadTooLarge": True, "HostNotAllowed": True,
-    "ModelFileUnreadable": False, "OllamaFailure": False, "ModelStayedBusy": False, "RemoteError": False,
+    "LocalllmError": False,
+    "ConfigError": False,
+    "BadRequest": True,
+    "UnknownModel": True,
+    "DockerUnavailable": False,
+    "ImageNotFound": False,
+    "DockerFailure": False,
+    "ModelStartFailed": False,
+    "UpstreamFailed": False,
+    "ShuttingDown": True,
+    "ControlUnreachable": False,
+    "CannotListen": False,
+    "AlreadyRunning": False,
+    "ModelTooLarge": True,
+    "Overloaded": True,
+    "QueueFull": True,
+    "QueueTimeout": True,
+    "UpstreamBusy": True,
+    "BodyBudgetExceeded": True,
+    "TooManyConnections": True,
+    "ModelGaveUp": False,
+    "StateWriteFailed": False,
+    "ApplyRefused": False,
+    "Conflict": False,
+    "ModelBusy": False,
+    "ModelNotRunning": False,
+    "ApplyFailed": False,
+    "InvalidToken": False,
+    "Forbidden": False,
+    "InvalidApiKey": True,
+    "EdgeRefusal": True,
+    "UnsupportedMediaType": True,
+    "LengthRequired": True,
+    "RequestTooLarge": True,
+    "RequestTimeout": True,
+    "HeadTooLarge": True,
+    "HostNotAllowed": True,
+    "ModelFileUnreadable": False,
+    "OllamaFailure": False,
+    "ModelStayedBusy": False,
+    "RemoteError": False,
 }
 
 
 def error_classes() -> dict[str, type[LocalllmError]]:
-    return {name: cls for name, cls in inspect.getmembers(errors, inspect.isclass)
-            if issubclass(cls, LocalllmError) and cls.__module__ == errors.__name__}
+    return {
+        name: cls
+        for name, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, LocalllmError) and cls.__module__ == errors.__name__
+    }
 
 
 def test_every_error_class_is_decided_on_for_proxy_clients():
@@ -427,10 +510,13 @@ def test_every_error_class_is_decided_on_for_proxy_clients():
 def instance_of(cls: type[LocalllmError], secret: str) -> LocalllmError:
     """An instance of ``cls`` whose message carries ``secret``."""
     special = {
-        "ConfigError": lambda: cls(secret, ["x"]), "UnknownModel": lambda: cls(secret, []),
+        "ConfigError": lambda: cls(secret, ["x"]),
+        "UnknownModel": lambda: cls(secret, []),
         "ModelStartFailed": lambda: cls("llama", "server exited", 1, secret),
-        "ApplyFailed": lambda: cls(secret, {"detail": secret}), "Forbidden": lambda: cls(secret, "admin"),
-        "ModelFileUnreadable": lambda: cls(secret, "not a GGUF file"), "OllamaFailure": lambda: cls("llama", secret),
+        "ApplyFailed": lambda: cls(secret, {"detail": secret}),
+        "Forbidden": lambda: cls(secret, "admin"),
+        "ModelFileUnreadable": lambda: cls(secret, "not a GGUF file"),
+        "OllamaFailure": lambda: cls("llama", secret),
         "RemoteError": lambda: cls(secret, "conflict"),
     }
     if name := next((n for n in special if cls.__name__ == n), None):
@@ -480,8 +566,14 @@ def test_the_proxy_redacts_an_error_and_the_control_api_keeps_it():
 
 
 def test_what_upstream_failures_tell_a_client():
-    assert public_error(UpstreamFailed("model 'm' broke off the stream: Connection to 127.0.0.1:28101 lost",
-                                       public="model 'm' broke off the stream"), "m")["error"]["message"].startswith(
-        "model 'm' broke off the stream (error id ")
-    assert public_error(UnknownModel("gpt-9", ["tiny"]), "x")["error"] == UnknownModel("gpt-9", ["tiny"]).to_json()[
-        "error"]
+    assert public_error(
+        UpstreamFailed(
+            "model 'm' broke off the stream: Connection to 127.0.0.1:28101 lost",
+            public="model 'm' broke off the stream",
+        ),
+        "m",
+    )["error"]["message"].startswith("model 'm' broke off the stream (error id ")
+    assert (
+        public_error(UnknownModel("gpt-9", ["tiny"]), "x")["error"]
+        == UnknownModel("gpt-9", ["tiny"]).to_json()["error"]
+    )

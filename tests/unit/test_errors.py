@@ -26,7 +26,10 @@ from supervisor.core.errors import (
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 NEVER_ANSWERED = {  # the daemon's and localllmctl's own failures: an exit status, never an API answer
-    "already_running", "cannot_listen", "control_unreachable"}
+    "already_running",
+    "cannot_listen",
+    "control_unreachable",
+}
 
 
 def test_a_change_that_waited_out_a_busy_model_is_not_a_shutdown():
@@ -39,7 +42,10 @@ def test_an_ollama_failure_is_its_own_class_and_a_bad_gateway():
     error = OllamaFailure("m", "Ollama /api/ps did not answer: ...")
     assert not isinstance(error, ModelStartFailed)
     assert (error.code, error.http_status, error.model, error.client_safe) == ("ollama_error", 502, "m", False)
-    assert error.message == "Ollama /api/ps did not answer: ..." and error.summary() == "the Ollama server failed an operation"
+    assert (
+        error.message == "Ollama /api/ps did not answer: ..."
+        and error.summary() == "the Ollama server failed an operation"
+    )
 
 
 def test_an_unreadable_model_file_is_not_a_bad_request():
@@ -49,11 +55,20 @@ def test_an_unreadable_model_file_is_not_a_bad_request():
     assert (error.code, error.http_status, error.exit_code) == ("model_file_unreadable", 503, EXIT_BAD_INPUT)
 
 
-@pytest.mark.parametrize("code, exit_code", [
-    ("invalid_config", EXIT_BAD_INPUT), ("bad_request", EXIT_BAD_INPUT), ("apply_refused", EXIT_BAD_INPUT),
-    ("model_not_found", EXIT_BAD_INPUT), ("not_found", EXIT_BAD_INPUT),
-    ("conflict", EXIT_FAILURE), ("apply_failed", EXIT_FAILURE), ("overflow", EXIT_FAILURE), ("", EXIT_FAILURE),
-])
+@pytest.mark.parametrize(
+    "code, exit_code",
+    [
+        ("invalid_config", EXIT_BAD_INPUT),
+        ("bad_request", EXIT_BAD_INPUT),
+        ("apply_refused", EXIT_BAD_INPUT),
+        ("model_not_found", EXIT_BAD_INPUT),
+        ("not_found", EXIT_BAD_INPUT),
+        ("conflict", EXIT_FAILURE),
+        ("apply_failed", EXIT_FAILURE),
+        ("overflow", EXIT_FAILURE),
+        ("", EXIT_FAILURE),
+    ],
+)
 def test_a_remote_error_lives_in_the_hierarchy_and_exits_by_its_code(code, exit_code):
     error = RemoteError("refused", code, {"error": {"code": code}})
     assert isinstance(error, LocalllmError) and RemoteError.__module__ == errors.__name__

@@ -20,24 +20,30 @@ from .test_estimate import FACTS, SWA
 FF_512 = 4 * 512 * (2 * 256 + 3.5 * 1024)  # 8_388_608: the feed-forward activations of 512 tokens
 
 
-@pytest.mark.parametrize("launch, streams", [
-    (LaunchSettings(context=1000), (1024, 1)),                    # llama_context: n_ctx padded to 256
-    (LaunchSettings(context=4096, parallel=4), (1024, 4)),        # n_ctx_seq = n_ctx / n_seq_max
-    (LaunchSettings(context=4096, parallel=3), (1536, 3)),        # 1365 padded to 1536, so n_ctx grows to 4608
-    (LaunchSettings(context=1000, parallel=2), (512, 2)),
-    (LaunchSettings(context=4096, parallel=4, kv_unified=True), (4096, 1)),  # one stream of the whole context
-    (LaunchSettings(context=1000, parallel=4, kv_unified=True), (1024, 1)),
-])
+@pytest.mark.parametrize(
+    "launch, streams",
+    [
+        (LaunchSettings(context=1000), (1024, 1)),  # llama_context: n_ctx padded to 256
+        (LaunchSettings(context=4096, parallel=4), (1024, 4)),  # n_ctx_seq = n_ctx / n_seq_max
+        (LaunchSettings(context=4096, parallel=3), (1536, 3)),  # 1365 padded to 1536, so n_ctx grows to 4608
+        (LaunchSettings(context=1000, parallel=2), (512, 2)),
+        (LaunchSettings(context=4096, parallel=4, kv_unified=True), (4096, 1)),  # one stream of the whole context
+        (LaunchSettings(context=1000, parallel=4, kv_unified=True), (1024, 1)),
+    ],
+)
 def test_kv_streams(launch, streams):
     assert kv_streams(launch) == streams
 
 
-@pytest.mark.parametrize("launch, tokens", [
-    (LaunchSettings(context=4096), 512),
-    (LaunchSettings(context=300), 300),                        # n_batch = min(n_ctx, 2048) caps it
-    (LaunchSettings(context=8192, ubatch=4096), 2048),          # and so does the batch we leave at 2048
-    (LaunchSettings(context=4096, parallel=3), 513),            # graph_reserve: a multiple of the slots
-])
+@pytest.mark.parametrize(
+    "launch, tokens",
+    [
+        (LaunchSettings(context=4096), 512),
+        (LaunchSettings(context=300), 300),  # n_batch = min(n_ctx, 2048) caps it
+        (LaunchSettings(context=8192, ubatch=4096), 2048),  # and so does the batch we leave at 2048
+        (LaunchSettings(context=4096, parallel=3), 513),  # graph_reserve: a multiple of the slots
+    ],
+)
 def test_micro_batch(launch, tokens):
     assert micro_batch(launch) == tokens
 
@@ -60,30 +66,36 @@ def test_a_unified_cache_holds_the_same_cells_but_every_slot_attends_over_all_of
     split = estimate(FACTS, LaunchSettings(context=4096, parallel=4))
     unified = estimate(FACTS, LaunchSettings(context=4096, parallel=4, kv_unified=True))
     assert split.kv_cache == unified.kv_cache == 4096 * 1536
-    assert split.compute == 1024 * 512 * 2 + FF_512           # the mask spans a stream: 1024 cells
-    assert unified.compute == 4096 * 512 * 2 + FF_512         # one stream of 4096
+    assert split.compute == 1024 * 512 * 2 + FF_512  # the mask spans a stream: 1024 cells
+    assert unified.compute == 4096 * 512 * 2 + FF_512  # one stream of 4096
 
 
-@pytest.mark.parametrize("launch, kv", [
-    # unified: one SWA stream of min(4096, window 100 × 4 slots + 512) = 912 -> 1024 cells,
-    # layers 0 and 2 (512 + 256 bytes a cell); the full layers 1 and 3 hold 4096.
-    (LaunchSettings(context=4096, parallel=4, kv_unified=True), 1024 * 768 + 4096 * 768),
-    # per slot: 4 streams of min(1024, 612) -> 768 cells
-    (LaunchSettings(context=4096, parallel=4), 4 * 768 * 768 + 4096 * 768),
-    # unified, window × slots beyond the context: the whole context
-    (LaunchSettings(context=1024, parallel=8, kv_unified=True), 1024 * 1536),
-])
+@pytest.mark.parametrize(
+    "launch, kv",
+    [
+        # unified: one SWA stream of min(4096, window 100 × 4 slots + 512) = 912 -> 1024 cells,
+        # layers 0 and 2 (512 + 256 bytes a cell); the full layers 1 and 3 hold 4096.
+        (LaunchSettings(context=4096, parallel=4, kv_unified=True), 1024 * 768 + 4096 * 768),
+        # per slot: 4 streams of min(1024, 612) -> 768 cells
+        (LaunchSettings(context=4096, parallel=4), 4 * 768 * 768 + 4096 * 768),
+        # unified, window × slots beyond the context: the whole context
+        (LaunchSettings(context=1024, parallel=8, kv_unified=True), 1024 * 1536),
+    ],
+)
 def test_sliding_window_cells_of_a_unified_cache(launch, kv):
     assert estimate(SWA, launch).kv_cache == kv
 
 
-@pytest.mark.parametrize("flash, compute", [
-    # f16 masks: the full layers' 4096 × 512 and the window's 768 × 512
-    (True, (4096 + 768) * 512 * 2 + FF_512),
-    # without flash attention: both masks f32, and f32 scores over the full layers' cells for every head
-    # with Q, K, V and the residual beside them (5.5 × 4 × 512 × 256)
-    (False, (4096 + 768) * 512 * 4 + 4096 * 512 * 4 * 8 + 5.5 * 4 * 512 * 256),
-])
+@pytest.mark.parametrize(
+    "flash, compute",
+    [
+        # f16 masks: the full layers' 4096 × 512 and the window's 768 × 512
+        (True, (4096 + 768) * 512 * 2 + FF_512),
+        # without flash attention: both masks f32, and f32 scores over the full layers' cells for every head
+        # with Q, K, V and the residual beside them (5.5 × 4 × 512 × 256)
+        (False, (4096 + 768) * 512 * 4 + 4096 * 512 * 4 * 8 + 5.5 * 4 * 512 * 256),
+    ],
+)
 def test_sliding_window_layers_add_a_mask_of_their_own(flash, compute):
     assert estimate(SWA, LaunchSettings(context=4096, flash_attention=flash)).compute == compute
 
@@ -116,11 +128,22 @@ def test_unified_never_holds_more_full_attention_cells_but_never_a_smaller_mask(
 
 
 @settings(max_examples=300, deadline=None)
-@given(facts=st.sampled_from([FACTS, SWA]), contexts=st.lists(CONTEXTS, min_size=2, max_size=2).map(sorted),
-       parallel=st.integers(1, 8), unified=st.booleans(), flash=st.booleans(), on_gpu=st.booleans())
+@given(
+    facts=st.sampled_from([FACTS, SWA]),
+    contexts=st.lists(CONTEXTS, min_size=2, max_size=2).map(sorted),
+    parallel=st.integers(1, 8),
+    unified=st.booleans(),
+    flash=st.booleans(),
+    on_gpu=st.booleans(),
+)
 def test_a_unified_estimate_never_shrinks_as_the_context_grows(facts, contexts, parallel, unified, flash, on_gpu):
-    small, large = (estimate(facts, LaunchSettings(context=c, parallel=parallel, kv_unified=unified,
-                                                   flash_attention=flash, on_gpu=on_gpu)) for c in contexts)
+    small, large = (
+        estimate(
+            facts,
+            LaunchSettings(context=c, parallel=parallel, kv_unified=unified, flash_attention=flash, on_gpu=on_gpu),
+        )
+        for c in contexts
+    )
     assert small.kv_cache <= large.kv_cache
     assert small.compute <= large.compute
     assert small.total <= large.total

@@ -25,12 +25,15 @@ from .test_estimate import FACTS
 TIED = replace(FACTS, output_bytes=200, tied_output_bytes=500)  # the head is token_embd's 500 bytes again
 
 
-@pytest.mark.parametrize("gpu_layers, weights", [
-    (-1, 10_000 + 200 + 500),  # every layer, the output norm and the copied head
-    (99, 10_000 + 200 + 500),
-    (2, 4000 + 200 + 500),     # -ngl 2: the output layer and the last block
-    (1, 200 + 500),            # -ngl 1: the output layer alone, head included
-])
+@pytest.mark.parametrize(
+    "gpu_layers, weights",
+    [
+        (-1, 10_000 + 200 + 500),  # every layer, the output norm and the copied head
+        (99, 10_000 + 200 + 500),
+        (2, 4000 + 200 + 500),  # -ngl 2: the output layer and the last block
+        (1, 200 + 500),  # -ngl 1: the output layer alone, head included
+    ],
+)
 def test_the_copied_head_is_on_the_gpu_with_the_output_layer(gpu_layers, weights):
     got = estimate(TIED, LaunchSettings(context=1024, gpu_layers=gpu_layers, on_gpu=True))
     assert (got.weights, got.output_head) == (weights, 500)

@@ -193,13 +193,16 @@ def test_a_change_whose_new_version_fails_its_gate_is_reverted_to_the_last_good_
             with pytest.raises(ApplyFailed) as failed:
                 await rollout.apply(changed, str(path), path)
             serving = old if room == "beside" else runtime.started()[-1]
-            await until(lambda: client.answered_by(serving) and client.answers[-1][0] == serving,
-                        what="an answer from the last-good version")
+            await until(
+                lambda: client.answered_by(serving) and client.answers[-1][0] == serving,
+                what="an answer from the last-good version",
+            )
 
         report = failed.value.report
         assert report["generation"] == 2 and report["status"] == GenerationStatus.FAILED
-        assert report["reason"].startswith("health gate failed: model 'a' failed to start: server exited during "
-                                            "startup (exit code 1)") and report["reason"].endswith("boom")
+        assert report["reason"].startswith(
+            "health gate failed: model 'a' failed to start: server exited during startup (exit code 1)"
+        ) and report["reason"].endswith("boom")
         assert report["degraded"] is None
         new = runtime.started()[1]
         assert context_of(runtime.specs[runtime.id_of(new)]) == NEW_CONTEXT
@@ -208,8 +211,13 @@ def test_a_change_whose_new_version_fails_its_gate_is_reverted_to_the_last_good_
             assert apply_statuses(bus, 2) == ["applying", "launching", "failed"]
             assert client.containers() == [old]
         else:  # the old version was offline: the last-good spec runs again in a container of its own
-            assert runtime.timeline() == [("run", old), ("remove", old), ("run", new), ("remove", new),
-                                          ("run", serving)]
+            assert runtime.timeline() == [
+                ("run", old),
+                ("remove", old),
+                ("run", new),
+                ("remove", new),
+                ("run", serving),
+            ]
             assert apply_statuses(bus, 2) == ["applying", "stopping_old", "launching", "failed"]
             assert client.containers() == [old, serving]
         serving_id = runtime.id_of(serving)
@@ -232,8 +240,13 @@ def test_a_change_whose_new_version_fails_its_gate_is_reverted_to_the_last_good_
 def test_ollama_models_share_one_server_which_outlives_an_unloaded_model_until_shutdown(tmp_path, together):
     async def body(session):
         api = FakeOllamaApi(store={"embedder:latest"}, embedding={"embedder:latest"})
-        text = config_text(tmp_path, [{"name": "chat", "backend": "ollama", "tag": "tiny:1b", "pull": True},
-                                      {"name": "embed", "backend": "ollama", "tag": "embedder:latest"}])
+        text = config_text(
+            tmp_path,
+            [
+                {"name": "chat", "backend": "ollama", "tag": "tiny:1b", "pull": True},
+                {"name": "embed", "backend": "ollama", "tag": "embedder:latest"},
+            ],
+        )
         fleet, runtime, bus, _ = text_fleet(tmp_path, session, text, RecordingFakeRuntime(ollama=api))
         if together:
             await asyncio.gather(fleet.load("chat"), fleet.load("embed"))
@@ -250,7 +263,9 @@ def test_ollama_models_share_one_server_which_outlives_an_unloaded_model_until_s
             assert models[name]["memory"]["measured"] == api.size  # what /api/ps said it uses
         assert api.pulls == ["tiny:1b"] and "pull" in kinds(bus)  # only the missing one was pulled
         assert {tag: (e["via"], e["num_ctx"]) for tag, e in api.loaded.items()} == {
-            "tiny:1b": ("generate", 4096), "embedder:latest": ("embed", 4096)}  # the server's context
+            "tiny:1b": ("generate", 4096),
+            "embedder:latest": ("embed", 4096),
+        }  # the server's context
         assert api.loads == Counter({"tiny:1b": 1, "embedder:latest": 1})
         async with fleet.use("chat") as instance:  # a request reaches the shared server
             with fleet.upstream(instance) as url:

@@ -24,18 +24,18 @@ PROFILES = load_profiles()
 ONE_GPU, TWO_GPUS = PROFILES["gpu-1x24g"], PROFILES["gpu-2x24g"]
 
 
-
-
 def events_of(bus, kind: str) -> list:
     return [e for e in bus.recent() if e.kind == kind]
 
 
 async def load_on_gpu(fleet, runtime, gpus, name: str, used: int, gpu_index: int = 0) -> str:
     """Load ``name``; its container's process shows ``used`` bytes on the GPU as soon as it runs."""
+
     async def show_up():
         while not fleet.instances[name].container_id:
             await asyncio.sleep(0.01)
         gpus.put(runtime.containers[fleet.instances[name].container_id].pids[0], used, gpu_index)
+
     helper = asyncio.ensure_future(show_up())
     await fleet.load(name)
     await helper
@@ -136,8 +136,10 @@ def test_a_wait_that_times_out_is_a_warning_event_with_the_numbers(tmp_path, mon
         await load_on_gpu(fleet, runtime, gpus, "m", 3 * GIB)
         await fleet.unload("m")  # the process never leaves (GH200: pages not released at exit)
         [warning] = events_of(bus, "memory_wait")
-        assert warning.message == ("memory on gpu0 did not come back within 0.4s: 1 process(es) still hold "
-                                   "3072.0 MiB of the 3072.0 MiB they held (expected to free 3072.0 MiB)")
+        assert warning.message == (
+            "memory on gpu0 did not come back within 0.4s: 1 process(es) still hold "
+            "3072.0 MiB of the 3072.0 MiB they held (expected to free 3072.0 MiB)"
+        )
         assert warning.data["still_held"] == 3 * GIB and warning.model == "m"
         assert fleet.phase(fleet.instances["m"]) is Phase.STOPPED
         await fleet.shutdown()
@@ -175,7 +177,8 @@ def test_a_need_no_empty_device_can_give_is_refused_at_once_with_the_numbers(tmp
         assert refused.value.http_status == 503 and refused.value.code == "model_too_large"
         assert refused.value.message == (
             "'big' needs 10240.0 MiB, more than any device can give: gpu0 has 4096.0 MiB free of its 23552.0 MiB "
-            "budget with none of our models on it (the driver or other processes use the rest)")
+            "budget with none of our models on it (the driver or other processes use the rest)"
+        )
         assert runtime.calls == []
         await fleet.shutdown()
 
@@ -192,8 +195,13 @@ def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path)
         await fleet.tick()  # published once, not at every tick
         [event] = events_of(bus, "device")
         assert event.message == "gpu0 is unusable: memory info failed: NVML_ERROR_GPU_IS_LOST"
-        assert fleet.devices()[0] == {"id": "gpu0", "uuid": "GPU-0", "budget": 0, "measured_free": 0,
-                                      "problem": "memory info failed: NVML_ERROR_GPU_IS_LOST"}
+        assert fleet.devices()[0] == {
+            "id": "gpu0",
+            "uuid": "GPU-0",
+            "budget": 0,
+            "measured_free": 0,
+            "problem": "memory info failed: NVML_ERROR_GPU_IS_LOST",
+        }
         await load_on_gpu(fleet, runtime, gpus, "m", GIB, gpu_index=1)
         assert fleet.scheduler.slots["m"].device == "gpu1"
         assert fleet.instances["m"].spec.gpu_device_ids == ("GPU-1",)  # addressed by UUID
@@ -205,8 +213,9 @@ def test_a_lost_gpu_is_marked_with_an_event_and_models_go_to_the_other(tmp_path)
     scenario(body, tmp_path)
 
 
-@pytest.mark.parametrize("error", [FakeNvml.NVML_ERROR_NOT_SUPPORTED, FakeNvml.NVML_ERROR_GPU_IS_LOST],
-                         ids=["not-supported", "gpu-is-lost"])
+@pytest.mark.parametrize(
+    "error", [FakeNvml.NVML_ERROR_NOT_SUPPORTED, FakeNvml.NVML_ERROR_GPU_IS_LOST], ids=["not-supported", "gpu-is-lost"]
+)
 def test_one_gpu_failing_its_nvml_queries_is_marked_and_the_other_serves(tmp_path, error):
     # The real NVML session over a fake pynvml: the first GPU answers memory info with an error.
     fake = FakeNvml(FakeDevice(uuid="GPU-a", fail={"memory": error}), FakeDevice(uuid="GPU-b"))

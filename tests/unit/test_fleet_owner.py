@@ -35,14 +35,20 @@ def test_a_load_starts_one_container_and_an_unload_removes_it(tmp_path):
 
 def test_a_crash_is_restarted_after_its_backoff(tmp_path):
     async def body(session):
-        fleet, runtime, bus = cpu_fleet(tmp_path, session, {"a": 10 * MIB}, models={"a": {"preload": True}},
-                                        **FAST_RESTARTS)
+        fleet, runtime, bus = cpu_fleet(
+            tmp_path, session, {"a": 10 * MIB}, models={"a": {"preload": True}}, **FAST_RESTARTS
+        )
         await fleet.start_models(["a"])
         first = fleet.instances["a"].container_id
         await runtime.exit(first)
         await fleet.watch.probe_liveness()  # the socket is gone and the container exited: a crash at once
-        await until(lambda: fleet.phase(fleet.instances["a"]) is Phase.READY and fleet.instances["a"].container_id
-                    not in (None, first), what="the restart")
+        await until(
+            lambda: (
+                fleet.phase(fleet.instances["a"]) is Phase.READY
+                and fleet.instances["a"].container_id not in (None, first)
+            ),
+            what="the restart",
+        )
         assert len(runtime.started()) == 2 and first in runtime.removed()
         assert "crash" in kinds(bus) and "restart" in kinds(bus)
         await fleet.shutdown()
@@ -53,8 +59,9 @@ def test_a_crash_is_restarted_after_its_backoff(tmp_path):
 def test_a_model_that_keeps_failing_is_given_up_after_max_failures(tmp_path):
     async def body(session):
         runtime = RecordingFakeRuntime(failing={"a"})
-        fleet, runtime, bus = cpu_fleet(tmp_path, session, {"a": 10 * MIB}, runtime,
-                                        models={"a": {"preload": True}}, **FAST_RESTARTS)
+        fleet, runtime, bus = cpu_fleet(
+            tmp_path, session, {"a": 10 * MIB}, runtime, models={"a": {"preload": True}}, **FAST_RESTARTS
+        )
         await fleet.start_models(["a"])
         await until(lambda: fleet.describe(fleet.instances["a"])["gave_up"], what="giving up")
         assert len(runtime.started()) == 2 and runtime.containers == {}  # each failed container removed
@@ -73,8 +80,7 @@ def test_a_model_that_does_not_fit_beside_another_evicts_it(tmp_path):
             fleet.scheduler.set_need(name, budget * 6 // 10)  # one at a time
         await fleet.load("a")
         await fleet.load("b")
-        assert (fleet.phase(fleet.instances["a"]), fleet.phase(fleet.instances["b"])) == (Phase.STOPPED,
-                                                                                          Phase.READY)
+        assert (fleet.phase(fleet.instances["a"]), fleet.phase(fleet.instances["b"])) == (Phase.STOPPED, Phase.READY)
         assert runtime.running("a") == [] and len(runtime.running("b")) == 1
         assert "evict" in kinds(bus)
         await fleet.shutdown()
@@ -89,12 +95,19 @@ def test_after_its_own_crash_the_fleet_adopts_matching_recreates_drifted_and_rem
         await before.load("a")
         await before.load("b")
         kept = before.instances["a"].container_id
-        foreign = ContainerInfo("f" * 64, "localllm-unit-gone", "running", None, False,
-                                {**runtime.containers[kept].info.labels, LABEL_MODEL: "gone"})
+        foreign = ContainerInfo(
+            "f" * 64,
+            "localllm-unit-gone",
+            "running",
+            None,
+            False,
+            {**runtime.containers[kept].info.labels, LABEL_MODEL: "gone"},
+        )
         runtime.containers[foreign.id] = type(runtime.containers[kept])(foreign, [], runtime.containers[kept].runner)
         # The daemon dies (nothing is stopped) and comes back with b's context changed.
-        after, _, bus = cpu_fleet(tmp_path, session, {"a": MIB, "b": MIB}, runtime,
-                                  models={"b": {"context_size": 1024}})
+        after, _, bus = cpu_fleet(
+            tmp_path, session, {"a": MIB, "b": MIB}, runtime, models={"b": {"context_size": 1024}}
+        )
         recreate = await after.adopter.adopt_existing()
         assert recreate == ["b"]
         assert after.instances["a"].container_id == kept and after.phase(after.instances["a"]) is Phase.READY
@@ -141,4 +154,3 @@ def test_a_failed_start_is_reported_with_the_servers_last_words(tmp_path):
         await fleet.shutdown()
 
     scenario(body, tmp_path)
-

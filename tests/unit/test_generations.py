@@ -26,29 +26,39 @@ from supervisor.state.generations import (
 )
 
 
-@pytest.mark.parametrize("running, wanted, old, expected", [
-    ({"a": "h1", "b": "h2", "c": "h3"}, {"a": "h1", "b": "h9", "d": "", "e": ""}, {"a", "b", "c", "e"},
-     (("a",), ("b",), ("c",), ("d",), ("e",))),
-    ({}, {}, set(), ((), (), (), (), ())),
-    ({}, {"z": "1", "y": "2"}, set(), ((), (), (), ("y", "z"), ())),
-    ({"z": "1", "y": "2"}, {}, {"y", "z"}, ((), (), ("y", "z"), (), ())),
-    ({"b": "1", "a": "1"}, {"a": "1", "b": "1"}, {"a", "b"}, (("a", "b"), (), (), (), ())),
-    ({"b": "1", "a": "1"}, {"a": "2", "b": "3"}, {"a", "b"}, ((), ("a", "b"), (), (), ())),
-    ({}, {"a": "1", "b": "1"}, {"b", "a"}, ((), (), (), (), ("a", "b"))),
-])
+@pytest.mark.parametrize(
+    "running, wanted, old, expected",
+    [
+        (
+            {"a": "h1", "b": "h2", "c": "h3"},
+            {"a": "h1", "b": "h9", "d": "", "e": ""},
+            {"a", "b", "c", "e"},
+            (("a",), ("b",), ("c",), ("d",), ("e",)),
+        ),
+        ({}, {}, set(), ((), (), (), (), ())),
+        ({}, {"z": "1", "y": "2"}, set(), ((), (), (), ("y", "z"), ())),
+        ({"z": "1", "y": "2"}, {}, {"y", "z"}, ((), (), ("y", "z"), (), ())),
+        ({"b": "1", "a": "1"}, {"a": "1", "b": "1"}, {"a", "b"}, (("a", "b"), (), (), (), ())),
+        ({"b": "1", "a": "1"}, {"a": "2", "b": "3"}, {"a", "b"}, ((), ("a", "b"), (), (), ())),
+        ({}, {"a": "1", "b": "1"}, {"b", "a"}, ((), (), (), (), ("a", "b"))),
+    ],
+)
 def test_plan_change(running, wanted, old, expected):
     plan = plan_change(running, wanted, old)
     assert (plan.keep, plan.replace, plan.remove, plan.add, plan.update) == expected
     assert plan == ChangePlan(*expected)
 
 
-@pytest.mark.parametrize("replace, remove, keep, add, update, changes", [
-    ((), (), (), (), (), False),
-    ((), (), ("k",), ("a",), ("u",), False),
-    (("r",), (), (), (), (), True),
-    ((), ("x",), (), (), (), True),
-    (("r",), ("x",), ("k",), (), (), True),
-])
+@pytest.mark.parametrize(
+    "replace, remove, keep, add, update, changes",
+    [
+        ((), (), (), (), (), False),
+        ((), (), ("k",), ("a",), ("u",), False),
+        (("r",), (), (), (), (), True),
+        ((), ("x",), (), (), (), True),
+        (("r",), ("x",), ("k",), (), (), True),
+    ],
+)
 def test_changes_containers(replace, remove, keep, add, update, changes):
     assert ChangePlan(keep, replace, remove, add, update).changes_containers is changes
 
@@ -62,7 +72,13 @@ def test_record_mark_and_reload(tmp_path):
     store = GenerationStore(d)
     assert (store.generations, store.active, store.last_good, store.problem) == ([], None, None, None)
     g1 = store.record("models: {}\n", "startup: /etc/x.yaml", {"a": "h1"})
-    assert (g1.number, g1.status, g1.source, g1.hashes, g1.reason) == (1, "pending", "startup: /etc/x.yaml", {"a": "h1"}, "")
+    assert (g1.number, g1.status, g1.source, g1.hashes, g1.reason) == (
+        1,
+        "pending",
+        "startup: /etc/x.yaml",
+        {"a": "h1"},
+        "",
+    )
     assert (d / "000001.yaml").read_text() == "models: {}\n"
     index = json.loads((d / "index.json").read_text())
     assert (index["active"], index["last_good"]) == (None, None)
@@ -85,7 +101,9 @@ def test_record_mark_and_reload(tmp_path):
     assert again.text_of(1) == "models: {}\n"
     assert again.text_of(2) == "second\n"
     assert [(g["number"], g["status"], g["reason"], g["active"], g["last_good"]) for g in again.as_list()] == [
-        (1, "good", "", True, True), (2, "failed", "boom", False, False)]
+        (1, "good", "", True, True),
+        (2, "failed", "boom", False, False),
+    ]
     assert again.record("third\n", "rollback to 1", {}).number == 3
 
 
@@ -120,8 +138,15 @@ def test_a_misspelt_status_is_refused_and_changes_nothing(tmp_path):
 def test_a_status_another_version_wrote_is_kept_as_written(tmp_path):
     d = tmp_path / "generations"
     d.mkdir()
-    (d / "index.json").write_text(json.dumps({"active": None, "last_good": None, "generations": [
-        {"number": 1, "created_at": 0.0, "source": "x", "status": "superseded"}]}))
+    (d / "index.json").write_text(
+        json.dumps(
+            {
+                "active": None,
+                "last_good": None,
+                "generations": [{"number": 1, "created_at": 0.0, "source": "x", "status": "superseded"}],
+            }
+        )
+    )
     store = GenerationStore(d)
     assert store.problem is None and store.get(1).status == "superseded"
 
@@ -165,10 +190,21 @@ def test_no_prune_at_exactly_keep(tmp_path):
     assert [g.number for g in store.generations] == list(range(1, KEEP + 1))
 
 
-@pytest.mark.parametrize("garbage", [
-    b"{not json", b"\xff\xfe\x00", b"[1, 2]", b"null", b'"text"', b"{}", b'{"generations": 5}',
-    b'{"generations": [1]}', b'{"generations": [{"number": 1}]}', b'{"generations": [{"bogus": 1}]}',
-])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"[1, 2]",
+        b"null",
+        b'"text"',
+        b"{}",
+        b'{"generations": 5}',
+        b'{"generations": [1]}',
+        b'{"generations": [{"number": 1}]}',
+        b'{"generations": [{"bogus": 1}]}',
+    ],
+)
 def test_corrupt_index_is_set_aside(tmp_path, garbage):
     (tmp_path / "index.json").write_bytes(garbage)
     store = GenerationStore(tmp_path)
@@ -258,8 +294,13 @@ daemon:
       role: operator
 models: []
 """
-SECRETS = ["key-one-0123456789", "key-two-0123456789", "admin-token-0123456789abcdef0123456789",
-           "viewer-token-0123456789abcdef0123456789", "operator-token-0123456789abcdef01234567"]
+SECRETS = [
+    "key-one-0123456789",
+    "key-two-0123456789",
+    "admin-token-0123456789abcdef0123456789",
+    "viewer-token-0123456789abcdef0123456789",
+    "operator-token-0123456789abcdef01234567",
+]
 
 
 def files_under(directory):
@@ -278,19 +319,28 @@ def test_stored_generations_hold_no_secret_and_are_the_daemons_alone_whatever_th
     directory = tmp_path / "generations"
     files = files_under(directory)
     assert {name: stat.S_IMODE(p.stat().st_mode) for name, p in files.items()} == {
-        "000001.yaml": 0o600, "000002.yaml": 0o600, "000003.yaml": 0o600, "index.json": 0o600,
-        "secrets/000001.json": 0o600, "secrets/000002.json": 0o600}
+        "000001.yaml": 0o600,
+        "000002.yaml": 0o600,
+        "000003.yaml": 0o600,
+        "index.json": 0o600,
+        "secrets/000001.json": 0o600,
+        "secrets/000002.json": 0o600,
+    }
     assert stat.S_IMODE((directory / "secrets").stat().st_mode) == 0o700
     for name in ("000001.yaml", "000002.yaml", "000003.yaml", "index.json"):
         text = files[name].read_text()
         assert not [secret for secret in [*SECRETS, "secret-key-0123456789"] if secret in text], name
     assert store.text_of(1) == SECRET_CONFIG.replace("key-one-0123456789", '"<redacted>"').replace(
-        '"key-two-0123456789"', '"<redacted>"').replace("admin-token-0123456789abcdef0123456789", '"<redacted>"').replace(
-        "viewer-token-0123456789abcdef0123456789", '"<redacted>"').replace(
-        "'operator-token-0123456789abcdef01234567'", '"<redacted>"')
+        '"key-two-0123456789"', '"<redacted>"'
+    ).replace("admin-token-0123456789abcdef0123456789", '"<redacted>"').replace(
+        "viewer-token-0123456789abcdef0123456789", '"<redacted>"'
+    ).replace("'operator-token-0123456789abcdef01234567'", '"<redacted>"')
     again = GenerationStore(directory)
     assert [again.config_text(n) for n in (1, 2, 3)] == [
-        SECRET_CONFIG, "daemon:\n  api_keys: [secret-key-0123456789]\n", "models: []\n"]
+        SECRET_CONFIG,
+        "daemon:\n  api_keys: [secret-key-0123456789]\n",
+        "models: []\n",
+    ]
     assert [g["secrets"] for g in again.as_list()] == [True, True, False]
 
 
@@ -327,8 +377,14 @@ def test_generations_stored_whole_by_an_older_version_have_their_secrets_moved_o
     (tmp_path / "000001.yaml").write_text(SECRET_CONFIG)
     (tmp_path / "000002.yaml").write_text("models: []\n")
     (tmp_path / "000007.yaml").write_text(SECRET_CONFIG)  # left from an index set aside
-    index = {"active": 1, "last_good": 1, "generations": [
-        {"number": n, "created_at": 1.0, "source": "s", "status": "good", "hashes": {}, "reason": ""} for n in (1, 2)]}
+    index = {
+        "active": 1,
+        "last_good": 1,
+        "generations": [
+            {"number": n, "created_at": 1.0, "source": "s", "status": "good", "hashes": {}, "reason": ""}
+            for n in (1, 2)
+        ],
+    }
     (tmp_path / "index.json").write_text(json.dumps(index))
     store = GenerationStore(tmp_path)
     assert store.move_secrets_out() == [1, 7]
@@ -338,15 +394,18 @@ def test_generations_stored_whole_by_an_older_version_have_their_secrets_moved_o
     assert GenerationStore(tmp_path).config_text(1) == SECRET_CONFIG
 
 
-@pytest.mark.parametrize("text", [
-    SECRET_CONFIG,
-    "daemon:\n  labels: {k: &t anchored-secret-123}\n  control_token: *t\n",  # the anchor is where the value is
-    "base: &b\n  api_keys: [merged-secret-123]\ndaemon:\n  <<: *b\n  instance: x\n",
-    "daemon:\n  api_keys:\n    - |\n      block-secret-123\n    - >-\n      folded-secret-123\n  instance: x\n",
-    "daemon: {api_keys: [flow-secret-123], control_token: \"quoted-secret-123\"}\n",
-    "daemon:\n  api_keys: [dup-one-secret-123]\n  api_keys: [dup-two-secret-123]\n",  # invalid, but recorded
-    "daemon:\n  api_keys: !!binary c2VjcmV0LWJ5dGVz\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        SECRET_CONFIG,
+        "daemon:\n  labels: {k: &t anchored-secret-123}\n  control_token: *t\n",  # the anchor is where the value is
+        "base: &b\n  api_keys: [merged-secret-123]\ndaemon:\n  <<: *b\n  instance: x\n",
+        "daemon:\n  api_keys:\n    - |\n      block-secret-123\n    - >-\n      folded-secret-123\n  instance: x\n",
+        'daemon: {api_keys: [flow-secret-123], control_token: "quoted-secret-123"}\n',
+        "daemon:\n  api_keys: [dup-one-secret-123]\n  api_keys: [dup-two-secret-123]\n",  # invalid, but recorded
+        "daemon:\n  api_keys: !!binary c2VjcmV0LWJ5dGVz\n",
+    ],
+)
 def test_split_and_restore_give_back_the_text_and_leave_no_secret(text):
     redacted, secrets = split_secrets(text)
     assert secrets
@@ -357,23 +416,35 @@ def test_split_and_restore_give_back_the_text_and_leave_no_secret(text):
     assert back == text or "dup-one" in text  # exact, but for duplicate keys (dumped without comments)
 
 
-@pytest.mark.parametrize("text, stored", [
-    ("models: []\n", "models: []\n"), ("second\n", "second\n"), ("daemon:\n  control_token:\n", None),
-    ("daemon:\n  api_keys: []\n  instance: x\n", None),
-    ("daemon: [\n  api_keys: [half-a-secret-123\n", NOT_STORED),  # not YAML: nothing of it is kept
-])
+@pytest.mark.parametrize(
+    "text, stored",
+    [
+        ("models: []\n", "models: []\n"),
+        ("second\n", "second\n"),
+        ("daemon:\n  control_token:\n", None),
+        ("daemon:\n  api_keys: []\n  instance: x\n", None),
+        ("daemon: [\n  api_keys: [half-a-secret-123\n", NOT_STORED),  # not YAML: nothing of it is kept
+    ],
+)
 def test_texts_without_secrets_are_stored_as_they_are(text, stored):
     assert split_secrets(text) == (stored or text, {})
 
 
 @settings(max_examples=60, deadline=None)
-@given(keys=st.lists(st.text(alphabet=string.ascii_letters + string.digits + "-_.~+/=", min_size=8, max_size=40),
-                     max_size=4),
-       token=st.one_of(st.none(), st.text(alphabet=string.printable.strip(), min_size=32, max_size=64)),
-       style=st.sampled_from([False, True, None]))
+@given(
+    keys=st.lists(
+        st.text(alphabet=string.ascii_letters + string.digits + "-_.~+/=", min_size=8, max_size=40), max_size=4
+    ),
+    token=st.one_of(st.none(), st.text(alphabet=string.printable.strip(), min_size=32, max_size=64)),
+    style=st.sampled_from([False, True, None]),
+)
 def test_any_secrets_in_any_style_round_trip(keys, token, style):
     keys = [f"k3y{key}" for key in keys]
-    daemon = {"instance": "x", "api_keys": keys, "control_tokens": [{"token": token, "role": "viewer"}] if token else []}
+    daemon = {
+        "instance": "x",
+        "api_keys": keys,
+        "control_tokens": [{"token": token, "role": "viewer"}] if token else [],
+    }
     text = "# header\n" + yaml.safe_dump({"daemon": daemon, "models": []}, default_flow_style=style)
     redacted, secrets = split_secrets(text)
     assert restore_secrets(redacted, secrets) == text
@@ -390,5 +461,7 @@ def test_a_generation_remembers_the_file_it_was_read_from(tmp_path):
     store = GenerationStore(tmp_path / "generations")
     store.record("models: []\n", "apply", {}, tmp_path / "etc" / ".." / "config.yaml")
     store.record("models: []\n", "sighup", {})
-    assert [g.path for g in GenerationStore(tmp_path / "generations").generations] == [str(tmp_path / "config.yaml"),
-                                                                                       ""]
+    assert [g.path for g in GenerationStore(tmp_path / "generations").generations] == [
+        str(tmp_path / "config.yaml"),
+        "",
+    ]

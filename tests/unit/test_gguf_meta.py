@@ -19,10 +19,12 @@ F32 = 4
 def expected_bytes(embedding, blocks, heads, kv_heads, ffn, vocab):
     """Tensor bytes of tinygguf's layout: (input, per block, output), all float32."""
     kv = kv_heads * (embedding // heads)
-    block = (2 * embedding                       # attn_norm, ffn_norm
-             + 2 * embedding * embedding         # attn_q, attn_output
-             + 2 * kv * embedding                # attn_k, attn_v
-             + 3 * ffn * embedding) * F32        # ffn_gate, ffn_up, ffn_down
+    block = (
+        2 * embedding  # attn_norm, ffn_norm
+        + 2 * embedding * embedding  # attn_q, attn_output
+        + 2 * kv * embedding  # attn_k, attn_v
+        + 3 * ffn * embedding
+    ) * F32  # ffn_gate, ffn_up, ffn_down
     return vocab * embedding * F32, block, (embedding + vocab * embedding) * F32
 
 
@@ -37,8 +39,16 @@ SHAPES = [
 
 @pytest.mark.parametrize("embedding, blocks, heads, kv_heads, feed_forward, extra_vocab", SHAPES)
 def test_facts_of_tiny_models(tmp_path, embedding, blocks, heads, kv_heads, feed_forward, extra_vocab):
-    path = write_tiny_model(tmp_path / "m.gguf", embedding=embedding, blocks=blocks, heads=heads, kv_heads=kv_heads,
-                            feed_forward=feed_forward, extra_vocab=extra_vocab, context=1024)
+    path = write_tiny_model(
+        tmp_path / "m.gguf",
+        embedding=embedding,
+        blocks=blocks,
+        heads=heads,
+        kv_heads=kv_heads,
+        feed_forward=feed_forward,
+        extra_vocab=extra_vocab,
+        context=1024,
+    )
     facts = read_gguf_facts(path)
     vocab = 3 + 256 + len(WORDS) + extra_vocab
     ffn = feed_forward or 2 * embedding
@@ -78,7 +88,11 @@ def test_default_tiny_model_in_numbers(tmp_path):
     # vocab 3 + 256 + 52 = 311; block (128 + 8192 + 4096 + 24576) × 4 = 147_968
     assert len(WORDS) == 52
     assert (facts.vocab_size, facts.layer_bytes, facts.input_bytes, facts.output_bytes) == (
-        311, (147_968, 147_968), 79_616, 79_872)
+        311,
+        (147_968, 147_968),
+        79_616,
+        79_872,
+    )
     assert facts.weight_bytes == 455_424
 
 
@@ -112,23 +126,26 @@ def test_sliding_window_and_per_layer_kv_heads_from_the_header(tmp_path):
 T, F = True, False
 
 
-@pytest.mark.parametrize("arch, blocks, window, pattern, expected", [
-    ("gemma3", 6, 0, [T] * 6, (F,) * 6),                       # no window: nothing slides
-    ("llama", 3, 0, None, (F, F, F)),
-    ("unknown", 2, 0, 4, (F, F)),
-    ("llama", 4, 512, [T, T, F, T], (T, T, F, T)),               # explicit per-layer list
-    ("llama", 3, 512, [1, 0, 1], (T, F, T)),
-    ("gemma3", 4, 512, [F, T, T, F], (F, T, T, F)),              # a list wins over the architecture's rule
-    ("llama", 6, 512, 3, (T, T, F, T, T, F)),                    # int N: every Nth layer (1-based) is full
-    ("llama", 5, 512, 2, (T, F, T, F, T)),
-    ("llama", 3, 512, 1, (F, F, F)),
-    ("gemma3", 4, 512, 2, (T, F, T, F)),                          # an int pattern wins over the architecture's
-    ("gemma3", 12, 1024, None, (T, T, T, T, T, F, T, T, T, T, T, F)),  # gemma3: every 6th is full
-    ("gemma2", 4, 4096, None, (T, F, T, F)),
-    ("cohere2", 8, 4096, None, (T, T, T, F, T, T, T, F)),
-    ("mistral", 3, 4096, None, (T, T, T)),                       # unknown architecture, no pattern: all slide
-    ("llama", 0, 4096, None, ()),
-])
+@pytest.mark.parametrize(
+    "arch, blocks, window, pattern, expected",
+    [
+        ("gemma3", 6, 0, [T] * 6, (F,) * 6),  # no window: nothing slides
+        ("llama", 3, 0, None, (F, F, F)),
+        ("unknown", 2, 0, 4, (F, F)),
+        ("llama", 4, 512, [T, T, F, T], (T, T, F, T)),  # explicit per-layer list
+        ("llama", 3, 512, [1, 0, 1], (T, F, T)),
+        ("gemma3", 4, 512, [F, T, T, F], (F, T, T, F)),  # a list wins over the architecture's rule
+        ("llama", 6, 512, 3, (T, T, F, T, T, F)),  # int N: every Nth layer (1-based) is full
+        ("llama", 5, 512, 2, (T, F, T, F, T)),
+        ("llama", 3, 512, 1, (F, F, F)),
+        ("gemma3", 4, 512, 2, (T, F, T, F)),  # an int pattern wins over the architecture's
+        ("gemma3", 12, 1024, None, (T, T, T, T, T, F, T, T, T, T, T, F)),  # gemma3: every 6th is full
+        ("gemma2", 4, 4096, None, (T, F, T, F)),
+        ("cohere2", 8, 4096, None, (T, T, T, F, T, T, T, F)),
+        ("mistral", 3, 4096, None, (T, T, T)),  # unknown architecture, no pattern: all slide
+        ("llama", 0, 4096, None, ()),
+    ],
+)
 def test_swa_layers(arch, blocks, window, pattern, expected):
     assert _swa_layers(arch, blocks, window, pattern) == expected
 
@@ -136,13 +153,17 @@ def test_swa_layers(arch, blocks, window, pattern, expected):
 TINY_HEADER = b"GGUF"
 
 
-@pytest.mark.parametrize("content", [
-    b"this is not a GGUF file, only text\n" * 20,
-    b"",
-    b"\x00" * 64,
-    TINY_HEADER,                          # the magic alone, cut short
-    TINY_HEADER + b"\x03\x00\x00\x00",   # magic and version, no counts
-], ids=["text", "empty", "zeros", "magic-only", "magic-and-version"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"this is not a GGUF file, only text\n" * 20,
+        b"",
+        b"\x00" * 64,
+        TINY_HEADER,  # the magic alone, cut short
+        TINY_HEADER + b"\x03\x00\x00\x00",  # magic and version, no counts
+    ],
+    ids=["text", "empty", "zeros", "magic-only", "magic-and-version"],
+)
 def test_not_a_gguf_file_is_an_unreadable_model_file_naming_it(tmp_path, content):
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
@@ -177,7 +198,11 @@ def test_an_unreadable_model_file_is_the_operators_input_not_a_bad_request(tmp_p
     error = caught.value
     assert not isinstance(error, BadRequest)
     assert (error.code, error.http_status, error.exit_code, error.client_safe) == (
-        "model_file_unreadable", 503, EXIT_BAD_INPUT, False)
+        "model_file_unreadable",
+        503,
+        EXIT_BAD_INPUT,
+        False,
+    )
     assert error.message == f"cannot read GGUF file {path}: not a GGUF file (no GGUF magic)"
 
 
@@ -223,16 +248,34 @@ def _key(name: str) -> bytes:
     return struct.pack("<Q", len(name)) + name.encode()
 
 
-@pytest.mark.parametrize("content, problem", [
-    (_raw_header(2**60, 0, b""), "keys and 0 tensors cannot fit"),
-    (_raw_header(0, 2**59, b""), "tensors cannot fit"),
-    (_raw_header(1, 0, _key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40)),
-     "a string array of 1099511627776 items cannot fit"),
-    (_raw_header(1, 0, _key("llama.attention.head_count_kv") + struct.pack("<IIQ", 9, 4, 2**40)),
-     "an array of 1099511627776 items cannot fit"),
-    (_raw_header(1, 1, _key("general.architecture") + struct.pack("<IQ", 8, 5) + b"llama"
-                 + _key("blk.0.w") + struct.pack("<I", 2**20)), "dimensions (at most 4)"),
-], ids=["keys", "tensors", "string-array", "numeric-array", "dimensions"])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (_raw_header(2**60, 0, b""), "keys and 0 tensors cannot fit"),
+        (_raw_header(0, 2**59, b""), "tensors cannot fit"),
+        (
+            _raw_header(1, 0, _key("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**40)),
+            "a string array of 1099511627776 items cannot fit",
+        ),
+        (
+            _raw_header(1, 0, _key("llama.attention.head_count_kv") + struct.pack("<IIQ", 9, 4, 2**40)),
+            "an array of 1099511627776 items cannot fit",
+        ),
+        (
+            _raw_header(
+                1,
+                1,
+                _key("general.architecture")
+                + struct.pack("<IQ", 8, 5)
+                + b"llama"
+                + _key("blk.0.w")
+                + struct.pack("<I", 2**20),
+            ),
+            "dimensions (at most 4)",
+        ),
+    ],
+    ids=["keys", "tensors", "string-array", "numeric-array", "dimensions"],
+)
 def test_a_crafted_header_is_refused_at_once_without_allocating(tmp_path, content, problem):
     path = tmp_path / "crafted.gguf"
     path.write_bytes(content)
@@ -248,7 +291,7 @@ def test_an_absurd_block_count_is_a_sizing_problem_within_a_second(tmp_path):
     data = bytearray(path.read_bytes())
     key = b"llama.block_count"
     at = data.index(key) + len(key) + 4  # the uint32 value after its type
-    data[at:at + 4] = struct.pack("<I", 2**31)
+    data[at : at + 4] = struct.pack("<I", 2**31)
     path.write_bytes(bytes(data))
     started = time.monotonic()
     with pytest.raises(ModelFileUnreadable, match="block_count 2147483648 is not plausible"):

@@ -25,15 +25,18 @@ def test_parse_recorded_ldd_output(fixture_text):
     ]
 
 
-@pytest.mark.parametrize("line, paths", [
-    ("\tlinux-vdso.so.1 (0x00007ffc3b5f1000)", []),
-    ("\tlinux-vdso.so.1 =>  (0x00007ffc3b5f1000)", []),
-    ("\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2a1c61f000)", ["/lib/x86_64-linux-gnu/libc.so.6"]),
-    ("\t/lib64/ld-linux-x86-64.so.2 (0x00007f2a1cc2e000)", ["/lib64/ld-linux-x86-64.so.2"]),
-    ("\tnot a dynamic executable", []),
-    ("\tstatically linked", []),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "line, paths",
+    [
+        ("\tlinux-vdso.so.1 (0x00007ffc3b5f1000)", []),
+        ("\tlinux-vdso.so.1 =>  (0x00007ffc3b5f1000)", []),
+        ("\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f2a1c61f000)", ["/lib/x86_64-linux-gnu/libc.so.6"]),
+        ("\t/lib64/ld-linux-x86-64.so.2 (0x00007f2a1cc2e000)", ["/lib64/ld-linux-x86-64.so.2"]),
+        ("\tnot a dynamic executable", []),
+        ("\tstatically linked", []),
+        ("", []),
+    ],
+)
 def test_parse_ldd_lines(line, paths):
     assert parse_ldd(line) == [Path(p) for p in paths]
 
@@ -44,13 +47,16 @@ def test_cpu_image_tag():
     assert cpu_image_tag("0.3.2") == "localllm/llama-server:0.3.2-cpu"
 
 
-@pytest.mark.parametrize("image, advice", [
-    ("localllm/llama-server:0.3.36-cpu", "build it with: localllmctl image build --version 0.3.36"),
-    ("localllm/llama-server:0.3.2-cpu", "build it with: localllmctl image build --version 0.3.2"),
-    ("ghcr.io/ggml-org/llama.cpp:server-cuda", "pull it with: docker pull ghcr.io/ggml-org/llama.cpp:server-cuda"),
-    ("ollama/ollama", "pull it with: docker pull ollama/ollama"),
-    ("localllm/other:1.0", "pull it with: docker pull localllm/other:1.0"),
-])
+@pytest.mark.parametrize(
+    "image, advice",
+    [
+        ("localllm/llama-server:0.3.36-cpu", "build it with: localllmctl image build --version 0.3.36"),
+        ("localllm/llama-server:0.3.2-cpu", "build it with: localllmctl image build --version 0.3.2"),
+        ("ghcr.io/ggml-org/llama.cpp:server-cuda", "pull it with: docker pull ghcr.io/ggml-org/llama.cpp:server-cuda"),
+        ("ollama/ollama", "pull it with: docker pull ollama/ollama"),
+        ("localllm/other:1.0", "pull it with: docker pull localllm/other:1.0"),
+    ],
+)
 def test_how_to_get(image, advice):
     assert how_to_get(image) == advice
 

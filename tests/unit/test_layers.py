@@ -21,7 +21,8 @@ def touches_scheduler_state(source: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Attribute) and node.attr in PRIVATE_STATE:
             owner = node.value
             if (isinstance(owner, ast.Attribute) and owner.attr == "scheduler") or (
-                    isinstance(owner, ast.Name) and owner.id == "scheduler"):
+                isinstance(owner, ast.Name) and owner.id == "scheduler"
+            ):
                 found.append((node.lineno, node.attr))
     return found
 
@@ -32,9 +33,12 @@ def test_the_check_finds_a_read_and_a_write():
 
 
 def test_nothing_outside_the_scheduler_and_the_fleet_touches_the_schedulers_state():
-    offenders = [f"{path.relative_to(SUPERVISOR)}:{line}: scheduler.{name}"
-                 for path in sorted(SUPERVISOR.rglob("*.py")) if path.relative_to(SUPERVISOR).as_posix() not in OWNERS
-                 for line, name in touches_scheduler_state(path.read_text())]
+    offenders = [
+        f"{path.relative_to(SUPERVISOR)}:{line}: scheduler.{name}"
+        for path in sorted(SUPERVISOR.rglob("*.py"))
+        if path.relative_to(SUPERVISOR).as_posix() not in OWNERS
+        for line, name in touches_scheduler_state(path.read_text())
+    ]
     assert offenders == []
 
 
@@ -87,29 +91,55 @@ def broken_rules(source: str, module: str) -> list[str]:
 
 
 def test_the_import_check_catches_each_kind_of_import():
-    source = ("from supervisor.runtime.docker_runtime import DockerRuntime\n"
-              "from supervisor.fleet import owner\n"
-              "from ..api import proxy\n"
-              "import supervisor.cli.ctl\n"
-              "if TYPE_CHECKING:\n    from supervisor.state.learned import LearnedSizes\n"
-              "from supervisor.config.settings import Config\n")
+    source = (
+        "from supervisor.runtime.docker_runtime import DockerRuntime\n"
+        "from supervisor.fleet import owner\n"
+        "from ..api import proxy\n"
+        "import supervisor.cli.ctl\n"
+        "if TYPE_CHECKING:\n    from supervisor.state.learned import LearnedSizes\n"
+        "from supervisor.config.settings import Config\n"
+    )
     assert broken_rules(source, "supervisor.core.scheduler") == [
-        "1: core -> runtime", "2: core -> fleet", "3: core -> api", "4: core -> cli", "6: core -> state"]
+        "1: core -> runtime",
+        "2: core -> fleet",
+        "3: core -> api",
+        "4: core -> cli",
+        "6: core -> state",
+    ]
     assert broken_rules(source, "supervisor.fleet.owner") == ["3: fleet -> api", "4: fleet -> cli"]
     assert broken_rules(source, "supervisor.api.proxy") == ["1: api -> runtime", "4: api -> cli"]
 
 
 def test_every_module_keeps_its_layers_import_rules():
-    modules = {path: "supervisor." + ".".join(path.relative_to(SUPERVISOR).with_suffix("").parts)
-               for path in sorted(SUPERVISOR.rglob("*.py"))}
+    modules = {
+        path: "supervisor." + ".".join(path.relative_to(SUPERVISOR).with_suffix("").parts)
+        for path in sorted(SUPERVISOR.rglob("*.py"))
+    }
     assert {layer_of(m) for m in modules.values()} - {"__init__", "daemon"} == set(FORBIDDEN)  # no layer unruled
-    offenders = [f"{path.relative_to(SUPERVISOR)}:{problem}" for path, module in modules.items()
-                 for problem in broken_rules(path.read_text(), module.removesuffix(".__init__"))]
+    offenders = [
+        f"{path.relative_to(SUPERVISOR)}:{problem}"
+        for path, module in modules.items()
+        for problem in broken_rules(path.read_text(), module.removesuffix(".__init__"))
+    ]
     assert offenders == []
 
 
 def test_only_the_docker_runtime_imports_docker():
-    importers = {path.relative_to(SUPERVISOR).as_posix() for path in SUPERVISOR.rglob("*.py")
-                 for _, module in imported_modules(path.read_text(), "supervisor.x")
-                 if module == "docker" or module.startswith("docker.")}
+    importers = {
+        path.relative_to(SUPERVISOR).as_posix()
+        for path in SUPERVISOR.rglob("*.py")
+        for _, module in imported_modules(path.read_text(), "supervisor.x")
+        if module == "docker" or module.startswith("docker.")
+    }
     assert importers == {"runtime/docker_runtime.py"}
+
+
+def test_modules_stay_small_and_the_owner_stays_an_owner():
+    """No module over 500 lines, and the fleet's class under 450: a unit of its own beats a bigger room."""
+    sizes = {
+        path.relative_to(SUPERVISOR).as_posix(): len(path.read_text().splitlines()) for path in SUPERVISOR.rglob("*.py")
+    }
+    assert {path: n for path, n in sizes.items() if n > 500} == {}
+    tree = ast.parse((SUPERVISOR / "fleet" / "owner.py").read_text())
+    fleet = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Fleet")
+    assert fleet.end_lineno - fleet.lineno + 1 < 450

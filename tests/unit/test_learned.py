@@ -20,12 +20,15 @@ def test_empty_when_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("first, second, kept", [
-    (100, 200, 200),   # larger measurement replaces
-    (200, 100, 200),   # a smaller running peak does not
-    (150, 150, 150),
-    (0, 7, 7),
-])
+@pytest.mark.parametrize(
+    "first, second, kept",
+    [
+        (100, 200, 200),  # larger measurement replaces
+        (200, 100, 200),  # a smaller running peak does not
+        (150, 150, 150),
+        (0, 7, 7),
+    ],
+)
 def test_record_keeps_the_larger(tmp_path, first, second, kept):
     store = LearnedSizes(tmp_path / "learned.json")
     assert store.record("k", first, "m") == first
@@ -63,20 +66,35 @@ def test_save_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["learned.json"]
 
 
-@pytest.mark.parametrize("content", [
-    "this is not JSON {",
-    "[1, 2, 3]",
-    "null",
-    '"a string"',
-    '{"k": 5}',
-    '{"k": {"model": "m"}}',                 # no bytes
-    '{"good": {"bytes": 1}, "bad": [1]}',
-    "\udcff",                                # not UTF-8 once written with surrogateescape
-    '{"k": {"bytes": "lots"}}',              # bytes that are not a number
-    '{"k": {"bytes": null}}',
-    '{"k": {"bytes": [1]}}',
-], ids=["garbage", "list", "null", "string", "int-value", "no-bytes", "one-bad-entry", "binary",
-        "bytes-text", "bytes-null", "bytes-list"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "this is not JSON {",
+        "[1, 2, 3]",
+        "null",
+        '"a string"',
+        '{"k": 5}',
+        '{"k": {"model": "m"}}',  # no bytes
+        '{"good": {"bytes": 1}, "bad": [1]}',
+        "\udcff",  # not UTF-8 once written with surrogateescape
+        '{"k": {"bytes": "lots"}}',  # bytes that are not a number
+        '{"k": {"bytes": null}}',
+        '{"k": {"bytes": [1]}}',
+    ],
+    ids=[
+        "garbage",
+        "list",
+        "null",
+        "string",
+        "int-value",
+        "no-bytes",
+        "one-bad-entry",
+        "binary",
+        "bytes-text",
+        "bytes-null",
+        "bytes-list",
+    ],
+)
 def test_corrupt_file_is_set_aside(tmp_path, content):
     path = tmp_path / "learned.json"
     raw = content.encode("utf-8", "surrogateescape")
@@ -131,16 +149,19 @@ def test_learned_key_follows_the_file(tmp_path):
     assert learned_key(other, launch, IMAGE) != learned_key(gguf, launch, IMAGE)
 
 
-@pytest.mark.parametrize("changed", [
-    LaunchSettings(context=8192),
-    LaunchSettings(context=4096, parallel=2),
-    LaunchSettings(context=4096, cache_type_k="q8_0"),
-    LaunchSettings(context=4096, cache_type_v="q4_0"),
-    LaunchSettings(context=4096, gpu_layers=10),
-    LaunchSettings(context=4096, on_gpu=True),
-    LaunchSettings(context=4096, ubatch=256),
-    LaunchSettings(context=4096, flash_attention=False),
-])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        LaunchSettings(context=8192),
+        LaunchSettings(context=4096, parallel=2),
+        LaunchSettings(context=4096, cache_type_k="q8_0"),
+        LaunchSettings(context=4096, cache_type_v="q4_0"),
+        LaunchSettings(context=4096, gpu_layers=10),
+        LaunchSettings(context=4096, on_gpu=True),
+        LaunchSettings(context=4096, ubatch=256),
+        LaunchSettings(context=4096, flash_attention=False),
+    ],
+)
 def test_learned_key_follows_the_launch_settings(tmp_path, changed):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -156,14 +177,17 @@ def test_learned_key_follows_the_image_and_tells_a_tag_from_a_file(tmp_path):
     assert learned_key("llama3.2:1b", launch, "ollama:1") != learned_key("llama3.2:1b", launch, "ollama:2")
 
 
-@pytest.mark.parametrize("learned, lower, peak, expected", [
-    (None, [], 500, (500, [])),              # the first run teaches
-    (500, [], 600, (600, [])),               # a higher peak raises at once
-    (500, [400], 500, (500, [])),            # an equal peak breaks a run of lower ones
-    (500, [], 400, (500, [400])),            # one lower run is counted, not trusted
-    (500, [400], 450, (500, [400, 450])),
-    (500, [400, 450], 420, (450, [])),       # the third in a row: down to the highest of them
-])
+@pytest.mark.parametrize(
+    "learned, lower, peak, expected",
+    [
+        (None, [], 500, (500, [])),  # the first run teaches
+        (500, [], 600, (600, [])),  # a higher peak raises at once
+        (500, [400], 500, (500, [])),  # an equal peak breaks a run of lower ones
+        (500, [], 400, (500, [400])),  # one lower run is counted, not trusted
+        (500, [400], 450, (500, [400, 450])),
+        (500, [400, 450], 420, (450, [])),  # the third in a row: down to the highest of them
+    ],
+)
 def test_a_learned_size_comes_down_only_after_consistent_lower_peaks(learned, lower, peak, expected):
     assert LOWER_RUNS == 3
     assert after_run(learned, lower, peak) == expected

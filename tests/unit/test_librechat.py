@@ -17,17 +17,24 @@ KEY = "sk-local-0123456789abcdef0123456789abcdef"  # daemon.api_keys need 32 cha
 
 
 def config(**daemon) -> Config:
-    return Config.model_validate({"daemon": daemon, "models": [{"name": "llama3", "gguf": "/m/a.gguf"},
-                                                                 {"name": "qwen", "gguf": "/m/b.gguf"}]})
+    return Config.model_validate(
+        {"daemon": daemon, "models": [{"name": "llama3", "gguf": "/m/a.gguf"}, {"name": "qwen", "gguf": "/m/b.gguf"}]}
+    )
 
 
 def test_the_block_points_librechat_at_the_proxy_with_the_settings_it_needs():
-    [endpoint] = librechat_block(config(proxy_listen="0.0.0.0:8081", api_keys=[KEY]),
-                                 "localllm", "host.docker.internal")["endpoints"]["custom"]
+    [endpoint] = librechat_block(
+        config(proxy_listen="0.0.0.0:8081", api_keys=[KEY]), "localllm", "host.docker.internal"
+    )["endpoints"]["custom"]
     assert endpoint == {
-        "name": "localllm", "apiKey": KEY, "baseURL": "http://host.docker.internal:8081/v1",
-        "models": {"default": ["llama3", "qwen"], "fetch": True}, "titleConvo": True,
-        "titleModel": "current_model", "modelDisplayLabel": "localllm"}
+        "name": "localllm",
+        "apiKey": KEY,
+        "baseURL": "http://host.docker.internal:8081/v1",
+        "models": {"default": ["llama3", "qwen"], "fetch": True},
+        "titleConvo": True,
+        "titleModel": "current_model",
+        "modelDisplayLabel": "localllm",
+    }
 
 
 def test_without_keys_the_api_key_is_a_placeholder():
@@ -43,11 +50,21 @@ def test_a_name_starting_with_ollama_is_refused(name):
 
 def test_the_cli_prints_yaml_that_parses(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(f"daemon: {{proxy_listen: '0.0.0.0:9000', api_keys: [{KEY}]}}\nmodels:\n  - {{name: m, gguf: x.gguf}}\n")
-    done = subprocess.run([str(Path(sys.executable).parent / "localllmctl"), "--config", str(path), "librechat"],
-                          capture_output=True, text=True, timeout=30)
+    path.write_text(
+        f"daemon: {{proxy_listen: '0.0.0.0:9000', api_keys: [{KEY}]}}\nmodels:\n  - {{name: m, gguf: x.gguf}}\n"
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "localllmctl"), "--config", str(path), "librechat"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout)["endpoints"]["custom"][0]["baseURL"] == "http://host.docker.internal:9000/v1"
-    refused = subprocess.run([str(Path(sys.executable).parent / "localllmctl"), "--config", str(path), "librechat",
-                              "--name", "ollama"], capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        [str(Path(sys.executable).parent / "localllmctl"), "--config", str(path), "librechat", "--name", "ollama"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert refused.returncode == 2 and "starts with 'ollama'" in refused.stderr

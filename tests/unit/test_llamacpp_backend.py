@@ -18,8 +18,23 @@ CPU = PROFILES["cpu-only"]
 GPU = PROFILES["gpu-1x24g"]
 SOCKET = Endpoint(socket="0123abcd4567ef89")
 GPU0 = Device(id="gpu0", budget=20 << 30, index=0, uuid="GPU-8d2c7e1a-0000-4000-8000-000000000001")
-PINNED_CPU = ("--ctx-size", "4096", "--parallel", "1", "--no-kv-unified", "--ubatch-size", "512",
-              "--cache-type-k", "f16", "--cache-type-v", "f16", "--flash-attn", "on", "--fit", "off")
+PINNED_CPU = (
+    "--ctx-size",
+    "4096",
+    "--parallel",
+    "1",
+    "--no-kv-unified",
+    "--ubatch-size",
+    "512",
+    "--cache-type-k",
+    "f16",
+    "--cache-type-v",
+    "f16",
+    "--flash-attn",
+    "on",
+    "--fit",
+    "off",
+)
 
 
 def entry(tmp_path: Path, **fields) -> ModelEntry:
@@ -35,15 +50,30 @@ def test_cpu_profile_spec(tmp_path):
     settings = DaemonSettings(instance="lab", labels={"team": "ml", "env": "dev"})
     spec = llamacpp.container_spec(entry(tmp_path), CPU, settings, SOCKET)
     assert spec.command == (
-        "--model", "/models/tiny.gguf", "--alias", "tiny", "--host", "/run/llama/http.sock", "--no-webui",
-        "--no-slots", *PINNED_CPU,
+        "--model",
+        "/models/tiny.gguf",
+        "--alias",
+        "tiny",
+        "--host",
+        "/run/llama/http.sock",
+        "--no-webui",
+        "--no-slots",
+        *PINNED_CPU,
     )
     assert spec.gpu_device_ids is None
     assert spec.image == CPU.defaults.images.llamacpp == "localllm/llama-server:0.3.36-cpu"
-    assert spec.mounts == (BindMount(str((tmp_path / "models" / "tiny.gguf").resolve()), "/models/tiny.gguf", True),
-                           BindMount(f"/var/lib/localllm/servers/{SOCKET.socket}", "/run/llama", False))
+    assert spec.mounts == (
+        BindMount(str((tmp_path / "models" / "tiny.gguf").resolve()), "/models/tiny.gguf", True),
+        BindMount(f"/var/lib/localllm/servers/{SOCKET.socket}", "/run/llama", False),
+    )
     assert (spec.name, spec.owner, spec.model, spec.backend, spec.endpoint, spec.network) == (
-        container_name("lab", "tiny") + "-0123abcd", "lab", "tiny", "llamacpp", SOCKET, "none")
+        container_name("lab", "tiny") + "-0123abcd",
+        "lab",
+        "tiny",
+        "llamacpp",
+        SOCKET,
+        "none",
+    )
     assert spec.extra_labels == (("env", "dev"), ("team", "ml"))
 
 
@@ -62,9 +92,25 @@ def test_gpu_profile_pins_its_gpu_and_profile_layers(tmp_path, profile_name):
 def test_gpu_command_pins_fit_flash_attention_kv_unified_and_the_device(tmp_path):
     spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), SOCKET, GPU0)
     assert spec.command[8:] == (
-        "--ctx-size", "16384", "--parallel", "2", "--no-kv-unified", "--ubatch-size", "512",
-        "--cache-type-k", "f16", "--cache-type-v", "f16", "--flash-attn", "on", "--fit", "off",
-        "--n-gpu-layers", "999", "--device", "CUDA0",  # the one GPU the container is given is CUDA0 inside it
+        "--ctx-size",
+        "16384",
+        "--parallel",
+        "2",
+        "--no-kv-unified",
+        "--ubatch-size",
+        "512",
+        "--cache-type-k",
+        "f16",
+        "--cache-type-v",
+        "f16",
+        "--flash-attn",
+        "on",
+        "--fit",
+        "off",
+        "--n-gpu-layers",
+        "999",
+        "--device",
+        "CUDA0",  # the one GPU the container is given is CUDA0 inside it
     )
 
 
@@ -72,15 +118,20 @@ def test_gpu_command_pins_fit_flash_attention_kv_unified_and_the_device(tmp_path
 def test_flash_attention_follows_the_model_and_reaches_the_estimate(tmp_path, flash_attention, shown):
     model = entry(tmp_path, flash_attention=flash_attention)
     for profile, device in ((CPU, None), (GPU, GPU0)):
-        assert flag(llamacpp.container_spec(model, profile, DaemonSettings(), SOCKET, device).command,
-                    "--flash-attn") == shown
+        assert (
+            flag(llamacpp.container_spec(model, profile, DaemonSettings(), SOCKET, device).command, "--flash-attn")
+            == shown
+        )
         assert llamacpp.launch_settings(model, profile).flash_attention is flash_attention
 
 
-@pytest.mark.parametrize("launch, expected", [
-    (LaunchSettings(context=2048), ["--no-kv-unified"]),
-    (LaunchSettings(context=2048, parallel=4, kv_unified=True), ["--kv-unified"]),
-])
+@pytest.mark.parametrize(
+    "launch, expected",
+    [
+        (LaunchSettings(context=2048), ["--no-kv-unified"]),
+        (LaunchSettings(context=2048, parallel=4, kv_unified=True), ["--kv-unified"]),
+    ],
+)
 def test_the_kv_unified_flag_follows_the_launch_settings(launch, expected):
     flags = llamacpp.launch_flags(launch)
     assert [f for f in flags if "kv-unified" in f] == expected
@@ -93,21 +144,27 @@ def test_model_gpu_layers_override_the_profile(tmp_path, gpu_layers, shown):
     assert flag(spec.command, "--n-gpu-layers") == shown
 
 
-@pytest.mark.parametrize("device, ids", [
-    (GPU0, ("GPU-8d2c7e1a-0000-4000-8000-000000000001",)),     # the UUID, when NVML gave one
-    (Device(id="gpu1", budget=1, index=1), ("1",)),               # else the index
-    (Device(id="gpu1", budget=1, index=1, uuid=""), ("1",)),
-])
+@pytest.mark.parametrize(
+    "device, ids",
+    [
+        (GPU0, ("GPU-8d2c7e1a-0000-4000-8000-000000000001",)),  # the UUID, when NVML gave one
+        (Device(id="gpu1", budget=1, index=1), ("1",)),  # else the index
+        (Device(id="gpu1", budget=1, index=1, uuid=""), ("1",)),
+    ],
+)
 def test_the_gpu_is_requested_by_uuid_else_by_index(tmp_path, device, ids):
     spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), SOCKET, device)
     assert spec.gpu_device_ids == ids
     assert spec.device == device.id
 
 
-@pytest.mark.parametrize("device, message", [
-    (None, "has GPUs, but no GPU was given"),
-    (Device(id="gpu7", budget=1), "gpu7 has neither a UUID nor an index"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        (None, "has GPUs, but no GPU was given"),
+        (Device(id="gpu7", budget=1), "gpu7 has neither a UUID nor an index"),
+    ],
+)
 def test_a_gpu_profile_without_a_known_gpu_is_an_error_not_every_gpu(tmp_path, device, message):
     # An empty device request means every GPU to Docker, and the server would spread over them.
     with pytest.raises(ValueError, match=message):
@@ -120,12 +177,20 @@ def test_model_gpu_layers_are_ignored_without_gpus(tmp_path):
     assert spec.gpu_device_ids is None
 
 
-@pytest.mark.parametrize("profile, context_size, shown", [
-    (CPU, None, "4096"), (CPU, 512, "512"), (GPU, None, "16384"), (GPU, 65536, "65536"),
-])
+@pytest.mark.parametrize(
+    "profile, context_size, shown",
+    [
+        (CPU, None, "4096"),
+        (CPU, 512, "512"),
+        (GPU, None, "16384"),
+        (GPU, 65536, "65536"),
+    ],
+)
 def test_model_context_size_overrides_the_profile(tmp_path, profile, context_size, shown):
     device = GPU0 if profile.has_gpus else None
-    spec = llamacpp.container_spec(entry(tmp_path, context_size=context_size), profile, DaemonSettings(), SOCKET, device)
+    spec = llamacpp.container_spec(
+        entry(tmp_path, context_size=context_size), profile, DaemonSettings(), SOCKET, device
+    )
     assert flag(spec.command, "--ctx-size") == shown
 
 
@@ -133,8 +198,11 @@ def test_model_context_size_overrides_the_profile(tmp_path, profile, context_siz
 def test_the_server_listens_on_its_socket_only_with_no_network_no_web_ui_and_no_slots(tmp_path, profile, device):
     settings = DaemonSettings(state_dir=tmp_path / "state")
     spec = llamacpp.container_spec(entry(tmp_path), profile, settings, SOCKET, device)
-    assert (flag(spec.command, "--host"), "--port" in spec.command, spec.network) == ("/run/llama/http.sock", False,
-                                                                                      "none")
+    assert (flag(spec.command, "--host"), "--port" in spec.command, spec.network) == (
+        "/run/llama/http.sock",
+        False,
+        "none",
+    )
     assert {"--no-webui", "--no-slots"} <= set(spec.command)
     socket_dir = next(m for m in spec.mounts if m.target == llamacpp.SOCKET_DIR)
     assert (socket_dir.source, socket_dir.read_only) == (str(tmp_path / "state" / "servers" / SOCKET.socket), False)
@@ -199,13 +267,14 @@ def test_a_cpu_profile_limits_memory_to_the_need_with_a_margin(tmp_path):
     assert spec.confinement.memory_limit == memory_limit_for(need) == int(need * 1.25) + (256 << 20)
     unlimited = llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), SOCKET)
     assert spec.config_hash() != unlimited.config_hash()  # a new limit recreates the container
-    assert llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), SOCKET,
-                                   memory_need=need + 1).config_hash() != spec.config_hash()
+    assert (
+        llamacpp.container_spec(entry(tmp_path), CPU, DaemonSettings(), SOCKET, memory_need=need + 1).config_hash()
+        != spec.config_hash()
+    )
 
 
 def test_a_gpu_profile_gets_no_memory_limit_and_keeps_only_its_device_request(tmp_path):
     spec = llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), SOCKET, GPU0, memory_need=3 << 30)
     assert spec.confinement.memory_limit is None
     assert spec.gpu_device_ids == (GPU0.uuid,)
-    assert spec.confinement == llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), SOCKET,
-                                                       GPU0).confinement
+    assert spec.confinement == llamacpp.container_spec(entry(tmp_path), GPU, DaemonSettings(), SOCKET, GPU0).confinement

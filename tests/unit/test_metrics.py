@@ -30,8 +30,9 @@ CHAT = "/v1/chat/completions"
 
 def catalog(*names: str) -> tuple[Config, dict[str, Sizing]]:
     entries = [ModelEntry(name=n, aliases=[n[0]], gguf=Path(f"/nonexistent/{n}.gguf")) for n in names]
-    return Config(models=entries), {n: Sizing(LaunchSettings(context=4096), None, None, None, "test", NEEDS[n])
-                                    for n in names}
+    return Config(models=entries), {
+        n: Sizing(LaunchSettings(context=4096), None, None, None, "test", NEEDS[n]) for n in names
+    }
 
 
 @pytest.fixture
@@ -55,8 +56,11 @@ def metrics(fleet, bus):
 def scrape(metrics: Metrics) -> dict[tuple[str, frozenset], float]:
     body, content_type = metrics.render()
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -125,7 +129,6 @@ def test_config_applies_and_rollbacks(metrics, bus):
     assert value(metrics, "localllm_rollbacks_total", trigger="revert") == 1
 
 
-
 def test_events_published_with_enum_members_are_counted_and_labelled_as_with_strings(metrics, bus):
     bus.publish(EventKind.UNLOAD, "idle", "alpha", reason="idle for 300s", cause=StopCause.IDLE)
     bus.publish(EventKind.UNLOAD, "gone", "alpha", reason="Ollama evicted it", cause=StopCause.SERVER)
@@ -138,6 +141,7 @@ def test_events_published_with_enum_members_are_counted_and_labelled_as_with_str
     assert value(metrics, "localllm_config_applies_total", status="good") == 1
     assert value(metrics, "localllm_rollbacks_total", trigger="revert") == 1
     assert names_with(metrics, "localllm_config_applies_total", "status") == {"good", "failed", "invalid"}
+
 
 def test_requests_are_counted_and_timed(metrics):
     metrics.observe_request("alpha", CHAT, 200, 0.003)
@@ -216,16 +220,19 @@ def test_a_new_catalog_is_read_at_scrape_time_and_counters_survive(metrics, flee
     assert value(metrics, "localllm_queue_depth", model="gamma") == 0
 
 
-@pytest.mark.parametrize("kind, data", [
-    ("load", {}),
-    ("load", {"seconds": "soon"}),
-    ("load", {"seconds": None}),
-    ("unload", {}),
-    ("unload", {"cause": ["not", "hashable"]}),
-    ("apply", {}),
-    ("apply", {"status": {"nested": 1}}),
-    ("something_new", {"x": 1}),
-])
+@pytest.mark.parametrize(
+    "kind, data",
+    [
+        ("load", {}),
+        ("load", {"seconds": "soon"}),
+        ("load", {"seconds": None}),
+        ("unload", {}),
+        ("unload", {"cause": ["not", "hashable"]}),
+        ("apply", {}),
+        ("apply", {"status": {"nested": 1}}),
+        ("something_new", {"x": 1}),
+    ],
+)
 def test_a_malformed_event_never_raises(metrics, bus, kind, data):
     bus.publish(kind, "odd", "alpha", **data)  # the listener runs inside publish
     metrics.on_event(bus.recent()[-1])
@@ -255,7 +262,9 @@ def test_handler_serves_the_rendered_text(metrics, bus):
 
 def test_an_unusable_device_reads_zero_on_the_usable_gauge(metrics, fleet):
     assert value(metrics, "localllm_device_usable", device="gpu0") == 1
-    fleet.scheduler.devices = [Device("gpu0", 0, 0, 0, "GPU-a", "memory info failed: NVML_ERROR_GPU_IS_LOST"),
-                               fleet.scheduler.devices[1]]
+    fleet.scheduler.devices = [
+        Device("gpu0", 0, 0, 0, "GPU-a", "memory info failed: NVML_ERROR_GPU_IS_LOST"),
+        fleet.scheduler.devices[1],
+    ]
     assert value(metrics, "localllm_device_usable", device="gpu0") == 0
     assert value(metrics, "localllm_device_usable", device="gpu1") == 1

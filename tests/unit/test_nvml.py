@@ -38,10 +38,21 @@ def healthy(index: int, uuid: str, used: int = GIB) -> GpuReading:
 
 def test_fake_matches_the_real_pynvml():
     import pynvml
-    for name in ["nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetName",
-                 "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetMigMode",
-                 "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2",
-                 "NVMLLibraryMismatchError", "nvmlMemory_v2"]:
+
+    for name in [
+        "nvmlInit",
+        "nvmlShutdown",
+        "nvmlDeviceGetCount",
+        "nvmlDeviceGetHandleByIndex",
+        "nvmlDeviceGetName",
+        "nvmlDeviceGetUUID",
+        "nvmlDeviceGetMemoryInfo",
+        "nvmlDeviceGetMigMode",
+        "nvmlDeviceGetComputeRunningProcesses",
+        "nvmlDeviceGetComputeRunningProcesses_v2",
+        "NVMLLibraryMismatchError",
+        "nvmlMemory_v2",
+    ]:
         assert hasattr(pynvml, name), name
     for name in dir(FakeNvml):
         if name.startswith("NVML_") or name == "nvmlMemory_v2":
@@ -52,8 +63,11 @@ def test_fake_matches_the_real_pynvml():
 
 # -- opening and closing
 
-@pytest.mark.parametrize("error", [FakeNvml.NVML_ERROR_DRIVER_NOT_LOADED, FakeNvml.NVML_ERROR_LIBRARY_NOT_FOUND,
-                                   FakeNvml.NVML_ERROR_NO_PERMISSION])
+
+@pytest.mark.parametrize(
+    "error",
+    [FakeNvml.NVML_ERROR_DRIVER_NOT_LOADED, FakeNvml.NVML_ERROR_LIBRARY_NOT_FOUND, FakeNvml.NVML_ERROR_NO_PERMISSION],
+)
 def test_open_is_none_when_nvml_init_fails(error):
     fake = FakeNvml(FakeDevice(), init_error=error)
     assert Nvml.open(module=fake) is None
@@ -106,14 +120,18 @@ def test_a_shutdown_error_is_swallowed():
 
 # -- per-device errors
 
-@pytest.mark.parametrize("query, error, problem", [
-    ("memory", FakeNvml.NVML_ERROR_NOT_SUPPORTED, "memory info failed: NVML_ERROR_NOT_SUPPORTED"),
-    ("memory", FakeNvml.NVML_ERROR_GPU_IS_LOST, "memory info failed: NVML_ERROR_GPU_IS_LOST"),
-    ("handle", FakeNvml.NVML_ERROR_GPU_IS_LOST, "device handle failed: NVML_ERROR_GPU_IS_LOST"),
-    ("name", FakeNvml.NVML_ERROR_UNKNOWN, "name failed: NVML_ERROR_UNKNOWN"),
-    ("uuid", FakeNvml.NVML_ERROR_RESET_REQUIRED, "UUID failed: NVML_ERROR_RESET_REQUIRED"),
-    ("memory", 77, "memory info failed: NVML error 77"),  # a code newer than the module knows
-])
+
+@pytest.mark.parametrize(
+    "query, error, problem",
+    [
+        ("memory", FakeNvml.NVML_ERROR_NOT_SUPPORTED, "memory info failed: NVML_ERROR_NOT_SUPPORTED"),
+        ("memory", FakeNvml.NVML_ERROR_GPU_IS_LOST, "memory info failed: NVML_ERROR_GPU_IS_LOST"),
+        ("handle", FakeNvml.NVML_ERROR_GPU_IS_LOST, "device handle failed: NVML_ERROR_GPU_IS_LOST"),
+        ("name", FakeNvml.NVML_ERROR_UNKNOWN, "name failed: NVML_ERROR_UNKNOWN"),
+        ("uuid", FakeNvml.NVML_ERROR_RESET_REQUIRED, "UUID failed: NVML_ERROR_RESET_REQUIRED"),
+        ("memory", 77, "memory info failed: NVML error 77"),  # a code newer than the module knows
+    ],
+)
 def test_a_failing_device_gets_a_problem_and_the_other_keeps_working(query, error, problem):
     nvml = Nvml.open(module=two_gpus(**{query: error}))
     first, second = nvml.read()
@@ -125,8 +143,9 @@ def test_a_failing_device_gets_a_problem_and_the_other_keeps_working(query, erro
 
 def test_a_device_lost_after_its_uuid_keeps_its_name_and_uuid():
     (reading,) = Nvml.open(module=FakeNvml(FakeDevice(uuid=UUID1, fail={"memory": 15}))).read()
-    assert reading == GpuReading(0, "NVIDIA GeForce RTX 3090", 0, 0, 0, UUID1,
-                                 problem="memory info failed: NVML_ERROR_GPU_IS_LOST")
+    assert reading == GpuReading(
+        0, "NVIDIA GeForce RTX 3090", 0, 0, 0, UUID1, problem="memory info failed: NVML_ERROR_GPU_IS_LOST"
+    )
 
 
 def test_a_device_that_fails_once_is_read_again_with_a_new_handle():
@@ -148,8 +167,7 @@ ERRORS = [FakeNvml.NVML_ERROR_NOT_SUPPORTED, FakeNvml.NVML_ERROR_GPU_IS_LOST, Fa
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.dictionaries(st.sampled_from(QUERIES), st.sampled_from(ERRORS), max_size=3), min_size=1,
-                max_size=4))
+@given(st.lists(st.dictionaries(st.sampled_from(QUERIES), st.sampled_from(ERRORS), max_size=3), min_size=1, max_size=4))
 def test_read_never_raises_and_a_device_is_usable_exactly_when_its_queries_answer(failures):
     fake = FakeNvml(*[FakeDevice(uuid=f"GPU-{i}", fail=fail) for i, fail in enumerate(failures)])
     readings = Nvml.open(module=fake).read()
@@ -162,6 +180,7 @@ def test_read_never_raises_and_a_device_is_usable_exactly_when_its_queries_answe
 
 
 # -- memory info versions
+
 
 def test_v2_memory_info_gives_reserved_and_used_without_it():
     (reading,) = Nvml.open(module=FakeNvml(FakeDevice(total=80 * GIB, used=3 * GIB, reserved=GIB // 2))).read()
@@ -181,8 +200,9 @@ def test_without_v2_memory_info_v1_is_used_with_reserved_zero_and_v2_is_not_aske
 
 def without(fake: FakeNvml, *names: str) -> SimpleNamespace:
     """A module like ``fake`` that lacks ``names`` (an older nvidia-ml-py), calls still counted by ``fake``."""
-    return SimpleNamespace(**{name: getattr(fake, name) for name in dir(fake)
-                              if not name.startswith("_") and name not in names})
+    return SimpleNamespace(
+        **{name: getattr(fake, name) for name in dir(fake) if not name.startswith("_") and name not in names}
+    )
 
 
 def test_a_module_without_the_v2_struct_uses_v1():
@@ -208,6 +228,7 @@ def test_a_device_that_refuses_v2_but_answers_v1_is_usable():
 
 # -- MIG, names
 
+
 def test_a_mig_enabled_gpu_is_marked_unsupported_and_the_other_is_not():
     fake = FakeNvml(FakeDevice(uuid=UUID0, mig=1), FakeDevice(uuid=UUID1, mig=0))
     mig, plain = Nvml.open(module=fake).read()
@@ -223,9 +244,11 @@ def test_names_and_uuids_given_as_bytes_are_decoded():
 
 # -- processes
 
+
 def test_processes_of_every_device_with_a_process_on_two_gpus():
-    fake = FakeNvml(FakeDevice(uuid=UUID0, processes=[(4242, 3 * GIB), (77, None)]),
-                    FakeDevice(uuid=UUID1, processes=[(4242, GIB)]))
+    fake = FakeNvml(
+        FakeDevice(uuid=UUID0, processes=[(4242, 3 * GIB), (77, None)]), FakeDevice(uuid=UUID1, processes=[(4242, GIB)])
+    )
     assert Nvml.open(module=fake).processes() == [
         GpuProcess(4242, 3 * GIB, 0, UUID0),
         GpuProcess(77, 0, 0, UUID0),  # NVML reports None where it cannot say (WDDM, some containers)
@@ -235,14 +258,17 @@ def test_processes_of_every_device_with_a_process_on_two_gpus():
 
 @pytest.mark.parametrize("query", ["handle", "uuid", "processes"])
 def test_processes_skip_a_device_whose_query_fails(query):
-    fake = FakeNvml(FakeDevice(uuid=UUID0, processes=[(1, 10)], fail={query: FakeNvml.NVML_ERROR_GPU_IS_LOST}),
-                    FakeDevice(uuid=UUID1, processes=[(2, 20)]))
+    fake = FakeNvml(
+        FakeDevice(uuid=UUID0, processes=[(1, 10)], fail={query: FakeNvml.NVML_ERROR_GPU_IS_LOST}),
+        FakeDevice(uuid=UUID1, processes=[(2, 20)]),
+    )
     assert Nvml.open(module=fake).processes() == [GpuProcess(2, 20, 1, UUID1)]
 
 
 def test_processes_fall_back_to_the_v2_list_on_drivers_without_v3():
-    fake = FakeNvml(FakeDevice(uuid=UUID0, processes=[(5, 50)]), FakeDevice(uuid=UUID1, processes=[(6, 60)]),
-                    has_v3_processes=False)
+    fake = FakeNvml(
+        FakeDevice(uuid=UUID0, processes=[(5, 50)]), FakeDevice(uuid=UUID1, processes=[(6, 60)]), has_v3_processes=False
+    )
     nvml = Nvml.open(module=fake)
     for _ in range(3):
         assert nvml.processes() == [GpuProcess(5, 50, 0, UUID0), GpuProcess(6, 60, 1, UUID1)]
@@ -255,6 +281,7 @@ def test_processes_without_either_list_skip_the_device():
 
 
 # -- threads
+
 
 def test_reads_from_several_threads_are_serialised():
     fake = two_gpus()
@@ -277,6 +304,7 @@ def test_reads_from_several_threads_are_serialised():
 
 
 # -- the one-shot helper kept for callers that read once
+
 
 def test_the_one_shot_helper_opens_and_closes_a_session(monkeypatch):
     fake = FakeNvml(FakeDevice(uuid=UUID0), FakeDevice(uuid=UUID1, fail={"memory": 3}))

@@ -64,8 +64,9 @@ def answer(body: dict | None = None, status: int = 200, **headers: str) -> Handl
 
 
 def ps_listing(*names: str) -> dict:
-    return {"models": [{"name": name, "model": name, "size": 10, "size_vram": 0, "context_length": 4096}
-                       for name in names]}
+    return {
+        "models": [{"name": name, "model": name, "size": 10, "size_vram": 0, "context_length": 4096} for name in names]
+    }
 
 
 # -- loading and unloading
@@ -74,8 +75,12 @@ def ps_listing(*names: str) -> dict:
 def test_load_sends_num_ctx_and_keeps_the_model_loaded():
     fake = FakeOllama(api_generate=answer({"model": "tiny:1b", "done": True, "done_reason": "load"}))
     run(fake, lambda api: api.load("tiny:1b", 8192))
-    assert fake.requests == [("/api/generate", {"model": "tiny:1b", "keep_alive": -1, "options": {"num_ctx": 8192},
-                                                "prompt": "", "stream": False})]
+    assert fake.requests == [
+        (
+            "/api/generate",
+            {"model": "tiny:1b", "keep_alive": -1, "options": {"num_ctx": 8192}, "prompt": "", "stream": False},
+        )
+    ]
 
 
 def test_load_without_a_context_leaves_num_ctx_to_the_modelfile():
@@ -171,6 +176,7 @@ def test_wait_gone_is_false_when_the_model_stays():
 
 def blocked_ps(release: asyncio.Event, body: dict) -> Handler:
     """/api/ps while Ollama loads another model: no answer until the load ends."""
+
     async def handler(_request: web.Request, _body: dict) -> web.Response:
         await release.wait()
         return web.json_response(body)
@@ -208,6 +214,7 @@ def test_loaded_waits_out_a_load_elsewhere_for_as_long_as_it_is_told():
 
 def pull_with_silence(seconds: float) -> Handler:
     """A pull that goes quiet for ``seconds`` ("verifying sha256 digest" on a big blob), then succeeds."""
+
     async def handler(request: web.Request, _body: dict) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
@@ -243,20 +250,28 @@ def test_has_matches_names_as_ollama_does():
     fake = FakeOllama(api_tags=answer({"models": [{"name": "Tiny-A:1B"}, {"name": "myhost:5000/team/x:1"}]}))
 
     async def scenario(api):
-        return [await api.has(name) for name in ("registry.ollama.ai/library/tiny-a:1b", "team/x:1",
-                                                 "myhost:5000/team/x:1")]
+        return [
+            await api.has(name) for name in ("registry.ollama.ai/library/tiny-a:1b", "team/x:1", "myhost:5000/team/x:1")
+        ]
 
     assert run(fake, scenario) == [True, False, True]
 
 
-@pytest.mark.parametrize("call, handlers, problem", [
-    (lambda api: api.has("tiny:1b"), {"api_tags": answer({"error": "boom"}, status=500)}, "/api/tags: HTTP 500"),
-    (lambda api: api.has("tiny:1b"), {"api_tags": answer([1, 2])}, "/api/tags: unexpected answer"),
-    (lambda api: api.loaded(), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
-    (lambda api: api.wait_gone("tiny:1b", 5), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
-    (lambda api: api.show("tiny:1b"), {"api_show": answer({"error": "model 'tiny:1b' not found"}, status=404)},
-     "/api/show: model 'tiny:1b' not found"),
-], ids=["tags", "tags-not-an-object", "ps", "wait-gone", "show"])
+@pytest.mark.parametrize(
+    "call, handlers, problem",
+    [
+        (lambda api: api.has("tiny:1b"), {"api_tags": answer({"error": "boom"}, status=500)}, "/api/tags: HTTP 500"),
+        (lambda api: api.has("tiny:1b"), {"api_tags": answer([1, 2])}, "/api/tags: unexpected answer"),
+        (lambda api: api.loaded(), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
+        (lambda api: api.wait_gone("tiny:1b", 5), {"api_ps": answer({}, status=500)}, "/api/ps: HTTP 500"),
+        (
+            lambda api: api.show("tiny:1b"),
+            {"api_show": answer({"error": "model 'tiny:1b' not found"}, status=404)},
+            "/api/show: model 'tiny:1b' not found",
+        ),
+    ],
+    ids=["tags", "tags-not-an-object", "ps", "wait-gone", "show"],
+)
 def test_a_list_or_show_that_fails_is_an_ollama_failure_not_a_failed_start(call, handlers, problem):
     with pytest.raises(OllamaFailure, match=problem) as caught:
         run(FakeOllama(**handlers), call)
@@ -316,12 +331,19 @@ QWEN3_4B = {  # key_length 128 where embedding / heads is 80: the old estimate w
     "details": {"parameter_size": "4.0B", "quantization_level": "Q4_K_M", "family": "qwen3"},
     "capabilities": ["completion", "tools", "thinking"],
     "parameters": 'repeat_penalty                 1\nstop                           "<|im_start|>"\n'
-                  'num_ctx                        8192\ntemperature                    0.6',
-    "model_info": {"general.architecture": "qwen3", "general.parameter_count": 4_022_468_096,
-                   "qwen3.block_count": 36, "qwen3.context_length": 40960, "qwen3.embedding_length": 2560,
-                   "qwen3.attention.head_count": 32, "qwen3.attention.head_count_kv": 8,
-                   "qwen3.attention.key_length": 128, "qwen3.attention.value_length": 128,
-                   "tokenizer.ggml.tokens": None},
+    "num_ctx                        8192\ntemperature                    0.6",
+    "model_info": {
+        "general.architecture": "qwen3",
+        "general.parameter_count": 4_022_468_096,
+        "qwen3.block_count": 36,
+        "qwen3.context_length": 40960,
+        "qwen3.embedding_length": 2560,
+        "qwen3.attention.head_count": 32,
+        "qwen3.attention.head_count_kv": 8,
+        "qwen3.attention.key_length": 128,
+        "qwen3.attention.value_length": 128,
+        "tokenizer.ggml.tokens": None,
+    },
 }
 QWEN3_WEIGHTS = int(4_022_468_096 * 4.85 / 8)
 
@@ -341,8 +363,7 @@ def test_estimate_counts_every_parallel_slot():
     assert estimate_from_show(QWEN3_4B, 4096, parallel=4) - QWEN3_WEIGHTS == 4 * qwen3_kv(4096)
 
 
-@pytest.mark.parametrize("cache_type, per_element", [("f16", 2), ("q8_0", 1), ("Q4_0", 0.5), ("f32", 4),
-                                                     ("bf16", 2)])
+@pytest.mark.parametrize("cache_type, per_element", [("f16", 2), ("q8_0", 1), ("Q4_0", 0.5), ("f32", 4), ("bf16", 2)])
 def test_estimate_uses_the_kv_cache_types_bytes(cache_type, per_element):
     assert estimate_from_show(QWEN3_4B, 4096, cache_type=cache_type) == QWEN3_WEIGHTS + qwen3_kv(4096, per_element)
 
@@ -359,10 +380,19 @@ def test_estimate_without_key_length_divides_the_embedding_by_the_fewest_heads()
 
 def hybrid(**fields) -> dict:
     """A hybrid model (granite-4-like): attention in some layers, recurrent (SSM) state in the others."""
-    info = {"general.architecture": "hy", "general.parameter_count": 1_000_000_000, "hy.block_count": 4,
-            "hy.embedding_length": 1024, "hy.attention.head_count": [16, 0, 16, 0],
-            "hy.attention.head_count_kv": [4, 0, 4, 0], "hy.ssm.conv_kernel": 4, "hy.ssm.state_size": 128,
-            "hy.ssm.inner_size": 2048, "hy.ssm.group_count": 1, **fields}
+    info = {
+        "general.architecture": "hy",
+        "general.parameter_count": 1_000_000_000,
+        "hy.block_count": 4,
+        "hy.embedding_length": 1024,
+        "hy.attention.head_count": [16, 0, 16, 0],
+        "hy.attention.head_count_kv": [4, 0, 4, 0],
+        "hy.ssm.conv_kernel": 4,
+        "hy.ssm.state_size": 128,
+        "hy.ssm.inner_size": 2048,
+        "hy.ssm.group_count": 1,
+        **fields,
+    }
     return {"details": {"quantization_level": "Q8_0"}, "model_info": info}
 
 
@@ -376,8 +406,13 @@ def test_estimate_reads_array_valued_head_counts_per_layer():
 
 def test_a_short_head_count_array_fills_the_remaining_layers_as_ollama_does():
     """KV.HeadCount: layers past the array's end take its only element, else 1."""
-    info = {"general.architecture": "a", "a.block_count": 3, "a.embedding_length": 512,
-            "a.attention.head_count": [8], "a.attention.head_count_kv": [2, 4]}
+    info = {
+        "general.architecture": "a",
+        "a.block_count": 3,
+        "a.embedding_length": 512,
+        "a.attention.head_count": [8],
+        "a.attention.head_count_kv": [2, 4],
+    }
     assert kv_cache_bytes(info, 100, 1) == 100 * (64 + 64) * (2 + 4 + 1) * 2
 
 

@@ -10,9 +10,11 @@ from supervisor.runtime.images import cpu_image_tag
 
 
 def profile_yaml(name: str, description: str = "", gpus: str = "[]") -> str:
-    return (f"name: {name}\ndescription: '{description}'\n"
-            f"hardware:\n  gpus: {gpus}\n  ram_gib: 16\n  cpu_cores: 4\n"
-            "defaults:\n  images:\n    llamacpp: example/llama:1\n")
+    return (
+        f"name: {name}\ndescription: '{description}'\n"
+        f"hardware:\n  gpus: {gpus}\n  ram_gib: 16\n  cpu_cores: 4\n"
+        "defaults:\n  images:\n    llamacpp: example/llama:1\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +22,16 @@ def shipped():
     return load_profiles()
 
 
-@pytest.mark.parametrize("name, vram_per_gpu", [
-    ("cpu-only", []),
-    ("gpu-1x8g", [8]),
-    ("gpu-1x24g", [24]),
-    ("gpu-2x24g", [24, 24]),
-    ("gpu-1x80g", [80]),
-])
+@pytest.mark.parametrize(
+    "name, vram_per_gpu",
+    [
+        ("cpu-only", []),
+        ("gpu-1x8g", [8]),
+        ("gpu-1x24g", [24]),
+        ("gpu-2x24g", [24, 24]),
+        ("gpu-1x80g", [80]),
+    ],
+)
 def test_shipped_profile_has_the_gpus_its_name_says(shipped, name, vram_per_gpu):
     profile = shipped[name]
     assert profile.name == name
@@ -45,21 +50,24 @@ def test_cpu_profile_uses_the_locally_built_image_and_no_gpu_layers(shipped):
     assert defaults.gpu_layers == 0
 
 
-@pytest.mark.parametrize("vram, ram, expected", [
-    ((), 16, "cpu-only"),
-    ((), 512, "cpu-only"),
-    ((8,), 32, "gpu-1x8g"),
-    ((24,), 64, "gpu-1x24g"),
-    ((24, 24), 128, "gpu-2x24g"),
-    ((80,), 256, "gpu-1x80g"),
-    ((16,), 32, "gpu-1x8g"),   # never a profile declaring more VRAM than present
-    ((12,), 32, "gpu-1x8g"),
-    ((48,), 64, "gpu-1x24g"),
-    ((24, 24, 24, 24), 256, "gpu-2x24g"),
-    ((23.98828125,), 64, "gpu-1x24g"),  # a 24564 MiB RTX 4090
-    ((24,), 8, "gpu-1x24g"),   # RAM only breaks ties
-    ((8,), 512, "gpu-1x8g"),
-])
+@pytest.mark.parametrize(
+    "vram, ram, expected",
+    [
+        ((), 16, "cpu-only"),
+        ((), 512, "cpu-only"),
+        ((8,), 32, "gpu-1x8g"),
+        ((24,), 64, "gpu-1x24g"),
+        ((24, 24), 128, "gpu-2x24g"),
+        ((80,), 256, "gpu-1x80g"),
+        ((16,), 32, "gpu-1x8g"),  # never a profile declaring more VRAM than present
+        ((12,), 32, "gpu-1x8g"),
+        ((48,), 64, "gpu-1x24g"),
+        ((24, 24, 24, 24), 256, "gpu-2x24g"),
+        ((23.98828125,), 64, "gpu-1x24g"),  # a 24564 MiB RTX 4090
+        ((24,), 8, "gpu-1x24g"),  # RAM only breaks ties
+        ((8,), 512, "gpu-1x8g"),
+    ],
+)
 def test_closest_profile(shipped, vram, ram, expected):
     host = HostFacts(gpu_vram_gib=tuple(float(v) for v in vram), ram_gib=float(ram), cpu_cores=8, gpu_source="nvml")
     profile, reason = closest_profile(host, shipped)
@@ -73,12 +81,17 @@ def test_closest_profile_needs_profiles():
         closest_profile(HostFacts((), 16.0, 4), {})
 
 
-@pytest.mark.parametrize("facts, text", [
-    (HostFacts((24.0,), 64.0, 16, "nvml"), "1 GPU(s) with 24.0 GiB (via nvml), 64 GiB RAM, 16 CPU cores"),
-    (HostFacts((23.98828125, 8.0), 31.6, 8, "nvidia-smi"),
-     "2 GPU(s) with 24.0, 8.0 GiB (via nvidia-smi), 32 GiB RAM, 8 CPU cores"),
-    (HostFacts((), 16.0, 4), "no GPU (via none), 16 GiB RAM, 4 CPU cores"),
-])
+@pytest.mark.parametrize(
+    "facts, text",
+    [
+        (HostFacts((24.0,), 64.0, 16, "nvml"), "1 GPU(s) with 24.0 GiB (via nvml), 64 GiB RAM, 16 CPU cores"),
+        (
+            HostFacts((23.98828125, 8.0), 31.6, 8, "nvidia-smi"),
+            "2 GPU(s) with 24.0, 8.0 GiB (via nvidia-smi), 32 GiB RAM, 8 CPU cores",
+        ),
+        (HostFacts((), 16.0, 4), "no GPU (via none), 16 GiB RAM, 4 CPU cores"),
+    ],
+)
 def test_host_facts_describe(facts, text):
     assert facts.describe() == text
 
@@ -98,7 +111,12 @@ def test_extra_dir_overrides_builtin_and_adds_profiles(tmp_path):
 def test_profile_defaults(tmp_path):
     (tmp_path / "lab-box.yaml").write_text(profile_yaml("lab-box"))
     defaults = load_profiles(tmp_path)["lab-box"].defaults
-    assert (defaults.context_size, defaults.gpu_layers, defaults.vram_reserve_gib, defaults.parallel) == (4096, 0, 0.0, 1)
+    assert (defaults.context_size, defaults.gpu_layers, defaults.vram_reserve_gib, defaults.parallel) == (
+        4096,
+        0,
+        0.0,
+        1,
+    )
     assert defaults.images.ollama == "ollama/ollama"
 
 

@@ -24,36 +24,53 @@ def test_a_first_chunk_without_role_gets_it_and_keeps_its_content():
     assert chunk["id"] == "x"
 
 
-@pytest.mark.parametrize("untouched", [
-    event({"role": "assistant", "content": None}),
-    b"data: [DONE]\n\n",
-    b": a comment\n\n",
-    b"data: {not json}\n\n",
-    b'data: {"choices": []}\n\n',
-    b'data: {"object": "text_completion", "choices": [{"text": "hi"}]}\n\n',
-])
+@pytest.mark.parametrize(
+    "untouched",
+    [
+        event({"role": "assistant", "content": None}),
+        b"data: [DONE]\n\n",
+        b": a comment\n\n",
+        b"data: {not json}\n\n",
+        b'data: {"choices": []}\n\n',
+        b'data: {"object": "text_completion", "choices": [{"text": "hi"}]}\n\n',
+    ],
+)
 def test_anything_else_passes_unchanged(untouched):
     assert with_assistant_role(untouched) == untouched
 
 
 # Streams as the pinned llama-server (b11312) sends them, shortened; Ollama's /v1 has the same compact shape.
-CHAT_TOKEN = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"p"}}],"created":1796007952,'
-              b'"id":"chatcmpl-4X","model":"tiny","object":"chat.completion.chunk"}\n\n')
-CHAT_FINISH = (b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1796007952,'
-               b'"id":"chatcmpl-4X","model":"tiny","object":"chat.completion.chunk"}\n\n')
-COMPLETION_TOKEN = (b'data: {"choices":[{"text":" ping","index":0,"logprobs":null,"finish_reason":null}],'
-                    b'"model":"tiny","object":"text_completion","id":"chatcmpl-jc"}\n\n')
-COMPLETION_FINISH = (b'data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"stop"}],'
-                     b'"model":"tiny","object":"text_completion","id":"chatcmpl-jc"}\n\n')
+CHAT_TOKEN = (
+    b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"p"}}],"created":1796007952,'
+    b'"id":"chatcmpl-4X","model":"tiny","object":"chat.completion.chunk"}\n\n'
+)
+CHAT_FINISH = (
+    b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"created":1796007952,'
+    b'"id":"chatcmpl-4X","model":"tiny","object":"chat.completion.chunk"}\n\n'
+)
+COMPLETION_TOKEN = (
+    b'data: {"choices":[{"text":" ping","index":0,"logprobs":null,"finish_reason":null}],'
+    b'"model":"tiny","object":"text_completion","id":"chatcmpl-jc"}\n\n'
+)
+COMPLETION_FINISH = (
+    b'data: {"choices":[{"text":"","index":0,"logprobs":null,"finish_reason":"stop"}],'
+    b'"model":"tiny","object":"text_completion","id":"chatcmpl-jc"}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 # What Ollama sends when its runner fails mid-generation: an empty chunk, then the body ends.
-OLLAMA_CUT = (b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"tiny-a:1b","choices":'
-              b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n')
-ANTHROPIC = (b'event: message_start\ndata: {"type":"message_start","message":{"stop_reason":null}}\n\n'
-             b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
-             b'"delta":{"type":"text_delta","text":"o"}}\n\n')
-ANTHROPIC_END = (b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"}}\n\n'
-                 b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+OLLAMA_CUT = (
+    b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"tiny-a:1b","choices":'
+    b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+)
+ANTHROPIC = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"stop_reason":null}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"o"}}\n\n'
+)
+ANTHROPIC_END = (
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"max_tokens"}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
 
 ENDED = {
     "chat, complete": [CHAT_TOKEN, CHAT_TOKEN, CHAT_FINISH, DONE],
@@ -79,8 +96,10 @@ NOT_ENDED = {
     "anthropic without its end": [ANTHROPIC],
     "SSE comments only": [b": localllm: loading model tiny\n\n"],
     # A model may write anything: in JSON text, quotes and newlines are escaped, so no marker matches.
-    "markers inside the generated text": [b'data: {"choices":[{"delta":{"content":"data: [DONE] \\"finish_reason'
-                                          b'\\":\\"stop\\" \\ndata: [DONE]"},"finish_reason":null}]}\n\n'],
+    "markers inside the generated text": [
+        b'data: {"choices":[{"delta":{"content":"data: [DONE] \\"finish_reason'
+        b'\\":\\"stop\\" \\ndata: [DONE]"},"finish_reason":null}]}\n\n'
+    ],
 }
 
 
@@ -103,8 +122,10 @@ def test_a_stream_without_done_or_a_finish_reason_is_not(chunks):
     assert not fed([bytes([b]) for b in b"".join(chunks)]).complete
 
 
-@pytest.mark.parametrize("ending", [CHAT_FINISH, COMPLETION_FINISH, DONE, ANTHROPIC_END,
-                                    b'data: {"choices": [{"finish_reason": "stop"}]}\n\n'])
+@pytest.mark.parametrize(
+    "ending",
+    [CHAT_FINISH, COMPLETION_FINISH, DONE, ANTHROPIC_END, b'data: {"choices": [{"finish_reason": "stop"}]}\n\n'],
+)
 def test_a_marker_split_across_reads_at_any_byte_is_found(ending):
     stream = CHAT_TOKEN + ending
     for cut in range(len(stream) + 1):

@@ -82,11 +82,15 @@ def setup(tmp_path, room: int, fail_launch=()):
     number = store.record("models: []\n", "test", {}).number
     config = object()
     request = SwitchRequest(
-        number=number, config=config, sizings={"a": SimpleNamespace(need=10), "b": SimpleNamespace(need=10)},
+        number=number,
+        config=config,
+        sizings={"a": SimpleNamespace(need=10), "b": SimpleNamespace(need=10)},
         plan=ChangePlan(keep=("b",), replace=("a",), remove=(), add=(), update=()),
         running={"a": SimpleNamespace(device="gpu0"), "b": SimpleNamespace(device="gpu0")},
-        entries={name: fleet.instances[name].entry for name in ("a", "b")}, reloading=(),
-        report={"generation": number})
+        entries={name: fleet.instances[name].entry for name in ("a", "b")},
+        reloading=(),
+        report={"generation": number},
+    )
     return Rollout(fleet, store), fleet, store, request, config
 
 

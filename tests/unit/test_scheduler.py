@@ -230,33 +230,64 @@ class World:
 
     def check_memory(self) -> None:
         for device in self.s.devices:
-            occupying = [slot for slot in self.s.slots.values() if slot.device == device.id and (
-                slot.phase in (Phase.READY, Phase.STOPPING) or slot.name in self.pending_starts)]
+            occupying = [
+                slot
+                for slot in self.s.slots.values()
+                if slot.device == device.id
+                and (slot.phase in (Phase.READY, Phase.STOPPING) or slot.name in self.pending_starts)
+            ]
             launching = sum(r.bytes for r in self.s.residents() if r.name.endswith("#new") and r.device == device.id)
-            assert sum(slot.need for slot in occupying) + launching <= device.budget, \
+            assert sum(slot.need for slot in occupying) + launching <= device.budget, (
                 f"{device.id} overfilled: {occupying} and {launching} bytes held for launches"
+            )
 
     def room_on(self, device: str) -> int:
         """What a config change checks before it reserves room for a launch (Fleet.room_on)."""
         budget = next(d.budget for d in self.s.devices if d.id == device)
-        return budget - sum(r.bytes for r in self.s.residents() if r.device == device) - sum(
-            self.s.slots[m].need for m in self.pending_starts if self.s.slots[m].device == device)
+        return (
+            budget
+            - sum(r.bytes for r in self.s.residents() if r.device == device)
+            - sum(self.s.slots[m].need for m in self.pending_starts if self.s.slots[m].device == device)
+        )
 
 
 catalogs = st.dictionaries(st.sampled_from("abcdef"), st.integers(5, 120), min_size=1, max_size=6)
-events = st.lists(st.tuples(st.sampled_from(["submit", "finish", "start_ok", "start_fail", "stop", "tick", "crash",
-                                             "hold", "release", "reserve", "unreserve", "need", "unload",
-                                             "adopt"]),
-                            st.integers(0, 100)), max_size=60)
+events = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "submit",
+                "finish",
+                "start_ok",
+                "start_fail",
+                "stop",
+                "tick",
+                "crash",
+                "hold",
+                "release",
+                "reserve",
+                "unreserve",
+                "need",
+                "unload",
+                "adopt",
+            ]
+        ),
+        st.integers(0, 100),
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(catalog=catalogs, budgets=st.lists(st.integers(40, 200), min_size=1, max_size=3),
-       pinned=st.sets(st.sampled_from("abcdef"), max_size=2), sequence=events,
-       min_residency=st.sampled_from([0.0, 5.0]))
+@given(
+    catalog=catalogs,
+    budgets=st.lists(st.integers(40, 200), min_size=1, max_size=3),
+    pinned=st.sets(st.sampled_from("abcdef"), max_size=2),
+    sequence=events,
+    min_residency=st.sampled_from([0.0, 5.0]),
+)
 def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequence, min_residency):
-    s = scheduler(budgets=tuple(budgets), models=catalog, min_residency=min_residency, max_queue=20,
-                  queue_timeout=50)
+    s = scheduler(budgets=tuple(budgets), models=catalog, min_residency=min_residency, max_queue=20, queue_timeout=50)
     for name in pinned & set(catalog):
         s.slots[name].pinned = True
     world = World(s)
@@ -408,8 +439,7 @@ def test_a_model_that_ran_long_enough_starts_its_failure_count_afresh():
 def test_requests_during_backoff_wait_for_the_retry_and_get_its_outcome():
     s = scheduler(restart_delay=2.0)
     t1, _ = s.submit("a", 0)
-    assert decisions(s.started("a", 0, ModelStartFailed("a", "exited", 1))) == [
-        Reject(t1, "a", s.slots["a"].error)]
+    assert decisions(s.started("a", 0, ModelStartFailed("a", "exited", 1))) == [Reject(t1, "a", s.slots["a"].error)]
     t2, actions = s.submit("a", 1)
     assert kinds(actions) == []  # waits: the next start is due at 2
     assert kinds(s.tick(2)) == ["Start:a"]
@@ -494,11 +524,16 @@ def test_events_for_a_model_that_left_the_catalog_are_harmless():
 # -- GPU admission (issue 11): what can never fit is refused at once, with the numbers ---------------
 
 
-def measured_scheduler(free_mib: dict[str, int | None], budgets: dict[str, int], models: dict[str, int],
-                       problems: dict[str, str] | None = None) -> Scheduler:
-    devices = [Device(d, b * MIB, None if free_mib[d] is None else free_mib[d] * MIB, index=i,
-                      problem=(problems or {}).get(d))
-               for i, (d, b) in enumerate(budgets.items())]
+def measured_scheduler(
+    free_mib: dict[str, int | None],
+    budgets: dict[str, int],
+    models: dict[str, int],
+    problems: dict[str, str] | None = None,
+) -> Scheduler:
+    devices = [
+        Device(d, b * MIB, None if free_mib[d] is None else free_mib[d] * MIB, index=i, problem=(problems or {}).get(d))
+        for i, (d, b) in enumerate(budgets.items())
+    ]
     return Scheduler(devices, [ModelSlot(n, need * MIB) for n, need in models.items()], Limits(min_residency=0))
 
 
@@ -511,7 +546,8 @@ def test_a_need_above_what_an_empty_device_measures_free_is_refused_at_once_with
     assert reject.error.http_status == 503
     assert reject.error.message == (
         "'big' needs 80.0 MiB, more than any device can give: gpu0 has 70.0 MiB free of its 100.0 MiB budget "
-        "with none of our models on it (the driver or other processes use the rest)")
+        "with none of our models on it (the driver or other processes use the rest)"
+    )
     assert s.slots["big"].phase is Phase.STOPPED and not s.queue
 
 
@@ -547,15 +583,21 @@ def test_the_device_with_room_is_used_when_another_can_never_fit():
 
 
 def test_an_unusable_device_is_never_chosen_and_a_host_with_none_left_refuses_naming_it():
-    s = measured_scheduler({"gpu0": 0, "gpu1": 90}, {"gpu0": 0, "gpu1": 100}, {"m": 50},
-                           problems={"gpu0": "memory info failed: NVML_ERROR_GPU_IS_LOST"})
+    s = measured_scheduler(
+        {"gpu0": 0, "gpu1": 90},
+        {"gpu0": 0, "gpu1": 100},
+        {"m": 50},
+        problems={"gpu0": "memory info failed: NVML_ERROR_GPU_IS_LOST"},
+    )
     [start] = decisions(s.submit("m", 0)[1])
     assert start.device == "gpu1"
-    s = measured_scheduler({"gpu0": 0}, {"gpu0": 0}, {"m": 50},
-                           problems={"gpu0": "MIG mode is enabled; localllm does not support MIG yet"})
+    s = measured_scheduler(
+        {"gpu0": 0}, {"gpu0": 0}, {"m": 50}, problems={"gpu0": "MIG mode is enabled; localllm does not support MIG yet"}
+    )
     [reject] = decisions(s.submit("m", 0)[1])
-    assert reject.error.message == ("no usable device to place 'm' on (gpu0: MIG mode is enabled; "
-                                    "localllm does not support MIG yet)")
+    assert reject.error.message == (
+        "no usable device to place 'm' on (gpu0: MIG mode is enabled; localllm does not support MIG yet)"
+    )
 
 
 def test_a_model_limited_to_one_device_is_placed_only_there():

@@ -54,14 +54,17 @@ def test_without_notify_socket_nothing_is_sent():
     assert Notifier(None).send("READY=1") is False
 
 
-@pytest.mark.parametrize("environ, pid, expected", [
-    ({}, 1, None),
-    ({"WATCHDOG_USEC": "30000000"}, 1, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, 1, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "2"}, 1, None),  # meant for another process
-    ({"WATCHDOG_USEC": "0"}, 1, None),
-    ({"WATCHDOG_USEC": "soon"}, 1, None),
-])
+@pytest.mark.parametrize(
+    "environ, pid, expected",
+    [
+        ({}, 1, None),
+        ({"WATCHDOG_USEC": "30000000"}, 1, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}, 1, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "2"}, 1, None),  # meant for another process
+        ({"WATCHDOG_USEC": "0"}, 1, None),
+        ({"WATCHDOG_USEC": "soon"}, 1, None),
+    ],
+)
 def test_watchdog_interval_is_half_of_watchdog_usec(environ, pid, expected):
     assert watchdog_interval(environ, pid) == expected
 
@@ -117,6 +120,7 @@ def test_the_unit_file_passes_systemd_analyze_verify(tmp_path):
     assert "Type=notify" in unit and "WatchdogSec=" in unit
     local = str(Path(sys.executable).parent / "localllmd")
     (tmp_path / "localllm.service").write_text(unit.replace("/opt/localllm/venv/bin/localllmd", local))
-    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "localllm.service")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "localllm.service")], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -17,14 +17,24 @@ def fields(path):
     return reader, {name: field.contents() for name, field in reader.fields.items()}
 
 
-@pytest.mark.parametrize("blocks, embedding, heads, kv_heads, context", [
-    (1, 32, 4, 4, 256),
-    (2, 64, 4, 2, 2048),
-    (3, 96, 8, 1, 4096),
-])
+@pytest.mark.parametrize(
+    "blocks, embedding, heads, kv_heads, context",
+    [
+        (1, 32, 4, 4, 256),
+        (2, 64, 4, 2, 2048),
+        (3, 96, 8, 1, 4096),
+    ],
+)
 def test_written_model_reads_back(tmp_path, blocks, embedding, heads, kv_heads, context):
-    path = write_tiny_model(tmp_path / "sub" / "tiny.gguf", blocks=blocks, embedding=embedding, heads=heads,
-                            kv_heads=kv_heads, context=context, name="tiny-test")
+    path = write_tiny_model(
+        tmp_path / "sub" / "tiny.gguf",
+        blocks=blocks,
+        embedding=embedding,
+        heads=heads,
+        kv_heads=kv_heads,
+        context=context,
+        name="tiny-test",
+    )
     assert path == tmp_path / "sub" / "tiny.gguf"
     reader, kv = fields(path)
     assert kv["general.architecture"] == "llama"
@@ -81,23 +91,30 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert len(one) == len(other)
 
 
-@pytest.mark.parametrize("shape", [
-    {"embedding": 66, "heads": 4},
-    {"embedding": 64, "heads": 4, "kv_heads": 3},
-    {"embedding": 64, "heads": 3},
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"embedding": 66, "heads": 4},
+        {"embedding": 64, "heads": 4, "kv_heads": 3},
+        {"embedding": 64, "heads": 3},
+    ],
+)
 def test_indivisible_shapes_raise_value_error(tmp_path, shape):
     with pytest.raises(ValueError, match="embedding must divide by heads, and heads by kv_heads"):
         write_tiny_model(tmp_path / "bad.gguf", **shape)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("shape", [
-    {"blocks": -1},
-    {"embedding": 0},
-    {"heads": 0},
-    {"context": -1},
-], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"blocks": -1},
+        {"embedding": 0},
+        {"heads": 0},
+        {"context": -1},
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
 def test_non_positive_sizes_raise_value_error_and_leave_nothing(tmp_path, shape):
     try:
         write_tiny_model(tmp_path / "bad.gguf", **shape)

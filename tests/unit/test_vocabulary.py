@@ -24,8 +24,22 @@ SOURCES = sorted((ROOT / "supervisor").rglob("*.py"))
 
 def test_event_kinds_are_the_documented_strings():
     assert [str(kind) for kind in EventKind] == [
-        "state", "load", "load_failed", "evict", "unload", "crash", "restart", "health_failure", "adopt", "apply",
-        "rollback", "pull", "device", "memory_wait", "partial_offload"]
+        "state",
+        "load",
+        "load_failed",
+        "evict",
+        "unload",
+        "crash",
+        "restart",
+        "health_failure",
+        "adopt",
+        "apply",
+        "rollback",
+        "pull",
+        "device",
+        "memory_wait",
+        "partial_offload",
+    ]
 
 
 def test_the_readme_documents_every_event_kind_and_no_other():
@@ -38,11 +52,19 @@ def test_stop_causes_are_the_documented_strings():
     assert [str(cause) for cause in StopCause] == ["unload", "idle", "evict", "crash", "server"]
 
 
-@pytest.mark.parametrize("cause, kind", [
-    (StopCause.CRASH, "crash"), (StopCause.EVICT, "evict"), (StopCause.SERVER, "evict"),
-    (StopCause.UNLOAD, "unload"), (StopCause.IDLE, "unload"),
-    ("crash", "crash"), ("server", "evict"), ("idle", "unload"),  # the plain strings the scheduler still passes
-])
+@pytest.mark.parametrize(
+    "cause, kind",
+    [
+        (StopCause.CRASH, "crash"),
+        (StopCause.EVICT, "evict"),
+        (StopCause.SERVER, "evict"),
+        (StopCause.UNLOAD, "unload"),
+        (StopCause.IDLE, "unload"),
+        ("crash", "crash"),
+        ("server", "evict"),
+        ("idle", "unload"),  # the plain strings the scheduler still passes
+    ],
+)
 def test_a_stop_is_published_as_a_crash_an_eviction_or_an_unload(cause, kind):
     assert stop_event_kind(cause) is EventKind(kind)
 
@@ -102,8 +124,11 @@ def calls_named(method: str) -> list[tuple[str, ast.Call]]:
 
 def literals(method: str, position: int, keyword: str) -> list[tuple[str, str]]:
     """(where, value) of each literal passed to ``<anything>.method(...)`` or ``method(...)`` at ``position``."""
-    return [(where, value) for where, call in calls_named(method)
-            for value in string_constants(argument(call, position, keyword))]
+    return [
+        (where, value)
+        for where, call in calls_named(method)
+        for value in string_constants(argument(call, position, keyword))
+    ]
 
 
 def test_every_published_kind_is_an_event_kind_member():

@@ -62,9 +62,15 @@ def launch_settings(model: ModelEntry, profile: Profile) -> LaunchSettings:
     )
 
 
-def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings, endpoint: Endpoint,
-                   device: Device | None = None, memory_need: int | None = None,
-                   user: tuple[int, int] = (65534, 65534)) -> ContainerSpec:
+def container_spec(
+    model: ModelEntry,
+    profile: Profile,
+    settings: DaemonSettings,
+    endpoint: Endpoint,
+    device: Device | None = None,
+    memory_need: int | None = None,
+    user: tuple[int, int] = (65534, 65534),
+) -> ContainerSpec:
     """Pure: the container that serves ``model`` on ``endpoint``'s socket under ``profile``, pinned to
     ``device``'s GPU, running as ``user`` (uid, gid).
 
@@ -80,9 +86,12 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
     launch = launch_settings(model, profile)
     in_container = f"{MODEL_DIR}/{gguf.name}"
     command = [
-        "--model", in_container,
-        "--alias", model.name,
-        "--host", SOCKET,
+        "--model",
+        in_container,
+        "--alias",
+        model.name,
+        "--host",
+        SOCKET,
         "--no-webui",
         "--no-slots",
         *launch_flags(launch),
@@ -98,9 +107,10 @@ def container_spec(model: ModelEntry, profile: Profile, settings: DaemonSettings
         model=model.name,
         backend=NAME,
         owner=settings.instance,
-        mounts=(BindMount(source=str(gguf.resolve()), target=in_container, read_only=True),
-                BindMount(source=str(servers_dir(settings.state_dir) / socket), target=SOCKET_DIR,
-                          read_only=False)),
+        mounts=(
+            BindMount(source=str(gguf.resolve()), target=in_container, read_only=True),
+            BindMount(source=str(servers_dir(settings.state_dir) / socket), target=SOCKET_DIR, read_only=False),
+        ),
         gpu_device_ids=_gpu_ids(profile, device),
         device=device.id if device else "cpu",  # a GPU profile without a device was refused above
         extra_labels=tuple(sorted(settings.labels.items())),
@@ -120,14 +130,21 @@ def launch_flags(launch: LaunchSettings) -> list[str]:
     of a newer image nor ``--fit`` (on by default: it shrinks the context and the offload to what is
     free) can change what the server allocates behind the estimate's back."""
     return [
-        "--ctx-size", str(launch.context),
-        "--parallel", str(launch.parallel),  # explicit: -1 (the default) means 4 slots and a unified cache
+        "--ctx-size",
+        str(launch.context),
+        "--parallel",
+        str(launch.parallel),  # explicit: -1 (the default) means 4 slots and a unified cache
         "--kv-unified" if launch.kv_unified else "--no-kv-unified",
-        "--ubatch-size", str(launch.ubatch),
-        "--cache-type-k", launch.cache_type_k,
-        "--cache-type-v", launch.cache_type_v,
-        "--flash-attn", "on" if launch.flash_attention else "off",  # never "auto": the estimate must know
-        "--fit", "off",
+        "--ubatch-size",
+        str(launch.ubatch),
+        "--cache-type-k",
+        launch.cache_type_k,
+        "--cache-type-v",
+        launch.cache_type_v,
+        "--flash-attn",
+        "on" if launch.flash_attention else "off",  # never "auto": the estimate must know
+        "--fit",
+        "off",
     ]
 
 

@@ -71,14 +71,24 @@ def device_id(settings: OllamaSettings, profile: Profile) -> str:
 
 def launch_settings(settings: OllamaSettings, profile: Profile) -> LaunchSettings:
     """Pure: how an Ollama model is loaded (``options.num_ctx``, ``OLLAMA_NUM_PARALLEL``), for the sizing."""
-    return LaunchSettings(context=settings.context_size or profile.defaults.context_size,
-                          parallel=settings.num_parallel, cache_type_k="f16", cache_type_v="f16",
-                          gpu_layers=-1 if profile.has_gpus else 0, on_gpu=profile.has_gpus,
-                          flash_attention=settings.flash_attention)
+    return LaunchSettings(
+        context=settings.context_size or profile.defaults.context_size,
+        parallel=settings.num_parallel,
+        cache_type_k="f16",
+        cache_type_v="f16",
+        gpu_layers=-1 if profile.has_gpus else 0,
+        on_gpu=profile.has_gpus,
+        flash_attention=settings.flash_attention,
+    )
 
 
-def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: Device | None = None,
-                store_owner: tuple[int, int] | None = None) -> ContainerSpec:
+def server_spec(
+    config: Config,
+    profile: Profile,
+    endpoint: Endpoint,
+    device: Device | None = None,
+    store_owner: tuple[int, int] | None = None,
+) -> ContainerSpec:
     """Pure: the Ollama server container for ``config``'s ``ollama:`` section, reached on ``endpoint``'s socket
     through its relay, seeing ``device`` only.
 
@@ -114,15 +124,21 @@ def server_spec(config: Config, profile: Profile, endpoint: Endpoint, device: De
         model=SERVER_LABEL,
         backend=NAME,
         owner=daemon.instance,
-        mounts=(BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),
-                BindMount(source=str(servers_dir(daemon.state_dir) / socket), target=ollama_relay.SOCKET_DIR,
-                          read_only=False)),
+        mounts=(
+            BindMount(source=str(Path(config.ollama_store).resolve()), target=STORE, read_only=False),
+            BindMount(
+                source=str(servers_dir(daemon.state_dir) / socket), target=ollama_relay.SOCKET_DIR, read_only=False
+            ),
+        ),
         environment=tuple(sorted(environment.items())),
         gpu_device_ids=(device.gpu_request,) if device is not None and device.gpu_request else None,
         device=wanted,
         extra_labels=tuple(sorted(daemon.labels.items())),
-        confinement=Confinement(user=None if store_owner is None else f"{store_owner[0]}:{store_owner[1]}",
-                                pids_limit=PIDS_LIMIT, tmpfs=TMPFS),
+        confinement=Confinement(
+            user=None if store_owner is None else f"{store_owner[0]}:{store_owner[1]}",
+            pids_limit=PIDS_LIMIT,
+            tmpfs=TMPFS,
+        ),
         network=network_name(daemon.instance),  # its own namespace; pulls need the network
     )
 

@@ -70,10 +70,18 @@ def ensure_standin_image(client: docker.DockerClient) -> str:
         with tempfile.TemporaryDirectory(prefix="ollama-standin-") as context:
             shutil.copy(SERVER, Path(context) / "server.py")
             (Path(context) / "Dockerfile").write_text(DOCKERFILE.format(base=base))
-            built, _ = client.images.build(path=context, tag=STANDIN_IMAGE, labels={KEY_LABEL: key},
-                                           pull=False, rm=True, forcerm=True, network_mode="none")
-        print(f"ollama_standin: built {STANDIN_IMAGE} in {time.monotonic() - started:.1f}s",
-              file=sys.stderr, flush=True)
+            built, _ = client.images.build(
+                path=context,
+                tag=STANDIN_IMAGE,
+                labels={KEY_LABEL: key},
+                pull=False,
+                rm=True,
+                forcerm=True,
+                network_mode="none",
+            )
+        print(
+            f"ollama_standin: built {STANDIN_IMAGE} in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True
+        )
         if image is not None and image.id != built.id:  # the image this one replaces, now untagged
             with contextlib.suppress(docker.errors.APIError):
                 client.images.remove(image.id, noprune=False)

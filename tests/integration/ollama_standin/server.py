@@ -102,15 +102,48 @@ DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 FOREVER_NS = 2**63 - 1  # Go's MaxInt64 duration: what a negative keep_alive becomes
 UNSET = object()  # a request without keep_alive: a loaded model keeps its own
-CANNED = ["Hello", " from", " the", " Ollama", " stand", "-in", ":", " no", " model", " ran", ",",
-          " these", " are", " canned", " tokens", "."]
+CANNED = [
+    "Hello",
+    " from",
+    " the",
+    " Ollama",
+    " stand",
+    "-in",
+    ":",
+    " no",
+    " model",
+    " ran",
+    ",",
+    " these",
+    " are",
+    " canned",
+    " tokens",
+    ".",
+]
 DEFAULT_REGISTRY = {
-    "llama3.2:1b": {"size": 1321098329, "parameter_size": "1.2B", "quantization_level": "Q8_0",
-                    "parameter_count": 1235814432, "block_count": 16, "embedding_length": 2048,
-                    "head_count": 32, "head_count_kv": 8, "context_length": 131072},
-    "qwen2.5:0.5b": {"size": 397821319, "parameter_size": "494.03M", "quantization_level": "Q4_K_M",
-                     "family": "qwen2", "parameter_count": 494032768, "block_count": 24, "embedding_length": 896,
-                     "head_count": 14, "head_count_kv": 2, "context_length": 32768},
+    "llama3.2:1b": {
+        "size": 1321098329,
+        "parameter_size": "1.2B",
+        "quantization_level": "Q8_0",
+        "parameter_count": 1235814432,
+        "block_count": 16,
+        "embedding_length": 2048,
+        "head_count": 32,
+        "head_count_kv": 8,
+        "context_length": 131072,
+    },
+    "qwen2.5:0.5b": {
+        "size": 397821319,
+        "parameter_size": "494.03M",
+        "quantization_level": "Q4_K_M",
+        "family": "qwen2",
+        "parameter_count": 494032768,
+        "block_count": 24,
+        "embedding_length": 896,
+        "head_count": 14,
+        "head_count_kv": 2,
+        "context_length": 32768,
+    },
 }
 KV_BYTES = {"f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
 TEMPLATE = "{{ if .System }}{{ .System }}\n{{ end }}{{ .Prompt }}"
@@ -141,6 +174,7 @@ def emit_line(line: str) -> None:
 def log(level: str, message: str, **fields) -> None:
     """One slog-style line on stdout, as Ollama logs (it logs to stderr; stdout is what the brief asks)."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
     def render(value) -> str:
         if isinstance(value, bool):
             return str(value).lower()
@@ -160,6 +194,7 @@ def log_request(status: int, elapsed: float, client: str, method: str, path: str
 
 
 # ------------------------------------------------------------------------------------ values and names
+
 
 def go_time(epoch: float) -> str:
     """A time as Go's encoding/json writes it (RFC 3339, nanoseconds without trailing zeros; UTC in a container)."""
@@ -308,7 +343,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     value = value.strip() or f"127.0.0.1:{DEFAULT_PORT}"
     for scheme in ("http://", "https://"):
         if value.startswith(scheme):
-            value = value[len(scheme):]
+            value = value[len(scheme) :]
     value = value.rstrip("/")
     if value.startswith("["):  # [::1]:port
         host, _, rest = value[1:].partition("]")
@@ -348,9 +383,14 @@ def registry_entry(name: str, raw: dict) -> dict:
     entry = {
         "name": name,
         "size": size,
-        "details": {"parent_model": "", "format": raw.get("format", "gguf"), "family": family,
-                    "families": [family], "parameter_size": parameter_size,
-                    "quantization_level": raw.get("quantization_level", "Q4_0")},
+        "details": {
+            "parent_model": "",
+            "format": raw.get("format", "gguf"),
+            "family": family,
+            "families": [family],
+            "parameter_size": parameter_size,
+            "quantization_level": raw.get("quantization_level", "Q4_0"),
+        },
         "architecture": raw.get("architecture", family),
         "parameter_count": parameter_count,
         "block_count": int(raw.get("block_count", 16)),
@@ -374,8 +414,11 @@ def registry_entry(name: str, raw: dict) -> dict:
         {"mediaType": "application/vnd.ollama.image.model", "digest": digest("model"), "size": weights},
         {"mediaType": "application/vnd.ollama.image.template", "digest": digest("template"), "size": template_size},
     ]
-    entry["config"] = {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": digest("config"),
-                       "size": size - weights - template_size}
+    entry["config"] = {
+        "mediaType": "application/vnd.docker.container.image.v1+json",
+        "digest": digest("config"),
+        "size": size - weights - template_size,
+    }
     return entry
 
 
@@ -395,6 +438,7 @@ def load_registry() -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------ the store
+
 
 class Store:
     """Manifests under ``<root>/manifests/<host>/<namespace>/<model>/<tag>``, Ollama's layout (no blobs)."""
@@ -461,8 +505,9 @@ class Store:
         model.setdefault("parameters", {})
         model["name"] = name
         model["digest"] = hashlib.sha256(raw).hexdigest()
-        model["size"] = sum(int(layer.get("size", 0)) for layer in manifest.get("layers", [])) + \
-            int((manifest.get("config") or {}).get("size", 0))
+        model["size"] = sum(int(layer.get("size", 0)) for layer in manifest.get("layers", [])) + int(
+            (manifest.get("config") or {}).get("size", 0)
+        )
         model["modified_at"] = modified
         model["blob"] = (manifest.get("layers") or [{}])[0].get("digest", "")
         return model
@@ -482,13 +527,13 @@ class Store:
         return True
 
     def list(self) -> list[dict]:
-        models = [found for parts in self._all_parts()
-                  if (found := self._read(self.path(parts), display_name(parts)))]
+        models = [found for parts in self._all_parts() if (found := self._read(self.path(parts), display_name(parts)))]
         models.sort(key=lambda m: m["modified_at"], reverse=True)  # newest first, as Ollama lists
         return models
 
 
 # ------------------------------------------------------------------------------------------ the scheduler
+
 
 class LoadFailed(Exception):
     pass
@@ -548,8 +593,12 @@ def memory_size(model: dict, context: int, kv_bytes: float) -> int:
     lengths default to ``embedding_length / head_count`` (fs/ggml/ggml.go ``EmbeddingHeadCountK``).
     """
     heads = model.get("head_count") or 1
-    if isinstance(heads, list) or isinstance(model.get("head_count_kv"), list) \
-            or model.get("key_length") or model.get("value_length"):
+    if (
+        isinstance(heads, list)
+        or isinstance(model.get("head_count_kv"), list)
+        or model.get("key_length")
+        or model.get("value_length")
+    ):
         head_max = max(heads) if isinstance(heads, list) and heads else (heads if not isinstance(heads, list) else 1)
         width = model.get("embedding_length") or 0
         key = model.get("key_length") or width // max(head_max, 1)
@@ -575,8 +624,9 @@ class Scheduler:
         self.waiting: deque = deque()  # tickets of requests waiting to be scheduled (sched.go pendingReqCh)
         self.turn: object | None = None  # the ticket being scheduled (sched.go processPending's current request)
         self.used_elsewhere = settings["vram_used_elsewhere"]
-        self.stats = dict.fromkeys(("loads", "reloads", "unloads", "evictions", "aborted_loads", "failed_loads",
-                                    "busy_rejections", "pulls"), 0)
+        self.stats = dict.fromkeys(
+            ("loads", "reloads", "unloads", "evictions", "aborted_loads", "failed_loads", "busy_rejections", "pulls"), 0
+        )
 
     # -- helpers
 
@@ -646,7 +696,9 @@ class Scheduler:
                 while True:
                     self._expire_due()
                     runner = self.loaded.get(name)
-                    usable = runner is not None and runner.state != "stopping" and not self._needs_reload(runner, num_ctx)
+                    usable = (
+                        runner is not None and runner.state != "stopping" and not self._needs_reload(runner, num_ctx)
+                    )
                     if usable and runner.state == "ready":
                         self._use(runner, keep_alive)
                         return runner
@@ -654,14 +706,21 @@ class Scheduler:
                         if ticket is None:
                             if len(self.waiting) >= settings["max_queue"]:
                                 self.stats["busy_rejections"] += 1
-                                log("WARN", "server busy: too many requests wait for a load", model=name,
-                                    OLLAMA_MAX_QUEUE=settings["max_queue"])
+                                log(
+                                    "WARN",
+                                    "server busy: too many requests wait for a load",
+                                    model=name,
+                                    OLLAMA_MAX_QUEUE=settings["max_queue"],
+                                )
                                 raise ServerBusy(SERVER_BUSY)
                             ticket = object()
                             self.waiting.append(ticket)
                         if self.turn is not ticket:
-                            if (self.waiting[0] is ticket and self.turn is None
-                                    and not (settings["serial_loads"] and self.loading)):
+                            if (
+                                self.waiting[0] is ticket
+                                and self.turn is None
+                                and not (settings["serial_loads"] and self.loading)
+                            ):
                                 self.waiting.popleft()
                                 self.turn = ticket
                                 continue
@@ -717,9 +776,17 @@ class Scheduler:
                     why = "max loaded models reached, unloading one to make room"
                 else:
                     why = "model predicted to exceed 80% of the free VRAM, evicting to make room"
-                log("INFO", "evicting a model to make room", model=room.name, for_model=name, reason=why,
-                    loaded=len(self.loaded), OLLAMA_MAX_LOADED_MODELS=self._max_loaded(),
-                    free_vram=self._free_vram() if settings["vram_bytes"] else None, needed=candidate.size)
+                log(
+                    "INFO",
+                    "evicting a model to make room",
+                    model=room.name,
+                    for_model=name,
+                    reason=why,
+                    loaded=len(self.loaded),
+                    OLLAMA_MAX_LOADED_MODELS=self._max_loaded(),
+                    free_vram=self._free_vram() if settings["vram_bytes"] else None,
+                    needed=candidate.size,
+                )
                 self._expire(room, why)
             return None
         if settings["vram_bytes"]:  # all of it on the GPU, or as much as fits (llama-server's own fit)
@@ -737,9 +804,16 @@ class Scheduler:
         ``WaitUntilRunning`` returns on ``ctx.Done()``), failing past OLLAMA_LOAD_TIMEOUT."""
         settings, name = self.settings, runner.name
         runner.session = settings["keep_alive"] if keep_alive is UNSET else keep_alive
-        log("INFO", "loading model", model=name, num_ctx=runner.num_ctx * runner.parallel, parallel=runner.parallel,
-            size=runner.size, size_vram=runner.vram,
-            keep_alive="forever" if runner.session is None else f"{runner.session:g}s")
+        log(
+            "INFO",
+            "loading model",
+            model=name,
+            num_ctx=runner.num_ctx * runner.parallel,
+            parallel=runner.parallel,
+            size=runner.size,
+            size_vram=runner.vram,
+            keep_alive="forever" if runner.session is None else f"{runner.session:g}s",
+        )
         started = time.monotonic()
         error = None
         timeout = settings["load_timeout"]
@@ -753,7 +827,9 @@ class Scheduler:
             if timeout is not None and elapsed >= timeout:
                 error = LOAD_TIMED_OUT
                 break
-            time.sleep(min(0.02, settings["load_seconds"] - elapsed, math.inf if timeout is None else timeout - elapsed))
+            time.sleep(
+                min(0.02, settings["load_seconds"] - elapsed, math.inf if timeout is None else timeout - elapsed)
+            )
         error = error or (str(runner.model["load_error"]) if runner.model.get("load_error") else None)
         with self.cond:
             self.loading.discard(runner)
@@ -828,8 +904,13 @@ class Scheduler:
         for runner in list(self.loaded.values()):
             if runner.state == "stopping" and runner.stop_at is not None and clock >= runner.stop_at:
                 self._remove(runner, runner.stop_reason or "stopped")
-            elif (runner.state == "ready" and runner.refcount <= 0 and runner.expires_at is not None
-                  and runner.session != 0 and now >= runner.expires_at):
+            elif (
+                runner.state == "ready"
+                and runner.refcount <= 0
+                and runner.expires_at is not None
+                and runner.session != 0
+                and now >= runner.expires_at
+            ):
                 runner.session = 0
                 runner.stop_reason = "keep_alive expired"
                 self._stop(runner, "keep_alive expired")
@@ -861,11 +942,21 @@ class Scheduler:
                 else:
                     expires = now + runner.session
                 model = runner.model
-                entries.append((expires, {
-                    "name": runner.name, "model": runner.name, "size": runner.size, "digest": model["digest"],
-                    "details": model.get("details", {}), "expires_at": go_time(expires),
-                    "size_vram": runner.vram, "context_length": runner.num_ctx,
-                }))
+                entries.append(
+                    (
+                        expires,
+                        {
+                            "name": runner.name,
+                            "model": runner.name,
+                            "size": runner.size,
+                            "digest": model["digest"],
+                            "details": model.get("details", {}),
+                            "expires_at": go_time(expires),
+                            "size_vram": runner.vram,
+                            "context_length": runner.num_ctx,
+                        },
+                    )
+                )
         entries.sort(key=lambda pair: int(pair[0]), reverse=True)  # longest remaining first, by whole seconds
         return [entry for _, entry in entries]
 
@@ -875,13 +966,30 @@ class Scheduler:
             self._expire_due()
             vram = None
             if self.settings["vram_bytes"]:
-                vram = {"total": self.settings["vram_bytes"], "used_elsewhere": self.used_elsewhere,
-                        "free": self._free_vram()}
-            return {**self.stats, "queued": len(self.waiting), "loading": sorted(r.name for r in self.loading),
-                    "vram": vram, "runners": [
-                        {"name": r.name, "state": r.state, "num_ctx": r.num_ctx, "parallel": r.parallel,
-                         "size": r.size, "size_vram": r.vram, "refcount": r.refcount, "exited": r.exited}
-                        for r in self.loaded.values()]}
+                vram = {
+                    "total": self.settings["vram_bytes"],
+                    "used_elsewhere": self.used_elsewhere,
+                    "free": self._free_vram(),
+                }
+            return {
+                **self.stats,
+                "queued": len(self.waiting),
+                "loading": sorted(r.name for r in self.loading),
+                "vram": vram,
+                "runners": [
+                    {
+                        "name": r.name,
+                        "state": r.state,
+                        "num_ctx": r.num_ctx,
+                        "parallel": r.parallel,
+                        "size": r.size,
+                        "size_vram": r.vram,
+                        "refcount": r.refcount,
+                        "exited": r.exited,
+                    }
+                    for r in self.loaded.values()
+                ],
+            }
 
     def set_used_elsewhere(self, value: int) -> None:
         with self.cond:
@@ -891,11 +999,12 @@ class Scheduler:
 
 # ------------------------------------------------------------------------------------------ generation
 
+
 def plan_tokens(limit) -> tuple[list[str], str]:
     """The canned answer, cut at ``limit`` tokens (num_predict / max_tokens; negative or absent = no limit)."""
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0 or limit > len(CANNED):
         return list(CANNED), "stop"
-    return CANNED[:int(limit)], "length"
+    return CANNED[: int(limit)], "length"
 
 
 def count_words(text: str) -> int:
@@ -962,11 +1071,13 @@ def show_info(model: dict, verbose: bool) -> dict:
 
 def parameters_text(parameters: dict) -> str:
     """/api/show's ``parameters``: ``fmt.Sprintf("%-*s %#v", 30, k, v)`` per Modelfile option, joined by newlines."""
-    return "\n".join(f"{key:<30} {json.dumps(value) if isinstance(value, str) else value}"
-                     for key, value in parameters.items())
+    return "\n".join(
+        f"{key:<30} {json.dumps(value) if isinstance(value, str) else value}" for key, value in parameters.items()
+    )
 
 
 # ------------------------------------------------------------------------------------------ HTTP
+
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -990,9 +1101,12 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         path = unquote(urlsplit(self.path).path)
         routes = {
-            ("GET", "/"): self.root, ("HEAD", "/"): self.root,
-            ("GET", "/api/version"): self.version, ("HEAD", "/api/version"): self.version,
-            ("GET", "/api/tags"): self.tags, ("HEAD", "/api/tags"): self.tags,
+            ("GET", "/"): self.root,
+            ("HEAD", "/"): self.root,
+            ("GET", "/api/version"): self.version,
+            ("HEAD", "/api/version"): self.version,
+            ("GET", "/api/tags"): self.tags,
+            ("HEAD", "/api/tags"): self.tags,
             ("GET", "/api/ps"): self.ps,
             ("POST", "/api/pull"): self.pull,
             ("POST", "/api/generate"): self.generate,
@@ -1008,7 +1122,7 @@ class Handler(BaseHTTPRequestHandler):
         }
         route = routes.get((self.command, path))
         if route is None and self.command == "GET" and path.startswith("/v1/models/"):
-            route = lambda: self.openai_model(path[len("/v1/models/"):])  # noqa: E731
+            route = lambda: self.openai_model(path[len("/v1/models/") :])  # noqa: E731
         try:
             self.body_bytes = self._read_body()
             if route is None:
@@ -1022,8 +1136,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.status = self.status or 499
         except Exception as exc:  # a bug of the stand-in: say so in the log and to the client, keep serving
-            log("ERROR", "stand-in bug while handling a request", error=repr(exc),
-                traceback=json.dumps(traceback.format_exc()))
+            log(
+                "ERROR",
+                "stand-in bug while handling a request",
+                error=repr(exc),
+                traceback=json.dumps(traceback.format_exc()),
+            )
             self.close_connection = True
             if not self.status:
                 with contextlib.suppress(OSError):
@@ -1138,8 +1256,11 @@ class Handler(BaseHTTPRequestHandler):
         Generate/Chat/Show, ``model "x" not found, try pulling it first`` from ``handleScheduleError``."""
         model = self.st.store.get(name)
         if model is None:
-            message = f"model {json.dumps(name)} not found, try pulling it first" if pull_hint \
+            message = (
+                f"model {json.dumps(name)} not found, try pulling it first"
+                if pull_hint
                 else f"model '{name}' not found"
+            )
             self.send_error_json(404, message, openai)
         return model
 
@@ -1185,10 +1306,22 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"version": VERSION})
 
     def tags(self) -> None:
-        self.send_json(200, {"models": [{
-            "name": m["name"], "model": m["name"], "modified_at": go_time(m["modified_at"]), "size": m["size"],
-            "digest": m["digest"], "details": m.get("details", {}),
-        } for m in self.st.store.list()]})
+        self.send_json(
+            200,
+            {
+                "models": [
+                    {
+                        "name": m["name"],
+                        "model": m["name"],
+                        "modified_at": go_time(m["modified_at"]),
+                        "size": m["size"],
+                        "digest": m["digest"],
+                        "details": m.get("details", {}),
+                    }
+                    for m in self.st.store.list()
+                ]
+            },
+        )
 
     def ps(self) -> None:
         self.send_json(200, {"models": self.st.scheduler.running()})
@@ -1279,13 +1412,20 @@ class Handler(BaseHTTPRequestHandler):
             return
         blob = self.st.store.root / "blobs" / model.get("blob", "").replace(":", "-")
         parameters = model.get("parameters") or {}
-        modelfile = (f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, replace FROM with:'
-                     f'\n# FROM {model["name"]}\n\nFROM {blob}\nTEMPLATE """{TEMPLATE}"""\n'
-                     + "".join(f"PARAMETER {key} {value}\n" for key, value in parameters.items()))
-        answer = {"modelfile": modelfile, "parameters": parameters_text(parameters), "template": TEMPLATE,
-                  "details": model.get("details", {}), "model_info": show_info(model, body.get("verbose") is True),
-                  "capabilities": model.get("capabilities", ["completion"]),
-                  "modified_at": go_time(model["modified_at"])}
+        modelfile = (
+            f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, replace FROM with:'
+            f'\n# FROM {model["name"]}\n\nFROM {blob}\nTEMPLATE """{TEMPLATE}"""\n'
+            + "".join(f"PARAMETER {key} {value}\n" for key, value in parameters.items())
+        )
+        answer = {
+            "modelfile": modelfile,
+            "parameters": parameters_text(parameters),
+            "template": TEMPLATE,
+            "details": model.get("details", {}),
+            "model_info": show_info(model, body.get("verbose") is True),
+            "capabilities": model.get("capabilities", ["completion"]),
+            "modified_at": go_time(model["modified_at"]),
+        }
         self.send_json(200, {key: value for key, value in answer.items() if value != ""})
 
     def delete(self) -> None:
@@ -1364,8 +1504,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.write_ndjson(reply(token, False))
 
             try:
-                tokens, reason, eval_ns = self.produce(runner, options.get("num_predict"),
-                                                       emit if stream else (lambda token: None))
+                tokens, reason, eval_ns = self.produce(
+                    runner, options.get("num_predict"), emit if stream else (lambda token: None)
+                )
             except RunnerDied as exc:
                 if streaming:
                     self.write_ndjson({"error": str(exc)})
@@ -1373,9 +1514,15 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self.send_error_json(500, str(exc))
                 return
-            stats = {"done_reason": reason, "total_duration": time.monotonic_ns() - started,
-                     "load_duration": loaded - started, "prompt_eval_count": prompt_count,
-                     "prompt_eval_duration": 1_000_000, "eval_count": len(tokens), "eval_duration": eval_ns}
+            stats = {
+                "done_reason": reason,
+                "total_duration": time.monotonic_ns() - started,
+                "load_duration": loaded - started,
+                "prompt_eval_count": prompt_count,
+                "prompt_eval_duration": 1_000_000,
+                "eval_count": len(tokens),
+                "eval_duration": eval_ns,
+            }
             if not chat:
                 stats["context"] = list(range(1, prompt_count + len(tokens) + 1))
             if stream:
@@ -1445,8 +1592,9 @@ class Handler(BaseHTTPRequestHandler):
         _, vectors, tokens = done
         answer = {"model": body.get("model"), "embeddings": vectors}
         if vectors:
-            answer.update(total_duration=time.monotonic_ns() - started, load_duration=1_000_000,
-                          prompt_eval_count=tokens)
+            answer.update(
+                total_duration=time.monotonic_ns() - started, load_duration=1_000_000, prompt_eval_count=tokens
+            )
         self.send_json(200, answer)
 
     def openai_embeddings(self) -> None:
@@ -1456,8 +1604,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         encoding = body.get("encoding_format") or ""
         if encoding and encoding.lower() not in ("float", "base64"):
-            self.send_error_json(400, f"Invalid value for 'encoding_format' = {encoding}. "
-                                      "Supported values: ['float', 'base64'].", openai=True)
+            self.send_error_json(
+                400,
+                f"Invalid value for 'encoding_format' = {encoding}. Supported values: ['float', 'base64'].",
+                openai=True,
+            )
             return
         raw = body.get("input")
         if raw == "":
@@ -1465,8 +1616,9 @@ class Handler(BaseHTTPRequestHandler):
         if raw is None or raw == []:
             self.send_error_json(400, "invalid input", openai=True)
             return
-        done = self._embed({"model": body.get("model"), "input": raw, "dimensions": body.get("dimensions")},
-                           openai=True)
+        done = self._embed(
+            {"model": body.get("model"), "input": raw, "dimensions": body.get("dimensions")}, openai=True
+        )
         if done is None:
             return
         _, vectors, tokens = done
@@ -1476,23 +1628,44 @@ class Handler(BaseHTTPRequestHandler):
                 return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             return vector
 
-        self.send_json(200, {"object": "list", "data": [
-            {"object": "embedding", "embedding": encoded(vector), "index": index}
-            for index, vector in enumerate(vectors)], "model": body.get("model"),
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        self.send_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "embedding": encoded(vector), "index": index}
+                    for index, vector in enumerate(vectors)
+                ],
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
     def openai_models(self) -> None:
-        self.send_json(200, {"object": "list", "data": [
-            {"id": m["name"], "object": "model", "created": int(m["modified_at"]), "owned_by": parse_name(m["name"])[1]}
-            for m in self.st.store.list()]})
+        self.send_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": m["name"],
+                        "object": "model",
+                        "created": int(m["modified_at"]),
+                        "owned_by": parse_name(m["name"])[1],
+                    }
+                    for m in self.st.store.list()
+                ],
+            },
+        )
 
     def openai_model(self, name: str) -> None:
         model = self.st.store.get(name) if normal_name(name) else None
         if model is None:
             self.send_error_json(404, f"model '{name}' not found", openai=True)
             return
-        self.send_json(200, {"id": name, "object": "model", "created": int(model["modified_at"]),
-                             "owned_by": parse_name(name)[1]})  # openai/openai.go ToModel: the name as asked
+        self.send_json(
+            200, {"id": name, "object": "model", "created": int(model["modified_at"]), "owned_by": parse_name(name)[1]}
+        )  # openai/openai.go ToModel: the name as asked
 
     def openai_chat(self) -> None:
         """/v1/chat/completions (middleware/openai.go ``ChatMiddleware``/``ChatWriter``, openai/openai.go).
@@ -1538,18 +1711,38 @@ class Handler(BaseHTTPRequestHandler):
         limit = body.get("max_tokens")
         ident, created = f"chatcmpl-{random.randint(0, 998)}", int(time.time())
         prompt_tokens = count_words(message_text(messages)) + 4 * len(messages)
-        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": requested,
-                "system_fingerprint": "fp_ollama"}
+        base = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": requested,
+            "system_fingerprint": "fp_ollama",
+        }
         if body.get("stream") is not True:
             try:
                 tokens, reason, _ = self.produce(runner, limit, lambda token: None)
             except RunnerDied as exc:
                 self.send_error_json(500, str(exc), openai=True)
                 return
-            self.send_json(200, {**base, "object": "chat.completion", "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": reason}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                          "total_tokens": prompt_tokens + len(tokens)}})
+            self.send_json(
+                200,
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(tokens)},
+                            "finish_reason": reason,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": len(tokens),
+                        "total_tokens": prompt_tokens + len(tokens),
+                    },
+                },
+            )
             return
         sent = []
 
@@ -1566,8 +1759,11 @@ class Handler(BaseHTTPRequestHandler):
             if not sent:
                 self.send_error_json(500, str(exc), openai=True)
                 return
-            self.write_sse(compact({**base, "model": "", "choices": [
-                {"index": 0, "delta": {"content": ""}, "finish_reason": None}]}))
+            self.write_sse(
+                compact(
+                    {**base, "model": "", "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
+                )
+            )
             self.end_stream()
             return
         if not sent:  # nothing generated: the first (done) response still opens with a role chunk
@@ -1576,9 +1772,19 @@ class Handler(BaseHTTPRequestHandler):
         self.write_sse(compact(finish))
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         if options.get("include_usage"):
-            self.write_sse(compact({**finish, "choices": [], "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens)}}))
+            self.write_sse(
+                compact(
+                    {
+                        **finish,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": prompt_tokens,
+                            "completion_tokens": len(tokens),
+                            "total_tokens": prompt_tokens + len(tokens),
+                        },
+                    }
+                )
+            )
         self.write_sse("[DONE]")
         self.end_stream()
 
@@ -1597,6 +1803,7 @@ class StandinServer(ThreadingHTTPServer):
 
 
 # ------------------------------------------------------------------------------------------ main
+
 
 def env_flag(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip()
@@ -1653,12 +1860,18 @@ def main(argv: list[str]) -> int:
         print(f"ollama version is {VERSION}", flush=True)
         return 0
     if argv and argv[0] != "serve":
-        print(f'Error: unknown command "{argv[0]}" for "ollama" (this is the Ollama stand-in; only `serve`)',
-              file=sys.stderr, flush=True)
+        print(
+            f'Error: unknown command "{argv[0]}" for "ollama" (this is the Ollama stand-in; only `serve`)',
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     if env_bool("STANDIN_FAIL_START"):
-        print("Error: STANDIN_FAIL_START is set: the Ollama stand-in simulates a server that cannot start",
-              file=sys.stderr, flush=True)
+        print(
+            "Error: STANDIN_FAIL_START is set: the Ollama stand-in simulates a server that cannot start",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     try:
         host, port = parse_listen(os.environ.get("OLLAMA_HOST", ""))
@@ -1687,11 +1900,18 @@ def main(argv: list[str]) -> int:
         "OLLAMA_NUM_PARALLEL": settings["parallel"],
     }
     log("INFO", "server config", env="map[" + " ".join(f"{k}:{v}" for k, v in env.items()) + "]")
-    log("INFO", "this is a STAND-IN for Ollama: canned tokens, no model runs",
-        registry=",".join(registry) or "-", pull_seconds=settings["pull_seconds"],
-        load_seconds=settings["load_seconds"], token_seconds=settings["token_seconds"], gpu=settings["gpu"],
-        vram_bytes=settings["vram_bytes"], unload_seconds=settings["unload_seconds"],
-        stream_fail_after=settings["stream_fail_after"])
+    log(
+        "INFO",
+        "this is a STAND-IN for Ollama: canned tokens, no model runs",
+        registry=",".join(registry) or "-",
+        pull_seconds=settings["pull_seconds"],
+        load_seconds=settings["load_seconds"],
+        token_seconds=settings["token_seconds"],
+        gpu=settings["gpu"],
+        vram_bytes=settings["vram_bytes"],
+        unload_seconds=settings["unload_seconds"],
+        stream_fail_after=settings["stream_fail_after"],
+    )
     try:
         server = StandinServer((host, port), settings, store, registry)
     except OSError as exc:
@@ -1700,8 +1920,13 @@ def main(argv: list[str]) -> int:
         return 1
     log("INFO", f"Listening on {host}:{port} (version {VERSION})")
     gpu = settings["gpu"] or settings["vram_bytes"] > 0
-    log("INFO", "inference compute", id="0" if gpu else "cpu", library="cuda" if gpu else "cpu",
-        models=len(store.list()))
+    log(
+        "INFO",
+        "inference compute",
+        id="0" if gpu else "cpu",
+        library="cuda" if gpu else "cpu",
+        models=len(store.list()),
+    )
 
     stopping = threading.Event()
 
