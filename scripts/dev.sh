@@ -32,6 +32,8 @@ ensure_tools() {
   command -v debootstrap >/dev/null || missing+=(debootstrap)  # the Debian base image of test_install.py
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v openssl >/dev/null || missing+=(openssl)  # the self-signed certificate of the TLS control tests
+  command -v node >/dev/null || missing+=(nodejs)  # LibreChat's client stack (tests/integration/librechat_stack)
+  command -v npm >/dev/null || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 }
 

@@ -1,42 +1,49 @@
-"""The OpenAI-compatible proxy: routes each request by its ``model`` to that model's server.
+"""The proxy: routes each request by its ``model`` to that model's server, on every route in routes.py.
 
-Bodies are forwarded byte for byte unless ``daemon.request_fields`` changes a
-field (intake.py decides; only then is the body written anew); streamed answers
-are passed through chunk by chunk as they arrive, never buffered. A stream that
-breaks off, or that ends without saying how it ended, gets an error event at its
-end rather than passing for a complete answer. A model in the catalog that is
-not running is started first. Control operations are never reachable from here.
-Clients see only the errors that are theirs to see (web_errors.py); what reaches
-the connections before a request does is edge.py's.
+Bodies are forwarded byte for byte unless ``daemon.request_fields`` or the model's ``filters``
+change a field (intake.py and config/serving.py decide; only then is the body written anew);
+streamed answers are passed through chunk by chunk as they arrive, never buffered. A stream that
+breaks off, or that ends without saying how it ended, gets an error event at its end rather than
+passing for a complete answer (streams.py). A model in the catalog that is not running is started
+first; a streaming client sees its progress meanwhile (loading.py). Control operations are never
+reachable from here. Clients see only the errors that are theirs to see (web_errors.py), in their
+route's dialect (dialects.py); what reaches the connections before a request does is edge.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import hmac
-import json
 import time
+from collections import Counter
 
 import aiohttp
 from aiohttp import web
 from loguru import logger
 
+from supervisor.api.dialects import upstream_error
 from supervisor.api.intake import Intake, allowed_hosts_middleware, encode_object, parse_object, planned_fields
+from supervisor.api.loading import KEEPALIVE_SECONDS, LoadingNotes
 from supervisor.api.metrics import Metrics
-from supervisor.api.web_errors import MODEL_KEY, proxy_error_middleware, public_error
+from supervisor.api.model_list import ModelList
+from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Route, check_served
+from supervisor.api.streams import ERROR_STATUS, StreamEnd, sse_headers, with_assistant_role, write_error_event
+from supervisor.api.web_errors import MODEL_KEY, proxy_error_middleware
 from supervisor.config.settings import DaemonSettings
-from supervisor.core.errors import BadRequest, InvalidApiKey, LocalllmError, UpstreamBusy, UpstreamFailed
+from supervisor.core.errors import (
+    BadRequest,
+    ConcurrencyLimit,
+    InvalidApiKey,
+    LocalllmError,
+    UpstreamBusy,
+    UpstreamFailed,
+)
 from supervisor.core.scheduler import RETRY_AFTER
 from supervisor.fleet.owner import Fleet, Instance, Reservation
 
-FORWARDED_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-FORWARDED_HEADERS = ("Content-Type", "Accept")
-KEEPALIVE_SECONDS = 5.0
+FORWARDED_HEADERS = ("Content-Type", "Accept", "anthropic-version", "anthropic-beta")
+OPEN_PATHS = ("/", "/health")  # answered without an API key: they say nothing of the models
 FIRST_EVENT_LIMIT = 1024 * 1024  # a first event larger than this is passed on as it is
-# The status a stream that ended in an error event is counted under in the metrics (its headers said 200).
-ERROR_STATUS = web.ResponseKey("localllm_error_status", int)
 
 
 def create_proxy_app(
@@ -50,29 +57,36 @@ def create_proxy_app(
     # intake.py refuses larger bodies before reading them; aiohttp's own limit stays as a backstop
     app = web.Application(middlewares=middlewares, client_max_size=settings.proxy_limits.max_body + 1)
     proxy = Proxy(fleet, session, settings, metrics)
-    app.router.add_get("/v1/models", proxy.list_models)
-    app.router.add_get("/v1/models/{model:.+}", proxy.get_model)
-    for path in FORWARDED_PATHS:
-        app.router.add_post(path, proxy.forward)
+    models = ModelList(fleet, settings.list_aliases)
+    app.router.add_get("/v1/models", models.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models.get_model)
+    for route in MODEL_ROUTES:
+        app.router.add_post(route.path, proxy.forward)
     app.router.add_get("/health", proxy.health)
-    app.router.add_get("/api/tags", proxy.ollama_tags)
+    app.router.add_get("/", models.ollama_root)
+    app.router.add_get("/api/version", models.ollama_version)
+    app.router.add_get("/api/tags", models.ollama_tags)
     if metrics is not None:
         app.router.add_get("/metrics", metrics.handler)  # read-only; behind the API keys when they are set
     return app
 
 
 def require_api_key(keys: list[str]):
-    """Every /v1 request must carry ``Authorization: Bearer <one of the keys>`` (what LibreChat sends)."""
+    """Every request but ``OPEN_PATHS`` carries one of the keys: ``Authorization: Bearer <key>`` (what OpenAI
+    clients and LibreChat send) or ``x-api-key: <key>`` (what Anthropic clients send)."""
     expected = [key.encode() for key in keys]
+
+    def known(token: str) -> bool:
+        return any(hmac.compare_digest(token.encode(), key) for key in expected)
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
-        if request.path.startswith(("/v1/", "/api/")) or request.path == "/metrics":
+        if request.path not in OPEN_PATHS:
             scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in expected):
+            if not (scheme.lower() == "bearer" and known(token)) and not known(request.headers.get("x-api-key", "")):
                 raise InvalidApiKey(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>' with one of "
-                    "the keys in daemon.api_keys"
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>') with "
+                    "one of the keys in daemon.api_keys"
                 )
         return await handler(request)
 
@@ -86,43 +100,9 @@ class Proxy:
         self.fleet = fleet
         self.session = session
         self.metrics = metrics
+        self.settings = settings
         self.intake = Intake(settings.proxy_limits)
-        self.fields = settings.request_fields
-        self.created = int(time.time())
-
-    def _model_object(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "localllm"}
-
-    async def list_models(self, request: web.Request) -> web.Response:
-        data = [self._model_object(name) for name in self.fleet.instances]
-        return web.json_response({"object": "list", "data": data})
-
-    async def get_model(self, request: web.Request) -> web.Response:
-        instance = self.fleet.resolve(request.match_info["model"])
-        return web.json_response(self._model_object(instance.name))
-
-    async def ollama_tags(self, request: web.Request) -> web.Response:
-        """Ollama's model list, for clients that speak its API (LibreChat endpoints named "ollama..."): the catalog."""
-        modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
-        models = [
-            {
-                "name": name,
-                "model": name,
-                "modified_at": modified,
-                "size": instance.sizing.need,
-                "digest": hashlib.sha256(name.encode()).hexdigest(),
-                "details": {
-                    "format": "gguf",
-                    "family": "",
-                    "families": None,
-                    "parameter_size": "",
-                    "quantization_level": "",
-                    "backend": instance.entry.backend,
-                },
-            }
-            for name, instance in self.fleet.instances.items()
-        ]
-        return web.json_response({"models": models})
+        self.active: Counter[str] = Counter()  # requests per model, waiting or served (max_concurrent)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -132,7 +112,7 @@ class Proxy:
         started, status = time.monotonic(), 500
         try:
             async with self.intake.body_of(request) as body:
-                response = await self._route(request, body)
+                response = await self._route(request, ROUTES_BY_PATH[request.path], body)
             status = response.get(ERROR_STATUS, response.status)
             return response
         except LocalllmError as exc:
@@ -147,29 +127,55 @@ class Proxy:
                     request.get(MODEL_KEY, ""), request.path.removeprefix("/v1/"), status, time.monotonic() - started
                 )
 
-    async def _route(self, request: web.Request, body: bytes) -> web.StreamResponse:
-        payload = await parse_object(body)
+    def _model_of(self, payload: dict) -> str:
+        """The request's ``model``, or the catalog's ``default_model`` for a request that names none."""
         model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("field 'model' is required and must be a string naming a catalog model")
-        instance = self.fleet.resolve(model)  # an unknown model: 404; a bad field: 400, before any model starts
+        if model is None or model == "":
+            model = self.fleet.config.default_model
+            if model is None:
+                raise BadRequest(
+                    "field 'model' is required and must be a string naming a catalog model (or set default_model "
+                    "in the config, for requests that name none)"
+                )
+        if not isinstance(model, str):
+            raise BadRequest("field 'model' must be a string naming a catalog model")
+        return model
+
+    async def _route(self, request: web.Request, route: Route, body: bytes) -> web.StreamResponse:
+        payload = await parse_object(body)
+        instance = self.fleet.resolve(self._model_of(payload))  # unknown: 404; bad fields: 400, before a start
         request[MODEL_KEY] = instance.name
-        changed = planned_fields(payload, request.path, self.fields, instance.sizing.launch.context)
+        check_served(route, instance.name, instance.entry.backend)
+        changed = planned_fields(payload, request.path, self.settings.request_fields, instance.sizing.launch.context)
+        changed = instance.entry.filters.apply(changed or payload) or changed
         if instance.entry.tag:  # its server knows it by its tag (Ollama)
             changed = {**(changed or payload), "model": instance.upstream_model}
         if changed is not None:
             body = await encode_object(changed, len(body))
-        reservation = self.fleet.reserve(model)
-        request[MODEL_KEY] = reservation.instance.name
+        limit = instance.entry.max_concurrent
+        if limit is not None and self.active[instance.name] >= limit:
+            raise ConcurrencyLimit(
+                f"model '{instance.name}' already has {limit} request(s) in flight (max_concurrent {limit}); "
+                "try again shortly",
+                retry_after=RETRY_AFTER,
+            )
+        self.active[instance.name] += 1
+        reservation = self.fleet.reserve(instance.name)
         try:
-            if payload.get("stream") is True and not reservation.granted.done():
-                return await self._stream_after_load(request, reservation, body)
+            stream = payload.get("stream") is True
+            progress = instance.entry.loading_progress or self.settings.loading_progress
+            if stream and progress != "off" and not reservation.granted.done():
+                reasoning = progress == "reasoning" and route.chat_chunks
+                return await self._stream_after_load(request, route, reservation, body, reasoning)
             await reservation.granted
-            return await self._relay(request, reservation.instance, body, payload.get("stream") is True)
+            return await self._relay(request, route, reservation.instance, body, stream)
         finally:
             self.fleet.release(reservation)
+            self.active[instance.name] -= 1
 
-    async def _relay(self, request: web.Request, instance: Instance, body: bytes, stream: bool) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, route: Route, instance: Instance, body: bytes, stream: bool
+    ) -> web.StreamResponse:
         try:
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream) as upstream:
@@ -178,11 +184,13 @@ class Proxy:
                         raise await _busy(instance, upstream)
                     if upstream.content_length is not None and "event-stream" not in content_type:
                         data = await upstream.read()
+                        if upstream.status >= 400:
+                            data = upstream_error(route.dialect, data, upstream.status)
                         return web.Response(status=upstream.status, body=data, headers={"Content-Type": content_type})
-                    response = web.StreamResponse(status=upstream.status, headers=_sse_headers(content_type))
+                    response = web.StreamResponse(status=upstream.status, headers=sse_headers(content_type))
                     await response.prepare(request)
                     watched = upstream.status == 200 and "event-stream" in content_type
-                    return await self._copy_stream(upstream, response, instance, watch_end=watched)
+                    return await self._copy_stream(upstream, response, route, instance, watch_end=watched)
         except ConnectionResetError:  # the client left: nobody to answer (and not the model's fault)
             raise
         except aiohttp.ClientError as exc:
@@ -190,20 +198,19 @@ class Proxy:
             raise _upstream_failed(instance, "did not answer", exc) from None
 
     async def _stream_after_load(
-        self, request: web.Request, reservation: Reservation, body: bytes
+        self, request: web.Request, route: Route, reservation: Reservation, body: bytes, reasoning: bool
     ) -> web.StreamResponse:
-        """Headers now, SSE comments while the model loads, then the model's stream.
-
-        Clients (LibreChat's among them) give up when headers take minutes; comments keep them waiting.
-        """
+        """Headers now, progress notes while the model loads (loading.py), then the model's stream."""
         instance = reservation.instance
-        response = web.StreamResponse(status=200, headers=_sse_headers("text/event-stream"))
+        response = web.StreamResponse(status=200, headers=sse_headers("text/event-stream"))
         await response.prepare(request)
+        notes = LoadingNotes(self.fleet, instance, response, reasoning)
         try:
-            await response.write(f": localllm: loading model {instance.name}\n\n".encode())
+            await notes.begin()
             while not (await asyncio.wait({reservation.granted}, timeout=KEEPALIVE_SECONDS))[0]:
-                await response.write(f": localllm: still loading {instance.name}\n\n".encode())
+                await notes.still()
             reservation.granted.result()
+            await notes.ready()
             with self.fleet.upstream(instance) as base_url:
                 async with self._post_upstream(request, base_url, body, stream=True) as upstream:
                     if upstream.status == self.fleet.hosting_of(instance.entry).busy_status:
@@ -213,15 +220,16 @@ class Proxy:
                         text = f"model '{instance.name}' answered HTTP {upstream.status}: {detail}"
                         raise UpstreamFailed(text, public=text)
                     watched = "event-stream" in upstream.headers.get("Content-Type", "")
-                    return await self._copy_stream(upstream, response, instance, watch_end=watched)
+                    return await self._copy_stream(upstream, response, route, instance, watch_end=watched)
         except ConnectionResetError:
             logger.bind(model=instance.name).info("client went away while its model loaded")
             return response
         except aiohttp.ClientError as exc:
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(response, _upstream_failed(instance, "did not answer", exc), instance.name)
+            error = _upstream_failed(instance, "did not answer", exc)
+            await write_error_event(response, error, instance.name, route.dialect)
         except LocalllmError as exc:
-            await _write_error_event(response, exc, instance.name)
+            await write_error_event(response, exc, instance.name, route.dialect)
         return response
 
     def _post_upstream(self, request: web.Request, base_url: str, body: bytes, stream: bool):
@@ -234,16 +242,22 @@ class Proxy:
         return self.session.post(base_url + request.path, data=body, headers=headers)
 
     async def _copy_stream(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, instance: Instance, watch_end: bool
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        route: Route,
+        instance: Instance,
+        watch_end: bool,
     ) -> web.StreamResponse:
         """Pass the stream through chunk by chunk; close the upstream request if the client leaves.
 
-        Only the first event may be rewritten: llama-server sometimes leaves ``delta.role`` out of it
-        (when the first token is ready at once), and LangChain-based clients such as LibreChat need it.
-        With ``watch_end`` (an SSE stream), a stream whose body ends cleanly but without ``[DONE]`` or a
-        finish reason (Ollama's when its runner fails mid-generation) gets an error event at its end.
+        Only the first event of a chat stream may be rewritten: llama-server sometimes leaves
+        ``delta.role`` out of it (when the first token is ready at once), and LangChain-based clients
+        such as LibreChat need it. With ``watch_end`` (an SSE stream), a stream whose body ends cleanly
+        but without saying how it ended (Ollama's when its runner fails mid-generation) gets an error
+        event at its end.
         """
-        first: bytes | None = b""  # the first event, gathered until complete; None once it went out
+        first: bytes | None = b"" if route.chat_chunks else None  # the first event, until complete
         ending = StreamEnd()
         try:
             async for chunk in upstream.content.iter_any():
@@ -265,102 +279,18 @@ class Proxy:
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             self.fleet.note_upstream_failure(instance)
-            await _write_error_event(
-                response,
-                _upstream_failed(instance, "broke off the stream", exc),
-                instance.name,
-                after_partial_event=ending.mid_event,
-            )
+            error = _upstream_failed(instance, "broke off the stream", exc)
+            await write_error_event(response, error, instance.name, route.dialect, ending.mid_event)
             return response
         if watch_end and not ending.complete:
-            logger.bind(model=instance.name).warning("upstream ended its stream without [DONE] or a finish reason")
+            logger.bind(model=instance.name).warning("upstream ended its stream without saying how it ended")
             self.fleet.note_upstream_failure(instance)
             text = f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"
-            await _write_error_event(
-                response, UpstreamFailed(text, public=text), instance.name, after_partial_event=ending.mid_event
-            )
+            error = UpstreamFailed(text, public=text)
+            await write_error_event(response, error, instance.name, route.dialect, ending.mid_event)
             return response
         await response.write_eof()
         return response
-
-
-class StreamEnd:
-    """Whether the SSE bytes fed so far make a complete stream, found without parsing any JSON.
-
-    Complete means that it said how it ended, and that it stops between events (SSE drops an event
-    cut off before its blank line). An ending is ``data: [DONE]`` (OpenAI's shape, llama-server's
-    and Ollama's), a non-null ``finish_reason`` (chat and ``/completions`` chunks) or ``stop_reason``
-    (Anthropic's ``message_delta``), Anthropic's ``event: message_stop``, or an error event the
-    upstream sent itself. The quoted markers cannot occur inside a JSON string, where quotes are
-    escaped, and the others must start a line, which JSON text cannot (its newlines are escaped).
-    The last bytes of each read are kept, so a marker split across two reads is still found.
-    ``mid_event``: the bytes so far stop inside an event, and anything written next would be glued to it.
-    """
-
-    MARKERS = (
-        b"\ndata: [DONE]",
-        b"\ndata:[DONE]",
-        b'"finish_reason":"',
-        b'"finish_reason": "',
-        b'"stop_reason":"',
-        b'"stop_reason": "',
-        b"\nevent: message_stop",
-        b'\ndata: {"error"',
-        b'\ndata:{"error"',
-    )
-    KEEP = max(len(marker) for marker in MARKERS) - 1
-
-    def __init__(self) -> None:
-        self._said_end = False
-        self._tail = b"\n\n"  # the stream starts between events, at the start of a line
-
-    def feed(self, chunk: bytes) -> None:
-        window = self._tail + chunk
-        self._said_end = self._said_end or any(marker in window for marker in self.MARKERS)
-        self._tail = window[-self.KEEP :]
-
-    @property
-    def complete(self) -> bool:
-        return self._said_end and not self.mid_event
-
-    @property
-    def mid_event(self) -> bool:
-        return not self._tail.endswith((b"\n\n", b"\r\n\r\n"))
-
-
-def with_assistant_role(event: bytes) -> bytes:
-    """A chat completion chunk event whose first choice's delta has ``role: assistant``; others unchanged."""
-    if not event.startswith(b"data: {"):
-        return event
-    try:
-        chunk = json.loads(event[6:])
-        delta = chunk["choices"][0]["delta"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return event
-    if not isinstance(delta, dict) or "role" in delta:
-        return event
-    chunk["choices"][0]["delta"] = {"role": "assistant", **delta}
-    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-
-
-def _sse_headers(content_type: str) -> dict[str, str]:
-    return {"Content-Type": content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def _write_error_event(
-    response: web.StreamResponse, error: LocalllmError, model: str, after_partial_event: bool = False
-) -> None:
-    """An error after the stream started: OpenAI's ``data: {"error": ...}`` event, then the end.
-
-    After a partial event, blank lines end that one first, so the error is an event of its own. The
-    metrics count the request under the error's status, not the 200 its headers carried. The client
-    sees what it may see of the error (web_errors.public_error).
-    """
-    response[ERROR_STATUS] = error.http_status
-    separator = b"\n\n" if after_partial_event else b""
-    with contextlib.suppress(ConnectionResetError):
-        await response.write(separator + b"data: " + json.dumps(public_error(error, model)).encode() + b"\n\n")
-        await response.write_eof()
 
 
 def _upstream_failed(instance: Instance, what: str, exc: Exception) -> UpstreamFailed:

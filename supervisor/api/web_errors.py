@@ -14,6 +14,8 @@ import secrets
 from aiohttp import web
 from loguru import logger
 
+from supervisor.api.dialects import error_body
+from supervisor.api.routes import dialect_of
 from supervisor.core.errors import HTTP_ERROR_CODES, BadRequest, EdgeRefusal, LocalllmError, Overloaded
 
 # The catalog name of the model a proxy request is for, once known: redacted messages name it.
@@ -53,6 +55,8 @@ def error_middleware_for(redact: bool):
             retry_after = exc.retry_after if isinstance(exc, Overloaded) else None
             headers = {"Retry-After": str(retry_after)} if retry_after else None
             body = public_error(exc, request.get(MODEL_KEY)) if redact else exc.to_json()
+            if redact:  # a proxy client: in its route's dialect (Anthropic's shape on /v1/messages)
+                body = error_body(dialect_of(request.path), body, exc.http_status)
             response = web.json_response(body, status=exc.http_status, headers=headers)
             if redact and isinstance(exc, (EdgeRefusal, Overloaded)) and not request.content.is_eof():
                 response.force_close()  # a body we did not read: the connection cannot carry another request
@@ -70,6 +74,8 @@ def error_middleware_for(redact: bool):
                     "code": HTTP_ERROR_CODES.get(exc.status, "http_error"),
                 }
             }
+            if redact:
+                body = error_body(dialect_of(request.path), body, exc.status)
             return web.json_response(body, status=exc.status)
         except Exception:
             error_id = new_error_id()
@@ -77,7 +83,8 @@ def error_middleware_for(redact: bool):
                 "unhandled error {} in {} {}", error_id, request.method, request.path
             )
             error = LocalllmError(f"internal error (error id {error_id}); see the localllmd log under that id")
-            return web.json_response(error.to_json(), status=500)
+            body = error_body(dialect_of(request.path), error.to_json(), 500) if redact else error.to_json()
+            return web.json_response(body, status=500)
 
     return errors
 

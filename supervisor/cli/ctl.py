@@ -192,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no output.weight: the head is the token embedding, as in Gemma or Llama 3.2 1B",
     )
+    generate.add_argument(
+        "--fim",
+        action="store_true",
+        help="name three of its words its fill-in-the-middle tokens, so llama-server serves /infill with it",
+    )
+    generate.add_argument(
+        "--kind",
+        choices=["chat", "reranker", "tools"],  # tinygguf.KINDS, not imported: it needs numpy
+        default="chat",
+        help="chat: a plain llama model (the default); reranker: a qwen3 rank-pooling model with a "
+        "classification head, for llama-server --reranking (/v1/rerank); tools: a llama model with a "
+        "tool-calling chat template that makes one well-formed call when a call is required",
+    )
+    generate.add_argument("--seed", type=int, default=0, help="of the random weights (default 0)")
     generate.set_defaults(run=cmd_model_generate)
     return parser
 
@@ -400,6 +414,9 @@ def cmd_model_generate(args: argparse.Namespace) -> int:
             context=args.context,
             tied_embeddings=args.tied_embeddings,
             name=args.path.stem,
+            kind=args.kind,
+            seed=args.seed,
+            fim=args.fim,
         )
     except ValueError as exc:
         print(f"localllmctl: model generate: {exc}", file=sys.stderr)

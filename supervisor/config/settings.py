@@ -18,6 +18,7 @@ from supervisor.config.access import ControlTls, ControlToken, RoleSockets, Toke
 from supervisor.config.policy import Policy, flag_of, policy_problems
 from supervisor.config.profiles import Profile, load_profiles
 from supervisor.config.schema import Bytes, Problem, Seconds, Strict, describe, read_model
+from supervisor.config.serving import Filters, LoadingProgress
 from supervisor.core.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"
@@ -64,6 +65,9 @@ class ModelEntry(Strict):
     pinned: bool = False
     ttl: Seconds | None = Field(default=None, ge=0)
     startup_timeout: Seconds | None = Field(default=None, gt=0)
+    max_concurrent: int | None = Field(default=None, ge=1)  # requests at once; beyond: 429 with Retry-After
+    filters: Filters = Filters()  # request fields stripped or forced for this model (config/serving.py)
+    loading_progress: LoadingProgress | None = None  # None: daemon.loading_progress
 
     @field_validator("aliases")
     @classmethod
@@ -233,6 +237,8 @@ class DaemonSettings(Strict):
     # answers (names or addresses, any port); empty: any
     proxy_limits: ProxyLimits = ProxyLimits()
     request_fields: RequestFields = RequestFields()
+    loading_progress: LoadingProgress = "comments"  # what a streaming chat sees while its model loads
+    list_aliases: bool = False  # GET /v1/models lists each alias as a model of its own
     docker_url: str | None = None
     policy: Policy | None = None  # what a config may ask of the host; only a restart changes it
 
@@ -298,6 +304,7 @@ class Config(Strict):
     daemon: DaemonSettings = DaemonSettings()
     ollama: OllamaSettings = OllamaSettings()
     models: list[ModelEntry] = []
+    default_model: str | None = None  # serves requests that name no model (/infill, /tokenize from some clients)
 
     @property
     def ollama_store(self) -> Path:
@@ -439,4 +446,6 @@ def cross_check(config: Config, check_files: bool = True) -> list[Problem]:
         if check_files and entry.gguf is not None and not entry.gguf.is_file():
             what = "is not a file" if entry.gguf.exists() else "does not exist"
             problems.append((("models", index, "gguf"), f"model file {entry.gguf} {what}"))
+    if config.default_model is not None and config.model_named(config.default_model) is None:
+        problems.append((("default_model",), f"'{config.default_model}' is not a model or alias of the catalog"))
     return problems

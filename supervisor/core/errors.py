@@ -80,6 +80,12 @@ class BadRequest(LocalllmError):
     client_safe = True
 
 
+class RouteNotServed(BadRequest):
+    """The model's backend has no such route (Ollama serves no ``/infill``, say)."""
+
+    code = "route_not_served"
+
+
 class UnknownModel(LocalllmError):
     code = "model_not_found"
     http_status = 404
@@ -248,6 +254,14 @@ class QueueFull(Overloaded):
 
 class QueueTimeout(Overloaded):
     code = "queue_timeout"
+
+
+class ConcurrencyLimit(Overloaded):
+    """A model's ``max_concurrent`` requests are in flight: this one is refused at once, not queued."""
+
+    code = "concurrency_limit"
+    http_status = 429
+    openai_type = "rate_limit_error"
 
 
 class UpstreamBusy(Overloaded):

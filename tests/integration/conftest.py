@@ -112,6 +112,7 @@ def models_dir(tmp_path_factory) -> Path:
     write_tiny_model(directory / "tiny.gguf", seed=1, name="tiny")
     write_tiny_model(directory / "tiny2.gguf", seed=2, name="tiny2")
     write_tiny_model(directory / "tiny3.gguf", seed=3, name="tiny3")
+    write_tiny_model(directory / "coder.gguf", seed=7, name="coder", fim=True)  # serves /infill
     # Slow enough to observe streaming: a few ms per token on a CPU.
     write_tiny_model(directory / "slow.gguf", embedding=384, blocks=6, heads=6, kv_heads=2, name="slow")
     write_tiny_model(directory / "slow2.gguf", embedding=384, blocks=6, heads=6, kv_heads=2, seed=5, name="slow2")
@@ -169,6 +170,19 @@ class DaemonProcess:
 @pytest.fixture
 def start_daemon(engine, models_dir, tmp_path):
     """Factory: write a config for the given models and start localllmd on it; waits for the control API."""
+    with daemon_factory(engine, models_dir, tmp_path) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon(engine, models_dir, tmp_path_factory):
+    """As ``start_daemon``, for a daemon that a module's tests share: stopped when the module is done."""
+    with daemon_factory(engine, models_dir, tmp_path_factory.mktemp("module")) as start:
+        yield start
+
+
+@contextlib.contextmanager
+def daemon_factory(engine, models_dir: Path, tmp_path: Path):
     started: list[DaemonProcess] = []
 
     def start(

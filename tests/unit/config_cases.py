@@ -17,6 +17,52 @@ BAD_CONFIGS = [
         models:
           - name: a
             gguf: m.gguf
+            filters:
+              strip_params: [reasoning_effort, model]
+        """,
+        [(5, "'model' cannot be stripped: the proxy needs it")],
+        id="filter-strips-model",
+    ),
+    pytest.param(
+        """\
+        models:
+          - name: a
+            gguf: m.gguf
+            filters:
+              set_params: {temperature: 0.2, stream: false}
+        """,
+        [(5, "'stream' cannot be set")],
+        id="filter-sets-stream",
+    ),
+    pytest.param(
+        """\
+        models:
+          - name: a
+            gguf: m.gguf
+            max_concurrent: 0
+            loading_progress: dots
+        """,
+        [
+            (4, "max_concurrent: Input should be greater than or equal to 1"),
+            (5, "loading_progress: Input should be 'off', 'comments' or 'reasoning'"),
+        ],
+        id="serving-limits",
+    ),
+    pytest.param(
+        """\
+        default_model: b
+        models:
+          - name: a
+            gguf: m.gguf
+        """,
+        [(1, "default_model: 'b' is not a model or alias of the catalog")],
+        id="default-model-unknown",
+    ),
+    pytest.param(
+        """\
+        models:
+          - name: a
+            gguf: m.gguf
             context_size: 4096: 8192
         """,
         [(4, "YAML syntax error: mapping values are not allowed here")],

@@ -467,6 +467,8 @@ CLIENT_SAFE = {
     "QueueFull": True,
     "QueueTimeout": True,
     "UpstreamBusy": True,
+    "ConcurrencyLimit": True,  # a count of our own limit
+    "RouteNotServed": True,  # names the route and the backend, from the config
     "BodyBudgetExceeded": True,
     "TooManyConnections": True,
     "ModelGaveUp": False,

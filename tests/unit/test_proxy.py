@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.api.proxy import StreamEnd, with_assistant_role
+from supervisor.api.streams import StreamEnd, with_assistant_role
 
 
 def event(delta: dict) -> bytes:
