@@ -34,7 +34,8 @@ usage() {
 usage: sudo bash install.sh [--wheels DIR]
        sudo bash install.sh --uninstall [--purge]
 
-Install localllm from this checkout (again: upgrade in place):
+Install localllm from this checkout (again: upgrade in place), its dependencies at the tested
+versions pinned in scripts/requirements.lock:
   - system group and user "$ACCOUNT" (the user also in group "docker", made if missing), and the
     groups ${ROLE_GROUPS[*]} of the operator and viewer control sockets;
   - the package in an isolated venv $VENV, linked as $BIN_DIR/localllmctl and localllmd;
@@ -45,8 +46,9 @@ Install localllm from this checkout (again: upgrade in place):
 
 options:
   --wheels DIR   install offline: pip takes everything from the wheel directory DIR
-                 (pip --no-index --find-links DIR); DIR needs the dependencies' wheels and
-                 setuptools (the build backend), e.g. from \`pip wheel -w DIR . setuptools\`
+                 (pip --no-index --find-links DIR); DIR needs the wheels of the locked versions
+                 of the dependencies and of setuptools (the build backend), e.g. from
+                 \`pip wheel -c scripts/requirements.lock -w DIR . setuptools\`
   --uninstall    stop and disable the service, remove the unit, the links and $PREFIX;
                  keep $CONFIG, $STATE_DIR, the user and group, and the models
   --purge        with --uninstall: also remove $ETC, $STATE_DIR, the user and the groups
@@ -142,6 +144,8 @@ copy_sources() {
 
 install_venv() {
   local src=$1 pip_opts=(-q --disable-pip-version-check --no-input)
+  # The versions the tests ran on (bash scripts/dev.sh lock writes them): pip takes no other.
+  [ -f "$src/scripts/requirements.lock" ] || die "$src/scripts/requirements.lock is missing: the checkout is incomplete"
   if [ -n "$wheels" ]; then
     pip_opts+=(--no-index --find-links "$wheels")
     say "installing offline, from the wheels in $wheels"
@@ -160,8 +164,8 @@ install_venv() {
     "$PYTHON" -m venv --clear "$VENV"
   fi
   # A directory is always rebuilt and reinstalled, so an upgrade of the same version takes effect.
-  say "installing the package and its dependencies into $VENV"
-  "$VENV/bin/python" -m pip install "${pip_opts[@]}" --upgrade "$PREFIX/src"
+  say "installing the package and its dependencies into $VENV, at the versions of scripts/requirements.lock"
+  "$VENV/bin/python" -m pip install "${pip_opts[@]}" --upgrade -c "$PREFIX/src/scripts/requirements.lock" "$PREFIX/src"
   rm -rf "$PREFIX/src/build" "$PREFIX/src/"*.egg-info
   local name
   mkdir -p "$BIN_DIR"

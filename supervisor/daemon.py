@@ -266,9 +266,9 @@ class Daemon:
                 "only localllm can reach; remove it from the config"
             )
         self.gpu = GpuWatch(nvml) if nvml is not None else None
-        self.runtime = DockerRuntime(self.settings.docker_url)
+        self.runtime = DockerRuntime(self.settings.docker_url, timeout=self.settings.timeouts.docker)
         docker_version = await self.runtime.connect()
-        self.session = open_session(servers_dir(self.settings.state_dir))
+        self.session = open_session(servers_dir(self.settings.state_dir), self.settings.timeouts)
         readings = await self.gpu.readings() if self.gpu is not None else None
         learned = LearnedSizes(self.settings.state_dir / "learned-sizes.json") if self.gpu is not None else None
         if learned and learned.problem:

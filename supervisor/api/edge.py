@@ -27,13 +27,17 @@ import enum
 import json
 import time
 from collections import OrderedDict
+from http import HTTPStatus
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from loguru import logger
 
+from supervisor.api.dialects import error_body
+from supervisor.api.routes import dialect_of
 from supervisor.config.settings import ProxyLimits
-from supervisor.core.errors import HeadTooLarge, LocalllmError, RequestTimeout, TooManyConnections
+from supervisor.core.errors import HTTP_ERROR_CODES, HeadTooLarge, LocalllmError, RequestTimeout, TooManyConnections
 
 MAX_HEAD = 64 * 1024  # bytes of request line and headers: aiohttp alone would buffer up to 128 x 8 KiB
 LINGER = 2.0  # seconds an unread body is read and dropped after the answer, so the client can read it
@@ -115,7 +119,7 @@ class Edge:
 class EdgeHandler(RequestHandler):
     """aiohttp's HTTP/1.1 protocol, with the deadlines of ``Edge``'s limits per phase of the connection."""
 
-    __slots__ = ("_edge", "_phase", "_timer", "_head_bytes")
+    __slots__ = ("_edge", "_phase", "_timer", "_head_bytes", "_head_start")
 
     def __init__(self, manager: web.Server, edge: Edge, **kwargs):
         super().__init__(manager, **kwargs)
@@ -123,6 +127,7 @@ class EdgeHandler(RequestHandler):
         self._phase = Phase.HEAD
         self._timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._head_start = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -143,6 +148,13 @@ class EdgeHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._phase is Phase.IDLE and data:
             self._enter(Phase.HEAD)
+        if self._phase is Phase.HEAD and self._awaiting_head():  # a head ending in this read counts up to its end
+            if self._head_bytes == 0:
+                self._head_start = data[:512]  # its request line: the route an error answer is shaped for
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > MAX_HEAD:
+                self._refuse(HeadTooLarge(f"the request line and headers are larger than {MAX_HEAD} bytes"))
+                return
         super().data_received(data)
         if self._phase is not Phase.HEAD:
             return
@@ -188,6 +200,34 @@ class EdgeHandler(RequestHandler):
             )
         else:
             self.force_close()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None, message: str | None = None):
+        """What aiohttp's parser refuses (a bad request line, a header over its limits, no Host...) is the client's
+        error: answered as an error object like every other, and logged at debug level, not as a traceback."""
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        logger.debug("proxy refused a request aiohttp could not parse ({}): {}", status, exc or message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        reason = _REASONS.get(status) or HTTPStatus(status).phrase
+        what = f"{reason}: {exc or message or 'the request could not be parsed'}"
+        body = {
+            "error": {
+                "message": what,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": HTTP_ERROR_CODES.get(status, "http_error"),
+            }
+        }
+        body = error_body(dialect_of(self._target_path()), body, status)
+        response = web.json_response(body, status=status)
+        response.force_close()
+        return response
+
+    def _target_path(self) -> str:
+        """The path of the request line of the head being read (aiohttp's placeholder request has none)."""
+        line = self._head_start.split(b"\r\n", 1)[0].split(b" ")
+        return unquote(line[1].split(b"?", 1)[0].decode("latin-1")) if len(line) > 1 else ""
 
     def _refuse(self, error: LocalllmError) -> None:
         """Answer ``error`` on the raw connection (no request is being handled) and close it."""

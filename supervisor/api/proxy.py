@@ -8,35 +8,45 @@ passing for a complete answer (streams.py). A model in the catalog that is not r
 first; a streaming client sees its progress meanwhile (loading.py). Control operations are never
 reachable from here. Clients see only the errors that are theirs to see (web_errors.py), in their
 route's dialect (dialects.py); what reaches the connections before a request does is edge.py's.
+
+Every wait on a model's server has a deadline (``daemon.timeouts``): connecting, ``upstream_connect``;
+its answer's start (the head, and the first chunk of the body), ``first_byte`` from the request's
+sending; each next chunk, ``stream_idle``. Past one, the request ends with ``upstream_timeout`` (504,
+or an error event when the stream has begun), its upstream connection is closed (which ends the
+generation), and the fleet checks the server as for any upstream failure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from loguru import logger
 
-from supervisor.api.dialects import upstream_error
+from supervisor.api.dialects import error_body, upstream_error
 from supervisor.api.intake import Intake, allowed_hosts_middleware, encode_object, parse_object, planned_fields
 from supervisor.api.loading import KEEPALIVE_SECONDS, LoadingNotes
 from supervisor.api.metrics import Metrics
 from supervisor.api.model_list import ModelList
-from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Route, check_served
+from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Route, check_served, dialect_of
 from supervisor.api.streams import ERROR_STATUS, StreamEnd, sse_headers, with_assistant_role, write_error_event
 from supervisor.api.web_errors import MODEL_KEY, proxy_error_middleware
 from supervisor.config.settings import DaemonSettings
 from supervisor.core.errors import (
+    HTTP_ERROR_CODES,
     BadRequest,
     ConcurrencyLimit,
     InvalidApiKey,
     LocalllmError,
     UpstreamBusy,
     UpstreamFailed,
+    UpstreamTimeout,
 )
 from supervisor.core.scheduler import RETRY_AFTER
 from supervisor.fleet.owner import Fleet, Instance, Reservation
@@ -61,14 +71,50 @@ def create_proxy_app(
     app.router.add_get("/v1/models", models.list_models)
     app.router.add_get("/v1/models/{model:.+}", models.get_model)
     for route in MODEL_ROUTES:
-        app.router.add_post(route.path, proxy.forward)
+        app.router.add_post(route.path, proxy.forward, expect_handler=expect_continue)
     app.router.add_get("/health", proxy.health)
     app.router.add_get("/", models.ollama_root)
     app.router.add_get("/api/version", models.ollama_version)
     app.router.add_get("/api/tags", models.ollama_tags)
     if metrics is not None:
         app.router.add_get("/metrics", metrics.handler)  # read-only; behind the API keys when they are set
+    # Last: every other path and method, so that even a request no route takes meets the proxy's own Expect handling
+    # and gets its 404 or 405 as an error object (aiohttp's own answers those before any middleware could).
+    allowed: dict[str, set[str]] = {}
+    for resource in app.router.resources():
+        for route in resource:
+            allowed.setdefault(resource.canonical, set()).add(route.method)
+    app.router.add_route("*", "/{path:.*}", no_route(allowed), expect_handler=expect_continue)
     return app
+
+
+def no_route(allowed: dict[str, set[str]]):
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        methods = allowed.get(request.path)
+        if methods:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        raise web.HTTPNotFound()
+
+    return refuse
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """``Expect: 100-continue`` goes on as aiohttp's own handler does; any other Expect gets an error object (417),
+    not aiohttp's text (which runs before any middleware, and fails on a value that is not UTF-8)."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        if request.version == aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not started
+        return None
+    body = {
+        "error": {
+            "message": "the only Expect this server meets is 100-continue",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": HTTP_ERROR_CODES[417],
+        }
+    }
+    return web.json_response(error_body(dialect_of(request.path), body, 417), status=417)
 
 
 def require_api_key(keys: list[str]):
@@ -76,8 +122,8 @@ def require_api_key(keys: list[str]):
     clients and LibreChat send) or ``x-api-key: <key>`` (what Anthropic clients send)."""
     expected = [key.encode() for key in keys]
 
-    def known(token: str) -> bool:
-        return any(hmac.compare_digest(token.encode(), key) for key in expected)
+    def known(token: str) -> bool:  # a header that is not UTF-8 arrives with surrogates: compared as its bytes
+        return any(hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key) for key in expected)
 
     @web.middleware
     async def check(request: web.Request, handler) -> web.StreamResponse:
@@ -178,20 +224,23 @@ class Proxy:
     ) -> web.StreamResponse:
         try:
             with self.fleet.upstream(instance) as base_url:
-                async with self._post_upstream(request, base_url, body, stream) as upstream:
+                async with self._post_upstream(request, instance, base_url, body, stream) as (upstream, started):
                     content_type = upstream.headers.get("Content-Type", "application/json")
                     if upstream.status == self.fleet.hosting_of(instance.entry).busy_status:
-                        raise await _busy(instance, upstream)
+                        raise _busy(instance, upstream, await self._body(upstream, instance, started))
                     if upstream.content_length is not None and "event-stream" not in content_type:
-                        data = await upstream.read()
+                        data = await self._body(upstream, instance, started)
                         if upstream.status >= 400:
                             data = upstream_error(route.dialect, data, upstream.status)
                         return web.Response(status=upstream.status, body=data, headers={"Content-Type": content_type})
                     response = web.StreamResponse(status=upstream.status, headers=sse_headers(content_type))
                     await response.prepare(request)
                     watched = upstream.status == 200 and "event-stream" in content_type
-                    return await self._copy_stream(upstream, response, route, instance, watch_end=watched)
+                    return await self._copy_stream(upstream, started, response, route, instance, watch_end=watched)
         except ConnectionResetError:  # the client left: nobody to answer (and not the model's fault)
+            raise
+        except UpstreamTimeout:
+            self.fleet.note_upstream_failure(instance)
             raise
         except aiohttp.ClientError as exc:
             self.fleet.note_upstream_failure(instance)
@@ -212,18 +261,21 @@ class Proxy:
             reservation.granted.result()
             await notes.ready()
             with self.fleet.upstream(instance) as base_url:
-                async with self._post_upstream(request, base_url, body, stream=True) as upstream:
+                async with self._post_upstream(request, instance, base_url, body, True) as (upstream, started):
                     if upstream.status == self.fleet.hosting_of(instance.entry).busy_status:
-                        raise await _busy(instance, upstream)
+                        raise _busy(instance, upstream, await self._body(upstream, instance, started))
                     if upstream.status != 200:  # its own answer to the request, as _relay passes it on
-                        detail = (await upstream.read()).decode(errors="replace")[:2000]
+                        detail = (await self._body(upstream, instance, started)).decode(errors="replace")[:2000]
                         text = f"model '{instance.name}' answered HTTP {upstream.status}: {detail}"
                         raise UpstreamFailed(text, public=text)
                     watched = "event-stream" in upstream.headers.get("Content-Type", "")
-                    return await self._copy_stream(upstream, response, route, instance, watch_end=watched)
+                    return await self._copy_stream(upstream, started, response, route, instance, watch_end=watched)
         except ConnectionResetError:
             logger.bind(model=instance.name).info("client went away while its model loaded")
             return response
+        except UpstreamTimeout as exc:
+            self.fleet.note_upstream_failure(instance)
+            await write_error_event(response, exc, instance.name, route.dialect)
         except aiohttp.ClientError as exc:
             self.fleet.note_upstream_failure(instance)
             error = _upstream_failed(instance, "did not answer", exc)
@@ -232,18 +284,69 @@ class Proxy:
             await write_error_event(response, exc, instance.name, route.dialect)
         return response
 
-    def _post_upstream(self, request: web.Request, base_url: str, body: bytes, stream: bool):
+    @contextlib.asynccontextmanager
+    async def _post_upstream(
+        self, request: web.Request, instance: Instance, base_url: str, body: bytes, stream: bool
+    ) -> AsyncIterator[tuple[aiohttp.ClientResponse, float]]:
+        """The upstream's answer once its head is in, and when the request was sent (the loop's clock): connecting
+        within ``upstream_connect``, the head within ``first_byte``; else UpstreamTimeout."""
+        timeouts = self.settings.timeouts
         headers = {h: request.headers[h] for h in FORWARDED_HEADERS if h in request.headers}
         if stream:
             # llama-server closes the connection after a streamed answer without saying so: back in the
             # pool, it would fail the next request sent on it (502 "Server disconnected"). Said here, the
             # connection is not pooled.
             headers["Connection"] = "close"
-        return self.session.post(base_url + request.path, data=body, headers=headers)
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.upstream_connect, sock_read=None)
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout_at(started + timeouts.first_byte):
+                upstream = await self.session.post(base_url + request.path, data=body, headers=headers, timeout=limits)
+        except aiohttp.ConnectionTimeoutError:
+            raise _timed_out(
+                instance, f"took no connection within {timeouts.upstream_connect:g}s", "upstream_connect"
+            ) from None
+        except TimeoutError:
+            raise _timed_out(instance, f"did not answer within {timeouts.first_byte:g}s", "first_byte") from None
+        async with upstream:
+            yield upstream, started
+
+    async def _chunks(
+        self, upstream: aiohttp.ClientResponse, instance: Instance, started: float
+    ) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives: its first chunk by ``first_byte`` after ``started``, each next one within
+        ``stream_idle``; else UpstreamTimeout."""
+        timeouts = self.settings.timeouts
+        first = True
+        while True:
+            try:
+                if first:
+                    async with asyncio.timeout_at(started + timeouts.first_byte):
+                        chunk = await upstream.content.readany()
+                else:
+                    async with asyncio.timeout(timeouts.stream_idle):
+                        chunk = await upstream.content.readany()
+            except TimeoutError:
+                if first:
+                    raise _timed_out(
+                        instance, f"did not answer within {timeouts.first_byte:g}s", "first_byte"
+                    ) from None
+                raise _timed_out(
+                    instance, f"sent nothing for {timeouts.stream_idle:g}s mid-answer", "stream_idle"
+                ) from None
+            if not chunk:
+                return
+            first = False
+            yield chunk
+
+    async def _body(self, upstream: aiohttp.ClientResponse, instance: Instance, started: float) -> bytes:
+        """The whole body of an answer, read within the deadlines of ``_chunks``."""
+        return b"".join([chunk async for chunk in self._chunks(upstream, instance, started)])
 
     async def _copy_stream(
         self,
         upstream: aiohttp.ClientResponse,
+        started: float,
         response: web.StreamResponse,
         route: Route,
         instance: Instance,
@@ -255,12 +358,12 @@ class Proxy:
         ``delta.role`` out of it (when the first token is ready at once), and LangChain-based clients
         such as LibreChat need it. With ``watch_end`` (an SSE stream), a stream whose body ends cleanly
         but without saying how it ended (Ollama's when its runner fails mid-generation) gets an error
-        event at its end.
+        event at its end. A stream that stalls (``_chunks``' deadlines) gets one too.
         """
         first: bytes | None = b"" if route.chat_chunks else None  # the first event, until complete
         ending = StreamEnd()
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in self._chunks(upstream, instance, started):
                 ending.feed(chunk)
                 if first is not None:
                     first += chunk
@@ -276,6 +379,12 @@ class Proxy:
             logger.bind(model=instance.name).info("client went away mid-stream; closing the upstream request")
             upstream.close()
             return response
+        except UpstreamTimeout as error:
+            logger.bind(model=instance.name).warning("{}; closing the upstream request", error.message)
+            upstream.close()
+            self.fleet.note_upstream_failure(instance)
+            await write_error_event(response, error, instance.name, route.dialect, ending.mid_event)
+            return response
         except aiohttp.ClientError as exc:
             logger.bind(model=instance.name).warning("upstream broke off mid-stream: {}", exc)
             self.fleet.note_upstream_failure(instance)
@@ -283,7 +392,7 @@ class Proxy:
             await write_error_event(response, error, instance.name, route.dialect, ending.mid_event)
             return response
         if watch_end and not ending.complete:
-            logger.bind(model=instance.name).warning("upstream ended its stream without saying how it ended")
+            logger.bind(model=instance.name).warning("upstream ended its stream without [DONE] or a finish reason")
             self.fleet.note_upstream_failure(instance)
             text = f"model '{instance.name}': the upstream stream ended without [DONE] or a finish reason (truncated)"
             error = UpstreamFailed(text, public=text)
@@ -299,11 +408,16 @@ def _upstream_failed(instance: Instance, what: str, exc: Exception) -> UpstreamF
     return UpstreamFailed(f"{public}: {exc}", public=public)
 
 
-async def _busy(instance: Instance, upstream: aiohttp.ClientResponse) -> UpstreamBusy:
+def _timed_out(instance: Instance, what: str, setting: str) -> UpstreamTimeout:
+    text = f"model '{instance.name}' {what} (daemon.timeouts.{setting})"
+    return UpstreamTimeout(text, public=text)
+
+
+def _busy(instance: Instance, upstream: aiohttp.ClientResponse, body: bytes) -> UpstreamBusy:
     """Ollama's 503 past its queue (``OLLAMA_MAX_QUEUE``): an overload the client should retry, said as ours."""
-    detail = (await upstream.read()).decode(errors="replace")[:500]
+    detail = body.decode(errors="replace")[:500]
     retry = upstream.headers.get("Retry-After", "")
     return UpstreamBusy(
         f"the Ollama server serving '{instance.name}' is busy (its queue is full; OLLAMA_MAX_QUEUE): {detail}",
-        retry_after=int(retry) if retry.isdigit() else RETRY_AFTER,
+        retry_after=int(retry) if retry.isascii() and retry.isdigit() else RETRY_AFTER,
     )

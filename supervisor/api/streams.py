@@ -77,12 +77,16 @@ def with_assistant_role(event: bytes) -> bytes:
     try:
         chunk = json.loads(event[6:])
         delta = chunk["choices"][0]["delta"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return event
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        return event  # not a chunk it can read (or too deep to): passed on as it came
     if not isinstance(delta, dict) or "role" in delta:
         return event
     chunk["choices"][0]["delta"] = {"role": "assistant", **delta}
-    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    try:
+        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") cannot be UTF-8: kept as an escape
+        text = json.dumps(chunk, separators=(",", ":")).encode()
+    return b"data: " + text + b"\n\n"
 
 
 def sse_headers(content_type: str) -> dict[str, str]:

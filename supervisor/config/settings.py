@@ -198,6 +198,17 @@ class ProxyLimits(Strict):
         return self
 
 
+class Timeouts(Strict):
+    """How long the daemon waits on each peer before it gives up (README: Timeouts): no wait is unbounded."""
+
+    upstream_connect: Seconds = Field(default=5.0, gt=0)  # connecting to a model server's socket or port
+    first_byte: Seconds = Field(default=600.0, gt=0)  # a proxied request, until its answer starts (its headers,
+    # and a stream's first chunk): a non-streaming answer comes whole, so this bounds its whole generation
+    stream_idle: Seconds = Field(default=120.0, gt=0)  # between two chunks of an answer, once it has started
+    docker: Seconds = Field(default=60.0, gt=0)  # one Docker API call (a stop: plus its grace)
+    ollama: Seconds = Field(default=30.0, gt=0)  # one Ollama API call that does not wait for a model's load
+
+
 class RequestFields(Strict):
     """What the proxy changes in a request before it forwards it (README: Security model)."""
 
@@ -237,6 +248,7 @@ class DaemonSettings(Strict):
     # answers (names or addresses, any port); empty: any
     proxy_limits: ProxyLimits = ProxyLimits()
     request_fields: RequestFields = RequestFields()
+    timeouts: Timeouts = Timeouts()
     loading_progress: LoadingProgress = "comments"  # what a streaming chat sees while its model loads
     list_aliases: bool = False  # GET /v1/models lists each alias as a model of its own
     docker_url: str | None = None

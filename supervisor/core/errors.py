@@ -208,6 +208,16 @@ class UpstreamFailed(LocalllmError):
         return self.public or "the model's server failed while serving the request"
 
 
+class UpstreamTimeout(UpstreamFailed):
+    """The model's server took no connection, or did not answer, within its deadline (``daemon.timeouts``)."""
+
+    code = "upstream_timeout"
+    http_status = 504
+
+    def summary(self) -> str:
+        return self.public or "the model's server did not answer in time"
+
+
 class ShuttingDown(LocalllmError):
     """The daemon is stopping: nothing new starts."""
 
@@ -421,7 +431,7 @@ class HostNotAllowed(EdgeRefusal):
 
 
 # Codes of errors that did not come from our hierarchy (aiohttp's routing), as the web layer names them.
-HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large", 417: "expectation_failed"}
 
 
 class RemoteError(LocalllmError):

@@ -122,6 +122,9 @@ class Scheduler:
         slot = self.slots.get(model)
         if slot is None or slot.phase is not Phase.STOPPING:
             return actions + self._pump(now)  # a stop of a slot that changed since
+        if slot.handover and slot.device is not None:  # the room goes to its next version, not to the queue
+            self._launches[model] = (slot.device, slot.handover)
+            slot.handover = 0
         slot.device, slot.draining = None, False
         if error is not None and slot.wanted:  # it died rather than was stopped: a crash
             if now - slot.loaded_at >= self.limits.stable_after:
@@ -159,14 +162,22 @@ class Scheduler:
     def release_launch(self, model: str) -> None:
         """The new container was taken (attach or commit) or abandoned: its room is no longer held apart."""
         self._launches.pop(model, None)
+        if model in self.slots:
+            self.slots[model].handover = 0
+
+    def hand_over(self, model: str, need: int) -> None:
+        """A config change takes ``model`` offline to start its next version (``need`` bytes) in its place: when
+        its server is gone, that room is held for the launch at once, before any waiting model can take it."""
+        self.slots[model].handover = need
 
     def hold(self, model: str) -> None:
         """No start of ``model`` until ``release``: a config change is replacing it."""
         self.slots[model].held = True
 
     def release(self, model: str) -> None:
-        if model in self.slots:
+        if model in self.slots:  # the config change is over for it: nothing is kept for a next version either
             self.slots[model].held = False
+            self.slots[model].handover = 0
 
     def set_need(self, model: str, need: int) -> None:
         """What ``model`` needs, as measured or learned since its slot was made; the next admission uses it."""
@@ -307,7 +318,7 @@ class Scheduler:
                 s.need,
                 s.in_flight,
                 s.pinned,
-                busy_changing=s.phase is not Phase.READY,
+                busy_changing=s.phase is not Phase.READY or s.handover > 0,  # not evicted: its room is promised
                 last_used=s.last_used,
                 loaded_at=s.loaded_at,
                 ttl=s.ttl,

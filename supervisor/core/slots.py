@@ -116,6 +116,7 @@ class ModelSlot:
     retry_at: float = 0.0  # no start before this (backoff)
     gave_up: bool = False  # failed max_failures times: no more starts until reset
     held: bool = False  # a config change is replacing it: no starts from the queue meanwhile
+    handover: int = 0  # a config change takes it offline for its next version: the room it frees, kept for that
     devices: tuple[str, ...] = ()  # the devices it may be placed on; empty: any
 
     @property

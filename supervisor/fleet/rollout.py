@@ -239,11 +239,12 @@ class Rollout:
         log = logger.bind(generation=number)
         try:
             for name in request.reloading:  # all of them before the first launch: a new server replaces the old one
-                await self._take_offline(number, name, "Ollama holds one instance of a model", offline)
+                need = request.sizings[name].need
+                await self._take_offline(number, name, "Ollama holds one instance of a model", offline, need)
             for name in request.plan.replace:
                 device, need = request.running[name].device, request.sizings[name].need
                 if name not in offline and fleet.switching.room_on(device) < need:
-                    await self._take_offline(number, name, "no room for both", offline)
+                    await self._take_offline(number, name, "no room for both", offline, need)
                 self._event(number, ApplyStep.LAUNCHING, f"{name}: starting its new version", name)
                 switched[name] = await fleet.switching.launch(request.entries[name], device, need, request.config)
                 log.info("{}: new version passed its health gate", name)
@@ -268,11 +269,11 @@ class Rollout:
         self._event(number, GenerationStatus.GOOD, "live and now last-good")
         return {**request.report, "status": GenerationStatus.GOOD}
 
-    async def _take_offline(self, number: int, name: str, why: str, offline: list[str]) -> None:
+    async def _take_offline(self, number: int, name: str, why: str, offline: list[str], next_need: int = 0) -> None:
         logger.bind(generation=number).info("{}: {}, stopping the old one first", name, why)
         self._event(number, ApplyStep.STOPPING_OLD, f"{name}: {why}, stopping the old one first", name)
         offline.append(name)  # before waiting: a revert must release it whatever happens
-        await self.fleet.switching.take_offline(name, DRAIN_PATIENCE)
+        await self.fleet.switching.take_offline(name, DRAIN_PATIENCE, next_need)
 
     async def _revert(self, request: SwitchRequest, switched: dict, offline: list[str], error: LocalllmError) -> dict:
         """Remove what the change started (``switched``) and bring back what it stopped (``offline``); whatever

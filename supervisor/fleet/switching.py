@@ -65,10 +65,13 @@ class Switching:
         entry = fleet.instances[name].entry if name in fleet.instances else fleet.config.model_named(name)
         await fleet.hosting_of(entry).abandon(name, spec, container_id)
 
-    async def take_offline(self, name: str, patience: float) -> None:
-        """Hold ``name`` (no starts), wait until it is idle, stop it and wait until it is gone."""
+    async def take_offline(self, name: str, patience: float, next_need: int = 0) -> None:
+        """Hold ``name`` (no starts), wait until it is idle, stop it and wait until it is gone. With ``next_need``,
+        the room it frees is held for its next version (``Scheduler.hand_over``), not given to a waiting model."""
         fleet = self.fleet
         fleet.scheduler.hold(name)
+        if next_need:
+            fleet.scheduler.hand_over(name, next_need)
         deadline = time.monotonic() + patience
         while fleet.scheduler.view(name).in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

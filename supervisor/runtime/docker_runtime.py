@@ -4,6 +4,11 @@ Every call into the blocking Docker SDK runs on this module's own thread pool,
 so the event loop never waits on the engine. What comes back is the
 project's own data (``ContainerInfo``) and the project's own errors: the
 rest of the code never sees a ``docker`` type or exception.
+
+Every call has a deadline, ``timeout`` (``daemon.timeouts.docker``), twice over: the SDK client's own
+(each read from the engine's socket), and one around the thread (the whole call, which may make several
+requests), so that a hung engine cannot hang the daemon. A stop gets its grace on top. An image build,
+and a log follower once its stream is open, take as long as they take.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from supervisor.runtime.container_runtime import ContainerInfo
 from supervisor.runtime.images import how_to_get
 
 ENGINE_HINT = "start it with: dockerd --bridge=none --iptables=false &  (or: systemctl start docker)"
+DEFAULT_TIMEOUT = 60.0  # seconds: daemon.timeouts.docker's default
 
 
 class DockerRuntime:
@@ -37,18 +43,51 @@ class DockerRuntime:
 
     Create it, then ``await connect()``."""
 
-    def __init__(self, base_url: str | None = None, workers: int = 8):
+    def __init__(self, base_url: str | None = None, workers: int = 8, timeout: float = DEFAULT_TIMEOUT):
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self.timeout = timeout  # seconds one call may take
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self._images_seen: set[str] = set()
+        self._late: set[asyncio.Future] = set()  # creates that outlived their deadline: removed once made
 
     # -- plumbing ---------------------------------------------------------
 
     async def _run(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loop = asyncio.get_running_loop()
+        """``fn`` on the pool, within ``timeout``."""
+        return await self._run_within(self.timeout, action, fn, *args, **kwargs)
+
+    async def _run_within(
+        self, seconds: float | None, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        """``fn`` on the pool, within ``seconds`` (None: no limit). Cancelled, a call not yet begun never begins."""
+        working = self._submit(action, fn, *args, **kwargs)
+        try:
+            return await self._answer(working, action, seconds)
+        except asyncio.CancelledError:
+            working.cancel()  # begun: the thread finishes, and its answer is dropped
+            raise
+
+    def _submit(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
         call = functools.partial(self._translated, action, fn, *args, **kwargs)
-        return await loop.run_in_executor(self._pool, call)
+        return asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def _answer(self, working: asyncio.Future, action: str, seconds: float | None) -> Any:
+        """What ``working`` gives, once it is done within ``seconds``; past them, DockerFailure. Its thread goes on
+        until the SDK's own timeout ends it (the asyncio deadline cannot stop a thread)."""
+        done, _ = await asyncio.wait({working}, timeout=seconds)
+        if not done:
+            working.add_done_callback(lambda late: late.cancelled() or late.exception())  # nobody waits for it now
+            raise DockerFailure(self._late_answer(action, seconds))
+        return working.result()
+
+    def _late_answer(self, action: str, seconds: float | None = None) -> str:
+        """``seconds``: the whole call's deadline; None: the SDK's own, on one request."""
+        deadline = f"within {seconds:g}s, daemon.timeouts.docker" if seconds else "daemon.timeouts.docker, per request"
+        return (
+            f"Docker did not answer in time to {action} ({deadline}): the engine at {self.base_url} is stuck or "
+            "overloaded"
+        )
 
     def _translated(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -57,8 +96,10 @@ class DockerRuntime:
             raise DockerUnavailable(
                 f"Docker engine not reachable at {self.base_url} ({action}): {exc}; {ENGINE_HINT}"
             ) from None
-        except requests.exceptions.RequestException as exc:  # e.g. a read timeout: the engine is there but stuck
-            raise DockerFailure(f"Docker did not answer in time to {action}: {exc}") from None
+        except requests.exceptions.ReadTimeout:  # the engine is there but stuck: as _answer says it
+            raise DockerFailure(self._late_answer(action)) from None
+        except requests.exceptions.RequestException as exc:
+            raise DockerFailure(f"Docker failed to {action}: {exc}") from None
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image not found while trying to {action}: {_explain(exc)}") from None
         except docker.errors.DockerException as exc:
@@ -91,7 +132,7 @@ class DockerRuntime:
 
         def open_client() -> tuple[docker.DockerClient, str]:
             self._check_unix_socket()
-            client = docker.DockerClient(base_url=self.base_url, timeout=120)
+            client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
             return client, client.version().get("Version", "?")
 
         self._client, version = await self._run("connect", open_client)
@@ -112,7 +153,7 @@ class DockerRuntime:
             return
         path = self.base_url.removeprefix("unix://")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(5)
+            probe.settimeout(min(5.0, self.timeout))
             try:
                 probe.connect(path)
             except OSError as exc:
@@ -146,25 +187,47 @@ class DockerRuntime:
         self._images_seen.add(tag)
 
     async def build_image(self, context: Path, tag: str) -> None:
-        await self._run(f"build image {tag}", self.client.images.build, path=str(context), tag=tag, rm=True)
+        """As long as the build takes (the SDK sends a build with no timeout of its own)."""
+        await self._run_within(
+            None, f"build image {tag}", self.client.images.build, path=str(context), tag=tag, rm=True
+        )
 
     # -- containers -------------------------------------------------------
 
     async def run(self, spec: ContainerSpec) -> ContainerInfo:
         """Create and start the container for ``spec``; replaces a stale one of ours by the same name.
 
-        Cancelled while the engine works, it waits for the engine's answer and removes what was made: the
-        engine finishes a create whatever happens to our side, and nobody else would know the container.
+        Cancelled while the engine works, it waits (within the deadline) for the engine's answer and removes what
+        was made: the engine finishes a create whatever happens to our side, and nobody else would know the
+        container. Past the deadline, what the engine makes later is removed when it is made.
         """
         await self.require_image(spec.image)
-        creating = asyncio.ensure_future(self._run(f"start container {spec.name}", self._create_and_start, spec))
+        action = f"start container {spec.name}"
+        creating = self._submit(action, self._create_and_start, spec)
         try:
-            return await asyncio.shield(creating)
+            return await self._answer(creating, action, self.timeout)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                made = await creating
+                made = await self._answer(creating, action, self.timeout)
                 await self.stop_and_remove(made.id, 0)
+            if not creating.done():
+                self._remove_when_made(creating)
             raise
+        except DockerFailure:
+            if not creating.done():  # out of time
+                self._remove_when_made(creating)
+            raise
+
+    def _remove_when_made(self, creating: asyncio.Future) -> None:
+        def made(done: asyncio.Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            removal = asyncio.ensure_future(self.stop_and_remove(done.result().id, 0))
+            self._late.add(removal)
+            removal.add_done_callback(self._late.discard)
+            removal.add_done_callback(lambda task: task.cancelled() or task.exception())  # never "never retrieved"
+
+        creating.add_done_callback(made)
 
     def _create_and_start(self, spec: ContainerSpec) -> ContainerInfo:
         _check_mounts_readable(spec)
@@ -264,7 +327,8 @@ class DockerRuntime:
             except docker.errors.NotFound:
                 return
 
-        await self._run(f"stop container {container_id[:12]}", stop)
+        # the SDK gives a stop its grace on top of the client's timeout, as here
+        await self._run_within(self.timeout + max(0, round(grace)), f"stop container {container_id[:12]}", stop)
 
     async def logs_tail(self, container_id: str, lines: int = 40) -> str:
         def tail() -> str:

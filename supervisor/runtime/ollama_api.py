@@ -6,6 +6,11 @@ embedding model (which cannot generate). An unload is ``keep_alive: 0``, which O
 gone when ``/api/ps`` stops listing it (``wait_gone``). Memory is ``/api/ps``. File names in comments are
 Ollama's source (server/routes.go, server/sched.go, fs/ggml/ggml.go, types/model/name.go).
 
+Every call has a deadline. One that waits on a model's load (a load, the unload of a model still loading, ``/api/ps``
+while any model loads, a pull's silent phases) is given as long as that may take, by its caller or the constants
+below; any other (``/api/tags``, ``/api/show``) is given ``daemon.timeouts.ollama``, and connecting,
+``daemon.timeouts.upstream_connect`` (``OllamaApi.timeouts``, from the session: ``upstream.timeouts_of``).
+
 A call Ollama does not answer, or answers with an error, raises OllamaFailure; a load or pull that fails is the
 model's start failing, ModelStartFailed; a 503 is Ollama's full queue, QueueFull.
 """
@@ -19,12 +24,11 @@ from collections.abc import Callable
 
 import aiohttp
 
-from supervisor.config.settings import same_tag
+from supervisor.config.settings import Timeouts, same_tag
 from supervisor.core.errors import ModelStartFailed, OllamaFailure, QueueFull
+from supervisor.runtime.upstream import timeouts_of
 
-TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)  # a load may read a large file
-QUICK_SECONDS = 10.0  # unloads, lists: a server that takes longer is hung
-QUICK = aiohttp.ClientTimeout(total=QUICK_SECONDS, sock_connect=5)
+LOAD_SILENCE = 600.0  # a load reads the model's file before it answers (its caller bounds the whole load)
 # /api/ps waits while Ollama loads any model (sched.go's load holds the new runner's refMu "until running or
 # aborted", and PsHandler takes every runner's), so a list asked for during a load takes as long as that load.
 LOAD_WAIT = 600.0
@@ -60,10 +64,20 @@ NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)\s*$", re.MULTILINE)  # a line of /api
 
 
 class OllamaApi:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, model: str):
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, model: str, timeouts: Timeouts | None = None):
         self.session = session
         self.base_url = base_url
         self.model = model  # the catalog name, for errors
+        self.timeouts = timeouts or timeouts_of(session)
+
+    def _limit(self, total: float | None = None, silence: float | None = None) -> aiohttp.ClientTimeout:
+        """A call's deadline: ``total`` for all of it, ``silence`` between two reads; connecting, upstream_connect."""
+        return aiohttp.ClientTimeout(total=total, sock_connect=self.timeouts.upstream_connect, sock_read=silence)
+
+    @property
+    def quick(self) -> aiohttp.ClientTimeout:
+        """A call that does not wait on a load: a server that takes longer than ``timeouts.ollama`` is hung."""
+        return self._limit(total=self.timeouts.ollama)
 
     async def _send(self, path: str, body: dict, timeout: aiohttp.ClientTimeout) -> tuple[int, object]:
         """POST ``body``: the status and the decoded answer (its text when it is not JSON).
@@ -93,12 +107,12 @@ class OllamaApi:
             raise OllamaFailure(self.model, f"Ollama {path}: {answer.get('error', f'HTTP {status}')}")
         return answer
 
-    async def _post(self, path: str, body: dict, timeout: aiohttp.ClientTimeout = TIMEOUT) -> dict:
-        return self._checked(path, *await self._send(path, body, timeout))
+    async def _post(self, path: str, body: dict, timeout: aiohttp.ClientTimeout | None = None) -> dict:
+        return self._checked(path, *await self._send(path, body, timeout or self.quick))
 
-    async def _get(self, path: str, timeout: aiohttp.ClientTimeout = QUICK) -> dict:
+    async def _get(self, path: str, timeout: aiohttp.ClientTimeout | None = None) -> dict:
         try:
-            async with self.session.get(self.base_url + path, timeout=timeout) as response:
+            async with self.session.get(self.base_url + path, timeout=timeout or self.quick) as response:
                 if response.status >= 400:
                     raise OllamaFailure(self.model, f"Ollama {path}: HTTP {response.status}")
                 answer = await response.json(content_type=None)
@@ -117,7 +131,7 @@ class OllamaApi:
         ``silence`` is how many seconds may pass between two lines before the pull counts as stuck; the
         default allows Ollama's silent phases (verifying a big download's digest takes minutes).
         """
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=silence)
+        timeout = self._limit(silence=silence)
         try:
             async with self.session.post(
                 self.base_url + "/api/pull", json={"model": tag, "stream": True}, timeout=timeout
@@ -152,15 +166,16 @@ class OllamaApi:
         body: dict = {"model": tag, "keep_alive": -1}
         if context is not None:
             body["options"] = {"num_ctx": context}
+        loading = self._limit(silence=LOAD_SILENCE)
         try:
             if embedding:
-                await self._post("/api/embed", body)
+                await self._post("/api/embed", body, loading)
             else:
-                await self._post("/api/generate", {**body, "prompt": "", "stream": False})
+                await self._post("/api/generate", {**body, "prompt": "", "stream": False}, loading)
         except OllamaFailure as exc:
             raise ModelStartFailed(self.model, exc.message) from None
 
-    async def unload(self, tag: str, timeout: float = QUICK_SECONDS) -> None:
+    async def unload(self, tag: str, timeout: float | None = None) -> None:
         """Ask Ollama to unload ``tag``; it only queues that (routes.go: expireRunner): see ``wait_gone``.
 
         A 404 ("model not found": never pulled, or its manifest deleted) is nothing to unload. Ollama cannot
@@ -169,7 +184,7 @@ class OllamaApi:
         runner's lock): after a failed or cancelled load, give it as long as a load may take.
         """
         body = {"model": tag, "prompt": "", "keep_alive": 0, "stream": False}
-        status, answer = await self._send("/api/generate", body, aiohttp.ClientTimeout(total=timeout, sock_connect=5))
+        status, answer = await self._send("/api/generate", body, self._limit(total=timeout or self.timeouts.ollama))
         if status != 404:
             self._checked("/api/generate", status, answer)
 
@@ -196,7 +211,7 @@ class OllamaApi:
 
     async def loaded(self, timeout: float = LOAD_WAIT) -> dict[str, dict]:
         """``/api/ps``: the loaded models by name. It waits while Ollama loads any model, hence ``timeout``."""
-        answer = await self._get("/api/ps", aiohttp.ClientTimeout(total=timeout, sock_connect=5))
+        answer = await self._get("/api/ps", self._limit(total=timeout))
         return {m["name"]: m for m in answer.get("models", []) if "name" in m}
 
     async def show(self, tag: str) -> dict:

@@ -12,6 +12,10 @@ The socket's URL is ``http://<name>.sock.localllm/...``: ``ServerConnector``
 sends a host of that shape to ``servers/<name>/http.sock`` and everything
 else over TCP, so the proxy, the health gate and liveness need not know which
 kind of endpoint a server has.
+
+The session carries the daemon's ``Timeouts`` (``daemon.timeouts``): connecting gives up after
+``upstream_connect`` on every request that does not say otherwise, and ``timeouts_of(session)`` gives
+the rest to those that talk to a server through it (``ollama_api``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import aiohttp
 from aiohttp.client_exceptions import UnixClientConnectorError
 from aiohttp.helpers import ceil_timeout
 
+from supervisor.config.settings import Timeouts
 from supervisor.core.containers import SOCKET_HOST_SUFFIX, SOCKET_NAME, Endpoint
 
 NOBODY = (65534, 65534)
@@ -43,8 +48,9 @@ class ServerConnector(aiohttp.TCPConnector):
     so that a long state directory cannot make their paths longer than the 107 bytes the kernel allows.
     """
 
-    def __init__(self, servers_dir: Path, **kwargs):
+    def __init__(self, servers_dir: Path, timeouts: Timeouts | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.timeouts = timeouts or Timeouts()
         servers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._servers_fd = os.open(servers_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -74,13 +80,20 @@ class ServerConnector(aiohttp.TCPConnector):
         return protocol
 
 
-def open_session(servers_dir: Path) -> aiohttp.ClientSession:
-    """The daemon's one client session for every model server."""
+def open_session(servers_dir: Path, timeouts: Timeouts | None = None) -> aiohttp.ClientSession:
+    """The daemon's one client session for every model server, with ``timeouts`` (default: the settings')."""
+    timeouts = timeouts or Timeouts()
     return aiohttp.ClientSession(
         # llama-server drops idle keep-alive connections after 5 s: never reuse one that old
-        connector=ServerConnector(servers_dir, limit=0, ttl_dns_cache=None, keepalive_timeout=4),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        connector=ServerConnector(servers_dir, timeouts, limit=0, ttl_dns_cache=None, keepalive_timeout=4),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.upstream_connect),
     )
+
+
+def timeouts_of(session: aiohttp.ClientSession) -> Timeouts:
+    """The timeouts ``session`` was opened with (``open_session``); the defaults for any other session."""
+    connector = session.connector
+    return connector.timeouts if isinstance(connector, ServerConnector) else Timeouts()
 
 
 def make_socket_dir(servers_dir: Path, endpoint: Endpoint, user: tuple[int, int]) -> Path:

@@ -2,7 +2,7 @@
 
 Tests that need a throwaway Debian host (install.sh's end-to-end test, a stand-in server) run
 containers from it. No registry is involved: ``debootstrap`` builds a root filesystem from
-Debian's mirror, it is packed into a tarball under ``${LOCALLLM_CACHE:-~/.cache/localllm}/base-images/``
+the Debian mirror that this machine's apt uses (``LOCALLLM_DEBIAN_MIRROR`` overrides it), it is packed into a tarball under ``${LOCALLLM_CACHE:-~/.cache/localllm}/base-images/``
 and ``docker import``-ed under a tag. The image carries a label with a key of the recipe, so a
 changed package list rebuilds it; an existing image with the right key is reused as it is, and an
 existing tarball is imported without running debootstrap again.
@@ -19,12 +19,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -45,8 +47,100 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "localllm"
 
 
-def mirror() -> str:
-    return os.environ.get("LOCALLLM_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+APT_ETC = Path("/etc/apt")
+MIRROR_SCHEMES = ("http://", "https://", "file:")  # what debootstrap fetches from
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """One URI of a binary (``deb``) source in apt's configuration, with the suites it serves there."""
+
+    uri: str
+    suites: tuple[str, ...]
+    origin: str  # the file it was read from
+
+
+def parse_deb822_sources(text: str, origin: str = "") -> list[AptSource]:
+    """The ``deb`` sources of a deb822 ``*.sources`` file: stanzas of ``Types:``, ``URIs:``, ``Suites:``...
+
+    Blank lines separate the stanzas, ``#`` starts a comment line, an indented line continues the
+    field above it; field names are case-insensitive; a stanza with ``Enabled: no`` is skipped.
+    """
+    sources: list[AptSource] = []
+    stanzas: list[dict[str, str]] = [{}]
+    field_name = ""
+    for line in text.splitlines():
+        if not line.strip():
+            stanzas.append({})
+            field_name = ""
+        elif line.startswith("#"):
+            continue
+        elif line[0] in " \t":
+            if field_name:
+                stanzas[-1][field_name] += " " + line.strip()
+        elif ":" in line:
+            field_name, _, value = line.partition(":")
+            field_name = field_name.strip().lower()
+            stanzas[-1][field_name] = value.strip()
+    for stanza in stanzas:
+        if stanza.get("enabled", "yes").strip().lower() == "no" or "deb" not in stanza.get("types", "").split():
+            continue
+        suites = tuple(stanza.get("suites", "").split())
+        sources += [AptSource(uri, suites, origin) for uri in stanza.get("uris", "").split()]
+    return sources
+
+
+ONE_LINE_SOURCE = re.compile(r"^(?P<type>deb|deb-src)\s+(?:\[[^\]]*\]\s*)?(?P<uri>\S+)\s+(?P<suite>\S+)")
+
+
+def parse_one_line_sources(text: str, origin: str = "") -> list[AptSource]:
+    """The ``deb`` sources of a one-line ``sources.list``: ``deb [options] URI suite [component...]``."""
+    sources = []
+    for line in text.splitlines():
+        found = ONE_LINE_SOURCE.match(line.split("#", 1)[0].strip())
+        if found and found["type"] == "deb":
+            sources.append(AptSource(found["uri"], (found["suite"],), origin))
+    return sources
+
+
+def apt_sources(etc: Path = APT_ETC) -> list[AptSource]:
+    """apt's binary sources in apt's order: ``sources.list``, then ``sources.list.d/*.list`` and ``*.sources``."""
+    files = [etc / "sources.list"]
+    if (etc / "sources.list.d").is_dir():
+        files += sorted(path for path in (etc / "sources.list.d").iterdir() if path.suffix in (".list", ".sources"))
+    sources: list[AptSource] = []
+    for path in files:
+        if path.is_file():
+            parse = parse_deb822_sources if path.suffix == ".sources" else parse_one_line_sources
+            sources += parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    return sources
+
+
+def apt_mirror(suite: str = SUITE, etc: Path | None = None) -> str:
+    """The Debian mirror this machine's apt uses, for ``suite``.
+
+    A source that serves ``suite`` itself comes first; else the first main archive (a suite with no
+    ``-security``/``-updates``-like part, such as another release's), which carries the other releases too.
+    """
+    etc = etc or APT_ETC
+    sources = [source for source in apt_sources(etc) if source.uri.startswith(MIRROR_SCHEMES)]
+    for source in sources:
+        if suite in source.suites:
+            return source.uri
+    for source in sources:
+        if any("-" not in each and "/" not in each for each in source.suites):
+            log(f"no apt source serves {suite}; using the main archive of {source.origin}: {source.uri}")
+            return source.uri
+    raise RuntimeError(
+        f"no Debian mirror is configured for apt here ({etc}/sources.list, {etc}/sources.list.d/*.sources or "
+        f"*.list have no http, https or file 'deb' source of {suite} or a main archive): add one, or set "
+        "LOCALLLM_DEBIAN_MIRROR to a Debian mirror's URL"
+    )
+
+
+def mirror(suite: str = SUITE) -> str:
+    """LOCALLLM_DEBIAN_MIRROR when set, else the mirror of this machine's apt sources."""
+    return os.environ.get("LOCALLLM_DEBIAN_MIRROR") or apt_mirror(suite)
 
 
 def recipe_key(suite: str, include: Sequence[str]) -> str:
@@ -94,6 +188,7 @@ def build_rootfs_tarball(target: Path, suite: str = SUITE, include: Sequence[str
     """
     if os.geteuid() != 0:
         raise RuntimeError("building the base image runs debootstrap, which needs root")
+    source = mirror(suite)  # before any work: no mirror configured is a clear error
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f"{target.stem}.tmp-*"):
         log(f"removing a half-finished build: {stale}")
@@ -105,7 +200,7 @@ def build_rootfs_tarball(target: Path, suite: str = SUITE, include: Sequence[str
     try:
         rootfs = work / "rootfs"
         started = time.monotonic()
-        command = [_debootstrap(), "--variant=minbase", f"--include={','.join(include)}", suite, str(rootfs), mirror()]
+        command = [_debootstrap(), "--variant=minbase", f"--include={','.join(include)}", suite, str(rootfs), source]
         log(f"running {' '.join(command)}")
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

@@ -1,9 +1,11 @@
 """install.sh end to end, in a throwaway Debian container.
 
 The container comes from a local Debian bookworm image with python3 (``base_image.py``), runs with
-no network, the checkout mounted read-only at /src and a wheelhouse of the dependencies at /wheels.
-In it, ``bash /src/install.sh --wheels /wheels`` runs twice (the second run must change nothing that
-an operator made), then ``--uninstall`` and ``--uninstall --purge``; every step is checked from inside.
+no network, the checkout mounted read-only at /src and a wheelhouse of the dependencies at /wheels,
+made with ``pip wheel -c scripts/requirements.lock`` (the locked versions). In it,
+``bash /src/install.sh --wheels /wheels`` runs twice (the second run must change nothing that an
+operator made), then ``--uninstall`` and ``--uninstall --purge``; every step is checked from inside,
+and so is the installed venv: it holds exactly the locked versions.
 
 The base image and the wheelhouse are cached under ``${LOCALLLM_CACHE:-~/.cache/localllm}``, so a
 re-run takes only the work in the container (10 to 20 s on 2 cores).
@@ -26,11 +28,14 @@ from pathlib import Path
 
 import docker
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from .base_image import cache_dir, ensure_base_image, locked
 from .conftest import RUN_ID, TEST_RUN_LABEL
 
 REPO = Path(__file__).resolve().parents[2]
+LOCK = REPO / "scripts" / "requirements.lock"
 KIND_LABEL = "io.localllm.test"  # value "install": what a later run removes if this one was killed
 INSTALL = "bash /src/install.sh"
 CONFIG = "/etc/localllm/config.yaml"
@@ -56,13 +61,13 @@ def python_tag() -> str:
 
 
 def ensure_wheelhouse() -> Path:
-    """Wheels of the dependencies, for this interpreter's Python version, cached by requirements.
+    """Wheels of the locked dependencies, for this interpreter's Python version, cached by requirements and lock.
 
     The package itself is not among them: install.sh builds it from the mounted checkout, as on a
-    real host. A changed requirement list gives a new directory; older ones are removed.
+    real host. A changed requirement list or lock gives a new directory; older ones are removed.
     """
     requirements = wheel_requirements()
-    key = hashlib.sha256("\n".join([python_tag(), *requirements]).encode()).hexdigest()[:12]
+    key = hashlib.sha256("\n".join([python_tag(), *requirements, LOCK.read_text()]).encode()).hexdigest()[:12]
     root = cache_dir() / "wheels"
     target = root / key
     if (target / ".complete").is_file():
@@ -84,6 +89,8 @@ def ensure_wheelhouse() -> Path:
                 "--disable-pip-version-check",
                 "--wheel-dir",
                 str(work),
+                "--constraint",
+                str(LOCK),
                 *requirements,
             ],
             capture_output=True,
@@ -211,6 +218,31 @@ def assert_installed(box: Box) -> None:
     output = box.sh(FACTS)
     facts = dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
     assert facts == INSTALLED, f"facts of the installed host differ\n{box.log()}"
+    assert_locked(box)
+
+
+def locked_versions() -> dict[str, str]:
+    pins = (line.split("==") for line in LOCK.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def assert_locked(box: Box) -> None:
+    """The installed venv holds the locked versions and nothing else (but the venv's own pip and setuptools)."""
+    listing = box.sh(f"{VENV}/bin/python -m pip list --format=freeze --disable-pip-version-check")
+    installed = {canonicalize_name(name): version for name, version in (line.split("==") for line in listing.split())}
+    assert installed.pop("localllm") == "0.1.0", listing
+    for tool in ("pip", "setuptools"):  # python3 -m venv brings them; the build backend runs in pip's build env
+        installed.pop(tool, None)
+    locked = locked_versions()
+    unlocked = {
+        name: f"{version} (lock: {locked.get(name)})"
+        for name, version in installed.items()
+        if locked.get(name) != version
+    }
+    assert not unlocked, f"the installed venv holds other versions than {LOCK.name}: {unlocked}\n{box.log()}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    missing = {canonicalize_name(Requirement(each).name) for each in project["dependencies"]} - set(installed)
+    assert not missing, f"dependencies missing from the installed venv: {missing}\n{box.log()}"
 
 
 def test_install_twice_then_uninstall_then_purge(box):

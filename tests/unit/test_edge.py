@@ -458,6 +458,7 @@ CLIENT_SAFE = {
     "DockerFailure": False,
     "ModelStartFailed": False,
     "UpstreamFailed": False,
+    "UpstreamTimeout": False,  # its public part names the model and the deadline, never an address
     "ShuttingDown": True,
     "ControlUnreachable": False,
     "CannotListen": False,

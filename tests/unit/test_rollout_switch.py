@@ -51,7 +51,7 @@ class RecordingFleet:
             raise ModelStartFailed(entry.name, "not ready within 5s")
         return SimpleNamespace(device=device), f"new-{entry.name}"
 
-    async def take_offline(self, name: str, patience: float) -> None:
+    async def take_offline(self, name: str, patience: float, next_need: int = 0) -> None:
         self.calls.append(("take_offline", name, patience))
         self.scheduler.slots[name].phase = Phase.STOPPED
 

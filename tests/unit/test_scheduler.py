@@ -270,6 +270,7 @@ events = st.lists(
                 "need",
                 "unload",
                 "adopt",
+                "handover",
             ]
         ),
         st.integers(0, 100),
@@ -343,6 +344,12 @@ def test_invariants_hold_for_any_event_sequence(catalog, budgets, pinned, sequen
                 s.set_need(stopped[pick % len(stopped)], 5 + pick)
         elif kind == "unload":  # an operator's unload, a config change taking a model offline, Ollama evicting
             world.apply(s.unload(names[pick % len(names)], world.now, "unloaded"))
+        elif kind == "handover":  # a config change takes a ready model offline for its next version
+            ready = sorted(n for n, slot in s.slots.items() if slot.phase is Phase.READY)
+            if ready:
+                model = ready[pick % len(ready)]
+                s.hold(model)
+                s.hand_over(model, s.slots[model].need)
         elif kind == "adopt":  # a running server found, or a config change attaching its new one
             model, device = names[pick % len(names)], s.devices[pick % len(s.devices)].id
             if s.adopt(model, device, world.now):
@@ -608,3 +615,32 @@ def test_a_model_limited_to_one_device_is_placed_only_there():
     assert start.device == "gpu0"
     [reject] = decisions(s.submit("x", 0)[1])
     assert "the devices it may use are not on this host" in reject.error.message
+
+
+def test_a_model_taken_offline_for_its_next_version_keeps_its_room_from_the_queue():
+    """The soak's finding (seed 7707): a waiting model took the room the old version freed, and the new version
+    then started over the budget. Handed over, the room is the next version's the moment the old one is gone."""
+    s = scheduler(budgets=(100,), models={"a": 60, "b": 60})
+    load(s, "a", 0)
+    s.finished("a", 0)  # a is ready and idle
+    s.hold("a")
+    s.hand_over("a", 60 * MIB)
+    ticket, actions = s.submit("b", 1)
+    assert kinds(actions) == []  # b waits: a's room is promised, so a is not evicted for it
+    assert kinds(s.unload("a", 2, "replaced by a new config")) == ["Stop:a"]
+    assert kinds(s.stopped("a", 3)) == []  # and b still waits: the room went to a's next version
+    assert ("a#new", "gpu0", 60 * MIB) in [(r.name, r.device, r.bytes) for r in s.residents()]
+    s.release("a")
+    s.release_launch("a")  # the next version attached: its room is the model's again
+    assert s.adopt("a", "gpu0", 4)
+    assert s.slots["a"].handover == 0 and all(not r.name.endswith("#new") for r in s.residents())
+
+
+def test_without_a_hand_over_a_waiting_model_takes_the_room_a_held_model_frees():
+    s = scheduler(budgets=(100,), models={"a": 60, "b": 60})
+    load(s, "a", 0)
+    s.finished("a", 0)
+    s.hold("a")
+    ticket, actions = s.submit("b", 1)
+    assert kinds(actions) == ["Stop:a"]  # evicted for b: nothing was promised
+    assert kinds(s.stopped("a", 2)) == ["Start:b"]
