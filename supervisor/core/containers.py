@@ -145,10 +145,16 @@ class ContainerSpec:
     entrypoint: tuple[str, ...] | None = None  # None: the image's own
 
     def config_hash(self) -> str:
+        """sha256 of what shapes the server, as compose's: not where it listens. Its socket directory has a fresh name
+        for every container, so a config change's new version hashes as its generation recorded it."""
+        mounts = [asdict(m) for m in self.mounts]
+        for mount in mounts:
+            if self.endpoint.socket and Path(mount["source"]).name == self.endpoint.socket:
+                mount["source"] = "<its socket directory>"
         shaping = {
             "image": self.image,
             "command": list(self.command),
-            "mounts": [asdict(m) for m in self.mounts],
+            "mounts": mounts,
             "environment": sorted(self.environment),
             "gpus": None if self.gpu_device_ids is None else list(self.gpu_device_ids),
             "confinement": asdict(self.confinement),
