@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 class Adopter:
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
+        self.pending = False  # a sweep is due that could not run (a start was in progress, or a removal failed)
 
     async def adopt_existing(self) -> list[str]:
         """Reconcile our containers found at start-up; returns the models to start again.
@@ -84,9 +85,25 @@ class Adopter:
             info = found.get(instance.container_id or "")
             if fleet.phase(instance) is Phase.READY and (info is None or info.exited):
                 fleet.crashed(instance, "container lost while the Docker engine was away")
-        if fleet.ledger.launches() or any(fleet.phase(i) is Phase.STARTING for i in fleet.instances.values()):
-            return  # a container being created may not be owned yet: leave the sweep for later
+        if self._starting():
+            self.pending = True  # a container being created may not be owned yet: the sweep waits (sweep_if_pending)
+            return
         await self.sweep(list(found.values()), grace=0)
+
+    async def sweep_if_pending(self) -> None:
+        """Each tick: the sweep a reconcile had to leave, or that a failed removal calls for, once nothing starts."""
+        if not self.pending or self._starting():
+            return
+        fleet = self.fleet
+        self.pending = False
+        try:
+            await self.sweep(await fleet.runtime.list_labelled({LABEL_OWNER: fleet.settings.instance}), grace=0)
+        except LocalllmError:
+            self.pending = True  # the engine is away (the engine watch says so): the next tick tries again
+
+    def _starting(self) -> bool:
+        fleet = self.fleet
+        return fleet.ledger.launches() or any(fleet.phase(i) is Phase.STARTING for i in fleet.instances.values())
 
     async def remove_leftovers(self) -> int:
         """The shutdown sweep: remove every container of ours that no model owns (e.g. a cancelled start's)."""

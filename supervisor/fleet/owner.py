@@ -294,11 +294,11 @@ class Fleet:
                 self.scheduler.set_devices(await self.meter.read_devices())
             except Exception:
                 logger.opt(exception=True).warning("reading GPU memory failed; keeping the last reading")
-        for hosting in self.hostings.values():
-            try:
-                await hosting.observe()
+        for check in [h.observe for h in self.hostings.values()] + [self.adopter.sweep_if_pending]:
+            try:  # what each model uses, models a shared server let go, and a sweep that could not run before
+                await check()
             except Exception:
-                logger.opt(exception=True).warning("measuring what the models use failed; trying again next tick")
+                logger.opt(exception=True).warning("a periodic check failed; trying again next tick")
         self.carry_out(self.scheduler.tick(time.monotonic()))
 
     async def start_models(self, names: list[str]) -> None:
@@ -483,7 +483,7 @@ class Fleet:
                 await self.meter.wait_memory_back(name, device, held, figure)
         except Exception as exc:  # never leave the scheduler waiting for this stop
             failure = exc if isinstance(exc, LocalllmError) else LocalllmError(repr(exc))
-            instance.error = f"stop failed: {failure.message}"
+            instance.error, self.adopter.pending = f"stop failed: {failure.message}", True  # swept when it can be
             logger.bind(model=name).opt(exception=exc).error("{}", instance.error)
             error = error or failure
         finally:
@@ -494,6 +494,5 @@ class Fleet:
         try:
             await self.hosting_of(instance.entry).stop(instance, None, crashed=False)
         except LocalllmError as exc:
-            logger.bind(model=instance.name).error(
-                "could not remove its container ({}); the shutdown sweep or the next start removes it", exc.message
-            )
+            self.adopter.pending = True  # the next tick's sweep removes it, once the engine lets it
+            logger.bind(model=instance.name).error("could not remove its container ({}); swept later", exc.message)
