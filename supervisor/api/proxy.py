@@ -34,8 +34,15 @@ from supervisor.api.intake import Intake, allowed_hosts_middleware, encode_objec
 from supervisor.api.loading import KEEPALIVE_SECONDS, LoadingNotes
 from supervisor.api.metrics import Metrics
 from supervisor.api.model_list import ModelList
-from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Route, check_served, dialect_of
-from supervisor.api.streams import ERROR_STATUS, StreamEnd, sse_headers, with_assistant_role, write_error_event
+from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Dialect, Route, check_served, dialect_of
+from supervisor.api.streams import (
+    ERROR_STATUS,
+    StreamEnd,
+    sse_headers,
+    with_assistant_role,
+    with_message_start,
+    write_error_event,
+)
 from supervisor.api.web_errors import MODEL_KEY, proxy_error_middleware
 from supervisor.config.settings import DaemonSettings
 from supervisor.core.errors import (
@@ -360,7 +367,8 @@ class Proxy:
         but without saying how it ended (Ollama's when its runner fails mid-generation) gets an error
         event at its end. A stream that stalls (``_chunks``' deadlines) gets one too.
         """
-        first: bytes | None = b"" if route.chat_chunks else None  # the first event, until complete
+        # The first event, gathered until complete, of a stream whose first event llama-server may get wrong
+        first: bytes | None = b"" if route.chat_chunks or route.dialect is Dialect.ANTHROPIC else None
         ending = StreamEnd()
         try:
             async for chunk in self._chunks(upstream, instance, started):
@@ -371,7 +379,8 @@ class Proxy:
                     if end < 0 and len(first) < FIRST_EVENT_LIMIT:
                         continue
                     split = end + 2 if end >= 0 else len(first)
-                    chunk, first = with_assistant_role(first[:split]) + first[split:], None
+                    fix = first_event_fix(route, instance.name)
+                    chunk, first = fix(first[:split]) + first[split:], None
                 await response.write(chunk)
             if first:
                 await response.write(first)
@@ -400,6 +409,14 @@ class Proxy:
             return response
         await response.write_eof()
         return response
+
+
+def first_event_fix(route: Route, model: str):
+    """What the first event of ``route``'s stream needs: ``role`` in a chat chunk, ``message_start`` before
+    Anthropic's events (llama-server leaves each out when its first token comes with others)."""
+    if route.dialect is Dialect.ANTHROPIC:
+        return lambda event: with_message_start(event, model)
+    return with_assistant_role
 
 
 def _upstream_failed(instance: Instance, what: str, exc: Exception) -> UpstreamFailed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 
 from aiohttp import web
 
@@ -68,6 +69,27 @@ class StreamEnd:
     @property
     def mid_event(self) -> bool:
         return not self._tail.endswith((b"\n\n", b"\r\n\r\n"))
+
+
+def with_message_start(event: bytes, model: str) -> bytes:
+    """An Anthropic Messages stream that begins with ``message_start``: llama-server sends it only with a first
+    token decoded alone (``n_decoded == 1``), and the anthropic SDKs build the whole message from it."""
+    if event.startswith(b"event: message_start"):
+        return event
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": f"msg_localllm_{secrets.token_hex(8)}",
+            "type": "message",
+            "role": "assistant",
+            "content": [],
+            "model": model,
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        },
+    }
+    return b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n" + event
 
 
 def with_assistant_role(event: bytes) -> bytes:

@@ -61,6 +61,7 @@ from multidict import CIMultiDict
 
 from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite
 from supervisor.api.metrics import Metrics
+from supervisor.api.model_list import OLLAMA_ROOT_TEXT
 from supervisor.api.proxy import Proxy, create_proxy_app
 from supervisor.api.routes import MODEL_ROUTES, ROUTES_BY_PATH, Dialect, dialect_of
 from supervisor.api.streams import StreamEnd
@@ -660,7 +661,7 @@ def judge(case: Case, answer: Answer | None) -> list[str]:
             problems += stream_problems(route.path, answer)
         elif forwarded:
             problems += forwarded_problems(path or "", found)
-        elif not (case.method in ("GET", "HEAD") and (path in LOCAL_GETS or (path or "").startswith("/v1/models/"))):
+        elif not local_get(case, path, answer):
             problems.append(f"a {status} that neither the fake server nor one of the proxy's GET routes gave")
     elif status == 200 and route is not None and "event-stream" in answer.headers.get("Content-Type", ""):
         problems += stream_problems(route.path, answer)  # the proxy watches a stream's end on a 200 only
@@ -679,6 +680,13 @@ KNOWN: dict[str, str] = {}
 
 def _head_lines(case: Case) -> list[bytes]:
     return case.wire.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+
+
+def local_get(case: Case, path: str | None, answer: Answer) -> bool:
+    """One of the proxy's own GET routes answered (GET / also for a target as odd as "GET  /")."""
+    if case.method not in ("GET", "HEAD"):
+        return False
+    return path in LOCAL_GETS or (path or "").startswith("/v1/models/") or answer.body == OLLAMA_ROOT_TEXT.encode()
 
 
 def known_cause(case: Case, answer: Answer | None, problem: str) -> str | None:

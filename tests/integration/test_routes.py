@@ -45,28 +45,30 @@ def claude(daemon, key: str = KEY) -> anthropic.Anthropic:
 
 
 def test_anthropic_messages_with_the_official_sdk_streaming_and_not(daemon):
-    client = claude(daemon)
-    message = client.messages.create(model="claude-tiny", max_tokens=8, messages=[{"role": "user", "content": "hello"}])
-    assert message.type == "message" and message.role == "assistant"
-    assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
-    assert all(block.type == "text" for block in message.content)
-    with client.messages.stream(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as stream:
-        kinds = [event.type for event in stream]
-        final = stream.get_final_message()
-    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds, kinds
-    assert final.stop_reason in ("end_turn", "max_tokens")
+    with claude(daemon) as client:
+        message = client.messages.create(
+            model="claude-tiny", max_tokens=8, messages=[{"role": "user", "content": "hello"}]
+        )
+        assert message.type == "message" and message.role == "assistant"
+        assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
+        assert all(block.type == "text" for block in message.content)
+        with client.messages.stream(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "hi"}]) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_message()
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds, kinds
+        assert final.stop_reason in ("end_turn", "max_tokens")
 
 
 def test_anthropic_token_count_with_the_official_sdk(daemon):
-    counted = claude(daemon).messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "hello world"}])
+    with claude(daemon) as client:
+        counted = client.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "hello world"}])
     assert counted.input_tokens > 0
 
 
 def test_a_wrong_key_gets_anthropics_401_shape(daemon):
-    with pytest.raises(anthropic.AuthenticationError) as caught:
-        claude(daemon, key="sk-wrong-0123456789abcdef0123456789abcdef").messages.create(
-            model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
-        )
+    wrong = claude(daemon, key="sk-wrong-0123456789abcdef0123456789abcdef")
+    with wrong, pytest.raises(anthropic.AuthenticationError) as caught:
+        wrong.messages.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     body = caught.value.body
     assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
     assert "API key" in body["error"]["message"]

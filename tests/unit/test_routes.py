@@ -108,3 +108,16 @@ def test_the_readme_lists_every_route_with_what_it_does_and_its_backends():
     assert {route.path: (route.what, ", ".join(sorted(route.backends))) for route in MODEL_ROUTES} == {
         path: (what.strip(), backends.strip()) for path, (what, backends) in rows.items()
     }
+
+
+def test_an_anthropic_stream_without_message_start_gets_one_and_a_complete_one_is_left_alone():
+    from supervisor.api.streams import with_message_start
+
+    started = b'event: message_start\ndata: {"type":"message_start"}\n\n'
+    assert with_message_start(started, "tiny") == started
+    block = b'event: content_block_start\ndata: {"type":"content_block_start","index":0}\n\n'
+    fixed = with_message_start(block, "tiny")
+    head, rest = fixed.split(b"\n\n", 1)
+    assert head.startswith(b"event: message_start\ndata: ") and rest == block
+    message = json.loads(head.split(b"data: ", 1)[1])["message"]
+    assert (message["role"], message["model"], message["content"]) == ("assistant", "tiny", [])
