@@ -227,7 +227,8 @@ class EdgeHandler(RequestHandler):
     def _target_path(self) -> str:
         """The path of the request line of the head being read (aiohttp's placeholder request has none)."""
         line = self._head_start.split(b"\r\n", 1)[0].split(b" ")
-        return unquote(line[1].split(b"?", 1)[0].decode("latin-1")) if len(line) > 1 else ""
+        target = line[1].split(b"?", 1)[0].decode("latin-1") if len(line) > 1 else ""
+        return unquote(target).strip("".join(map(chr, range(33))))  # control characters around it say nothing
 
     def _refuse(self, error: LocalllmError) -> None:
         """Answer ``error`` on the raw connection (no request is being handled) and close it."""
