@@ -10,12 +10,14 @@ while its model loads: SSE comments (``comments``, the default), reasoning text 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any, Literal, TypeVar
 
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 
 from supervisor.config.schema import Strict
 
+T = TypeVar("T", bound=Iterable[str])
 LoadingProgress = Literal["off", "comments", "reasoning"]
 # Fields a filter may not touch: the proxy routes by the first, and reads the second to know how to answer.
 ROUTING_FIELDS = ("model", "stream")
@@ -25,27 +27,19 @@ class Filters(Strict):
     strip_params: list[str] = []  # request fields removed before the request reaches the model
     set_params: dict[str, Any] = {}  # request fields forced to these values
 
-    @field_validator("strip_params")
+    @field_validator("strip_params", "set_params")
     @classmethod
-    def _strip_no_routing_field(cls, names: list[str]) -> list[str]:
+    def _no_routing_field(cls, names: T, info: ValidationInfo) -> T:
+        verb, why = {"strip_params": ("stripped", "it"), "set_params": ("set", "the client's own")}[
+            info.field_name or ""
+        ]
         for name in names:
             if name in ROUTING_FIELDS:
                 raise ValueError(
-                    f"'{name}' cannot be stripped: the proxy needs it (a filter may not touch "
+                    f"'{name}' cannot be {verb}: the proxy needs {why} (a filter may not touch "
                     f"{', '.join(ROUTING_FIELDS)})"
                 )
         return names
-
-    @field_validator("set_params")
-    @classmethod
-    def _set_no_routing_field(cls, values: dict[str, Any]) -> dict[str, Any]:
-        for name in values:
-            if name in ROUTING_FIELDS:
-                raise ValueError(
-                    f"'{name}' cannot be set: the proxy needs the client's own (a filter may not "
-                    f"touch {', '.join(ROUTING_FIELDS)})"
-                )
-        return values
 
     def apply(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The request as the model gets it; None when the filters change nothing."""
