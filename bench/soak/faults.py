@@ -459,7 +459,8 @@ def delete_model(soak, rng: random.Random) -> Fault:
     now = next((m for m in (status(soak) or {"models": []})["models"] if m["name"] == model.name), None)
     if now is not None and (now["gave_up"] or now["state"] == "failed"):
         done, _ = bed.ctl("load", model.name, timeout=120)
-        how += f"; it gave up, and `localllmctl load` gave exit {done.returncode if done else 'timeout'}"
+        state = "it gave up" if now["gave_up"] else "it was in its restart backoff"
+        how += f"; {state}, and `localllmctl load` gave exit {done.returncode if done else 'timeout'}"
     return Fault(model.name, f"{how}; restored after {hold:.1f}s", [model.name], restored)
 
 

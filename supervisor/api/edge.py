@@ -28,8 +28,8 @@ import json
 import time
 from collections import OrderedDict
 from http import HTTPStatus
-from urllib.parse import unquote
 
+import yarl
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from loguru import logger
@@ -227,8 +227,10 @@ class EdgeHandler(RequestHandler):
     def _target_path(self) -> str:
         """The path of the request line of the head being read (aiohttp's placeholder request has none)."""
         line = self._head_start.split(b"\r\n", 1)[0].split(b" ")
-        target = line[1].split(b"?", 1)[0].decode("latin-1") if len(line) > 1 else ""
-        return unquote(target).strip("".join(map(chr, range(33))))  # control characters around it say nothing
+        try:  # read as aiohttp routes a target it accepts (yarl drops the control characters that lead it)
+            return yarl.URL(line[1].decode("latin-1")).path if len(line) > 1 else ""
+        except ValueError:
+            return ""
 
     def _refuse(self, error: LocalllmError) -> None:
         """Answer ``error`` on the raw connection (no request is being handled) and close it."""

@@ -133,8 +133,9 @@ class Scheduler:
         elif error is not None:
             self._move(slot, Phase.FAILED)
             slot.error = error
-        else:
+        else:  # stopped on purpose after it was ready (idle, evicted, unloaded): its run broke any crash loop
             self._move(slot, Phase.STOPPED)
+            slot.failures = 0
         return actions + self._pump(now)
 
     def adopt(self, model: str, device: str, now: float) -> bool:

@@ -210,12 +210,12 @@ class Fleet:
     async def load(self, name: str) -> Instance:
         """Start ``name`` now (as a request would: queued, evicting idle models if needed) and wait until ready.
 
-        It then stays like any used model: until its TTL, an eviction or an unload. A model that gave up
-        after repeated failures gets a fresh count.
+        It then stays like any used model: until its TTL, an eviction or an unload. A failed model (in its
+        restart backoff, or given up) gets a fresh count and starts now: the operator has acted.
         """
         instance = self.resolve(name)
         async with self._operation(instance.name, "load"):
-            if self.scheduler.slots[instance.name].gave_up:
+            if self.scheduler.slots[instance.name].phase is Phase.FAILED:
                 self.scheduler.reset(instance.name)
             async with self.use(instance.name, served=False):
                 return instance

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from supervisor.core.containers import LABEL_MODEL
 from supervisor.core.errors import ModelStartFailed
 from supervisor.core.slots import Phase
@@ -67,6 +69,25 @@ def test_a_model_that_keeps_failing_is_given_up_after_max_failures(tmp_path):
         assert len(runtime.started()) == 2 and runtime.containers == {}  # each failed container removed
         assert fleet.phase(fleet.instances["a"]) is Phase.FAILED
         assert "exit code 1" in fleet.instances["a"].error and "boom" in fleet.instances["a"].error
+        await fleet.shutdown()
+
+    scenario(body, tmp_path)
+
+
+@pytest.mark.parametrize("gave_up", [False, True])
+def test_an_operators_load_of_a_failed_model_starts_it_now_with_a_fresh_count(tmp_path, gave_up):
+    async def body(session):
+        runtime = RecordingFakeRuntime(failing={"a"})
+        restart = {"delay": 0.05 if gave_up else 600, "max_delay": 600, "max_failures": 2, "stable_after": 600}
+        fleet, runtime, bus = cpu_fleet(
+            tmp_path, session, {"a": MIB}, runtime, models={"a": {"preload": True}}, restart=restart
+        )
+        await fleet.start_models(["a"])  # fails: then waits out its 600 s backoff, or gives up after a retry
+        await until(lambda: fleet.describe(fleet.instances["a"])["gave_up"] is gave_up, what="the failure")
+        runtime.failing.clear()  # the operator fixed what failed
+        await asyncio.wait_for(fleet.load("a"), 5)  # now, not after the backoff
+        view = fleet.describe(fleet.instances["a"])
+        assert (fleet.phase(fleet.instances["a"]), view["failures"], view["gave_up"]) == (Phase.READY, 0, False)
         await fleet.shutdown()
 
     scenario(body, tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -441,6 +442,22 @@ def test_a_model_that_ran_long_enough_starts_its_failure_count_afresh():
     s.crashed("a", 100, "died")
     s.stopped("a", 100, ModelStartFailed("a", "died"))
     assert s.slots["a"].failures == 1
+
+
+@pytest.mark.parametrize("stopped_cleanly", [True, False])
+def test_a_model_stopped_on_purpose_after_it_was_ready_starts_its_failure_count_afresh(stopped_cleanly):
+    s = scheduler(stable_after=60.0, max_failures=5)
+    s.slots["a"].failures = 4  # four failures, then a start that worked
+    load(s, "a", 0)
+    s.finished("a", 1)
+    if stopped_cleanly:  # unloaded (as when evicted or idle): the run it had was not part of a crash loop
+        s.unload("a", 2, "operator")
+        s.stopped("a", 2)
+        load(s, "a", 3)
+        s.finished("a", 4)
+    s.crashed("a", 5, "killed")
+    s.stopped("a", 5, ModelStartFailed("a", "killed", 137))
+    assert (s.slots["a"].failures, s.slots["a"].gave_up) == ((1, False) if stopped_cleanly else (5, True))
 
 
 def test_requests_during_backoff_wait_for_the_retry_and_get_its_outcome():
