@@ -186,5 +186,5 @@ case "${1:-}" in
   fuzz) shift; run_fuzz "$@" ;;
   setup) setup ;;
   lock) lock ;;
-  *) echo "usage: bash scripts/dev.sh demo|test [pytest args]|bench [--quick] [--only ...]|setup|lock" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/dev.sh demo|test [pytest args]|bench [--quick] [--only ...]|soak [--minutes N] [--seed S]|fuzz [--runs N]|setup|lock" >&2; exit 2 ;;
 esac

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.soak.bed import BUDGET_GIB, LIVENESS, MODEL_NEED, QUEUE_TIMEOUT, RESTART, STARTUP_TIMEOUT, Bed
 from bench.soak.faults import ENGINE_RESTART_ENV, FAULTS
-from bench.soak.invariants import LEFTOVER_WINDOW, SETTLE, EngineEvents, Monitor, StepChecker
+from bench.soak.invariants import LEFTOVER_WINDOW, SETTLE, EngineEvents, Monitor, StepChecker, fd_kinds
 from bench.soak.load import READ_TIMEOUT, TOTAL_TIMEOUT, VIOLATING, Load, explain, probe, tally
 
 RECOVERY_DEADLINE = 120.0  # a model hit by a fault must answer again within this
@@ -181,6 +181,7 @@ class Soak:
             "pid": pid,
             "rss_mib": round(statistics.median(s[2] for s in samples) / 1024, 1),
             "fds": int(statistics.median(s[3] for s in samples)),
+            "fd_kinds": fd_kinds(pid) if pid is not None else {},
             "samples": len(samples),
         }
 
@@ -358,7 +359,8 @@ class Soak:
                 self.violation(
                     "resource_bound",
                     f"after the load stopped: RSS {end['rss_mib']} MiB (limit {rss_limit:.1f}), fds {end['fds']} "
-                    f"(limit {fd_limit}); baseline {baseline['rss_mib']} MiB, {baseline['fds']} fds",
+                    f"(limit {fd_limit}); baseline {baseline['rss_mib']} MiB, {baseline['fds']} fds; "
+                    f"descriptors by kind, end against baseline: {fd_growth(baseline, end)}",
                     log=False,
                 )
         try:
@@ -415,6 +417,13 @@ def limits(baseline: dict) -> tuple[float, int]:
     """The RSS (MiB) and descriptor counts the daemon must be back within after the load."""
     rss = baseline["rss_mib"] + max(baseline["rss_mib"] * RSS_TOLERANCE, RSS_TOLERANCE_MIN_MIB)
     return rss, baseline["fds"] + FD_TOLERANCE
+
+
+def fd_growth(baseline: dict, end: dict) -> str:
+    """What kinds of descriptors the daemon has more (or fewer) of at the end: "unix to dockerd +9, ..."."""
+    before, after = baseline.get("fd_kinds") or {}, end.get("fd_kinds") or {}
+    changes = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(before.keys() | after.keys())}
+    return ", ".join(f"{k} {v:+d}" for k, v in changes.items() if v) or "no change by kind"
 
 
 def within_limits(baseline: dict, end: dict) -> bool:

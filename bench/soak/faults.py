@@ -362,26 +362,24 @@ def unload(soak, rng: random.Random) -> Fault:
     name = ready_target(soak, rng)
     if name is None:
         return Fault("-", "no model could be made ready", skipped=True)
-    at = soak.clock()
-    done, seconds = soak.bed.ctl("unload", name, timeout=120)
-    if done is None:
-        soak.violation("operator_hang", f"`localllmctl unload {name}` did not return within 120s")
-        return Fault(name, "timed out", [name], at)
-    said = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
-    return Fault(name, f"exit {done.returncode} in {seconds:.1f}s: {said[0][:160]}", [name], at)
+    return operator_command(soak, "unload", name)
 
 
 def load(soak, rng: random.Random) -> Fault:
     stopped = sorted(set(m.name for m in soak.bed.models) - set(ready_models(soak)))
-    name = rng.choice(stopped or [m.name for m in soak.bed.models])
+    return operator_command(soak, "load", rng.choice(stopped or [m.name for m in soak.bed.models]))
+
+
+def operator_command(soak, verb: str, name: str) -> Fault:
+    """`localllmctl VERB NAME` during traffic: it must return (a hang is a violation); a failure is noted."""
     at = soak.clock()
-    done, seconds = soak.bed.ctl("load", name, timeout=120)
+    done, seconds = soak.bed.ctl(verb, name, timeout=120)
     if done is None:
-        soak.violation("operator_hang", f"`localllmctl load {name}` did not return within 120s")
+        soak.violation("operator_hang", f"`localllmctl {verb} {name}` did not return within 120s")
         return Fault(name, "timed out", [name], at)
     said = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
     if done.returncode != 0:
-        soak.note(f"load {name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        soak.note(f"{verb} {name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
     return Fault(name, f"exit {done.returncode} in {seconds:.1f}s: {said[0][:160]}", [name], at)
 
 

@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import subprocess
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import yaml
@@ -159,6 +161,36 @@ def proc_sample(pid: int) -> tuple[int, int] | None:
         return rss, len(os.listdir(f"/proc/{pid}/fd"))
     except (OSError, ValueError):
         return None
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """``pid``'s open descriptors by kind, from lsof (a unix socket named by the process at its other end:
+    "unix to dockerd", "unix to llama-server"), so that a leak says what leaks. {} when lsof cannot tell."""
+    try:
+        done = subprocess.run(
+            ["lsof", "-nP", "-p", str(pid), "+E", "-F", "ftn"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    kinds: Counter[str] = Counter()
+    kind, mine = None, False
+    for line in done.stdout.splitlines():  # -F: "p<pid>", then per descriptor "f<fd>", "t<type>", "n<name>"
+        tag, value = line[:1], line[1:]
+        if tag == "p":  # +E also lists the processes at the other ends
+            mine = value == str(pid)
+        elif tag == "f":
+            kind = "?" if mine and value.isdigit() else None
+        elif tag == "t" and kind is not None:
+            kind = value.lower()
+        elif tag == "n" and kind is not None:
+            peer = re.search(r"->INO=\d+ \d+,([^,]+),", value)
+            if kind == "unix":
+                kind = f"unix to {peer.group(1)}" if peer else "unix (no peer process here)"
+            elif kind in ("ipv4", "ipv6"):
+                kind = "tcp listening" if "->" not in value else "tcp connection"
+            kinds[kind] += 1
+            kind = None
+    return dict(sorted(kinds.items()))
 
 
 class Monitor(threading.Thread):

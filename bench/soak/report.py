@@ -58,6 +58,10 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _kinds(kinds: dict | None) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in kinds.items()) if kinds else "-"
+
+
 def _cell(value) -> str:
     return "-" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -171,6 +175,9 @@ def markdown(report: dict) -> str:
         f"{_cell(tolerance.get('fd_limit'))} ({_cell(tolerance.get('fds'))}) |",
         "",
         f"Back within tolerance after the load: **{within}**.",
+        "",
+        "Open descriptors by kind (lsof; a unix socket named by the process at its other end), baseline and end: "
+        f"{_kinds(baseline.get('fd_kinds'))}; {_kinds(end.get('fd_kinds'))}.",
         "",
         "![RSS and open fds of localllmd over the run, faults marked](soak.svg)",
         "",

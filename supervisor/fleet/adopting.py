@@ -85,14 +85,11 @@ class Adopter:
             info = found.get(instance.container_id or "")
             if fleet.phase(instance) is Phase.READY and (info is None or info.exited):
                 fleet.crashed(instance, "container lost while the Docker engine was away")
-        if self._starting():
-            self.pending = True  # a container being created may not be owned yet: the sweep waits (sweep_if_pending)
-            return
         await self.sweep(list(found.values()), grace=0)
 
     async def sweep_if_pending(self) -> None:
-        """Each tick: the sweep a reconcile had to leave, or that a failed removal calls for, once nothing starts."""
-        if not self.pending or self._starting():
+        """Each tick: the sweep that a failed removal calls for."""
+        if not self.pending:
             return
         fleet = self.fleet
         self.pending = False
@@ -101,9 +98,17 @@ class Adopter:
         except LocalllmError:
             self.pending = True  # the engine is away (the engine watch says so): the next tick tries again
 
-    def _starting(self) -> bool:
+    def _starting_sockets(self) -> set[str]:
+        """The sockets of the containers being created now: no model owns them yet, and no sweep may take them.
+
+        Every start has a fresh socket, named in its container's endpoint label, and its spec is set before
+        the engine is asked: a model's start, a config change's launch, a hosting's own server."""
         fleet = self.fleet
-        return fleet.ledger.launches() or any(fleet.phase(i) is Phase.STARTING for i in fleet.instances.values())
+        starting = {
+            i.spec.endpoint.socket for i in fleet.instances.values() if fleet.phase(i) is Phase.STARTING and i.spec
+        }
+        starting |= fleet.ledger.launching_sockets()
+        return {s for s in starting.union(*(h.endpoints() for h in fleet.hostings.values())) if s}
 
     async def remove_leftovers(self) -> int:
         """The shutdown sweep: remove every container of ours that no model owns (e.g. a cancelled start's)."""
@@ -112,16 +117,32 @@ class Adopter:
         return await self.sweep(found, grace=fleet.settings.stop_grace)
 
     async def sweep(self, found: list[ContainerInfo], grace: float) -> int:
-        """Remove the found containers no model owns (``adoption.plan``, sweeping); return how many."""
+        """Remove the found containers no model owns (``adoption.plan``, sweeping); return how many.
+
+        A model owns its container while it starts, serves or stops; a stopped or failed model's is a leftover
+        (a removal that failed). One left alone that is not running keeps a sweep due at the next tick.
+        """
         fleet = self.fleet
-        owned = {i.container_id for i in fleet.instances.values() if i.container_id} | fleet.ledger.protected()
+        live = (Phase.STARTING, Phase.READY, Phase.STOPPING)
+        owned = {i.container_id for i in fleet.instances.values() if i.container_id and fleet.phase(i) in live}
+        owned |= fleet.ledger.protected()
         owned = owned.union(*(h.containers() for h in fleet.hostings.values()))  # their own servers
-        removals = [
-            step
-            for step in adoption.plan(found, {}, frozenset(owned), sweep_only=True)
-            if step.action is adoption.Action.REMOVE
-        ]
+        starting = self._starting_sockets()
+        owned |= {info.id for info in found if _socket_of(info) in starting}
+        steps = adoption.plan(found, {}, frozenset(owned), sweep_only=True)
+        if any(step.action is adoption.Action.LEAVE and not step.container.running for step in steps):
+            self.pending = True  # a start, a stop or a crash not yet seen: look again once it is over
+        removals = [step for step in steps if step.action is adoption.Action.REMOVE]
         for step in removals:
             logger.warning("removing container {}: {}", step.container.name, step.reason)
-            await self.fleet.runtime.stop_and_remove(step.container.id, grace)
+            await fleet.runtime.stop_and_remove(step.container.id, grace)
+            for instance in fleet.instances.values():
+                instance.forget_server(step.container.id)
         return len(removals)
+
+
+def _socket_of(info: ContainerInfo) -> str | None:
+    try:
+        return Endpoint.from_label(info.labels.get(LABEL_ENDPOINT, "")).socket
+    except ValueError:
+        return None

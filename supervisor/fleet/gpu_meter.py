@@ -59,24 +59,13 @@ class GpuMeter:
             self._problems[device.id] = device.problem
             if device.problem:
                 logger.bind(device=device.id).error("unusable: {}", device.problem)
-                self.events.publish(
-                    EventKind.DEVICE,
-                    f"{device.id} is unusable: {device.problem}",
-                    None,
-                    device=device.id,
-                    uuid=device.uuid,
-                    problem=device.problem,
-                )
+                message = f"{device.id} is unusable: {device.problem}"
             else:
                 logger.bind(device=device.id).warning("usable again (was: {})", before)
-                self.events.publish(
-                    EventKind.DEVICE,
-                    f"{device.id} is usable again",
-                    None,
-                    device=device.id,
-                    uuid=device.uuid,
-                    problem=None,
-                )
+                message = f"{device.id} is usable again"
+            self.events.publish(
+                EventKind.DEVICE, message, None, device=device.id, uuid=device.uuid, problem=device.problem or None
+            )
         return devices
 
     async def used_by(self, containers: Iterable[str]) -> dict[str, int]:

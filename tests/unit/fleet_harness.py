@@ -27,6 +27,7 @@ from supervisor.config.profiles import Profile, load_profiles
 from supervisor.config.settings import Config, ModelEntry, load_config, same_tag
 from supervisor.core.backends import llamacpp, ollama, ollama_relay
 from supervisor.core.containers import SOCKET_NAME, ContainerSpec, servers_dir
+from supervisor.core.errors import DockerUnavailable, ModelStartFailed
 from supervisor.core.estimate import LaunchSettings
 from supervisor.core.placement import GpuReading
 from supervisor.fleet.events import EventBus
@@ -185,26 +186,31 @@ class RecordingFakeRuntime:
     failing: set[str] = field(default_factory=set)  # models whose server exits at once (exit 1, "boom")
     fails: Callable[[ContainerSpec], bool] | None = None  # also exits at once: each spec this says so of
     start_delay: float = 0.0  # seconds the engine takes to create a container
+    unremovable: set[str] = field(default_factory=set)  # container ids whose removal fails (the engine is away)
     ollama: FakeOllamaApi = field(default_factory=FakeOllamaApi)
     specs: dict[str, ContainerSpec] = field(default_factory=dict)  # container id -> the spec it was run with
 
     async def run(self, spec) -> ContainerInfo:
+        """Create (listed at once, as ``created``), wait ``start_delay``, then start, as the engine does."""
         self.calls.append(("run", spec.name))
+        created = ContainerInfo(secrets.token_hex(32), spec.name, "created", None, False, spec.labels())
+        runner = web.AppRunner(web.Application())
+        await runner.setup()
+        self.containers[created.id], self.specs[created.id] = FakeContainer(created, [], runner), spec
         await asyncio.sleep(self.start_delay)
+        if self.containers.pop(created.id, None) is None:
+            raise ModelStartFailed(spec.model, f"its container {created.id[:12]} was removed while it was created")
         if spec.model in self.failing or (self.fails is not None and self.fails(spec)):
-            info = ContainerInfo(secrets.token_hex(32), spec.name, "exited", 1, False, spec.labels())
-            runner = web.AppRunner(web.Application())
-            await runner.setup()
+            info = replace(created, status="exited", exit_code=1)
             self.containers[info.id] = FakeContainer(info, [], runner)
-            self.specs[info.id] = spec
             return info
+        await runner.cleanup()
         app = self.ollama.app() if spec.model == ollama.SERVER_LABEL else _llama_server(spec.name)
         runner = web.AppRunner(app)
         await runner.setup()
         await web.UnixSite(runner, socket_path(spec)).start()
-        info = ContainerInfo(secrets.token_hex(32), spec.name, "running", None, False, spec.labels())
+        info = replace(created, status="running")
         self.containers[info.id] = FakeContainer(info, [next(_pids)], runner)
-        self.specs[info.id] = spec
         return info
 
     async def inspect(self, container_id: str) -> ContainerInfo | None:
@@ -214,6 +220,8 @@ class RecordingFakeRuntime:
 
     async def stop_and_remove(self, container_id: str, grace: float) -> None:
         self.calls.append(("stop_and_remove", container_id))
+        if container_id in self.unremovable:
+            raise DockerUnavailable(f"Docker engine not reachable (stop container {container_id[:12]})")
         container = self.containers.pop(container_id, None)
         if container is not None:
             await container.runner.cleanup()

@@ -93,6 +93,27 @@ def test_an_operators_load_of_a_failed_model_starts_it_now_with_a_fresh_count(tm
     scenario(body, tmp_path)
 
 
+def test_a_container_whose_removal_failed_is_swept_at_the_next_tick_even_while_another_model_starts(tmp_path):
+    async def body(session):
+        fleet, runtime, bus = cpu_fleet(tmp_path, session, {"a": MIB, "b": MIB})
+        await fleet.load("a")
+        leftover = fleet.instances["a"].container_id
+        runtime.unremovable.add(leftover)  # the engine goes away while "a" is unloaded
+        await fleet.unload("a")
+        assert leftover in runtime.containers and fleet.phase(fleet.instances["a"]) is not Phase.READY
+        runtime.unremovable.clear()  # the engine is back
+        runtime.start_delay = 0.5  # "b" is being created while the tick runs: listed, owned by no model yet
+        loading = asyncio.create_task(fleet.load("b"))
+        await until(lambda: any(c.info.status == "created" for c in runtime.containers.values()), what="creating")
+        await fleet.tick()
+        assert leftover not in runtime.containers and fleet.instances["a"].container_id is None
+        await loading
+        assert fleet.phase(fleet.instances["b"]) is Phase.READY and runtime.removed().count(leftover) == 4
+        await fleet.shutdown()
+
+    scenario(body, tmp_path)
+
+
 def test_a_model_that_does_not_fit_beside_another_evicts_it(tmp_path):
     async def body(session):
         fleet, runtime, bus = cpu_fleet(tmp_path, session, {"a": MIB, "b": MIB})
