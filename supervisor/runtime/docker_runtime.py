@@ -9,6 +9,11 @@ Every call has a deadline, ``timeout`` (``daemon.timeouts.docker``), twice over:
 (each read from the engine's socket), and one around the thread (the whole call, which may make several
 requests), so that a hung engine cannot hang the daemon. A stop gets its grace on top. An image build,
 and a log follower once its stream is open, take as long as they take.
+
+The SDK's unix-socket adapter keeps a connection pool per request URL (per container, in effect), 25 of
+them, so an idle daemon held 25 or more connections to the engine, and more after a burst (its
+``num_pools`` is ignored for unix sockets). ``OnePoolAdapter`` keeps one pool for the engine's socket:
+connections are reused, and at most twice ``workers`` stay open.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+from docker.transport import UnixHTTPAdapter
 from docker.types import DeviceRequest, Mount
 
 from supervisor.core.containers import LABEL_OWNER, ContainerSpec, readable_by
@@ -38,6 +44,13 @@ ENGINE_HINT = "start it with: dockerd --bridge=none --iptables=false &  (or: sys
 DEFAULT_TIMEOUT = 60.0  # seconds: daemon.timeouts.docker's default
 
 
+class OnePoolAdapter(UnixHTTPAdapter):
+    """The SDK's unix-socket adapter with one connection pool for the socket, not one per request URL."""
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection("http+docker://localhost", proxies)
+
+
 class DockerRuntime:
     """The ``ContainerRuntime`` of a local Docker engine: an async facade over one Docker client.
 
@@ -46,6 +59,7 @@ class DockerRuntime:
     def __init__(self, base_url: str | None = None, workers: int = 8, timeout: float = DEFAULT_TIMEOUT):
         self.base_url = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         self.timeout = timeout  # seconds one call may take
+        self.workers = workers  # calls at once; also the connections to the engine kept open
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._client: docker.DockerClient | None = None
         self._images_seen: set[str] = set()
@@ -133,6 +147,11 @@ class DockerRuntime:
         def open_client() -> tuple[docker.DockerClient, str]:
             self._check_unix_socket()
             client = docker.DockerClient(base_url=self.base_url, timeout=self.timeout)
+            if self.base_url.startswith("unix://"):
+                client.api.adapters["http+docker://"].close()
+                socket_url = "http+unix://" + self.base_url.removeprefix("unix://")
+                kept = 2 * self.workers  # the workers' calls, and as many log followers, before one is dropped
+                client.api.mount("http+docker://", OnePoolAdapter(socket_url, self.timeout, 1, kept))
             return client, client.version().get("Version", "?")
 
         self._client, version = await self._run("connect", open_client)

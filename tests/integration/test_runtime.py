@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor.config.profiles import load_profiles
@@ -178,3 +179,27 @@ def test_a_model_file_nobody_can_read_is_refused_before_a_container_is_made(engi
     ):
         asyncio.run(run_once(spec))
     assert our_containers(engine, spec.owner) == []
+
+
+def test_the_connections_to_the_engine_stay_within_the_runtimes_workers(engine):
+    """The SDK pools connections per request URL (per container), 25 pools by default: a daemon that had
+    touched 25 containers held 25 idle connections, and more after a burst. Ours are at most ``workers``."""
+
+    def engine_connections() -> int:
+        mine = {c.fd for c in psutil.Process().net_connections(kind="unix")}
+        return len(mine)
+
+    async def body() -> int:
+        runtime = DockerRuntime(workers=4)
+        await runtime.connect()
+        before = engine_connections()
+        try:
+            for round_ in range(3):  # 40 containers' URLs (gone ones: the engine answers 404), 4 at a time
+                ids = [f"{round_}{n:02d}".ljust(64, "0") for n in range(40)]
+                assert await asyncio.gather(*(runtime.inspect(i) for i in ids)) == [None] * 40
+            return engine_connections() - before
+        finally:
+            await runtime.close()
+
+    grown = asyncio.run(body())
+    assert 0 < grown <= 2 * 4, f"{grown} more unix sockets after 120 inspections by a runtime of 4 workers"
