@@ -297,7 +297,8 @@ def decode_case(data: bytes, host: str = "127.0.0.1") -> Case:
     if len(parts) == 2:
         parts.append(b"HTTP/1.1")
         request_line = b" ".join(parts)
-    method, target = parts[0].decode("latin-1").lstrip("\r\n"), parts[1].decode("latin-1")  # a CR before: let pass
+    method = parts[0].decode("latin-1").lstrip("\r\n")  # a CR before: let pass
+    target = next((p for p in parts[1:] if p), b"").decode("latin-1")  # the parser skips a run of spaces
     if not raw:
         lengths = [h for h in headers if h.partition(b":")[0].strip().lower() == b"content-length"]
         plain = [h for h in lengths if h.partition(b":")[2].strip().isdigit()]
