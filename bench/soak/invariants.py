@@ -168,7 +168,7 @@ def fd_kinds(pid: int) -> dict[str, int]:
     "unix to dockerd", "unix to llama-server"), so that a leak says what leaks. {} when lsof cannot tell."""
     try:
         done = subprocess.run(
-            ["lsof", "-nP", "-p", str(pid), "+E", "-F", "ftn"], capture_output=True, text=True, timeout=20
+            ["lsof", "+c0", "-nP", "-p", str(pid), "+E", "-F", "ftn"], capture_output=True, text=True, timeout=20
         )
     except (OSError, subprocess.TimeoutExpired):
         return {}
@@ -185,7 +185,7 @@ def fd_kinds(pid: int) -> dict[str, int]:
         elif tag == "n" and kind is not None:
             peer = re.search(r"->INO=\d+ \d+,([^,]+),", value)
             if kind == "unix":
-                kind = f"unix to {peer.group(1)}" if peer else "unix (no peer process here)"
+                kind = f"unix to {peer.group(1)}" if peer else "unix (no other process at its end)"
             elif kind in ("ipv4", "ipv6"):
                 kind = "tcp listening" if "->" not in value else "tcp connection"
             kinds[kind] += 1
