@@ -226,11 +226,7 @@ class EdgeHandler(RequestHandler):
 
     def _target_path(self) -> str:
         """The path of the request line of the head being read (aiohttp's placeholder request has none)."""
-        line = self._head_start.split(b"\r\n", 1)[0].split(b" ")
-        try:  # read as aiohttp routes a target it accepts (yarl drops the control characters that lead it)
-            return yarl.URL(line[1].decode("latin-1")).path if len(line) > 1 else ""
-        except ValueError:
-            return ""
+        return routed_path(request_target(self._head_start.split(b"\r\n", 1)[0]))
 
     def _refuse(self, error: LocalllmError) -> None:
         """Answer ``error`` on the raw connection (no request is being handled) and close it."""
@@ -283,3 +279,21 @@ class EdgeSite(web.BaseSite):
         self._server = await asyncio.get_running_loop().create_server(
             lambda: self._edge.protocol(server), self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+
+
+def request_target(request_line: bytes) -> str:
+    """The target of a request line, as the parser finds it: past the method and any run of spaces."""
+    return next((part for part in request_line.split(b" ")[1:] if part), b"").decode("latin-1")
+
+
+def routed_path(target: str) -> str:
+    """The path aiohttp routes a request target by (``request.path``), read as its parser reads it: an
+    origin-form target ("/v1/x?q") is a path as it stands, even "//x/y"; any other is read as a URL (yarl
+    drops the control characters that lead it). For a head aiohttp refused, this says which route it meant.
+    "" when no path can be read."""
+    try:
+        if target.startswith("/"):
+            return yarl.URL.build(path=target.partition("#")[0].partition("?")[0], encoded=True).path
+        return yarl.URL(target, encoded=True).path
+    except ValueError:
+        return ""

@@ -55,11 +55,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yarl
 from aiohttp import web
 from multidict import CIMultiDict
 
-from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite
+from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite, request_target, routed_path
 from supervisor.api.metrics import Metrics
 from supervisor.api.model_list import OLLAMA_ROOT_TEXT
 from supervisor.api.proxy import Proxy, create_proxy_app
@@ -298,7 +297,7 @@ def decode_case(data: bytes, host: str = "127.0.0.1") -> Case:
         parts.append(b"HTTP/1.1")
         request_line = b" ".join(parts)
     method = parts[0].decode("latin-1").lstrip("\r\n")  # a CR before: let pass
-    target = next((p for p in parts[1:] if p), b"").decode("latin-1")  # the parser skips a run of spaces
+    target = request_target(request_line)
     if not raw:
         lengths = [h for h in headers if h.partition(b":")[0].strip().lower() == b"content-length"]
         plain = [h for h in lengths if h.partition(b":")[2].strip().isdigit()]
@@ -585,10 +584,7 @@ def valid_case(locked: bool = False) -> bytes:
 
 def server_path(target: str) -> str | None:
     """The path aiohttp routes ``target`` by (percent-decoded, as ``request.path``); None when unsure."""
-    try:
-        return yarl.URL(target).path if target else None
-    except (ValueError, TypeError):
-        return None
+    return routed_path(target) or None
 
 
 def error_problems(found: object, dialect: Dialect | None) -> list[str]:

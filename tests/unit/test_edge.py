@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from loguru import logger
 
-from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite
+from supervisor.api.edge import MAX_HEAD, Edge, EdgeSite, routed_path
 from supervisor.api.intake import (
     INLINE_JSON,
     Intake,
@@ -580,3 +580,19 @@ def test_what_upstream_failures_tell_a_client():
         public_error(UnknownModel("gpt-9", ["tiny"]), "x")["error"]
         == UnknownModel("gpt-9", ["tiny"]).to_json()["error"]
     )
+
+
+@pytest.mark.parametrize(
+    "target, path",
+    [
+        ("/v1/messages?beta=true#x", "/v1/messages"),
+        ("//../v1/messages", "//../v1/messages"),  # origin-form: no authority, as aiohttp routes it
+        ("/a%2Fb/../c", "/a/b/../c"),
+        ("http://host/v1/messages", "/v1/messages"),  # absolute-form
+        ("\x01\x02/v1/messages", "/v1/messages"),  # refused by the parser; yarl drops what leads it
+        ("/v1/messages\x00\x00", "/v1/messages\x00\x00"),
+        ("http://[::1/x", ""),
+    ],
+)
+def test_a_target_is_read_as_the_router_reads_it(target, path):
+    assert routed_path(target) == path
