@@ -117,6 +117,8 @@ class DockerRuntime:
         except docker.errors.ImageNotFound as exc:
             raise ImageNotFound(f"image not found while trying to {action}: {_explain(exc)}") from None
         except docker.errors.DockerException as exc:
+            if isinstance(exc.__cause__, requests.exceptions.ReadTimeout):  # the SDK's version check, stuck
+                raise DockerFailure(self._late_answer(action)) from None
             if "Connection" in str(exc) or "FileNotFoundError" in str(exc):
                 raise DockerUnavailable(
                     f"Docker engine not reachable at {self.base_url}: {exc}; {ENGINE_HINT}"
