@@ -35,15 +35,12 @@ class ContainerLedger:
 
     @contextlib.contextmanager
     def launching(self, endpoint: Endpoint) -> Iterator[None]:
-        """While a config change starts a container at ``endpoint``: its socket is in use, no sweep runs."""
+        """While a config change starts a container at ``endpoint``: its socket is in use, no sweep takes it."""
         self._launching.add(endpoint)
         try:
             yield
         finally:
             self._launching.discard(endpoint)
-
-    def launches(self) -> bool:
-        return bool(self._launching)
 
     def launching_sockets(self) -> set[str]:
         return {e.socket for e in self._launching if e.socket}
