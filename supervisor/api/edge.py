@@ -27,10 +27,11 @@ import enum
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import yarl
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
 from loguru import logger
 
@@ -276,9 +277,37 @@ class EdgeSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
+        if not isinstance(server.request_handler, RefusingTunnels):  # one runner may serve several sites
+            server.request_handler = RefusingTunnels(server.request_handler)
         self._server = await asyncio.get_running_loop().create_server(
             lambda: self._edge.protocol(server), self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+
+
+class RefusingTunnels:
+    """The app's request handler, but CONNECT (a tunnel, which the proxy never opens) gets a 405 error object.
+
+    aiohttp's router cannot route CONNECT's authority-form target at all, so it met aiohttp's own answers before
+    any middleware: a text 417 for an ``Expect`` header, or a 500 for one that was not UTF-8 (atheris findings).
+    """
+
+    def __init__(self, handle: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]):
+        self.handle = handle
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method != hdrs.METH_CONNECT:
+            return await self.handle(request)
+        body = {
+            "error": {
+                "message": "CONNECT asks for a tunnel, and this server opens none",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": HTTP_ERROR_CODES[405],
+            }
+        }
+        response = web.json_response(body, status=405, headers={"Allow": "GET, HEAD, POST"})
+        response.force_close()
+        return response
 
 
 def request_target(request_line: bytes) -> str:

@@ -622,7 +622,7 @@ def judge(case: Case, answer: Answer | None) -> list[str]:
     """What is wrong with ``answer`` to ``case`` (nothing: an empty list)."""
     if answer is None:
         return ["the connection closed without an answer"]
-    path = server_path(case.target)
+    path = server_path(case.target) if case.method != "CONNECT" else None  # a tunnel: routed by no path
     route = ROUTES_BY_PATH.get(path) if path else None
     dialect = dialect_of(path) if path is not None else None
     found = answer.json()

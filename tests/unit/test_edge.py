@@ -193,6 +193,21 @@ def test_a_head_larger_than_max_head_gets_431():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("expect", [b"", b"Expect: x\r\n", b"Expect: \xe4100-continue\r\n"])
+@pytest.mark.parametrize("target", [b"/v1/chat/completions", b"localhost:443"])
+def test_connect_gets_a_405_error_object_whatever_its_expect_header(target, expect):
+    """No router can route CONNECT's target: before, an Expect header met aiohttp's text 417, or a 500."""
+
+    async def scenario():
+        async with serving(ProxyLimits()) as (port, _, _):
+            raw = b"CONNECT %s HTTP/1.1\r\nHost: localhost\r\n%sContent-Length: 2\r\n\r\n{}" % (target, expect)
+            status, headers, body = await exchange(port, raw)
+            assert (status, headers["allow"]) == (405, "GET, HEAD, POST")
+            assert json.loads(body)["error"]["code"] == "method_not_allowed"
+
+    asyncio.run(scenario())
+
+
 def test_at_the_connection_cap_the_longest_waiting_connection_makes_room():
     async def scenario():
         async with serving(ProxyLimits(max_connections=4, header_timeout=30)) as (port, edge, _):
