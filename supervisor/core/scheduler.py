@@ -139,15 +139,21 @@ class Scheduler:
         return actions + self._pump(now)
 
     def adopt(self, model: str, device: str, now: float) -> bool:
-        """A running container found at start-up: take it as ready if it fits its device's budget."""
+        """A running container found at start-up, or launched by a config change: take it as ready if it fits its
+        device's budget, or if it runs in the room held for it by ``reserve_launch`` (which then becomes its own:
+        a model that takes over another's room, as in an eviction, may still count both for a moment)."""
         slot = self.slots[model]
         target = next((d for d in self.devices if d.id == device), None)
         if slot.phase is not Phase.STOPPED or target is None:
             return False
-        # Budget accounting only: a measured reading already counts this very container as used.
-        accounted = target.budget - sum(r.bytes for r in self.residents() if r.device == device)
-        if accounted < slot.need:
-            return False
+        launch = self._launches.get(model)
+        if launch is not None and launch[0] == device and launch[1] >= slot.need:
+            del self._launches[model]  # the room held for the container it launched is now its own
+        else:
+            # Budget accounting only: a measured reading already counts this very container as used.
+            accounted = target.budget - sum(r.bytes for r in self.residents() if r.device == device)
+            if accounted < slot.need:
+                return False
         self._move(slot, Phase.READY)
         slot.device, slot.loaded_at, slot.last_used, slot.wanted = device, now, now, True
         return True

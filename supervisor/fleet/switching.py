@@ -55,13 +55,15 @@ class Switching:
         try:
             return await fleet.hosting_of(entry).launch(entry, device_id, config or fleet.config)
         except BaseException:
-            fleet.scheduler.release_launch(entry.name)
+            if not self._keeps_room(entry.name):
+                fleet.scheduler.release_launch(entry.name)
             raise
 
     async def abandon(self, name: str, spec: Spec, container_id: str) -> None:
         """Remove what a config change launched but will not use."""
         fleet = self.fleet
-        fleet.scheduler.release_launch(name)
+        if not self._keeps_room(name):
+            fleet.scheduler.release_launch(name)
         entry = fleet.instances[name].entry if name in fleet.instances else fleet.config.model_named(name)
         await fleet.hosting_of(entry).abandon(name, spec, container_id)
 
@@ -81,13 +83,23 @@ class Switching:
                 raise ModelStayedBusy(f"'{name}' stayed busy for {patience:g}s; try the change again later")
             await asyncio.sleep(0.05)
 
+    def _keeps_room(self, name: str) -> bool:
+        """A model the change took offline keeps its room held until it is attached or released: if its new version
+        fails, its old one comes back in that room, and no waiting model may take it meanwhile (the soak saw the
+        revert's relaunch pass its gate and find its room gone)."""
+        try:
+            view = self.fleet.scheduler.view(name)
+        except KeyError:  # a model the change adds: nothing of it was taken offline
+            return False
+        return view.held and view.phase is not Phase.READY
+
     def attach(self, name: str, spec: Spec, container_id: str) -> bool:
         """Give a stopped, held model the server a config change started for it, and let it serve."""
         fleet = self.fleet
         instance = fleet.instances[name]
         fleet.scheduler.release(name)
+        attached = fleet.admit_adopted(instance, spec, container_id)  # in the room its launch held, if any
         fleet.scheduler.release_launch(name)
-        attached = fleet.admit_adopted(instance, spec, container_id)
         if attached:
             instance.error = None
             fleet.ledger.unprotect(container_id)
@@ -101,6 +113,7 @@ class Switching:
         fleet = self.fleet
         if name in fleet.instances:
             fleet.scheduler.release(name)
+            fleet.scheduler.release_launch(name)  # the room it kept, if it was offline
             fleet.carry_out(fleet.scheduler.tick(time.monotonic()))
 
     def commit(

@@ -236,6 +236,41 @@ def test_a_change_whose_new_version_fails_its_gate_is_reverted_to_the_last_good_
     scenario(body, tmp_path)
 
 
+def test_a_model_waiting_for_room_does_not_take_the_room_of_a_model_offline_for_a_change_that_fails(tmp_path):
+    """The revert's relaunch of the last-good version must find its room: the soak saw a waiting model take it
+    between the failed gate and the relaunch, and the revert end degraded ("could not be attached")."""
+
+    async def body(session):
+        models = [{"name": "a", "memory": NEED["offline"]}, {"name": "b", "memory": NEED["offline"]}]  # one at a time
+        fleet, runtime, bus, path = text_fleet(tmp_path, session, config_text(tmp_path, models))
+        rollout = Rollout(fleet, GenerationStore(tmp_path / "generations"))
+        await fleet.load("a")
+        rollout.store.mark(rollout.store.record(path.read_text(), "startup", {}, path).number, GenerationStatus.GOOD)
+        runtime.fails = lambda spec: context_of(spec) == NEW_CONTEXT
+        runtime.start_delay = 0.2
+        models[0]["context_size"] = NEW_CONTEXT
+        changed = config_text(tmp_path, models)
+
+        async def ticking():  # the daemon's periodic tick: it admits waiting models
+            while True:
+                await fleet.tick()
+                await asyncio.sleep(0.02)
+
+        ticks = asyncio.create_task(ticking())
+        applying = asyncio.create_task(rollout.apply(changed, str(path), path))
+        await until(lambda: model(fleet, "a")["state"] != "ready", what="a to go offline for its new version")
+        waiting = asyncio.create_task(fleet.load("b"))
+        with pytest.raises(ApplyFailed) as failed:
+            await applying
+        assert failed.value.report["degraded"] is None and "DEGRADED" not in fleet.status_line()
+        await waiting  # b's turn comes after the revert: the last-good a, idle, is evicted for it
+        assert model(fleet, "b")["state"] == "ready"
+        ticks.cancel()
+        await fleet.shutdown()
+
+    scenario(body, tmp_path)
+
+
 @pytest.mark.parametrize("together", [True, False], ids=["loaded-together", "loaded-in-turn"])
 def test_ollama_models_share_one_server_which_outlives_an_unloaded_model_until_shutdown(tmp_path, together):
     async def body(session):

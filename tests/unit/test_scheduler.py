@@ -653,6 +653,25 @@ def test_a_model_taken_offline_for_its_next_version_keeps_its_room_from_the_queu
     assert s.slots["a"].handover == 0 and all(not r.name.endswith("#new") for r in s.residents())
 
 
+def test_a_model_offline_for_a_change_takes_back_the_room_held_for_it_even_while_an_eviction_hands_room_over():
+    """The CI soak's finding (seed 681193311): the revert's relaunch passed its gate, but the budget counted an
+    evicted model and the one taking its room both, and the relaunched model could not be attached."""
+    s = scheduler(budgets=(25,), models={"a": 10, "b": 10, "c": 10})
+    for name in ("a", "b"):
+        load(s, name, 0)
+        s.finished(name, 0)
+    s.hold("a")
+    s.hand_over("a", 10 * MIB)
+    s.unload("a", 1, "replaced by a new config")
+    s.stopped("a", 1)  # offline: its 10 are held for its launch (the revert's relaunch of the last-good version)
+    _, actions = s.submit("c", 2)
+    assert kinds(actions) == ["Stop:b"]  # 5 free: b is evicted for c, and c waits for b's stop
+    assert sum(r.bytes for r in s.residents()) > 25 * MIB  # b, c and a's launch, counted together for a moment
+    s.release("a")
+    assert s.adopt("a", "gpu0", 3) and s.slots["a"].phase is Phase.READY
+    assert all(not r.name.endswith("#new") for r in s.residents())  # the held room is a's own now
+
+
 def test_without_a_hand_over_a_waiting_model_takes_the_room_a_held_model_frees():
     s = scheduler(budgets=(100,), models={"a": 60, "b": 60})
     load(s, "a", 0)
