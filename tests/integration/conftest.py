@@ -278,6 +278,18 @@ def ask_server(
     return asyncio.run(call())
 
 
+def long_stream(model: str, max_tokens: int) -> dict:
+    """A streaming chat that generates ``max_tokens`` tokens whatever the model says (``ignore_eos``): it stays in
+    flight while a test does something to its model."""
+    return {
+        "model": model,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "count"}],
+    }
+
+
 def our_containers(engine: docker.DockerClient, instance: str) -> list:
     return engine.containers.list(all=True, filters={"label": f"{LABEL_OWNER}={instance}"}, ignore_removed=True)
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from .conftest import assert_invariants, executable, poll_for
+from .conftest import assert_invariants, executable, long_stream, poll_for
 
 TWO = [{"name": "tiny", "gguf": "tiny.gguf", "aliases": ["small"]}, {"name": "tiny2", "gguf": "tiny2.gguf"}]
 
@@ -80,13 +80,7 @@ def test_load_and_unload_errors_have_distinct_exit_codes(start_daemon, models_di
 
 def test_unload_is_refused_while_the_model_serves(start_daemon, engine):
     daemon = start_daemon([{"name": "slow", "gguf": "slow.gguf", "preload": True, "context_size": 2048}])
-    body = {
-        "model": "slow",
-        "stream": True,
-        "max_tokens": 600,
-        "ignore_eos": True,
-        "messages": [{"role": "user", "content": "count"}],
-    }
+    body = long_stream("slow", 600)
     streaming = threading.Event()
 
     def stream():

@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from .conftest import assert_invariants, our_containers, poll_for
+from .conftest import assert_invariants, long_stream, our_containers, poll_for
 
 
 def start_events(engine, instance: str, since: float) -> int:
@@ -26,13 +26,7 @@ def test_docker_kill_mid_stream_ends_the_stream_with_an_error_and_the_model_come
         [{"name": "slow", "gguf": "slow.gguf", "context_size": 4096, "preload": True}], restart={"delay": "1s"}
     )
     [container] = our_containers(engine, daemon.instance)
-    body = {
-        "model": "slow",
-        "stream": True,
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "messages": [{"role": "user", "content": "count"}],
-    }
+    body = long_stream("slow", 4000)
     with requests.post(f"{daemon.proxy_url}/chat/completions", json=body, stream=True, timeout=30) as response:
         lines = response.iter_lines()
         assert next(lines).startswith(b"data: {")

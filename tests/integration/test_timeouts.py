@@ -10,7 +10,7 @@ import time
 
 import requests
 
-from .conftest import our_containers
+from .conftest import long_stream, our_containers
 
 STREAM_IDLE = 1.0  # seconds: daemon.timeouts.stream_idle here
 FIRST_BYTE = 3.0  # seconds: daemon.timeouts.first_byte here
@@ -24,13 +24,7 @@ def test_a_paused_server_ends_a_stream_at_stream_idle_and_a_request_at_first_byt
         liveness={"period": "60s"},  # the pauses are the proxy's to notice, not liveness's
     )
     [container] = our_containers(engine, daemon.instance)
-    body = {
-        "model": "slow",
-        "stream": True,
-        "max_tokens": 4000,
-        "ignore_eos": True,
-        "messages": [{"role": "user", "content": "count"}],
-    }
+    body = long_stream("slow", 4000)
     try:
         with requests.post(f"{daemon.proxy_url}/chat/completions", json=body, stream=True, timeout=30) as response:
             lines = response.iter_lines()
